@@ -1,0 +1,120 @@
+//! Parameter layout: named tensors with shapes over one flat `f32` buffer.
+//!
+//! The order of the tensors is the order they were added and never changes, so a flat
+//! buffer means the same thing on the server, on every worker and in every checkpoint.
+
+use crate::error::ConfigError;
+use serde::{Deserialize, Serialize};
+
+/// One named tensor inside the flat buffer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    /// A stable name, e.g. `layer0.weight`.
+    pub name: String,
+    /// The tensor's shape; the product is its length.
+    pub shape: Vec<usize>,
+    /// Where it starts in the flat buffer.
+    pub offset: usize,
+}
+
+impl TensorSpec {
+    /// Number of `f32` values.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// True for a tensor with a zero-sized dimension.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The index range of this tensor in the flat buffer.
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.len()
+    }
+}
+
+/// An ordered list of tensors laid end to end in one flat buffer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParamLayout {
+    tensors: Vec<TensorSpec>,
+    total: usize,
+}
+
+impl ParamLayout {
+    /// An empty layout (used by timing-only simulations, which move no numbers).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends a tensor; names must be unique.
+    pub fn push(&mut self, name: impl Into<String>, shape: Vec<usize>) -> Result<(), ConfigError> {
+        let name = name.into();
+        if self.tensors.iter().any(|t| t.name == name) {
+            return Err(ConfigError::invalid(format!("duplicate tensor name `{name}` in parameter layout")));
+        }
+        let spec = TensorSpec { name, shape, offset: self.total };
+        self.total += spec.len();
+        self.tensors.push(spec);
+        Ok(())
+    }
+
+    /// Builds a layout from `(name, shape)` pairs in order.
+    pub fn from_shapes<I, S>(shapes: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (S, Vec<usize>)>,
+        S: Into<String>,
+    {
+        let mut layout = Self::new();
+        for (name, shape) in shapes {
+            layout.push(name, shape)?;
+        }
+        Ok(layout)
+    }
+
+    /// Total number of `f32` parameters.
+    pub fn len(&self) -> usize {
+        self.total
+    }
+
+    /// True when the layout holds no parameters.
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// The tensors in their stable order.
+    pub fn tensors(&self) -> &[TensorSpec] {
+        &self.tensors
+    }
+
+    /// Looks a tensor up by name.
+    pub fn get(&self, name: &str) -> Option<&TensorSpec> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// The slice of `flat` holding tensor `name`.
+    pub fn slice<'a>(&self, flat: &'a [f32], name: &str) -> Option<&'a [f32]> {
+        self.get(name).and_then(|t| flat.get(t.range()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensors_are_laid_end_to_end_in_insertion_order() {
+        let l = ParamLayout::from_shapes([("w", vec![2, 3]), ("b", vec![3])]).unwrap();
+        assert_eq!(l.len(), 9);
+        assert_eq!(l.get("w").unwrap().range(), 0..6);
+        assert_eq!(l.get("b").unwrap().range(), 6..9);
+        let flat: Vec<f32> = (0..9).map(|x| x as f32).collect();
+        assert_eq!(l.slice(&flat, "b").unwrap(), &[6.0, 7.0, 8.0]);
+    }
+
+    #[test]
+    fn duplicate_tensor_names_are_rejected() {
+        let err = ParamLayout::from_shapes([("w", vec![2]), ("w", vec![3])]).unwrap_err();
+        assert!(err.to_string().contains("duplicate tensor name `w`"));
+    }
+}

@@ -1,0 +1,124 @@
+//! Aggregation policies: when does the server apply an update, and with which gradients.
+
+use crate::error::ConfigError;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// How the server turns incoming gradients into updates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", deny_unknown_fields)]
+pub enum Policy {
+    /// The paper's Sync-Opt with backup workers: `aggregate + backups` workers; a step closes
+    /// when `aggregate` distinct workers have pushed a gradient tagged with the current step;
+    /// exactly those are averaged; later pushes for that step are dropped as late.
+    /// `backups = 0` is plain synchronous SGD.
+    Sync {
+        /// N: gradients averaged per step.
+        aggregate: u32,
+        /// b: extra workers whose gradients may be dropped.
+        backups: u32,
+    },
+    /// Async-Opt: every gradient is applied when it arrives.
+    Async {
+        /// Drop gradients more than this many updates old (a fair staleness cutoff).
+        #[serde(default)]
+        max_staleness: Option<u64>,
+    },
+    /// Time-outs instead of backup workers (the paper's future work): close the step when
+    /// every live worker has pushed, or once `timeout` has passed since it opened and at
+    /// least `min` gradients are in.
+    Deadline {
+        /// Fewest gradients a step may close with.
+        min: u32,
+        /// How long to wait for the rest, in seconds.
+        #[serde(with = "secs")]
+        timeout: Duration,
+    },
+}
+
+impl Policy {
+    /// Short lower-case name: `sync`, `async` or `deadline`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Policy::Sync { .. } => "sync",
+            Policy::Async { .. } => "async",
+            Policy::Deadline { .. } => "deadline",
+        }
+    }
+
+    /// Backup workers (only sync has them by that name).
+    pub fn backups(&self) -> u32 {
+        match self {
+            Policy::Sync { backups, .. } => *backups,
+            _ => 0,
+        }
+    }
+
+    /// Checks the policy against the number of workers in the cluster.
+    pub fn validate(&self, workers: u32) -> Result<(), ConfigError> {
+        if workers == 0 {
+            return Err(ConfigError::invalid("the cluster needs at least one worker"));
+        }
+        match self {
+            Policy::Sync { aggregate, backups } => {
+                if *aggregate == 0 {
+                    return Err(ConfigError::invalid("sync policy: aggregate (N) must be at least 1"));
+                }
+                if aggregate + backups != workers {
+                    return Err(ConfigError::invalid(format!(
+                        "sync policy: aggregate ({aggregate}) + backups ({backups}) must equal the number of workers ({workers})"
+                    )));
+                }
+            }
+            Policy::Async { .. } => {}
+            Policy::Deadline { min, timeout } => {
+                if *min == 0 || *min > workers {
+                    return Err(ConfigError::invalid(format!(
+                        "deadline policy: min ({min}) must be between 1 and the number of workers ({workers})"
+                    )));
+                }
+                if timeout.is_zero() {
+                    return Err(ConfigError::invalid("deadline policy: timeout must be positive"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serde helper: a `Duration` as floating-point seconds.
+pub mod secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    /// Writes seconds as `f64`.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    /// Reads non-negative, finite seconds.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(v).map_err(|_| serde::de::Error::custom(format!("{v} is not a valid number of seconds")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_requires_n_plus_b_to_equal_workers() {
+        let p = Policy::Sync { aggregate: 3, backups: 1 };
+        assert!(p.validate(4).is_ok());
+        let err = p.validate(5).unwrap_err().to_string();
+        assert!(err.contains("aggregate (3) + backups (1) must equal the number of workers (5)"), "{err}");
+    }
+
+    #[test]
+    fn zero_aggregate_and_zero_workers_are_rejected() {
+        assert!(Policy::Sync { aggregate: 0, backups: 1 }.validate(1).is_err());
+        assert!(Policy::Async { max_staleness: None }.validate(0).is_err());
+        assert!(Policy::Deadline { min: 5, timeout: Duration::from_secs(1) }.validate(4).is_err());
+    }
+}

@@ -1,0 +1,716 @@
+//! The parameter server's state machine.
+//!
+//! One entry point per input — [`Server::handle`] for a worker's message and
+//! [`Server::tick`] for the passage of time — and outputs as values ([`Outputs`]). The
+//! driver carries out the [`Action`]s (sending parameters, stopping) and records the
+//! [`Event`]s. An `Err` means a protocol violation and leaves the server exactly as it was.
+
+use crate::clip::{clip_factor, global_norm};
+use crate::ema;
+use crate::error::{ConfigError, ProtocolError};
+use crate::event::{DropReason, Event, LeaveReason};
+use crate::ids::{Step, WorkerId};
+use crate::layout::ParamLayout;
+use crate::message::ToServer;
+use crate::optim::{Optimizer, OptimizerConfig};
+use crate::policy::Policy;
+use crate::schedule::LrSchedule;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, VecDeque};
+use std::time::Duration;
+
+/// What to do when fewer workers are alive than a step needs for longer than the stall timeout.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStall {
+    /// Stop the run (the driver checkpoints and exits with an error naming the missing workers).
+    #[default]
+    Stop,
+    /// Lower N to the number of live workers and go on; N returns when workers come back.
+    LowerAggregate,
+}
+
+/// Liveness rules: how long silence means "gone", and how long a stall may last.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Liveness {
+    /// A worker not heard from for this long is declared gone.
+    #[serde(default, with = "opt_secs")]
+    pub worker_timeout: Option<Duration>,
+    /// Fewer than N live workers for this long triggers `on_stall`.
+    #[serde(default, with = "opt_secs")]
+    pub stall_timeout: Option<Duration>,
+    /// What a stall leads to.
+    #[serde(default)]
+    pub on_stall: OnStall,
+}
+
+/// Everything the server state machine needs to know.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Workers in the cluster, ids `0..workers`.
+    pub workers: u32,
+    /// Aggregation policy.
+    pub policy: Policy,
+    /// Optimizer applied to each update.
+    #[serde(default)]
+    pub optimizer: OptimizerConfig,
+    /// Learning rate schedule.
+    pub schedule: LrSchedule,
+    /// Clip the averaged gradient to this global norm.
+    #[serde(default)]
+    pub clip_norm: Option<f32>,
+    /// Keep an exponential moving average of the parameters with this α.
+    #[serde(default)]
+    pub ema_decay: Option<f32>,
+    /// Liveness rules.
+    #[serde(default)]
+    pub liveness: Liveness,
+    /// Stop after this many updates.
+    #[serde(default)]
+    pub max_steps: Option<Step>,
+}
+
+impl ServerConfig {
+    /// A plain configuration: SGD at a constant rate, no clipping, no EMA.
+    pub fn new(workers: u32, policy: Policy, lr: f32) -> Self {
+        ServerConfig {
+            workers,
+            policy,
+            optimizer: OptimizerConfig::Sgd,
+            schedule: LrSchedule::constant(lr),
+            clip_norm: None,
+            ema_decay: None,
+            liveness: Liveness::default(),
+            max_steps: None,
+        }
+    }
+
+    /// Checks every value.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.policy.validate(self.workers)?;
+        self.optimizer.validate()?;
+        self.schedule.validate()?;
+        if let Some(c) = self.clip_norm {
+            if !(c > 0.0 && c.is_finite()) {
+                return Err(ConfigError::invalid(format!("clip_norm must be positive, got {c}")));
+            }
+        }
+        if let Some(a) = self.ema_decay {
+            if !(0.0..1.0).contains(&a) {
+                return Err(ConfigError::invalid(format!("ema_decay must be in [0, 1), got {a}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The N the learning rate is scaled by: sync's aggregate, deadline's worker count, 1 for async.
+    fn nominal_aggregate(&self) -> u32 {
+        match self.policy {
+            Policy::Sync { aggregate, .. } => aggregate,
+            Policy::Deadline { .. } => self.workers,
+            Policy::Async { .. } => 1,
+        }
+    }
+}
+
+/// Why the server stopped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum StopReason {
+    /// `max_steps` updates were applied.
+    Finished {
+        /// Updates applied.
+        steps: Step,
+    },
+    /// Too few workers stayed alive for longer than the stall timeout.
+    TooFewWorkers {
+        /// Workers alive.
+        live: u32,
+        /// Gradients a step needs.
+        needed: u32,
+        /// Workers not alive.
+        missing: Vec<WorkerId>,
+    },
+}
+
+/// Something the driver must do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Action {
+    /// Send the current parameters (of `step`) to one worker.
+    SendParams {
+        /// Recipient.
+        to: WorkerId,
+        /// The parameters' step.
+        step: Step,
+    },
+    /// Send the current parameters (of `step`) to every live worker.
+    BroadcastParams {
+        /// The parameters' step.
+        step: Step,
+    },
+    /// Training is over: tell every worker to stop.
+    Stop {
+        /// Why.
+        reason: StopReason,
+    },
+}
+
+/// The result of one input.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Outputs {
+    /// What the driver must do, in order.
+    pub actions: Vec<Action>,
+    /// What happened, in order.
+    pub events: Vec<Event>,
+}
+
+impl Outputs {
+    /// True when nothing happened.
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty() && self.events.is_empty()
+    }
+
+    fn extend(&mut self, other: Outputs) {
+        self.actions.extend(other.actions);
+        self.events.extend(other.events);
+    }
+}
+
+/// The server's durable state, for checkpoints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerSnapshot {
+    /// Current step.
+    pub step: Step,
+    /// Parameters.
+    pub params: Vec<f32>,
+    /// Parameter EMA, if kept.
+    pub ema: Option<Vec<f32>>,
+    /// Optimizer slots by name.
+    pub optimizer_slots: Vec<(String, Vec<f32>)>,
+    /// Optimizer updates so far.
+    pub optimizer_updates: u64,
+    /// Current N (may have been lowered after a stall).
+    pub aggregate: u32,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Slot {
+    joined: bool,
+    alive: bool,
+    last_seen: Duration,
+    /// When parameters were last sent to it (async "since_open").
+    sent_at: Duration,
+    /// Last step it pushed (duplicate detection in async).
+    last_push: Option<Step>,
+}
+
+/// How many past step-opening times are remembered to time late arrivals.
+const OPEN_TIMES_KEPT: usize = 1024;
+
+/// The parameter server state machine.
+#[derive(Debug, Clone)]
+pub struct Server {
+    cfg: ServerConfig,
+    layout: ParamLayout,
+    params: Vec<f32>,
+    ema: Option<Vec<f32>>,
+    opt: Optimizer,
+    step: Step,
+    aggregate: u32,
+    /// Running sum of the current step's gradients: memory O(parameters), not O(N·parameters).
+    sum: Vec<f32>,
+    contributors: BTreeSet<WorkerId>,
+    loss_sum: f64,
+    loss_count: u32,
+    opened_at: Duration,
+    open_times: VecDeque<(Step, Duration)>,
+    slots: Vec<Slot>,
+    stall_since: Option<Duration>,
+    stopped: bool,
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+impl Server {
+    /// A server at step 0 with parameters `init` laid out as `layout`.
+    pub fn new(cfg: ServerConfig, layout: ParamLayout, init: Vec<f32>) -> Result<Self, ConfigError> {
+        cfg.validate()?;
+        if init.len() != layout.len() {
+            return Err(ConfigError::invalid(format!(
+                "initial parameters have {} values but the layout has {}",
+                init.len(),
+                layout.len()
+            )));
+        }
+        let n = layout.len();
+        let aggregate = match cfg.policy {
+            Policy::Sync { aggregate, .. } => aggregate,
+            Policy::Deadline { min, .. } => min,
+            Policy::Async { .. } => 1,
+        };
+        Ok(Server {
+            opt: Optimizer::new(cfg.optimizer.clone(), n),
+            ema: cfg.ema_decay.map(|_| init.clone()),
+            sum: vec![0.0; n],
+            slots: vec![Slot::default(); cfg.workers as usize],
+            cfg,
+            layout,
+            params: init,
+            step: 0,
+            aggregate,
+            contributors: BTreeSet::new(),
+            loss_sum: 0.0,
+            loss_count: 0,
+            opened_at: Duration::ZERO,
+            open_times: VecDeque::new(),
+            stall_since: None,
+            stopped: false,
+        })
+    }
+
+    /// A server continuing from a snapshot (after a restart). Workers must join again.
+    pub fn restore(cfg: ServerConfig, layout: ParamLayout, snap: ServerSnapshot) -> Result<Self, ConfigError> {
+        let mut s = Server::new(cfg, layout, snap.params)?;
+        if let Some(e) = &snap.ema {
+            if e.len() != s.params.len() {
+                return Err(ConfigError::invalid("checkpoint EMA has the wrong length"));
+            }
+        }
+        if s.cfg.ema_decay.is_some() {
+            s.ema = Some(snap.ema.unwrap_or_else(|| s.params.clone()));
+        }
+        let mut a = None;
+        let mut b = None;
+        for (name, v) in snap.optimizer_slots {
+            match name.as_str() {
+                "slot_a" => a = Some(v),
+                "slot_b" => b = Some(v),
+                other => return Err(ConfigError::invalid(format!("unknown optimizer slot `{other}` in checkpoint"))),
+            }
+        }
+        s.opt.restore(a, b, snap.optimizer_updates)?;
+        s.step = snap.step;
+        if snap.aggregate >= 1 && snap.aggregate <= s.aggregate {
+            s.aggregate = snap.aggregate;
+        }
+        Ok(s)
+    }
+
+    /// Captures the durable state.
+    pub fn snapshot(&self) -> ServerSnapshot {
+        ServerSnapshot {
+            step: self.step,
+            params: self.params.clone(),
+            ema: self.ema.clone(),
+            optimizer_slots: self.opt.slots().into_iter().map(|(n, v)| (n.to_string(), v.to_vec())).collect(),
+            optimizer_updates: self.opt.updates(),
+            aggregate: self.aggregate,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ServerConfig {
+        &self.cfg
+    }
+
+    /// The parameter layout.
+    pub fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    /// Current parameters (of [`Server::step`]).
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    /// The parameter EMA, if kept.
+    pub fn ema(&self) -> Option<&[f32]> {
+        self.ema.as_deref()
+    }
+
+    /// The current step: updates applied so far.
+    pub fn step(&self) -> Step {
+        self.step
+    }
+
+    /// Gradients a sync step currently needs (N; lower after a stall with `lower_aggregate`).
+    pub fn aggregate(&self) -> u32 {
+        self.aggregate
+    }
+
+    /// Whether the server has stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// Workers currently considered alive, sorted.
+    pub fn live_workers(&self) -> Vec<WorkerId> {
+        self.slots.iter().enumerate().filter(|(_, s)| s.alive).map(|(i, _)| WorkerId(i as u32)).collect()
+    }
+
+    /// Workers that have pushed for the open step, sorted.
+    pub fn contributors(&self) -> impl Iterator<Item = WorkerId> + '_ {
+        self.contributors.iter().copied()
+    }
+
+    /// The earliest time at which [`Server::tick`] may have something to do.
+    pub fn next_wakeup(&self) -> Option<Duration> {
+        if self.stopped {
+            return None;
+        }
+        let mut best: Option<Duration> = None;
+        let mut consider = |t: Duration| best = Some(best.map_or(t, |b| b.min(t)));
+        if let Policy::Deadline { timeout, .. } = self.cfg.policy {
+            consider(self.opened_at + timeout);
+        }
+        if let Some(wt) = self.cfg.liveness.worker_timeout {
+            for s in self.slots.iter().filter(|s| s.alive) {
+                consider(s.last_seen + wt);
+            }
+        }
+        if let (Some(since), Some(st)) = (self.stall_since, self.cfg.liveness.stall_timeout) {
+            consider(since + st);
+        }
+        best
+    }
+
+    /// Handles one message from worker `from` at time `now`.
+    pub fn handle(&mut self, now: Duration, from: WorkerId, msg: ToServer) -> Result<Outputs, ProtocolError> {
+        if self.stopped {
+            return Err(ProtocolError::Stopped);
+        }
+        if from.index() >= self.slots.len() {
+            return Err(ProtocolError::UnknownWorker { worker: from, workers: self.cfg.workers });
+        }
+        match msg {
+            ToServer::Join => Ok(self.on_join(now, from)),
+            ToServer::Heartbeat => {
+                self.require_joined(from)?;
+                Ok(self.touch(now, from))
+            }
+            ToServer::Leave => {
+                self.require_joined(from)?;
+                Ok(self.on_leave(now, from))
+            }
+            ToServer::Push { step, gradient, loss } => {
+                self.require_joined(from)?;
+                self.validate_push(from, step, &gradient)?;
+                let mut out = self.touch(now, from);
+                out.extend(match self.cfg.policy {
+                    Policy::Async { max_staleness } => self.push_async(now, from, step, &gradient, loss, max_staleness),
+                    Policy::Sync { .. } | Policy::Deadline { .. } => self.push_sync(now, from, step, &gradient, loss),
+                });
+                Ok(out)
+            }
+        }
+    }
+
+    /// Lets time pass: liveness time-outs, deadline closes, stall handling.
+    pub fn tick(&mut self, now: Duration) -> Outputs {
+        let mut out = Outputs::default();
+        if self.stopped {
+            return out;
+        }
+        if let Some(wt) = self.cfg.liveness.worker_timeout {
+            for (i, s) in self.slots.iter_mut().enumerate() {
+                if s.alive && s.last_seen + wt <= now {
+                    s.alive = false;
+                    out.events.push(Event::WorkerLeft { worker: WorkerId(i as u32), reason: LeaveReason::TimedOut, time: secs(now) });
+                }
+            }
+        }
+        if self.should_close(now) {
+            out.extend(self.close(now));
+        }
+        out.extend(self.check_stall(now));
+        out
+    }
+
+    fn require_joined(&self, w: WorkerId) -> Result<(), ProtocolError> {
+        if self.slots[w.index()].joined {
+            Ok(())
+        } else {
+            Err(ProtocolError::NotJoined { worker: w })
+        }
+    }
+
+    fn validate_push(&self, from: WorkerId, step: Step, g: &[f32]) -> Result<(), ProtocolError> {
+        if step > self.step {
+            return Err(ProtocolError::FutureStep { worker: from, step, current: self.step });
+        }
+        let duplicate = match self.cfg.policy {
+            Policy::Async { .. } => self.slots[from.index()].last_push.is_some_and(|p| p >= step),
+            _ => step == self.step && self.contributors.contains(&from),
+        };
+        if duplicate {
+            return Err(ProtocolError::DuplicatePush { worker: from, step });
+        }
+        if g.len() != self.params.len() {
+            return Err(ProtocolError::WrongLength { worker: from, got: g.len(), expected: self.params.len() });
+        }
+        if let Some(index) = g.iter().position(|x| !x.is_finite()) {
+            return Err(ProtocolError::NonFinite { worker: from, index, value: g[index] });
+        }
+        Ok(())
+    }
+
+    /// Any message proves the worker alive; a worker declared gone comes back.
+    fn touch(&mut self, now: Duration, w: WorkerId) -> Outputs {
+        let mut out = Outputs::default();
+        let slot = &mut self.slots[w.index()];
+        slot.last_seen = now;
+        if !slot.alive {
+            slot.alive = true;
+            out.events.push(Event::WorkerJoined { worker: w, time: secs(now) });
+            out.extend(self.check_stall(now));
+        }
+        out
+    }
+
+    fn on_join(&mut self, now: Duration, w: WorkerId) -> Outputs {
+        let slot = &mut self.slots[w.index()];
+        slot.joined = true;
+        let mut out = Outputs::default();
+        if slot.alive {
+            // A restarted worker joining again: it just needs the parameters.
+            slot.last_seen = now;
+        } else {
+            out = self.touch(now, w);
+        }
+        self.slots[w.index()].sent_at = now;
+        out.actions.push(Action::SendParams { to: w, step: self.step });
+        out
+    }
+
+    fn on_leave(&mut self, now: Duration, w: WorkerId) -> Outputs {
+        let mut out = Outputs::default();
+        let slot = &mut self.slots[w.index()];
+        if slot.alive {
+            slot.alive = false;
+            out.events.push(Event::WorkerLeft { worker: w, reason: LeaveReason::Left, time: secs(now) });
+        }
+        if self.should_close(now) {
+            out.extend(self.close(now));
+        }
+        out.extend(self.check_stall(now));
+        out
+    }
+
+    fn opened_at_of(&self, step: Step) -> Option<Duration> {
+        if step == self.step {
+            return Some(self.opened_at);
+        }
+        self.open_times.iter().rev().find(|(s, _)| *s == step).map(|(_, t)| *t)
+    }
+
+    fn push_sync(&mut self, now: Duration, from: WorkerId, step: Step, g: &[f32], loss: Option<f32>) -> Outputs {
+        let mut out = Outputs::default();
+        if step < self.step {
+            let since_open = self.opened_at_of(step).map_or(f64::NAN, |t| secs(now.saturating_sub(t)));
+            out.events.push(Event::GradientDropped { worker: from, step, reason: DropReason::Late, since_open, time: secs(now) });
+            return out;
+        }
+        if self.contributors.is_empty() {
+            self.sum.copy_from_slice(g);
+        } else {
+            for (s, x) in self.sum.iter_mut().zip(g) {
+                *s += x;
+            }
+        }
+        self.contributors.insert(from);
+        if let Some(l) = loss.filter(|l| l.is_finite()) {
+            self.loss_sum += l as f64;
+            self.loss_count += 1;
+        }
+        out.events.push(Event::GradientAccepted {
+            worker: from,
+            step,
+            k: self.contributors.len() as u32,
+            since_open: secs(now.saturating_sub(self.opened_at)),
+            staleness: 0,
+            time: secs(now),
+        });
+        if self.should_close(now) {
+            out.extend(self.close(now));
+        }
+        out
+    }
+
+    fn push_async(&mut self, now: Duration, from: WorkerId, step: Step, g: &[f32], loss: Option<f32>, max: Option<u64>) -> Outputs {
+        let mut out = Outputs::default();
+        let staleness = self.step - step;
+        let slot = &mut self.slots[from.index()];
+        slot.last_push = Some(step);
+        let since_open = secs(now.saturating_sub(slot.sent_at));
+        slot.sent_at = now;
+        if max.is_some_and(|m| staleness > m) {
+            out.events.push(Event::GradientDropped {
+                worker: from,
+                step,
+                reason: DropReason::TooStale { staleness },
+                since_open,
+                time: secs(now),
+            });
+        } else {
+            out.events.push(Event::GradientAccepted { worker: from, step, k: 1, since_open, staleness, time: secs(now) });
+            self.contributors.insert(from);
+            if let Some(l) = loss.filter(|l| l.is_finite()) {
+                self.loss_sum += l as f64;
+                self.loss_count += 1;
+            }
+            // Apply straight from the pushed buffer: no copy into the running sum.
+            out.extend(self.apply(now, g, 1));
+        }
+        if !self.stopped {
+            out.actions.push(Action::SendParams { to: from, step: self.step });
+        }
+        out
+    }
+
+    fn live_count(&self) -> u32 {
+        self.slots.iter().filter(|s| s.alive).count() as u32
+    }
+
+    fn should_close(&self, now: Duration) -> bool {
+        let have = self.contributors.len() as u32;
+        if have == 0 {
+            return false;
+        }
+        match self.cfg.policy {
+            Policy::Sync { .. } => have >= self.aggregate,
+            Policy::Deadline { timeout, .. } => {
+                let all_in = self.slots.iter().enumerate().all(|(i, s)| !s.alive || self.contributors.contains(&WorkerId(i as u32)));
+                all_in || (now >= self.opened_at + timeout && have >= self.aggregate)
+            }
+            Policy::Async { .. } => false,
+        }
+    }
+
+    fn close(&mut self, now: Duration) -> Outputs {
+        let sum = std::mem::take(&mut self.sum);
+        let n = self.contributors.len();
+        let out = self.apply(now, &sum, n);
+        self.sum = sum;
+        out
+    }
+
+    /// Averages `n` gradients summed in `grad_sum`, clips, applies the optimizer and EMA,
+    /// and advances the step.
+    fn apply(&mut self, now: Duration, grad_sum: &[f32], n: usize) -> Outputs {
+        let mut out = Outputs::default();
+        let mut scale = 1.0 / n as f32;
+        let grad_norm = global_norm(grad_sum, scale);
+        if let Some(c) = self.cfg.clip_norm {
+            scale *= clip_factor(grad_norm, c);
+        }
+        let lr = self.cfg.schedule.lr(self.step, self.cfg.nominal_aggregate());
+        self.opt.apply(&mut self.params, grad_sum, scale, lr);
+        if let (Some(e), Some(alpha)) = (self.ema.as_mut(), self.cfg.ema_decay) {
+            ema::update(e, &self.params, alpha);
+        }
+        let loss = (self.loss_count > 0).then(|| (self.loss_sum / self.loss_count as f64) as f32);
+        out.events.push(Event::StepApplied {
+            step: self.step,
+            contributors: std::mem::take(&mut self.contributors).into_iter().collect(),
+            duration: secs(now.saturating_sub(self.opened_at)),
+            lr,
+            grad_norm,
+            loss,
+            time: secs(now),
+        });
+        self.loss_sum = 0.0;
+        self.loss_count = 0;
+        if self.open_times.len() == OPEN_TIMES_KEPT {
+            self.open_times.pop_front();
+        }
+        self.open_times.push_back((self.step, self.opened_at));
+        self.step += 1;
+        self.opened_at = now;
+        if self.cfg.max_steps.is_some_and(|m| self.step >= m) {
+            self.stopped = true;
+            out.actions.push(Action::Stop { reason: StopReason::Finished { steps: self.step } });
+        } else if !matches!(self.cfg.policy, Policy::Async { .. }) {
+            out.actions.push(Action::BroadcastParams { step: self.step });
+        }
+        out
+    }
+
+    fn check_stall(&mut self, now: Duration) -> Outputs {
+        let mut out = Outputs::default();
+        if self.stopped || matches!(self.cfg.policy, Policy::Async { .. }) {
+            return out;
+        }
+        let live = self.live_count();
+        let configured = match self.cfg.policy {
+            Policy::Sync { aggregate, .. } => aggregate,
+            Policy::Deadline { min, .. } => min,
+            Policy::Async { .. } => 1,
+        };
+        // Workers came back after N was lowered: raise it again, as far as they allow.
+        if self.aggregate < configured && live > self.aggregate {
+            let to = live.min(configured);
+            out.events.push(Event::AggregateLowered { from: self.aggregate, to, time: secs(now) });
+            self.aggregate = to;
+        }
+        let missing = || -> Vec<WorkerId> {
+            self.slots.iter().enumerate().filter(|(_, s)| !s.alive).map(|(i, _)| WorkerId(i as u32)).collect()
+        };
+        if live >= self.aggregate {
+            self.stall_since = None;
+            return out;
+        }
+        let since = match self.stall_since {
+            Some(s) => s,
+            None => {
+                self.stall_since = Some(now);
+                // Before the first update a shortfall is workers still starting: the clock
+                // runs, but only a real stall (or the time-out) is worth an event.
+                if self.step > 0 {
+                    out.events.push(Event::Stalled { live, needed: self.aggregate, missing: missing(), time: secs(now) });
+                }
+                now
+            }
+        };
+        let Some(limit) = self.cfg.liveness.stall_timeout else { return out };
+        if now < since + limit {
+            return out;
+        }
+        match self.cfg.liveness.on_stall {
+            OnStall::LowerAggregate if live >= 1 => {
+                out.events.push(Event::AggregateLowered { from: self.aggregate, to: live, time: secs(now) });
+                self.aggregate = live;
+                self.stall_since = None;
+                if self.should_close(now) {
+                    out.extend(self.close(now));
+                }
+            }
+            _ => {
+                self.stopped = true;
+                out.actions.push(Action::Stop { reason: StopReason::TooFewWorkers { live, needed: self.aggregate, missing: missing() } });
+            }
+        }
+        out
+    }
+}
+
+mod opt_secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&d.as_secs_f64()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Option::<f64>::deserialize(d)?
+            .map(|v| Duration::try_from_secs_f64(v).map_err(|_| serde::de::Error::custom(format!("{v} is not a valid number of seconds"))))
+            .transpose()
+    }
+}
