@@ -1,0 +1,372 @@
+//! The discrete-event driver: runs the core's server and worker state machines against a
+//! virtual clock.
+
+use crate::config::{EvalOn, SimConfig};
+use crate::delay::DelaySampler;
+use crate::queue::EventQueue;
+use crate::report::{quantile, Arrival, MetricRow, SimReport, Summary, WorkerStats};
+use quorum_compute::{BatchId, GradientSource};
+use quorum_core::server::StopReason;
+use quorum_core::{Action, ConfigError, Event, ParamLayout, Server, Step, ToServer, Worker, WorkerAction, WorkerId};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+
+/// Why a simulation could not run.
+#[derive(Debug, Error)]
+pub enum SimError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The delay model could not be prepared (e.g. a missing replay file).
+    #[error("delay model: {0}")]
+    Delay(String),
+    /// The gradient source failed.
+    #[error("gradient computation failed: {0}")]
+    Compute(#[from] quorum_compute::ComputeError),
+    /// The core rejected a simulated message: a bug in the simulator, never expected.
+    #[error("protocol violation inside the simulator (a bug): {0}")]
+    Protocol(#[from] quorum_core::ProtocolError),
+}
+
+enum SimEvent {
+    ToServer { from: WorkerId, msg: ToServer },
+    Params { to: WorkerId, step: Step, params: Arc<Vec<f32>> },
+    ComputeDone { worker: WorkerId, step: Step, seconds: f64 },
+    Tick,
+}
+
+struct SimWorker {
+    sm: Worker,
+    /// Newest parameters received.
+    latest: Option<(Step, Arc<Vec<f32>>)>,
+    /// Parameters of the computation in progress.
+    computing_on: Option<Arc<Vec<f32>>>,
+    rng: ChaCha8Rng,
+    draws: u64,
+    stats: WorkerStats,
+    compute_times: Vec<f64>,
+}
+
+struct Engine<'a> {
+    cfg: &'a SimConfig,
+    source: Option<&'a mut (dyn GradientSource + 'a)>,
+    server: Server,
+    workers: Vec<SimWorker>,
+    queue: EventQueue<SimEvent>,
+    delay: DelaySampler,
+    tick_at: Option<Duration>,
+    /// Parameters published for the current step, shared by every message that carries them.
+    published: Option<(Step, Arc<Vec<f32>>)>,
+    bytes: usize,
+    batch: u64,
+    report: SimReport,
+    arrivals_per_step: BTreeMap<Step, u32>,
+    staleness_sum: u64,
+    grad: Vec<f32>,
+    last_step_at: f64,
+    done: bool,
+}
+
+fn at(now: Duration, seconds: f64) -> Duration {
+    now + Duration::from_secs_f64(seconds.max(0.0))
+}
+
+/// Runs one simulation. `source = None` is a timing-only run: no gradient math, messages
+/// charged as `virtual_params` parameters.
+pub fn simulate<'a>(cfg: &'a SimConfig, source: Option<&'a mut (dyn GradientSource + 'a)>) -> Result<SimReport, SimError> {
+    cfg.validate()?;
+    let (layout, init, batch) = match &source {
+        Some(s) => (s.layout().clone(), s.init_params(cfg.seed), s.batch_size() as u64),
+        None => (ParamLayout::new(), Vec::new(), 0),
+    };
+    let bytes = 4 * if source.is_some() { layout.len() } else { cfg.virtual_params };
+    let mut server_cfg = cfg.server.clone();
+    server_cfg.max_steps = Some(cfg.steps);
+    let server = Server::new(server_cfg, layout, init)?;
+    let workers = (0..cfg.server.workers)
+        .map(|i| {
+            let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+            rng.set_stream(i as u64 + 1);
+            SimWorker {
+                sm: Worker::new(WorkerId(i), cfg.on_newer),
+                latest: None,
+                computing_on: None,
+                rng,
+                draws: 0,
+                stats: WorkerStats { worker: i, ..Default::default() },
+                compute_times: Vec::new(),
+            }
+        })
+        .collect();
+    let summary = Summary {
+        steps: 0,
+        virtual_seconds: 0.0,
+        mean_step_seconds: 0.0,
+        p50_step_seconds: 0.0,
+        p99_step_seconds: 0.0,
+        dropped: 0,
+        accepted: 0,
+        policy: cfg.server.policy.name().to_string(),
+        workers: cfg.server.workers,
+        backups: cfg.server.policy.backups(),
+        mean_staleness: 0.0,
+        examples: 0,
+        final_train_loss: None,
+        final_test_loss: None,
+        final_test_accuracy: None,
+        diverged: false,
+        delay: cfg.delay.to_string(),
+        seed: cfg.seed,
+    };
+    let mut engine = Engine {
+        cfg,
+        source,
+        server,
+        workers,
+        queue: EventQueue::default(),
+        delay: cfg.delay.sampler().map_err(SimError::Delay)?,
+        tick_at: None,
+        published: None,
+        bytes,
+        batch,
+        report: SimReport {
+            summary,
+            events: Vec::new(),
+            arrivals: Vec::new(),
+            metrics: Vec::new(),
+            workers: Vec::new(),
+            step_seconds: Vec::new(),
+            final_params: Vec::new(),
+        },
+        arrivals_per_step: BTreeMap::new(),
+        staleness_sum: 0,
+        grad: Vec::new(),
+        last_step_at: 0.0,
+        done: false,
+    };
+    engine.run()?;
+    Ok(engine.finish()?)
+}
+
+impl Engine<'_> {
+    fn run(&mut self) -> Result<(), SimError> {
+        let join_at = at(Duration::ZERO, self.cfg.network.delay(0));
+        for i in 0..self.cfg.server.workers {
+            self.queue.push(join_at, SimEvent::ToServer { from: WorkerId(i), msg: ToServer::Join });
+        }
+        while let Some((now, ev)) = self.queue.pop() {
+            match ev {
+                SimEvent::ToServer { from, msg } => {
+                    let out = self.server.handle(now, from, msg)?;
+                    self.carry_out(now, out)?;
+                }
+                SimEvent::Params { to, step, params } => {
+                    let w = &mut self.workers[to.index()];
+                    w.latest = Some((step, params));
+                    let acts = w.sm.on_params(step);
+                    self.worker_actions(now, to, acts)?;
+                }
+                SimEvent::ComputeDone { worker, step, seconds } => {
+                    let w = &mut self.workers[worker.index()];
+                    if w.sm.computing() == Some(step) {
+                        w.compute_times.push(seconds);
+                    }
+                    let acts = w.sm.on_computed(step);
+                    self.worker_actions(now, worker, acts)?;
+                }
+                SimEvent::Tick => {
+                    if self.tick_at.is_some_and(|t| t <= now) {
+                        self.tick_at = None;
+                    }
+                    let out = self.server.tick(now);
+                    self.carry_out(now, out)?;
+                }
+            }
+            if self.done {
+                break;
+            }
+            if let Some(t) = self.server.next_wakeup() {
+                if self.tick_at.is_none_or(|s| t < s) {
+                    self.tick_at = Some(t.max(now));
+                    self.queue.push(t.max(now), SimEvent::Tick);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn params_of(&mut self, step: Step) -> Arc<Vec<f32>> {
+        match &self.published {
+            Some((s, p)) if *s == step => p.clone(),
+            _ => {
+                let p = Arc::new(self.server.params().to_vec());
+                self.published = Some((step, p.clone()));
+                p
+            }
+        }
+    }
+
+    fn send_params(&mut self, now: Duration, to: WorkerId, step: Step) {
+        let params = self.params_of(step);
+        let arrive = at(now, self.cfg.network.delay(self.bytes));
+        self.queue.push(arrive, SimEvent::Params { to, step, params });
+    }
+
+    fn carry_out(&mut self, now: Duration, out: quorum_core::Outputs) -> Result<(), SimError> {
+        for e in out.events {
+            self.observe(now, &e)?;
+            if self.cfg.record_events {
+                self.report.events.push(e);
+            }
+        }
+        for a in out.actions {
+            match a {
+                Action::SendParams { to, step } => self.send_params(now, to, step),
+                Action::BroadcastParams { step } => {
+                    for w in self.server.live_workers() {
+                        self.send_params(now, w, step);
+                    }
+                }
+                Action::Stop { reason } => {
+                    if let StopReason::TooFewWorkers { .. } = reason {
+                        // Not reachable without fault injection; recorded by the events.
+                    }
+                    self.done = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn record_arrival(&mut self, step: Step, worker: WorkerId, seconds: f64, accepted: bool) {
+        let k = self.arrivals_per_step.entry(step).or_insert(0);
+        *k += 1;
+        let k = *k;
+        if self.arrivals_per_step.len() > 4096 {
+            self.arrivals_per_step.pop_first();
+        }
+        if self.cfg.record_arrivals {
+            self.report.arrivals.push(Arrival { step, k, worker: worker.0, seconds, accepted });
+        }
+    }
+
+    fn observe(&mut self, now: Duration, e: &Event) -> Result<(), SimError> {
+        match e {
+            Event::GradientAccepted { worker, step, since_open, staleness, .. } => {
+                self.workers[worker.index()].stats.accepted += 1;
+                self.report.summary.accepted += 1;
+                self.staleness_sum += staleness;
+                self.record_arrival(*step, *worker, *since_open, true);
+            }
+            Event::GradientDropped { worker, step, since_open, .. } => {
+                self.workers[worker.index()].stats.dropped += 1;
+                self.report.summary.dropped += 1;
+                self.record_arrival(*step, *worker, *since_open, false);
+            }
+            Event::StepApplied { step, contributors, duration, loss, .. } => {
+                self.report.step_seconds.push(*duration);
+                self.last_step_at = now.as_secs_f64();
+                self.report.summary.examples += contributors.len() as u64 * self.batch;
+                let done_steps = step + 1;
+                let mut row = MetricRow {
+                    step: done_steps,
+                    virtual_seconds: now.as_secs_f64(),
+                    examples: self.report.summary.examples,
+                    train_loss: *loss,
+                    test_loss: None,
+                    test_accuracy: None,
+                };
+                if let Some(l) = loss {
+                    if self.cfg.divergence_loss.is_some_and(|d| !l.is_finite() || *l > d) {
+                        self.report.summary.diverged = true;
+                        self.done = true;
+                    }
+                }
+                let due = self.cfg.eval_every.is_some_and(|k| done_steps % k == 0) || done_steps == self.cfg.steps;
+                if due && self.source.is_some() {
+                    let params: Vec<f32> = match (self.cfg.eval_on, self.server.ema()) {
+                        (EvalOn::Ema, Some(e)) => e.to_vec(),
+                        _ => self.server.params().to_vec(),
+                    };
+                    let ev = self.source.as_mut().expect("checked").evaluate(&params)?;
+                    row.test_loss = Some(ev.loss);
+                    row.test_accuracy = ev.accuracy;
+                }
+                if self.source.is_some() {
+                    self.report.metrics.push(row);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn worker_actions(&mut self, now: Duration, id: WorkerId, acts: Vec<WorkerAction>) -> Result<(), SimError> {
+        for a in acts {
+            match a {
+                WorkerAction::Compute { step } => {
+                    let w = &mut self.workers[id.index()];
+                    w.computing_on = w.latest.as_ref().map(|(_, p)| p.clone());
+                    let seconds = self.delay.sample(id.0, w.draws, &mut w.rng);
+                    w.draws += 1;
+                    self.queue.push(at(now, seconds), SimEvent::ComputeDone { worker: id, step, seconds });
+                }
+                WorkerAction::Cancel { .. } | WorkerAction::Discard { .. } => {
+                    self.workers[id.index()].stats.abandoned += 1;
+                }
+                WorkerAction::Push { step } => {
+                    let w = &mut self.workers[id.index()];
+                    w.stats.sent += 1;
+                    let (gradient, loss) = match self.source.as_mut() {
+                        Some(src) => {
+                            let params = w.computing_on.as_ref().expect("a computation has parameters");
+                            let loss = src.gradient(params, BatchId { worker: id, step }, &mut self.grad)?;
+                            (self.grad.clone(), Some(loss))
+                        }
+                        None => (Vec::new(), None),
+                    };
+                    let arrive = at(now, self.cfg.network.delay(self.bytes));
+                    self.queue.push(arrive, SimEvent::ToServer { from: id, msg: ToServer::Push { step, gradient, loss } });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<SimReport, SimError> {
+        let s = &mut self.report.summary;
+        s.steps = self.server.step();
+        s.virtual_seconds = self.last_step_at;
+        let n = self.report.step_seconds.len().max(1) as f64;
+        s.mean_step_seconds = self.report.step_seconds.iter().sum::<f64>() / n;
+        s.p50_step_seconds = quantile(&self.report.step_seconds, 0.5);
+        s.p99_step_seconds = quantile(&self.report.step_seconds, 0.99);
+        s.mean_staleness = if s.accepted == 0 { 0.0 } else { self.staleness_sum as f64 / s.accepted as f64 };
+        let losses: Vec<f32> = self.report.metrics.iter().filter_map(|m| m.train_loss).collect();
+        let tail = (losses.len() / 10).max(1).min(losses.len());
+        if tail > 0 {
+            s.final_train_loss = Some(losses[losses.len() - tail..].iter().sum::<f32>() / tail as f32);
+        }
+        if let Some(m) = self.report.metrics.iter().rev().find(|m| m.test_loss.is_some()) {
+            s.final_test_loss = m.test_loss;
+            s.final_test_accuracy = m.test_accuracy;
+        }
+        self.report.final_params = self.server.params().to_vec();
+        self.report.workers = self
+            .workers
+            .into_iter()
+            .map(|mut w| {
+                let t = &w.compute_times;
+                w.stats.mean_compute_seconds = if t.is_empty() { 0.0 } else { t.iter().sum::<f64>() / t.len() as f64 };
+                w.stats.p50_compute_seconds = quantile(t, 0.5);
+                w.stats.p99_compute_seconds = quantile(t, 0.99);
+                w.stats
+            })
+            .collect();
+        Ok(self.report)
+    }
+}

@@ -1,0 +1,196 @@
+//! What a simulated run produces, and how it is written to a run directory.
+
+use quorum_core::{Event, Step, WorkerId};
+use serde::Serialize;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+/// The k-th gradient tagged with `step` reached the server `seconds` after the step opened.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Arrival {
+    /// The gradient's tag.
+    pub step: Step,
+    /// Arrival rank among gradients of that step, from 1.
+    pub k: u32,
+    /// Who sent it.
+    pub worker: u32,
+    /// Seconds since the step opened.
+    pub seconds: f64,
+    /// Whether it was averaged (false: dropped as late).
+    pub accepted: bool,
+}
+
+/// One row of `metrics.csv`: written after every update.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct MetricRow {
+    /// Updates applied so far.
+    pub step: Step,
+    /// Virtual seconds since the start.
+    pub virtual_seconds: f64,
+    /// Training examples in the gradients applied so far.
+    pub examples: u64,
+    /// Mean mini-batch loss of this update's gradients.
+    pub train_loss: Option<f32>,
+    /// Test loss, on evaluation steps.
+    pub test_loss: Option<f32>,
+    /// Test accuracy, on evaluation steps (classification only).
+    pub test_accuracy: Option<f32>,
+}
+
+/// Per-worker counters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct WorkerStats {
+    /// The worker.
+    pub worker: u32,
+    /// Gradients pushed.
+    pub sent: u64,
+    /// Gradients used.
+    pub accepted: u64,
+    /// Gradients dropped (late or too stale).
+    pub dropped: u64,
+    /// Computations abandoned for newer parameters.
+    pub abandoned: u64,
+    /// Mean compute time, seconds.
+    pub mean_compute_seconds: f64,
+    /// Median compute time.
+    pub p50_compute_seconds: f64,
+    /// 99th percentile compute time.
+    pub p99_compute_seconds: f64,
+}
+
+/// `summary.json`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    /// Updates applied.
+    pub steps: u64,
+    /// Virtual seconds until the last update.
+    pub virtual_seconds: f64,
+    /// Mean seconds per update.
+    pub mean_step_seconds: f64,
+    /// Median step duration.
+    pub p50_step_seconds: f64,
+    /// 99th percentile step duration.
+    pub p99_step_seconds: f64,
+    /// Gradients dropped (late or too stale).
+    pub dropped: u64,
+    /// Gradients used.
+    pub accepted: u64,
+    /// Policy name.
+    pub policy: String,
+    /// Workers (N + b).
+    pub workers: u32,
+    /// Backup workers b.
+    pub backups: u32,
+    /// Mean staleness of applied gradients (async; 0 for sync).
+    pub mean_staleness: f64,
+    /// Training examples in applied gradients.
+    pub examples: u64,
+    /// Mean train loss over the last 10% of updates.
+    pub final_train_loss: Option<f32>,
+    /// Test loss at the end.
+    pub final_test_loss: Option<f32>,
+    /// Test accuracy at the end.
+    pub final_test_accuracy: Option<f32>,
+    /// Whether the run stopped early because its loss diverged.
+    pub diverged: bool,
+    /// Delay model.
+    pub delay: String,
+    /// Seed.
+    pub seed: u64,
+}
+
+/// Everything a run produced.
+#[derive(Debug, Clone)]
+pub struct SimReport {
+    /// Headline numbers.
+    pub summary: Summary,
+    /// Every event, if recorded.
+    pub events: Vec<Event>,
+    /// Every arrival, if recorded.
+    pub arrivals: Vec<Arrival>,
+    /// One row per update.
+    pub metrics: Vec<MetricRow>,
+    /// Per-worker counters.
+    pub workers: Vec<WorkerStats>,
+    /// Duration of every step, seconds.
+    pub step_seconds: Vec<f64>,
+    /// The final parameters.
+    pub final_params: Vec<f32>,
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(format!("cannot write {}: {e}", path.display()))
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map(|x| x.to_string()).unwrap_or_default()
+}
+
+impl SimReport {
+    /// Writes `summary.json`, `events.jsonl`, `arrivals.csv`, `metrics.csv` and `workers.csv`.
+    pub fn write_to(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let p = dir.join("summary.json");
+        std::fs::write(&p, serde_json::to_string_pretty(&self.summary)? + "\n").map_err(|e| io_err(&p, e))?;
+
+        let p = dir.join("events.jsonl");
+        let mut w = BufWriter::new(std::fs::File::create(&p).map_err(|e| io_err(&p, e))?);
+        for e in &self.events {
+            serde_json::to_writer(&mut w, e)?;
+            w.write_all(b"\n")?;
+        }
+        w.flush()?;
+
+        let p = dir.join("arrivals.csv");
+        let mut w = BufWriter::new(std::fs::File::create(&p).map_err(|e| io_err(&p, e))?);
+        writeln!(w, "step,k,worker,seconds,accepted")?;
+        for a in &self.arrivals {
+            writeln!(w, "{},{},{},{},{}", a.step, a.k, a.worker, a.seconds, a.accepted)?;
+        }
+        w.flush()?;
+
+        let p = dir.join("metrics.csv");
+        let mut w = BufWriter::new(std::fs::File::create(&p).map_err(|e| io_err(&p, e))?);
+        writeln!(w, "step,virtual_seconds,examples,train_loss,test_loss,test_accuracy")?;
+        for m in &self.metrics {
+            writeln!(w, "{},{},{},{},{},{}", m.step, m.virtual_seconds, m.examples, opt(m.train_loss), opt(m.test_loss), opt(m.test_accuracy))?;
+        }
+        w.flush()?;
+
+        let p = dir.join("workers.csv");
+        let mut w = csv::Writer::from_path(&p).map_err(|e| io_err(&p, e))?;
+        for s in &self.workers {
+            w.serialize(s).map_err(|e| io_err(&p, e))?;
+        }
+        w.flush()?;
+        Ok(())
+    }
+
+    /// Mean over steps of the time to the k-th accepted gradient, k = 1..=max (from arrivals).
+    pub fn mean_time_to_kth(&self) -> Vec<f64> {
+        let max_k = self.arrivals.iter().map(|a| a.k).max().unwrap_or(0) as usize;
+        let mut sum = vec![0.0; max_k];
+        let mut count = vec![0u64; max_k];
+        for a in &self.arrivals {
+            sum[a.k as usize - 1] += a.seconds;
+            count[a.k as usize - 1] += 1;
+        }
+        sum.iter().zip(&count).map(|(s, &c)| if c == 0 { f64::NAN } else { s / c as f64 }).collect()
+    }
+}
+
+/// The q-quantile (0..=1) of `v` by nearest rank; NaN for an empty slice.
+pub fn quantile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let idx = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1;
+    s[idx]
+}
+
+/// The worker id as the raw number used in CSV files.
+pub fn wid(w: WorkerId) -> u32 {
+    w.0
+}
