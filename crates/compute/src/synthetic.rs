@@ -25,7 +25,7 @@ impl LeastSquares {
     /// A problem of `dim` parameters, `batch` samples per gradient, label noise σ = `noise`.
     pub fn new(dim: usize, batch: usize, noise: f32, seed: u64) -> Self {
         let layout = ParamLayout::from_shapes([("theta", vec![dim])]).expect("one tensor");
-        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5EED_0F_0F);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5EED_0F0F);
         let optimum = (0..dim).map(|_| rng.random_range(-1.0f32..1.0)).collect();
         LeastSquares { layout, optimum, noise, batch, seed, x: vec![0.0; dim] }
     }

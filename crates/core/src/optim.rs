@@ -7,10 +7,11 @@ use crate::error::ConfigError;
 use serde::{Deserialize, Serialize};
 
 /// Which optimizer, with its hyper-parameters (the learning rate comes from the schedule).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind", deny_unknown_fields)]
 pub enum OptimizerConfig {
     /// θ ← θ − lr·g
+    #[default]
     Sgd,
     /// v ← μ·v + g; θ ← θ − lr·v (Nesterov: θ ← θ − lr·(g + μ·v)).
     Momentum {
@@ -39,12 +40,6 @@ pub enum OptimizerConfig {
         /// ε, outside the square root.
         epsilon: f32,
     },
-}
-
-impl Default for OptimizerConfig {
-    fn default() -> Self {
-        OptimizerConfig::Sgd
-    }
 }
 
 impl OptimizerConfig {
@@ -135,7 +130,12 @@ impl Optimizer {
     }
 
     /// Restores state saved with [`Optimizer::slots`]; lengths must match.
-    pub fn restore(&mut self, slot_a: Option<Vec<f32>>, slot_b: Option<Vec<f32>>, updates: u64) -> Result<(), ConfigError> {
+    pub fn restore(
+        &mut self,
+        slot_a: Option<Vec<f32>>,
+        slot_b: Option<Vec<f32>>,
+        updates: u64,
+    ) -> Result<(), ConfigError> {
         for (name, cur, new) in [("slot_a", &mut self.slot_a, slot_a), ("slot_b", &mut self.slot_b, slot_b)] {
             match new {
                 Some(v) if v.len() == cur.len() => *cur = v,

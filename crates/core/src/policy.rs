@@ -54,6 +54,15 @@ impl Policy {
         }
     }
 
+    /// Gradients a step normally takes: N for sync, min for deadline, 1 for async.
+    pub fn aggregate_hint(&self) -> u32 {
+        match self {
+            Policy::Sync { aggregate, .. } => *aggregate,
+            Policy::Deadline { min, .. } => *min,
+            Policy::Async { .. } => 1,
+        }
+    }
+
     /// Checks the policy against the number of workers in the cluster.
     pub fn validate(&self, workers: u32) -> Result<(), ConfigError> {
         if workers == 0 {
@@ -99,7 +108,8 @@ pub mod secs {
     /// Reads non-negative, finite seconds.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let v = f64::deserialize(d)?;
-        Duration::try_from_secs_f64(v).map_err(|_| serde::de::Error::custom(format!("{v} is not a valid number of seconds")))
+        Duration::try_from_secs_f64(v)
+            .map_err(|_| serde::de::Error::custom(format!("{v} is not a valid number of seconds")))
     }
 }
 

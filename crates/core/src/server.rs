@@ -16,7 +16,7 @@ use crate::optim::{Optimizer, OptimizerConfig};
 use crate::policy::Policy;
 use crate::schedule::LrSchedule;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
 /// What to do when fewer workers are alive than a step needs for longer than the stall timeout.
@@ -221,7 +221,9 @@ pub struct Server {
     aggregate: u32,
     /// Running sum of the current step's gradients: memory O(parameters), not O(N·parameters).
     sum: Vec<f32>,
-    contributors: BTreeSet<WorkerId>,
+    /// Workers in the open step, in arrival order, plus a per-worker flag for O(1) lookups.
+    contributors: Vec<WorkerId>,
+    contributed: Vec<bool>,
     loss_sum: f64,
     loss_count: u32,
     opened_at: Duration,
@@ -247,6 +249,7 @@ impl Server {
             )));
         }
         let n = layout.len();
+        let workers = cfg.workers as usize;
         let aggregate = match cfg.policy {
             Policy::Sync { aggregate, .. } => aggregate,
             Policy::Deadline { min, .. } => min,
@@ -262,7 +265,8 @@ impl Server {
             params: init,
             step: 0,
             aggregate,
-            contributors: BTreeSet::new(),
+            contributors: Vec::new(),
+            contributed: vec![false; workers],
             loss_sum: 0.0,
             loss_count: 0,
             opened_at: Duration::ZERO,
@@ -352,9 +356,9 @@ impl Server {
         self.slots.iter().enumerate().filter(|(_, s)| s.alive).map(|(i, _)| WorkerId(i as u32)).collect()
     }
 
-    /// Workers that have pushed for the open step, sorted.
-    pub fn contributors(&self) -> impl Iterator<Item = WorkerId> + '_ {
-        self.contributors.iter().copied()
+    /// Workers that have pushed for the open step, in arrival order.
+    pub fn contributors(&self) -> &[WorkerId] {
+        &self.contributors
     }
 
     /// The earliest time at which [`Server::tick`] may have something to do.
@@ -419,7 +423,11 @@ impl Server {
             for (i, s) in self.slots.iter_mut().enumerate() {
                 if s.alive && s.last_seen + wt <= now {
                     s.alive = false;
-                    out.events.push(Event::WorkerLeft { worker: WorkerId(i as u32), reason: LeaveReason::TimedOut, time: secs(now) });
+                    out.events.push(Event::WorkerLeft {
+                        worker: WorkerId(i as u32),
+                        reason: LeaveReason::TimedOut,
+                        time: secs(now),
+                    });
                 }
             }
         }
@@ -444,7 +452,7 @@ impl Server {
         }
         let duplicate = match self.cfg.policy {
             Policy::Async { .. } => self.slots[from.index()].last_push.is_some_and(|p| p >= step),
-            _ => step == self.step && self.contributors.contains(&from),
+            _ => step == self.step && self.contributed[from.index()],
         };
         if duplicate {
             return Err(ProtocolError::DuplicatePush { worker: from, step });
@@ -452,7 +460,9 @@ impl Server {
         if g.len() != self.params.len() {
             return Err(ProtocolError::WrongLength { worker: from, got: g.len(), expected: self.params.len() });
         }
-        if let Some(index) = g.iter().position(|x| !x.is_finite()) {
+        // A branch-free fold vectorises; the position is only searched for on failure.
+        if !g.iter().fold(true, |ok, x| ok & x.is_finite()) {
+            let index = g.iter().position(|x| !x.is_finite()).unwrap_or(0);
             return Err(ProtocolError::NonFinite { worker: from, index, value: g[index] });
         }
         Ok(())
@@ -511,7 +521,13 @@ impl Server {
         let mut out = Outputs::default();
         if step < self.step {
             let since_open = self.opened_at_of(step).map_or(f64::NAN, |t| secs(now.saturating_sub(t)));
-            out.events.push(Event::GradientDropped { worker: from, step, reason: DropReason::Late, since_open, time: secs(now) });
+            out.events.push(Event::GradientDropped {
+                worker: from,
+                step,
+                reason: DropReason::Late,
+                since_open,
+                time: secs(now),
+            });
             return out;
         }
         if self.contributors.is_empty() {
@@ -521,7 +537,8 @@ impl Server {
                 *s += x;
             }
         }
-        self.contributors.insert(from);
+        self.contributors.push(from);
+        self.contributed[from.index()] = true;
         if let Some(l) = loss.filter(|l| l.is_finite()) {
             self.loss_sum += l as f64;
             self.loss_count += 1;
@@ -540,7 +557,15 @@ impl Server {
         out
     }
 
-    fn push_async(&mut self, now: Duration, from: WorkerId, step: Step, g: &[f32], loss: Option<f32>, max: Option<u64>) -> Outputs {
+    fn push_async(
+        &mut self,
+        now: Duration,
+        from: WorkerId,
+        step: Step,
+        g: &[f32],
+        loss: Option<f32>,
+        max: Option<u64>,
+    ) -> Outputs {
         let mut out = Outputs::default();
         let staleness = self.step - step;
         let slot = &mut self.slots[from.index()];
@@ -556,8 +581,16 @@ impl Server {
                 time: secs(now),
             });
         } else {
-            out.events.push(Event::GradientAccepted { worker: from, step, k: 1, since_open, staleness, time: secs(now) });
-            self.contributors.insert(from);
+            out.events.push(Event::GradientAccepted {
+                worker: from,
+                step,
+                k: 1,
+                since_open,
+                staleness,
+                time: secs(now),
+            });
+            self.contributors.push(from);
+            self.contributed[from.index()] = true;
             if let Some(l) = loss.filter(|l| l.is_finite()) {
                 self.loss_sum += l as f64;
                 self.loss_count += 1;
@@ -583,7 +616,7 @@ impl Server {
         match self.cfg.policy {
             Policy::Sync { .. } => have >= self.aggregate,
             Policy::Deadline { timeout, .. } => {
-                let all_in = self.slots.iter().enumerate().all(|(i, s)| !s.alive || self.contributors.contains(&WorkerId(i as u32)));
+                let all_in = self.slots.iter().zip(&self.contributed).all(|(s, &c)| !s.alive || c);
                 all_in || (now >= self.opened_at + timeout && have >= self.aggregate)
             }
             Policy::Async { .. } => false,
@@ -613,9 +646,14 @@ impl Server {
             ema::update(e, &self.params, alpha);
         }
         let loss = (self.loss_count > 0).then(|| (self.loss_sum / self.loss_count as f64) as f32);
+        let mut contributors = std::mem::take(&mut self.contributors);
+        for w in &contributors {
+            self.contributed[w.index()] = false;
+        }
+        contributors.sort_unstable();
         out.events.push(Event::StepApplied {
             step: self.step,
-            contributors: std::mem::take(&mut self.contributors).into_iter().collect(),
+            contributors,
             duration: secs(now.saturating_sub(self.opened_at)),
             lr,
             grad_norm,
@@ -670,12 +708,19 @@ impl Server {
                 // Before the first update a shortfall is workers still starting: the clock
                 // runs, but only a real stall (or the time-out) is worth an event.
                 if self.step > 0 {
-                    out.events.push(Event::Stalled { live, needed: self.aggregate, missing: missing(), time: secs(now) });
+                    out.events.push(Event::Stalled {
+                        live,
+                        needed: self.aggregate,
+                        missing: missing(),
+                        time: secs(now),
+                    });
                 }
                 now
             }
         };
-        let Some(limit) = self.cfg.liveness.stall_timeout else { return out };
+        let Some(limit) = self.cfg.liveness.stall_timeout else {
+            return out;
+        };
         if now < since + limit {
             return out;
         }
@@ -690,7 +735,9 @@ impl Server {
             }
             _ => {
                 self.stopped = true;
-                out.actions.push(Action::Stop { reason: StopReason::TooFewWorkers { live, needed: self.aggregate, missing: missing() } });
+                out.actions.push(Action::Stop {
+                    reason: StopReason::TooFewWorkers { live, needed: self.aggregate, missing: missing() },
+                });
             }
         }
         out
@@ -710,7 +757,10 @@ mod opt_secs {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         Option::<f64>::deserialize(d)?
-            .map(|v| Duration::try_from_secs_f64(v).map_err(|_| serde::de::Error::custom(format!("{v} is not a valid number of seconds"))))
+            .map(|v| {
+                Duration::try_from_secs_f64(v)
+                    .map_err(|_| serde::de::Error::custom(format!("{v} is not a valid number of seconds")))
+            })
             .transpose()
     }
 }

@@ -16,7 +16,8 @@ use std::path::Path;
 use std::time::Duration;
 
 fn parse_config(line: &str) -> (ServerConfig, usize) {
-    let kv: BTreeMap<&str, &str> = line.split_whitespace().skip(1).map(|p| p.split_once('=').expect("key=value")).collect();
+    let kv: BTreeMap<&str, &str> =
+        line.split_whitespace().skip(1).map(|p| p.split_once('=').expect("key=value")).collect();
     let get = |k: &str| kv.get(k).copied();
     let num = |k: &str, d: u32| get(k).map_or(d, |v| v.parse().unwrap());
     let secs = |k: &str| get(k).map(|v| Duration::from_secs_f64(v.parse().unwrap()));

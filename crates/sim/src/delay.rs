@@ -125,7 +125,9 @@ impl DelayModel {
     fn validate(&self) -> Result<(), String> {
         match self {
             DelayModel::LogNormal(m, _) if *m <= 0.0 => Err("lognormal: the median must be positive".into()),
-            DelayModel::Pareto(_, xm, a) if *xm <= 0.0 || *a <= 0.0 => Err("pareto: XM and ALPHA must be positive".into()),
+            DelayModel::Pareto(_, xm, a) if *xm <= 0.0 || *a <= 0.0 => {
+                Err("pareto: XM and ALPHA must be positive".into())
+            }
             _ => Ok(()),
         }
     }
@@ -133,8 +135,12 @@ impl DelayModel {
     /// Resolves files (replay) into a ready sampler.
     pub fn sampler(&self) -> Result<DelaySampler, String> {
         Ok(match self {
-            DelayModel::Replay(path) => DelaySampler { model: self.clone(), replay: Some(Arc::new(load_replay(path)?)), base: None },
-            DelayModel::SlowWorkers(_, _, base) => DelaySampler { model: self.clone(), replay: None, base: Some(Box::new(base.sampler()?)) },
+            DelayModel::Replay(path) => {
+                DelaySampler { model: self.clone(), replay: Some(Arc::new(load_replay(path)?)), base: None }
+            }
+            DelayModel::SlowWorkers(_, _, base) => {
+                DelaySampler { model: self.clone(), replay: None, base: Some(Box::new(base.sampler()?)) }
+            }
             _ => DelaySampler { model: self.clone(), replay: None, base: None },
         })
     }
@@ -147,17 +153,28 @@ struct Replay {
 }
 
 fn load_replay(path: &Path) -> Result<Replay, String> {
-    let mut rdr = csv::Reader::from_path(path).map_err(|e| format!("cannot read delay replay file {}: {e}", path.display()))?;
+    let mut rdr =
+        csv::Reader::from_path(path).map_err(|e| format!("cannot read delay replay file {}: {e}", path.display()))?;
     let headers = rdr.headers().map_err(|e| format!("{}: {e}", path.display()))?.clone();
     let col = |name: &str| headers.iter().position(|h| h.trim() == name);
     let (Some(wc), Some(sc)) = (col("worker"), col("seconds")) else {
-        return Err(format!("delay replay file {} needs columns `worker,seconds`, found `{}`", path.display(), headers.iter().collect::<Vec<_>>().join(",")));
+        return Err(format!(
+            "delay replay file {} needs columns `worker,seconds`, found `{}`",
+            path.display(),
+            headers.iter().collect::<Vec<_>>().join(",")
+        ));
     };
     let mut by_worker: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
     for (i, rec) in rdr.records().enumerate() {
         let rec = rec.map_err(|e| format!("{}: {e}", path.display()))?;
-        let w: u64 = rec.get(wc).unwrap_or("").trim().parse().map_err(|_| format!("{} line {}: worker must be a whole number", path.display(), i + 2))?;
-        let s = parse_f64(rec.get(sc).unwrap_or(""), "seconds").map_err(|e| format!("{} line {}: {e}", path.display(), i + 2))?;
+        let w: u64 = rec
+            .get(wc)
+            .unwrap_or("")
+            .trim()
+            .parse()
+            .map_err(|_| format!("{} line {}: worker must be a whole number", path.display(), i + 2))?;
+        let s = parse_f64(rec.get(sc).unwrap_or(""), "seconds")
+            .map_err(|e| format!("{} line {}: {e}", path.display(), i + 2))?;
         by_worker.entry(w).or_default().push(s);
     }
     if by_worker.is_empty() {

@@ -64,7 +64,7 @@ struct Engine<'a> {
     bytes: usize,
     batch: u64,
     report: SimReport,
-    arrivals_per_step: BTreeMap<Step, u32>,
+    late_per_step: BTreeMap<Step, u32>,
     staleness_sum: u64,
     grad: Vec<f32>,
     last_step_at: f64,
@@ -77,7 +77,10 @@ fn at(now: Duration, seconds: f64) -> Duration {
 
 /// Runs one simulation. `source = None` is a timing-only run: no gradient math, messages
 /// charged as `virtual_params` parameters.
-pub fn simulate<'a>(cfg: &'a SimConfig, source: Option<&'a mut (dyn GradientSource + 'a)>) -> Result<SimReport, SimError> {
+pub fn simulate<'a>(
+    cfg: &'a SimConfig,
+    source: Option<&'a mut (dyn GradientSource + 'a)>,
+) -> Result<SimReport, SimError> {
     cfg.validate()?;
     let (layout, init, batch) = match &source {
         Some(s) => (s.layout().clone(), s.init_params(cfg.seed), s.batch_size() as u64),
@@ -142,14 +145,14 @@ pub fn simulate<'a>(cfg: &'a SimConfig, source: Option<&'a mut (dyn GradientSour
             step_seconds: Vec::new(),
             final_params: Vec::new(),
         },
-        arrivals_per_step: BTreeMap::new(),
+        late_per_step: BTreeMap::new(),
         staleness_sum: 0,
         grad: Vec::new(),
         last_step_at: 0.0,
         done: false,
     };
     engine.run()?;
-    Ok(engine.finish()?)
+    engine.finish()
 }
 
 impl Engine<'_> {
@@ -242,13 +245,20 @@ impl Engine<'_> {
         Ok(())
     }
 
-    fn record_arrival(&mut self, step: Step, worker: WorkerId, seconds: f64, accepted: bool) {
-        let k = self.arrivals_per_step.entry(step).or_insert(0);
-        *k += 1;
-        let k = *k;
-        if self.arrivals_per_step.len() > 4096 {
-            self.arrivals_per_step.pop_first();
-        }
+    /// `k` is the arrival rank: accepted gradients carry it; late ones rank after the N accepted.
+    fn record_arrival(&mut self, step: Step, worker: WorkerId, k: Option<u32>, seconds: f64, accepted: bool) {
+        let k = match k {
+            Some(k) => k,
+            None => {
+                let late = self.late_per_step.entry(step).or_insert(0);
+                *late += 1;
+                let k = self.server.config().policy.aggregate_hint() + *late;
+                if self.late_per_step.len() > 4096 {
+                    self.late_per_step.pop_first();
+                }
+                k
+            }
+        };
         if self.cfg.record_arrivals {
             self.report.arrivals.push(Arrival { step, k, worker: worker.0, seconds, accepted });
         }
@@ -256,16 +266,16 @@ impl Engine<'_> {
 
     fn observe(&mut self, now: Duration, e: &Event) -> Result<(), SimError> {
         match e {
-            Event::GradientAccepted { worker, step, since_open, staleness, .. } => {
+            Event::GradientAccepted { worker, step, k, since_open, staleness, .. } => {
                 self.workers[worker.index()].stats.accepted += 1;
                 self.report.summary.accepted += 1;
                 self.staleness_sum += staleness;
-                self.record_arrival(*step, *worker, *since_open, true);
+                self.record_arrival(*step, *worker, Some(*k), *since_open, true);
             }
             Event::GradientDropped { worker, step, since_open, .. } => {
                 self.workers[worker.index()].stats.dropped += 1;
                 self.report.summary.dropped += 1;
-                self.record_arrival(*step, *worker, *since_open, false);
+                self.record_arrival(*step, *worker, None, *since_open, false);
             }
             Event::StepApplied { step, contributors, duration, loss, .. } => {
                 self.report.step_seconds.push(*duration);
@@ -287,14 +297,16 @@ impl Engine<'_> {
                     }
                 }
                 let due = self.cfg.eval_every.is_some_and(|k| done_steps % k == 0) || done_steps == self.cfg.steps;
-                if due && self.source.is_some() {
+                if due {
                     let params: Vec<f32> = match (self.cfg.eval_on, self.server.ema()) {
                         (EvalOn::Ema, Some(e)) => e.to_vec(),
                         _ => self.server.params().to_vec(),
                     };
-                    let ev = self.source.as_mut().expect("checked").evaluate(&params)?;
-                    row.test_loss = Some(ev.loss);
-                    row.test_accuracy = ev.accuracy;
+                    if let Some(src) = self.source.as_mut() {
+                        let ev = src.evaluate(&params)?;
+                        row.test_loss = Some(ev.loss);
+                        row.test_accuracy = ev.accuracy;
+                    }
                 }
                 if self.source.is_some() {
                     self.report.metrics.push(row);
@@ -330,7 +342,8 @@ impl Engine<'_> {
                         None => (Vec::new(), None),
                     };
                     let arrive = at(now, self.cfg.network.delay(self.bytes));
-                    self.queue.push(arrive, SimEvent::ToServer { from: id, msg: ToServer::Push { step, gradient, loss } });
+                    self.queue
+                        .push(arrive, SimEvent::ToServer { from: id, msg: ToServer::Push { step, gradient, loss } });
                 }
             }
         }

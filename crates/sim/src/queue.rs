@@ -1,43 +1,25 @@
 //! The event heap: earliest time first, ties broken by insertion order, so a run never
 //! depends on how the heap happens to order equal keys.
+//!
+//! The heap holds only small keys (time in nanoseconds, sequence, slot); the items live in
+//! a slab beside it. Popping the heap is the simulator's hottest path, and moving 24-byte
+//! keys instead of whole events makes it several times cheaper.
 
-use std::cmp::Ordering;
+use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::Duration;
 
-struct Entry<T> {
-    at: Duration,
-    seq: u64,
-    item: T,
-}
-
-impl<T> PartialEq for Entry<T> {
-    fn eq(&self, o: &Self) -> bool {
-        (self.at, self.seq) == (o.at, o.seq)
-    }
-}
-impl<T> Eq for Entry<T> {}
-impl<T> PartialOrd for Entry<T> {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl<T> Ord for Entry<T> {
-    fn cmp(&self, o: &Self) -> Ordering {
-        // BinaryHeap is a max-heap: reverse to pop the earliest first.
-        (o.at, o.seq).cmp(&(self.at, self.seq))
-    }
-}
-
 /// A min-heap of timed items ordered by (time, insertion sequence).
 pub struct EventQueue<T> {
-    heap: BinaryHeap<Entry<T>>,
+    heap: BinaryHeap<Reverse<(u64, u64, u32)>>,
+    slab: Vec<Option<T>>,
+    free: Vec<u32>,
     seq: u64,
 }
 
 impl<T> Default for EventQueue<T> {
     fn default() -> Self {
-        EventQueue { heap: BinaryHeap::new(), seq: 0 }
+        EventQueue { heap: BinaryHeap::new(), slab: Vec::new(), free: Vec::new(), seq: 0 }
     }
 }
 
@@ -45,12 +27,26 @@ impl<T> EventQueue<T> {
     /// Schedules `item` at `at`.
     pub fn push(&mut self, at: Duration, item: T) {
         self.seq += 1;
-        self.heap.push(Entry { at, seq: self.seq, item });
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.slab[s as usize] = Some(item);
+                s
+            }
+            None => {
+                self.slab.push(Some(item));
+                (self.slab.len() - 1) as u32
+            }
+        };
+        let nanos = u64::try_from(at.as_nanos()).unwrap_or(u64::MAX);
+        self.heap.push(Reverse((nanos, self.seq, slot)));
     }
 
     /// Removes the earliest item.
     pub fn pop(&mut self) -> Option<(Duration, T)> {
-        self.heap.pop().map(|e| (e.at, e.item))
+        let Reverse((nanos, _, slot)) = self.heap.pop()?;
+        let item = self.slab[slot as usize].take().expect("every heap key has its item");
+        self.free.push(slot);
+        Some((Duration::from_nanos(nanos), item))
     }
 
     /// Items waiting.
@@ -76,5 +72,6 @@ mod tests {
         q.push(Duration::from_secs(1), "b");
         let order: Vec<_> = std::iter::from_fn(|| q.pop().map(|(_, x)| x)).collect();
         assert_eq!(order, vec!["a", "b", "c"]);
+        assert!(q.is_empty());
     }
 }

@@ -153,7 +153,16 @@ impl SimReport {
         let mut w = BufWriter::new(std::fs::File::create(&p).map_err(|e| io_err(&p, e))?);
         writeln!(w, "step,virtual_seconds,examples,train_loss,test_loss,test_accuracy")?;
         for m in &self.metrics {
-            writeln!(w, "{},{},{},{},{},{}", m.step, m.virtual_seconds, m.examples, opt(m.train_loss), opt(m.test_loss), opt(m.test_accuracy))?;
+            writeln!(
+                w,
+                "{},{},{},{},{},{}",
+                m.step,
+                m.virtual_seconds,
+                m.examples,
+                opt(m.train_loss),
+                opt(m.test_loss),
+                opt(m.test_accuracy)
+            )?;
         }
         w.flush()?;
 

@@ -25,7 +25,11 @@ pub struct SweepRow {
 }
 
 /// Simulates sync training (timing only) for each b in `backups` with N = `budget` − b.
-pub fn sweep_backups(base: &SimConfig, budget: u32, backups: impl IntoIterator<Item = u32>) -> Result<Vec<SweepRow>, SimError> {
+pub fn sweep_backups(
+    base: &SimConfig,
+    budget: u32,
+    backups: impl IntoIterator<Item = u32>,
+) -> Result<Vec<SweepRow>, SimError> {
     let mut rows = Vec::new();
     for b in backups {
         if b >= budget {

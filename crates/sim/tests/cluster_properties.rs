@@ -27,7 +27,9 @@ fn check_sync_invariants(r: &SimReport, aggregate: usize) {
                 assert_eq!(contributors.len(), aggregate, "every applied step has exactly N contributors");
                 assert!(contributors.windows(2).all(|w| w[0] < w[1]), "contributors are distinct: {contributors:?}");
             }
-            Event::GradientAccepted { step, .. } => assert_eq!(*step, current, "no late gradient is ever accepted"),
+            Event::GradientAccepted { step, .. } => {
+                assert_eq!(*step, current, "no late gradient is ever accepted")
+            }
             _ => {}
         }
     }
@@ -64,7 +66,8 @@ proptest! {
 
 #[test]
 fn a_different_seed_gives_a_different_trace() {
-    let cfg = |seed| SimConfig::new(6, Policy::Sync { aggregate: 4, backups: 2 }, 40, DelayModel::Exponential(1.0), seed);
+    let cfg =
+        |seed| SimConfig::new(6, Policy::Sync { aggregate: 4, backups: 2 }, 40, DelayModel::Exponential(1.0), seed);
     assert_ne!(simulate(&cfg(1), None).unwrap().events, simulate(&cfg(2), None).unwrap().events);
 }
 
@@ -84,7 +87,11 @@ fn async_staleness_of_k_equal_speed_workers_averages_k_minus_one() {
         let cfg = SimConfig::new(k, Policy::Async { max_staleness: None }, 4000, DelayModel::LogNormal(1.0, 0.1), 5);
         let r = simulate(&cfg, None).unwrap();
         let expected = (k - 1) as f64;
-        assert!((r.summary.mean_staleness - expected).abs() < 0.3, "k={k}: mean staleness {}", r.summary.mean_staleness);
+        assert!(
+            (r.summary.mean_staleness - expected).abs() < 0.3,
+            "k={k}: mean staleness {}",
+            r.summary.mean_staleness
+        );
     }
 }
 
@@ -114,7 +121,10 @@ fn paper_delay_model_matches_the_papers_figure_3() {
     assert!((0.75..=0.90).contains(&p98), "98th within 2 s in {p98:.3} of steps");
     assert!((0.22..=0.38).contains(&p100), "100th within 2 s in {p100:.3} of steps");
     let means = r.mean_time_to_kth();
-    assert!(means[99] - means[97] > 5.0 * (means[97] - means[89]), "the last few gradients take disproportionately long: {means:?}");
+    assert!(
+        means[99] - means[97] > 5.0 * (means[97] - means[89]),
+        "the last few gradients take disproportionately long: {means:?}"
+    );
 }
 
 #[test]
@@ -141,7 +151,13 @@ fn sync_training_on_least_squares_reaches_the_optimum() {
 
 #[test]
 fn slow_worker_is_the_one_whose_gradients_are_dropped() {
-    let cfg = SimConfig::new(4, Policy::Sync { aggregate: 3, backups: 1 }, 200, "slow:1,5,lognormal:1,0.1".parse().unwrap(), 3);
+    let cfg = SimConfig::new(
+        4,
+        Policy::Sync { aggregate: 3, backups: 1 },
+        200,
+        "slow:1,5,lognormal:1,0.1".parse().unwrap(),
+        3,
+    );
     let r = simulate(&cfg, None).unwrap();
     let slow = &r.workers[0];
     assert!(slow.accepted < 5, "slow worker w0 contributed {} times", slow.accepted);

@@ -1,0 +1,270 @@
+//! `quorum sim`: run the deterministic simulator from flags and/or a TOML file.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use quorum_compute::{GradientSource, LeastSquares};
+use quorum_core::{OnNewerParams, OptimizerConfig, Policy, ServerConfig};
+use quorum_sim::{simulate, sweep_backups, DelayModel, NetworkModel, SimConfig, SimReport};
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Flags of `quorum sim`. Every flag can also be a key of the `--config` TOML file
+/// (same name, e.g. `workers = 100`, `delay = "paper"`); flags win over the file.
+#[derive(Args, Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SimArgs {
+    /// TOML file with any of these settings.
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Workers in the cluster (N + b).
+    #[arg(long)]
+    workers: Option<u32>,
+    /// Backup workers b (sync policy): N = workers − b.
+    #[arg(long)]
+    backups: Option<u32>,
+    /// sync | async | deadline.
+    #[arg(long)]
+    policy: Option<String>,
+    /// Async: drop gradients more than this many updates old.
+    #[arg(long)]
+    max_staleness: Option<u64>,
+    /// Deadline: fewest gradients a step may close with.
+    #[arg(long)]
+    deadline_min: Option<u32>,
+    /// Deadline: seconds to wait for the rest.
+    #[arg(long)]
+    deadline_timeout: Option<f64>,
+    /// Compute-time model: paper, const:S, exp:MEAN, lognormal:MEDIAN,SIGMA,
+    /// pareto:BASE,XM,ALPHA, slow:K,FACTOR[,MODEL], replay:FILE.csv.
+    #[arg(long)]
+    delay: Option<String>,
+    /// One-way network latency, seconds.
+    #[arg(long)]
+    latency: Option<f64>,
+    /// Network bandwidth, bytes per second (default: infinite).
+    #[arg(long)]
+    bandwidth: Option<f64>,
+    /// Updates to simulate.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Seed of every random stream.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Learning rate (synthetic model).
+    #[arg(long)]
+    lr: Option<f32>,
+    /// No gradient math: time only (for big sweeps).
+    #[arg(long)]
+    #[serde(default)]
+    timing_only: bool,
+    /// Timing-only: charge messages for a model of this many parameters.
+    #[arg(long)]
+    virtual_params: Option<usize>,
+    /// Synthetic least-squares model: dimension.
+    #[arg(long)]
+    dim: Option<usize>,
+    /// Examples per mini-batch.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// What a worker does when newer parameters arrive mid-computation:
+    /// abandon | finish_and_send | finish_and_discard.
+    #[arg(long)]
+    on_newer: Option<String>,
+    /// Sweep b over a range (e.g. 0..10) with N = budget − b; prints a table.
+    #[arg(long)]
+    sweep_backups: Option<String>,
+    /// Machines for --sweep-backups (default: --workers).
+    #[arg(long)]
+    budget: Option<u32>,
+    /// Directory for summary.json, events.jsonl, arrivals.csv, metrics.csv, workers.csv.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+macro_rules! merge {
+    ($cli:expr, $file:expr, $($f:ident),*) => { $( if $cli.$f.is_none() { $cli.$f = $file.$f.take(); } )* };
+}
+
+fn parse_range(s: &str) -> Result<std::ops::RangeInclusive<u32>> {
+    let (a, b) = s.split_once("..").with_context(|| format!("--sweep-backups takes a range like 0..10, got `{s}`"))?;
+    let b = b.trim_start_matches('=');
+    let a: u32 = a.trim().parse().with_context(|| format!("bad range start in `{s}`"))?;
+    let b: u32 = b.trim().parse().with_context(|| format!("bad range end in `{s}`"))?;
+    if b < a {
+        bail!("--sweep-backups range `{s}` is empty");
+    }
+    Ok(a..=b)
+}
+
+impl SimArgs {
+    fn with_file(mut self) -> Result<Self> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read config {}", path.display()))?;
+        let mut file: SimArgs = toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?;
+        merge!(
+            self,
+            file,
+            workers,
+            backups,
+            policy,
+            max_staleness,
+            deadline_min,
+            deadline_timeout,
+            delay,
+            latency,
+            bandwidth
+        );
+        merge!(self, file, steps, seed, lr, virtual_params, dim, batch, on_newer, sweep_backups, budget, out);
+        self.timing_only |= file.timing_only;
+        Ok(self)
+    }
+
+    fn policy(&self, workers: u32) -> Result<Policy> {
+        Ok(match self.policy.as_deref().unwrap_or("sync") {
+            "sync" => {
+                let b = self.backups.unwrap_or(0);
+                if b >= workers {
+                    bail!("--backups ({b}) must be smaller than --workers ({workers})");
+                }
+                Policy::Sync { aggregate: workers - b, backups: b }
+            }
+            "async" => Policy::Async { max_staleness: self.max_staleness },
+            "deadline" => Policy::Deadline {
+                min: self.deadline_min.unwrap_or(1),
+                timeout: Duration::try_from_secs_f64(
+                    self.deadline_timeout.context("--policy deadline needs --deadline-timeout SECONDS")?,
+                )
+                .context("--deadline-timeout must be a non-negative number of seconds")?,
+            },
+            other => bail!("unknown policy `{other}`: use sync, async or deadline"),
+        })
+    }
+
+    fn sim_config(&self) -> Result<SimConfig> {
+        let workers = self.workers.unwrap_or(4);
+        let delay: DelayModel = self.delay.as_deref().unwrap_or("paper").parse().map_err(anyhow::Error::msg)?;
+        let mut server = ServerConfig::new(workers, self.policy(workers)?, self.lr.unwrap_or(0.1));
+        server.optimizer = OptimizerConfig::Sgd;
+        let on_newer = match self.on_newer.as_deref().unwrap_or("abandon") {
+            "abandon" => OnNewerParams::Abandon,
+            "finish_and_send" => OnNewerParams::FinishAndSend,
+            "finish_and_discard" => OnNewerParams::FinishAndDiscard,
+            other => bail!("unknown --on-newer `{other}`: use abandon, finish_and_send or finish_and_discard"),
+        };
+        let cfg = SimConfig {
+            server,
+            steps: self.steps.unwrap_or(1000),
+            seed: self.seed.unwrap_or(1),
+            delay,
+            network: NetworkModel { latency: self.latency.unwrap_or(0.0), bandwidth: self.bandwidth },
+            on_newer,
+            virtual_params: self.virtual_params.unwrap_or(0),
+            eval_every: None,
+            eval_on: Default::default(),
+            record_events: true,
+            record_arrivals: true,
+            divergence_loss: None,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// Runs `quorum sim`.
+pub fn run(args: SimArgs) -> Result<()> {
+    let args = args.with_file()?;
+    let mut cfg = args.sim_config()?;
+    // Without an output directory nothing reads the per-event records: skip them.
+    cfg.record_events = args.out.is_some();
+    cfg.record_arrivals = args.out.is_some();
+    if let Some(range) = &args.sweep_backups {
+        return sweep(&args, &cfg, parse_range(range)?);
+    }
+    let mut source =
+        (!args.timing_only).then(|| LeastSquares::new(args.dim.unwrap_or(32), args.batch.unwrap_or(32), 0.1, cfg.seed));
+    let report = simulate(&cfg, source.as_mut().map(|s| s as &mut dyn GradientSource))?;
+    print_summary(&cfg, &report);
+    if let Some(src) = &source {
+        println!("  distance to optimum   {:.5}", src.distance(&report.final_params));
+    }
+    if let Some(dir) = &args.out {
+        report.write_to(dir)?;
+        std::fs::write(dir.join("config.toml"), toml::to_string(&cfg).context("serialising config")?)?;
+        println!(
+            "  wrote {}/{{summary.json,events.jsonl,arrivals.csv,metrics.csv,workers.csv,config.toml}}",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn print_summary(cfg: &SimConfig, r: &SimReport) {
+    let s = &r.summary;
+    let shape = match &cfg.server.policy {
+        Policy::Sync { aggregate, backups } => format!("sync N={aggregate} b={backups}"),
+        Policy::Async { max_staleness } => {
+            format!("async max_staleness={}", max_staleness.map_or("none".into(), |m| m.to_string()))
+        }
+        Policy::Deadline { min, timeout } => {
+            format!("deadline min={min} timeout={}s", timeout.as_secs_f64())
+        }
+    };
+    println!("sim: {shape}, {} workers, delay {}, seed {}", s.workers, s.delay, s.seed);
+    println!("  steps                 {}", s.steps);
+    println!("  virtual time          {:.2} s", s.virtual_seconds);
+    println!(
+        "  step time             mean {:.4} s, p50 {:.4} s, p99 {:.4} s",
+        s.mean_step_seconds, s.p50_step_seconds, s.p99_step_seconds
+    );
+    println!("  gradients             {} accepted, {} dropped", s.accepted, s.dropped);
+    if s.policy == "async" {
+        println!("  mean staleness        {:.2}", s.mean_staleness);
+    }
+    if let Some(w) = r.workers.iter().max_by(|a, b| a.mean_compute_seconds.total_cmp(&b.mean_compute_seconds)) {
+        println!(
+            "  slowest worker        w{} (mean compute {:.3} s, {} of {} gradients used)",
+            w.worker, w.mean_compute_seconds, w.accepted, w.sent
+        );
+    }
+    if let Some(l) = s.final_test_loss {
+        println!("  final test loss       {l:.5}");
+    }
+}
+
+fn sweep(args: &SimArgs, cfg: &SimConfig, range: std::ops::RangeInclusive<u32>) -> Result<()> {
+    let budget = args.budget.or(args.workers).unwrap_or(100);
+    let rows = sweep_backups(cfg, budget, range)?;
+    let base = rows.first().map(|r| r.gradients_per_second).unwrap_or(1.0);
+    println!("sweep: {budget} machines, delay {}, {} steps each, seed {}", cfg.delay, cfg.steps, cfg.seed);
+    println!(
+        "{:>5} {:>4} {:>12} {:>10} {:>10} {:>14} {:>9}",
+        "N", "b", "mean step s", "p50 s", "p99 s", "gradients/s", "vs first"
+    );
+    for r in &rows {
+        println!(
+            "{:>5} {:>4} {:>12.4} {:>10.4} {:>10.4} {:>14.2} {:>8.2}x",
+            r.aggregate,
+            r.backups,
+            r.mean_step_seconds,
+            r.p50_step_seconds,
+            r.p99_step_seconds,
+            r.gradients_per_second,
+            r.gradients_per_second / base
+        );
+    }
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("sweep.csv");
+        let mut w = csv::Writer::from_path(&path)?;
+        for r in &rows {
+            w.serialize(r)?;
+        }
+        w.flush()?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
