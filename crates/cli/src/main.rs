@@ -1,6 +1,7 @@
 //! `quorum`: the command-line front end. Thin: parses arguments and configs, calls the
 //! libraries, prints results.
 
+mod opts;
 mod sim_cmd;
 
 use clap::{Parser, Subcommand};

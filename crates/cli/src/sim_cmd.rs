@@ -1,10 +1,11 @@
 //! `quorum sim`: run the deterministic simulator from flags and/or a TOML file.
 
+use crate::opts;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use quorum_compute::{GradientSource, LeastSquares};
 use quorum_core::{OnNewerParams, OptimizerConfig, Policy, ServerConfig};
-use quorum_sim::{simulate, sweep_backups, DelayModel, NetworkModel, SimConfig, SimReport};
+use quorum_sim::{simulate, sweep_backups, DelayModel, EvalOn, NetworkModel, SimConfig, SimReport};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -78,6 +79,46 @@ pub struct SimArgs {
     /// Machines for --sweep-backups (default: --workers).
     #[arg(long)]
     budget: Option<u32>,
+    /// Model: synthetic (least squares), mlp, mlp:W1,W2,..., cnn, cnn:C1,C2,C3,C4.
+    #[arg(long)]
+    model: Option<String>,
+    /// Dataset for mlp/cnn: mnist, fashion-mnist, cifar10.
+    #[arg(long)]
+    dataset: Option<String>,
+    /// Data root holding <dataset>/ directories (default: data).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Training examples held out as a validation split (default 5000 for image data).
+    #[arg(long)]
+    validation: Option<usize>,
+    /// Train for this many epochs (sets --steps from the gradients used per step).
+    #[arg(long)]
+    epochs: Option<f64>,
+    /// sgd, momentum:M, nesterov:M, rmsprop[:DECAY,MOMENTUM,EPS], adam[:B1,B2,EPS].
+    #[arg(long)]
+    optimizer: Option<String>,
+    /// Learning-rate decay: constant, exp:RATE,EVERY[,staircase], linear:START,END.
+    #[arg(long)]
+    lr_decay: Option<String>,
+    /// Linear warm-up steps.
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// Scale the learning rate by N (the paper's rule for averaged gradients).
+    #[arg(long)]
+    #[serde(default)]
+    scale_lr: bool,
+    /// Keep a parameter EMA with this decay (e.g. 0.999).
+    #[arg(long)]
+    ema: Option<f32>,
+    /// Clip the averaged gradient to this global norm.
+    #[arg(long)]
+    clip: Option<f32>,
+    /// Evaluate on the test set every this many steps (and at the end).
+    #[arg(long)]
+    eval_every: Option<u64>,
+    /// Evaluate the parameters `ema` (default when --ema is set) or `params`.
+    #[arg(long)]
+    eval_on: Option<String>,
     /// Directory for summary.json, events.jsonl, arrivals.csv, metrics.csv, workers.csv.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -119,6 +160,11 @@ impl SimArgs {
             bandwidth
         );
         merge!(self, file, steps, seed, lr, virtual_params, dim, batch, on_newer, sweep_backups, budget, out);
+        merge!(
+            self, file, model, dataset, data, validation, epochs, optimizer, lr_decay, warmup, ema, clip, eval_every,
+            eval_on
+        );
+        self.scale_lr |= file.scale_lr;
         self.timing_only |= file.timing_only;
         Ok(self)
     }
@@ -148,7 +194,14 @@ impl SimArgs {
         let workers = self.workers.unwrap_or(4);
         let delay: DelayModel = self.delay.as_deref().unwrap_or("paper").parse().map_err(anyhow::Error::msg)?;
         let mut server = ServerConfig::new(workers, self.policy(workers)?, self.lr.unwrap_or(0.1));
-        server.optimizer = OptimizerConfig::Sgd;
+        server.optimizer = self.optimizer.as_deref().map_or(Ok(OptimizerConfig::Sgd), opts::optimizer)?;
+        if let Some(d) = &self.lr_decay {
+            server.schedule.decay = opts::decay(d)?;
+        }
+        server.schedule.warmup_steps = self.warmup.unwrap_or(0);
+        server.schedule.scale_by_aggregate = self.scale_lr;
+        server.ema_decay = self.ema;
+        server.clip_norm = self.clip;
         let on_newer = match self.on_newer.as_deref().unwrap_or("abandon") {
             "abandon" => OnNewerParams::Abandon,
             "finish_and_send" => OnNewerParams::FinishAndSend,
@@ -163,8 +216,12 @@ impl SimArgs {
             network: NetworkModel { latency: self.latency.unwrap_or(0.0), bandwidth: self.bandwidth },
             on_newer,
             virtual_params: self.virtual_params.unwrap_or(0),
-            eval_every: None,
-            eval_on: Default::default(),
+            eval_every: self.eval_every,
+            eval_on: match self.eval_on.as_deref() {
+                None | Some("ema") => EvalOn::Ema,
+                Some("params") => EvalOn::Params,
+                Some(other) => bail!("unknown --eval-on `{other}`: use ema or params"),
+            },
             record_events: true,
             record_arrivals: true,
             divergence_loss: None,
@@ -184,13 +241,44 @@ pub fn run(args: SimArgs) -> Result<()> {
     if let Some(range) = &args.sweep_backups {
         return sweep(&args, &cfg, parse_range(range)?);
     }
-    let mut source =
-        (!args.timing_only).then(|| LeastSquares::new(args.dim.unwrap_or(32), args.batch.unwrap_or(32), 0.1, cfg.seed));
-    let report = simulate(&cfg, source.as_mut().map(|s| s as &mut dyn GradientSource))?;
-    print_summary(&cfg, &report);
-    if let Some(src) = &source {
-        println!("  distance to optimum   {:.5}", src.distance(&report.final_params));
-    }
+    let model = args.model.clone().unwrap_or_else(|| "synthetic".into());
+    let report = if args.timing_only {
+        let r = simulate(&cfg, None)?;
+        print_summary(&cfg, &r);
+        r
+    } else if model == "synthetic" {
+        let mut src = LeastSquares::new(args.dim.unwrap_or(32), args.batch.unwrap_or(32), 0.1, cfg.seed);
+        let r = simulate(&cfg, Some(&mut src as &mut dyn GradientSource))?;
+        print_summary(&cfg, &r);
+        println!("  distance to optimum   {:.5}", src.distance(&r.final_params));
+        r
+    } else {
+        let batch = args.batch.unwrap_or(128);
+        let data = args.data.clone().unwrap_or_else(|| PathBuf::from("data"));
+        let dataset = args.dataset.as_deref().unwrap_or("mnist");
+        let mut clf = opts::classifier(
+            &model,
+            dataset,
+            &data,
+            args.validation.unwrap_or(5000),
+            batch,
+            cfg.server.workers,
+            cfg.seed,
+        )?;
+        if let Some(e) = args.epochs {
+            let per_step = cfg.server.policy.aggregate_hint().max(1) as f64 * batch as f64;
+            cfg.steps = ((e * clf.train_set().len() as f64) / per_step).ceil().max(1.0) as u64;
+        }
+        println!(
+            "model {model} on {dataset}: {} parameters, {} training examples, batch {batch}, {} steps",
+            clf.layout().len(),
+            clf.train_set().len(),
+            cfg.steps
+        );
+        let r = simulate(&cfg, Some(&mut clf as &mut dyn GradientSource))?;
+        print_summary(&cfg, &r);
+        r
+    };
     if let Some(dir) = &args.out {
         report.write_to(dir)?;
         std::fs::write(dir.join("config.toml"), toml::to_string(&cfg).context("serialising config")?)?;
@@ -232,6 +320,9 @@ fn print_summary(cfg: &SimConfig, r: &SimReport) {
     }
     if let Some(l) = s.final_test_loss {
         println!("  final test loss       {l:.5}");
+    }
+    if let Some(a) = s.final_test_accuracy {
+        println!("  final test accuracy   {:.2}%", 100.0 * a);
     }
 }
 

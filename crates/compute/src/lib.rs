@@ -1,12 +1,20 @@
 //! # quorum-compute
 //!
-//! What a worker computes: the [`GradientSource`] trait, a synthetic least-squares source
-//! with a known optimum (for fast tests and simulations), and deterministic batch selection.
+//! What a worker computes: the [`GradientSource`] trait; real image classifiers (an MLP and
+//! the paper's MNIST CNN) computed by burn on its `flex` CPU backend; dataset readers for
+//! MNIST, Fashion-MNIST and CIFAR-10; deterministic batch selection; and a synthetic
+//! least-squares source with a known optimum for fast tests and simulations.
 
 pub mod batch;
+pub mod classifier;
+pub mod data;
+pub mod model;
 pub mod source;
 pub mod synthetic;
 
 pub use batch::BatchPlan;
+pub use classifier::Classifier;
+pub use data::{Dataset, DatasetName};
+pub use model::ModelSpec;
 pub use source::{BatchId, ComputeError, Evaluation, GradientSource};
 pub use synthetic::LeastSquares;

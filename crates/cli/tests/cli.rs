@@ -1,0 +1,130 @@
+//! End-to-end tests of the real `quorum` binary.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn quorum(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_quorum")).args(args).output().expect("run quorum")
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("quorum-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+#[test]
+fn sim_writes_its_run_directory() {
+    let dir = tmp("sim");
+    let out = dir.join("run");
+    let o = quorum(&[
+        "sim",
+        "--workers",
+        "20",
+        "--backups",
+        "2",
+        "--policy",
+        "sync",
+        "--delay",
+        "paper",
+        "--steps",
+        "50",
+        "--seed",
+        "3",
+        "--timing-only",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("sync N=18 b=2"), "{}", text(&o));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"], 50);
+    assert_eq!(summary["workers"], 20);
+    assert_eq!(summary["backups"], 2);
+    assert_eq!(summary["policy"], "sync");
+    for key in ["virtual_seconds", "mean_step_seconds", "dropped"] {
+        assert!(summary.get(key).is_some(), "summary.json lacks {key}");
+    }
+    let arrivals = std::fs::read_to_string(out.join("arrivals.csv")).unwrap();
+    assert!(arrivals.starts_with("step,k,worker,seconds"));
+    assert_eq!(arrivals.lines().filter(|l| l.starts_with("0,")).count(), 18, "18 gradients accepted in step 0");
+    let events = std::fs::read_to_string(out.join("events.jsonl")).unwrap();
+    assert_eq!(events.lines().filter(|l| l.contains("\"step_applied\"")).count(), 50);
+}
+
+#[test]
+fn the_same_seed_reproduces_the_same_files() {
+    let dir = tmp("repro");
+    let run = |name: &str| {
+        let out = dir.join(name);
+        let o = quorum(&[
+            "sim",
+            "--workers",
+            "6",
+            "--backups",
+            "1",
+            "--steps",
+            "40",
+            "--delay",
+            "exp:1",
+            "--seed",
+            "9",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+        std::fs::read_to_string(out.join("events.jsonl")).unwrap()
+    };
+    assert_eq!(run("a"), run("b"));
+}
+
+#[test]
+fn sweep_prints_every_split_and_writes_csv() {
+    let dir = tmp("sweep");
+    let o = quorum(&[
+        "sim",
+        "--workers",
+        "30",
+        "--sweep-backups",
+        "0..3",
+        "--steps",
+        "100",
+        "--delay",
+        "paper",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let csv = std::fs::read_to_string(dir.join("sweep.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 5, "header + b = 0..=3:\n{csv}");
+    assert!(text(&o).contains("gradients/s"));
+}
+
+#[test]
+fn unknown_config_key_is_named() {
+    let dir = tmp("badkey");
+    let cfg = dir.join("run.toml");
+    std::fs::write(&cfg, "wrokers = 4\n").unwrap();
+    let o = quorum(&["sim", "--config", cfg.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("unknown field `wrokers`") && t.contains("run.toml"), "{t}");
+}
+
+#[test]
+fn bad_values_get_messages_that_say_what_to_do() {
+    let t = text(&quorum(&["sim", "--delay", "gauss:1"]));
+    assert!(t.contains("unknown delay model") && t.contains("exp:MEAN"), "{t}");
+    let t = text(&quorum(&["sim", "--workers", "4", "--backups", "4"]));
+    assert!(t.contains("--backups (4) must be smaller than --workers (4)"), "{t}");
+    let t = text(&quorum(&["sim", "--policy", "fast"]));
+    assert!(t.contains("unknown policy `fast`"), "{t}");
+    let t = text(&quorum(&["sim", "--model", "mlp", "--data", "/nonexistent"]));
+    assert!(t.contains("fetch-data.sh"), "{t}");
+}

@@ -1,0 +1,305 @@
+//! A [`GradientSource`] for image classification: a [`ModelSpec`] on a [`Dataset`], with
+//! deterministic batches, computed by burn on the `flex` CPU backend.
+
+use crate::batch::BatchPlan;
+use crate::data::Dataset;
+use crate::model::{cross_entropy, ModelSpec};
+use crate::source::{check_len, BatchId, ComputeError, Evaluation, GradientSource};
+use burn::tensor::{Device, Tensor, TensorData};
+use quorum_core::ParamLayout;
+
+/// Examples per forward pass during evaluation.
+const EVAL_CHUNK: usize = 1000;
+
+/// A classifier trained on `train`, evaluated on `test` and `validation`.
+pub struct Classifier {
+    spec: ModelSpec,
+    layout: ParamLayout,
+    train: Dataset,
+    validation: Dataset,
+    test: Dataset,
+    plan: BatchPlan,
+    batch: usize,
+    device: Device,
+    eval_device: Device,
+    idx: Vec<usize>,
+    x: Vec<f32>,
+    y: Vec<f32>,
+}
+
+impl Classifier {
+    /// A classifier; `workers` and `seed` fix the batch plan (see [`BatchPlan`]).
+    pub fn new(
+        spec: ModelSpec,
+        train: Dataset,
+        validation: Dataset,
+        test: Dataset,
+        batch: usize,
+        workers: u32,
+        seed: u64,
+    ) -> Result<Self, ComputeError> {
+        if train.is_empty() {
+            return Err(ComputeError::Config("the training set is empty".into()));
+        }
+        if batch == 0 {
+            return Err(ComputeError::Config("batch size must be at least 1".into()));
+        }
+        if let ModelSpec::Cnn { .. } = spec {
+            if !train.height.is_multiple_of(4) || !train.width.is_multiple_of(4) {
+                return Err(ComputeError::Config(format!(
+                    "the CNN needs image sides divisible by 4, got {}×{}",
+                    train.height, train.width
+                )));
+            }
+        }
+        let layout = spec.layout((train.channels, train.height, train.width), train.classes);
+        let plan = BatchPlan::new(train.len(), batch, workers, seed);
+        let device = Device::flex().autodiff();
+        Ok(Classifier {
+            spec,
+            layout,
+            plan,
+            batch,
+            device,
+            eval_device: Device::flex(),
+            idx: Vec::new(),
+            x: Vec::new(),
+            y: Vec::new(),
+            train,
+            validation,
+            test,
+        })
+    }
+
+    /// The model.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The training set.
+    pub fn train_set(&self) -> &Dataset {
+        &self.train
+    }
+
+    /// Mini-batches per epoch over the training set (counting all workers' batches).
+    pub fn batches_per_epoch(&self) -> u64 {
+        self.plan.batches_per_epoch()
+    }
+
+    /// Loads `params` into burn tensors and reads them back into a flat buffer: the same
+    /// work as moving parameters in and gradients out of the model (tests and benchmarks).
+    pub fn roundtrip(&self, params: &[f32], out: &mut Vec<f32>) {
+        out.clear();
+        for t in self.param_tensors(params, &self.device, true) {
+            out.extend_from_slice(t.into_data().as_slice::<f32>().expect("f32 tensor"));
+        }
+    }
+
+    fn param_tensors(&self, params: &[f32], device: &Device, track: bool) -> Vec<Tensor<1>> {
+        self.layout
+            .tensors()
+            .iter()
+            .map(|t| {
+                let p = Tensor::<1>::from_data(TensorData::new(params[t.range()].to_vec(), [t.len()]), device);
+                if track {
+                    p.require_grad()
+                } else {
+                    p
+                }
+            })
+            .collect()
+    }
+
+    fn evaluate_on(&self, params: &[f32], data: &Dataset) -> Result<Evaluation, ComputeError> {
+        check_len(params, &self.layout)?;
+        if data.is_empty() {
+            return Ok(Evaluation { loss: f32::NAN, accuracy: None });
+        }
+        let p = self.param_tensors(params, &self.eval_device, false);
+        let (c, h, w, k) = (data.channels, data.height, data.width, data.classes);
+        let mut loss_sum = 0.0f64;
+        let mut correct = 0usize;
+        for start in (0..data.len()).step_by(EVAL_CHUNK) {
+            let n = EVAL_CHUNK.min(data.len() - start);
+            let x = data.images[start * c * h * w..(start + n) * c * h * w].to_vec();
+            let x = Tensor::<4>::from_data(TensorData::new(x, [n, c, h, w]), &self.eval_device);
+            let logits = self.spec.forward(&self.layout, &p, x);
+            let values: Vec<f32> = logits
+                .into_data()
+                .try_into_vec()
+                .map_err(|e| ComputeError::Config(format!("reading logits: {e:?}")))?;
+            for (i, row) in values.chunks_exact(k).enumerate() {
+                let label = data.labels[start + i] as usize;
+                let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+                loss_sum += (lse - row[label]) as f64;
+                let arg = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(j, _)| j).unwrap_or(0);
+                correct += (arg == label) as usize;
+            }
+        }
+        Ok(Evaluation {
+            loss: (loss_sum / data.len() as f64) as f32,
+            accuracy: Some(correct as f32 / data.len() as f32),
+        })
+    }
+}
+
+impl GradientSource for Classifier {
+    fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    fn init_params(&self, seed: u64) -> Vec<f32> {
+        self.spec.init(&self.layout, seed)
+    }
+
+    fn batch_size(&self) -> usize {
+        self.batch
+    }
+
+    fn gradient(&mut self, params: &[f32], batch: BatchId, grad: &mut Vec<f32>) -> Result<f32, ComputeError> {
+        check_len(params, &self.layout)?;
+        self.plan.indices(batch.worker, batch.step, &mut self.idx);
+        let d = &self.train;
+        let (n, k) = (self.idx.len(), d.classes);
+        self.x.clear();
+        self.y.clear();
+        self.y.resize(n * k, 0.0);
+        for (row, &i) in self.idx.iter().enumerate() {
+            self.x.extend_from_slice(d.image(i));
+            self.y[row * k + d.labels[i] as usize] = 1.0;
+        }
+        let x =
+            Tensor::<4>::from_data(TensorData::new(self.x.clone(), [n, d.channels, d.height, d.width]), &self.device);
+        let y = Tensor::<2>::from_data(TensorData::new(self.y.clone(), [n, k]), &self.device);
+        let p = self.param_tensors(params, &self.device, true);
+        let loss = cross_entropy(self.spec.forward(&self.layout, &p, x), y);
+        let loss_value: f32 = loss.clone().into_scalar();
+        let mut grads = loss.backward();
+        grad.clear();
+        grad.reserve(self.layout.len());
+        for (t, spec) in p.iter().zip(self.layout.tensors()) {
+            let g = t
+                .grad_remove(&mut grads)
+                .ok_or_else(|| ComputeError::Config(format!("no gradient for {}", spec.name)))?;
+            let data = g.into_data();
+            let values = data
+                .as_slice::<f32>()
+                .map_err(|e| ComputeError::Config(format!("reading gradient of {}: {e:?}", spec.name)))?;
+            grad.extend_from_slice(values);
+        }
+        Ok(loss_value)
+    }
+
+    fn evaluate(&mut self, params: &[f32]) -> Result<Evaluation, ComputeError> {
+        self.evaluate_on(params, &self.test)
+    }
+
+    fn validate(&mut self, params: &[f32]) -> Result<Evaluation, ComputeError> {
+        self.evaluate_on(params, &self.validation)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quorum_core::WorkerId;
+
+    /// A tiny generated dataset: `n` images of `c×s×s` with a learnable pattern.
+    fn tiny(n: usize, c: usize, s: usize, seed: u64) -> Dataset {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let labels: Vec<u8> = (0..n).map(|i| (i % 3) as u8).collect();
+        let mut images: Vec<f32> = (0..n * c * s * s).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        // The first pixel carries the label, so there is something to learn.
+        for (i, l) in labels.iter().enumerate() {
+            images[i * c * s * s] = *l as f32;
+        }
+        Dataset { images, labels, channels: c, height: s, width: s, classes: 3 }
+    }
+
+    fn finite_difference_check(spec: ModelSpec, data: Dataset) {
+        let mut clf = Classifier::new(spec, data.clone(), data.clone(), data, 4, 1, 0).unwrap();
+        let params = clf.init_params(1);
+        let layout = clf.layout().clone();
+        let b = BatchId { worker: WorkerId(0), step: 0 };
+        let mut g = Vec::new();
+        clf.gradient(&params, b, &mut g).unwrap();
+        assert_eq!(g.len(), params.len());
+        // Check a spread of coordinates from every tensor against central differences. ReLU and
+        // max-pooling have kinks: where the finite difference itself changes with h (a kink lies
+        // within h), the coordinate is skipped; most coordinates must be smooth and must match.
+        let mut fd = |i: usize, h: f32| {
+            let mut p = params.clone();
+            p[i] += h;
+            let up = clf.gradient(&p, b, &mut Vec::new()).unwrap();
+            p[i] -= 2.0 * h;
+            let down = clf.gradient(&p, b, &mut Vec::new()).unwrap();
+            (up - down) / (2.0 * h)
+        };
+        let (mut checked, mut kinks) = (0, 0);
+        for t in layout.tensors() {
+            for i in t.range().step_by((t.len() / 3).max(1)) {
+                let (a, c) = (fd(i, 1e-2), fd(i, 3e-3));
+                if (a - c).abs() > 1e-3 + 1e-2 * a.abs() {
+                    kinks += 1;
+                    continue;
+                }
+                assert!(
+                    (a - g[i]).abs() < 1e-3 + 2e-2 * g[i].abs(),
+                    "{} [{i}]: finite difference {a} vs gradient {}",
+                    t.name,
+                    g[i]
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 8 && kinks * 3 <= checked, "{checked} coordinates checked, {kinks} skipped at kinks");
+    }
+
+    #[test]
+    fn mlp_gradient_matches_finite_differences() {
+        finite_difference_check(ModelSpec::Mlp { hidden: vec![5] }, tiny(8, 1, 3, 1));
+    }
+
+    #[test]
+    fn cnn_gradient_matches_finite_differences() {
+        finite_difference_check(ModelSpec::Cnn { channels: [2, 2, 3, 3] }, tiny(8, 1, 4, 2));
+    }
+
+    #[test]
+    fn flat_buffer_round_trips_through_burn_tensors_in_layout_order() {
+        let d = tiny(8, 1, 4, 3);
+        let clf = Classifier::new(ModelSpec::Cnn { channels: [2, 2, 3, 3] }, d.clone(), d.clone(), d, 4, 1, 0).unwrap();
+        let params: Vec<f32> = (0..clf.layout().len()).map(|i| i as f32 * 0.001).collect();
+        let mut out = Vec::new();
+        clf.roundtrip(&params, &mut out);
+        assert_eq!(out, params);
+        let names: Vec<&str> = clf.layout().tensors().iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names[..3], ["conv0.weight", "conv0.bias", "conv1.weight"]);
+        assert_eq!(clf.layout().get("fc.weight").unwrap().shape, vec![3, 3]);
+    }
+
+    #[test]
+    fn wrong_length_parameters_are_an_error_not_a_panic() {
+        let d = tiny(8, 1, 3, 4);
+        let mut clf = Classifier::new(ModelSpec::Mlp { hidden: vec![4] }, d.clone(), d.clone(), d, 4, 1, 0).unwrap();
+        let e = clf.gradient(&[0.0; 3], BatchId { worker: WorkerId(0), step: 0 }, &mut Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("3 values"), "{e}");
+    }
+
+    #[test]
+    fn a_few_sgd_steps_reduce_the_training_loss() {
+        let d = tiny(64, 1, 3, 5);
+        let mut clf = Classifier::new(ModelSpec::Mlp { hidden: vec![16] }, d.clone(), d.clone(), d, 64, 1, 0).unwrap();
+        let mut p = clf.init_params(0);
+        let before = clf.evaluate(&p).unwrap().loss;
+        let mut g = Vec::new();
+        for step in 0..50 {
+            clf.gradient(&p, BatchId { worker: WorkerId(0), step }, &mut g).unwrap();
+            p.iter_mut().zip(&g).for_each(|(p, g)| *p -= 0.5 * g);
+        }
+        let after = clf.evaluate(&p).unwrap();
+        assert!(after.loss < 0.7 * before, "loss {before} -> {}", after.loss);
+    }
+}

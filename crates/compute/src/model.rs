@@ -1,0 +1,160 @@
+//! Models as functions of a flat parameter buffer, computed with burn.
+//!
+//! Each model declares its tensors in a fixed order (the [`ParamLayout`]); the forward pass
+//! receives one burn tensor per entry, created from the flat buffer, so the mapping between
+//! the buffer and the network is exactly the layout's order:
+//!
+//! - MLP: `layer{i}.weight` `[in, out]`, `layer{i}.bias` `[out]`, for each layer in order.
+//! - CNNs: `conv{i}.weight` `[out, in, 3, 3]`, `conv{i}.bias` `[out]`, then `fc.weight`
+//!   `[features, classes]`, `fc.bias` `[classes]`.
+
+use burn::tensor::activation::{log_softmax, relu};
+use burn::tensor::module::{conv2d, max_pool2d};
+use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
+use burn::tensor::Tensor;
+use quorum_core::ParamLayout;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// A model architecture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", deny_unknown_fields)]
+pub enum ModelSpec {
+    /// Fully connected ReLU network; `hidden` are the hidden layer widths.
+    Mlp {
+        /// Hidden layer widths (default 512, 512).
+        hidden: Vec<usize>,
+    },
+    /// The paper's MNIST CNN: four 3×3 convolutions (two blocks of two, each followed by
+    /// 2×2 max-pooling) and a linear classifier. Weight normalisation is not used (see README).
+    Cnn {
+        /// Channels of the four convolutions.
+        channels: [usize; 4],
+    },
+}
+
+impl Default for ModelSpec {
+    fn default() -> Self {
+        ModelSpec::Mlp { hidden: vec![512, 512] }
+    }
+}
+
+impl ModelSpec {
+    /// Parses `mlp`, `mlp:256,256`, `cnn` or `cnn:16,16,32,32`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (kind, args) = s.split_once(':').unwrap_or((s, ""));
+        let nums = || -> Result<Vec<usize>, String> {
+            args.split(',')
+                .map(|x| x.trim().parse::<usize>().map_err(|_| format!("`{x}` in model `{s}` is not a whole number")))
+                .collect()
+        };
+        match kind {
+            "mlp" if args.is_empty() => Ok(ModelSpec::default()),
+            "mlp" => Ok(ModelSpec::Mlp { hidden: nums()? }),
+            "cnn" if args.is_empty() => Ok(ModelSpec::Cnn { channels: [32, 32, 64, 64] }),
+            "cnn" => {
+                let v = nums()?;
+                let channels: [usize; 4] =
+                    v.try_into().map_err(|_| format!("model `{s}`: cnn takes exactly four channel counts"))?;
+                Ok(ModelSpec::Cnn { channels })
+            }
+            _ => Err(format!("unknown model `{s}`: use mlp, mlp:W1,W2,..., cnn or cnn:C1,C2,C3,C4")),
+        }
+    }
+
+    /// The layout for inputs of `(channels, height, width)` and `classes` outputs.
+    pub fn layout(&self, input: (usize, usize, usize), classes: usize) -> ParamLayout {
+        let mut l = ParamLayout::new();
+        let mut add = |name: String, shape: Vec<usize>| l.push(name, shape).expect("unique names");
+        match self {
+            ModelSpec::Mlp { hidden } => {
+                let mut prev = input.0 * input.1 * input.2;
+                for (i, &h) in hidden.iter().chain(std::iter::once(&classes)).enumerate() {
+                    add(format!("layer{i}.weight"), vec![prev, h]);
+                    add(format!("layer{i}.bias"), vec![h]);
+                    prev = h;
+                }
+            }
+            ModelSpec::Cnn { channels } => {
+                let mut prev = input.0;
+                for (i, &c) in channels.iter().enumerate() {
+                    add(format!("conv{i}.weight"), vec![c, prev, 3, 3]);
+                    add(format!("conv{i}.bias"), vec![c]);
+                    prev = c;
+                }
+                let features = channels[3] * (input.1 / 4) * (input.2 / 4);
+                add("fc.weight".into(), vec![features, classes]);
+                add("fc.bias".into(), vec![classes]);
+            }
+        }
+        l
+    }
+
+    /// He-uniform weights and zero biases, a pure function of `seed`.
+    pub fn init(&self, layout: &ParamLayout, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut flat = vec![0.0f32; layout.len()];
+        for t in layout.tensors() {
+            if t.name.ends_with(".bias") {
+                continue;
+            }
+            let fan_in: usize = match self {
+                ModelSpec::Mlp { .. } => t.shape[0],
+                ModelSpec::Cnn { .. } if t.name == "fc.weight" => t.shape[0],
+                ModelSpec::Cnn { .. } => t.shape[1..].iter().product(),
+            };
+            let bound = (6.0 / fan_in as f32).sqrt();
+            for v in &mut flat[t.range()] {
+                *v = rng.random_range(-bound..bound);
+            }
+        }
+        flat
+    }
+
+    /// Logits `[batch, classes]` for inputs `[batch, c, h, w]` given one tensor per layout entry.
+    pub fn forward(&self, layout: &ParamLayout, params: &[Tensor<1>], x: Tensor<4>) -> Tensor<2> {
+        let shape = |i: usize| layout.tensors()[i].shape.clone();
+        let [b, _, _, _] = x.dims();
+        match self {
+            ModelSpec::Mlp { .. } => {
+                let layers = params.len() / 2;
+                let mut h: Tensor<2> = x.reshape([b as i64, -1]);
+                for i in 0..layers {
+                    let s = shape(2 * i);
+                    let w: Tensor<2> = params[2 * i].clone().reshape([s[0], s[1]]);
+                    let bias: Tensor<2> = params[2 * i + 1].clone().reshape([1, s[1]]);
+                    h = h.matmul(w) + bias;
+                    if i + 1 < layers {
+                        h = relu(h);
+                    }
+                }
+                h
+            }
+            ModelSpec::Cnn { .. } => {
+                let conv = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+                let pool = MaxPoolOptions::new([2, 2]).with_stride([2, 2]);
+                let mut h = x;
+                for i in 0..4 {
+                    let s = shape(2 * i);
+                    let w: Tensor<4> = params[2 * i].clone().reshape([s[0], s[1], s[2], s[3]]);
+                    h = relu(conv2d(h, w, Some(params[2 * i + 1].clone()), conv.clone()));
+                    if i % 2 == 1 {
+                        h = max_pool2d(h, pool.clone());
+                    }
+                }
+                let s = shape(8);
+                let flat: Tensor<2> = h.reshape([b, s[0]]);
+                let w: Tensor<2> = params[8].clone().reshape([s[0], s[1]]);
+                let bias: Tensor<2> = params[9].clone().reshape([1, s[1]]);
+                flat.matmul(w) + bias
+            }
+        }
+    }
+}
+
+/// Mean cross-entropy of `logits` against one-hot targets `[batch, classes]`.
+pub fn cross_entropy(logits: Tensor<2>, one_hot: Tensor<2>) -> Tensor<1> {
+    let [b, _] = logits.dims();
+    (log_softmax(logits, 1) * one_hot).sum().neg() / b as f32
+}
