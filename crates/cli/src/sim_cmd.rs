@@ -119,6 +119,9 @@ pub struct SimArgs {
     /// Evaluate the parameters `ema` (default when --ema is set) or `params`.
     #[arg(long)]
     eval_on: Option<String>,
+    /// Compute threads for gradient math (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
     /// Directory for summary.json, events.jsonl, arrivals.csv, metrics.csv, workers.csv.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -159,6 +162,7 @@ impl SimArgs {
             latency,
             bandwidth
         );
+        merge!(self, file, threads);
         merge!(self, file, steps, seed, lr, virtual_params, dim, batch, on_newer, sweep_backups, budget, out);
         merge!(
             self, file, model, dataset, data, validation, epochs, optimizer, lr_decay, warmup, ema, clip, eval_every,
@@ -241,6 +245,9 @@ pub fn run(args: SimArgs) -> Result<()> {
     if let Some(range) = &args.sweep_backups {
         return sweep(&args, &cfg, parse_range(range)?);
     }
+    if let Some(n) = args.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global().context("setting --threads")?;
+    }
     let model = args.model.clone().unwrap_or_else(|| "synthetic".into());
     let report = if args.timing_only {
         let r = simulate(&cfg, None)?;
@@ -312,10 +319,15 @@ fn print_summary(cfg: &SimConfig, r: &SimReport) {
     if s.policy == "async" {
         println!("  mean staleness        {:.2}", s.mean_staleness);
     }
-    if let Some(w) = r.workers.iter().max_by(|a, b| a.mean_compute_seconds.total_cmp(&b.mean_compute_seconds)) {
+    // The straggler is the worker whose work was wasted most often (abandoned or dropped late).
+    if let Some(w) = r.workers.iter().max_by_key(|w| (w.abandoned + w.dropped, std::cmp::Reverse(w.worker))) {
+        let wasted = w.abandoned + w.dropped;
         println!(
-            "  slowest worker        w{} (mean compute {:.3} s, {} of {} gradients used)",
-            w.worker, w.mean_compute_seconds, w.accepted, w.sent
+            "  straggler             w{}: {} of {} computations wasted (abandoned or late), mean compute {:.3} s",
+            w.worker,
+            wasted,
+            w.accepted + wasted,
+            w.mean_compute_seconds
         );
     }
     if let Some(l) = s.final_test_loss {

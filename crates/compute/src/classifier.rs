@@ -162,16 +162,21 @@ impl GradientSource for Classifier {
         self.plan.indices(batch.worker, batch.step, &mut self.idx);
         let d = &self.train;
         let (n, k) = (self.idx.len(), d.classes);
+        // The batch buffers are handed to burn below (it keeps what it is given), so these are
+        // the only per-step allocations besides burn's own.
         self.x.clear();
+        self.x.reserve(n * d.image_len());
         self.y.clear();
         self.y.resize(n * k, 0.0);
         for (row, &i) in self.idx.iter().enumerate() {
             self.x.extend_from_slice(d.image(i));
             self.y[row * k + d.labels[i] as usize] = 1.0;
         }
-        let x =
-            Tensor::<4>::from_data(TensorData::new(self.x.clone(), [n, d.channels, d.height, d.width]), &self.device);
-        let y = Tensor::<2>::from_data(TensorData::new(self.y.clone(), [n, k]), &self.device);
+        let x = Tensor::<4>::from_data(
+            TensorData::new(std::mem::take(&mut self.x), [n, d.channels, d.height, d.width]),
+            &self.device,
+        );
+        let y = Tensor::<2>::from_data(TensorData::new(std::mem::take(&mut self.y), [n, k]), &self.device);
         let p = self.param_tensors(params, &self.device, true);
         let loss = cross_entropy(self.spec.forward(&self.layout, &p, x), y);
         let loss_value: f32 = loss.clone().into_scalar();
