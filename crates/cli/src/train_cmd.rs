@@ -60,6 +60,9 @@ pub struct TrainArgs {
     /// Injected straggling before each gradient, a delay model as in `quorum sim --delay`.
     #[arg(long)]
     delay: Option<String>,
+    /// Declare a worker gone after this many seconds without a message from it.
+    #[arg(long, default_value_t = 10.0)]
+    worker_timeout: f64,
     /// Stop if fewer than N workers are alive for this many seconds.
     #[arg(long, default_value_t = 30.0)]
     stall_timeout: f64,
@@ -126,6 +129,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let mut cfg = ServerConfig::new(a.workers, policy, a.lr);
     cfg.optimizer = if a.optimizer == "sgd" { OptimizerConfig::Sgd } else { opts::optimizer(&a.optimizer)? };
     cfg.max_steps = Some(steps);
+    cfg.liveness.worker_timeout = Some(Duration::from_secs_f64(a.worker_timeout));
     cfg.liveness.stall_timeout = Some(Duration::from_secs_f64(a.stall_timeout));
     cfg.validate()?;
     let layout = evaluator.layout().clone();
