@@ -1,6 +1,6 @@
 //! What a simulated run produces, and how it is written to a run directory.
 
-use quorum_core::{Event, Step, WorkerId};
+use quorum_core::{Event, Step};
 use serde::Serialize;
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -197,9 +197,4 @@ pub fn quantile(v: &[f64], q: f64) -> f64 {
     s.sort_by(|a, b| a.total_cmp(b));
     let idx = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1;
     s[idx]
-}
-
-/// The worker id as the raw number used in CSV files.
-pub fn wid(w: WorkerId) -> u32 {
-    w.0
 }
