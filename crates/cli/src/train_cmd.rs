@@ -1,80 +1,59 @@
-//! `quorum train`: a parameter server and N+b workers on this machine, over loopback gRPC.
+//! `quorum train` (server and workers in one process over loopback), and the same job split
+//! across machines: `quorum ps`, `quorum worker`, and `quorum node` (role from `TF_CONFIG`
+//! or Slurm).
 
-use crate::opts;
+use crate::run_config::{RunConfig, RunFlags};
+use crate::topology::{self, Role, Topology};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use quorum_compute::GradientSource;
-use quorum_core::{OptimizerConfig, Policy, ServerConfig};
-use quorum_net::server::Progress;
-use quorum_net::{run_server, run_worker, ServerOptions, WorkerOptions};
-use quorum_sim::DelayModel;
+use quorum_net::checkpoint::{self, CheckpointError};
+use quorum_net::server::{CheckpointOptions, Progress};
+use quorum_net::worker::WorkerReport;
+use quorum_net::{run_server, run_worker, ServerOptions, TrainSummary, WorkerOptions};
 use std::io::Write;
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Flags of `quorum train`.
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// Workers (N + b).
-    #[arg(long, default_value_t = 4)]
-    workers: u32,
-    /// Backup workers b (sync policy).
-    #[arg(long, default_value_t = 1)]
-    backups: u32,
-    /// sync | async.
-    #[arg(long, default_value = "sync")]
-    policy: String,
-    /// Async: drop gradients more than this many updates old.
+    #[command(flatten)]
+    flags: RunFlags,
+    /// Continue from the newest valid checkpoint in <out>/checkpoints.
     #[arg(long)]
-    max_staleness: Option<u64>,
-    /// mlp, mlp:W1,W2,..., cnn, cnn:C1,C2,C3,C4.
-    #[arg(long, default_value = "mlp")]
-    model: String,
-    /// mnist, fashion-mnist, cifar10.
-    #[arg(long, default_value = "mnist")]
-    dataset: String,
-    /// Data root holding <dataset>/.
-    #[arg(long, default_value = "data")]
-    data: PathBuf,
-    /// Training examples held out for validation.
-    #[arg(long, default_value_t = 5000)]
-    validation: usize,
-    /// Examples per worker mini-batch.
-    #[arg(long, default_value_t = 128)]
-    batch: usize,
-    /// Epochs to train (sets the number of steps).
-    #[arg(long, default_value_t = 2.0)]
-    epochs: f64,
-    /// Updates to run (overrides --epochs).
+    resume: bool,
+}
+
+/// Flags of `quorum ps`.
+#[derive(Args, Debug)]
+pub struct PsArgs {
+    #[command(flatten)]
+    flags: RunFlags,
+    /// Continue from the newest valid checkpoint in <out>/checkpoints.
     #[arg(long)]
-    steps: Option<u64>,
-    /// Optimizer: sgd, momentum:M, nesterov:M, rmsprop[...], adam[...].
-    #[arg(long, default_value = "momentum:0.9")]
-    optimizer: String,
-    /// Learning rate.
-    #[arg(long, default_value_t = 0.05)]
-    lr: f32,
-    /// Evaluate on the test set every this many steps.
-    #[arg(long, default_value_t = 100)]
-    eval_every: u64,
-    /// Injected straggling before each gradient, a delay model as in `quorum sim --delay`.
+    resume: bool,
+}
+
+/// Flags of `quorum worker`.
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    flags: RunFlags,
+    /// The parameter server, HOST:PORT (default: from TF_CONFIG or Slurm).
     #[arg(long)]
-    delay: Option<String>,
-    /// Declare a worker gone after this many seconds without a message from it.
-    #[arg(long, default_value_t = 10.0)]
-    worker_timeout: f64,
-    /// Stop if fewer than N workers are alive for this many seconds.
-    #[arg(long, default_value_t = 30.0)]
-    stall_timeout: f64,
-    /// Seed.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    /// Port on 127.0.0.1 (0: any free port).
-    #[arg(long, default_value_t = 0)]
-    port: u16,
-    /// Run directory.
-    #[arg(long, default_value = "runs/train")]
-    out: PathBuf,
+    ps: Option<String>,
+    /// This worker's index, 0..workers (default: from TF_CONFIG or Slurm).
+    #[arg(long)]
+    index: Option<u32>,
+}
+
+/// Flags of `quorum node`.
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    flags: RunFlags,
+    /// (Parameter server) continue from the newest valid checkpoint.
+    #[arg(long)]
+    resume: bool,
 }
 
 /// The live status line: rewritten in place on a terminal, one line every 5 s otherwise.
@@ -90,7 +69,7 @@ fn progress_printer() -> impl FnMut(&Progress) + Send {
         last = p.seconds;
         let acc = p.accuracy.map_or("-".into(), |a| format!("{:.2}%", 100.0 * a));
         let loss = p.loss.map_or("-".into(), |l| format!("{l:.4}"));
-        let slow = p.slowest.map_or("-".into(), |w| format!("w{w}"));
+        let slow = p.slowest.map_or("-".into(), |(w, s)| format!("w{w} ({:.0} ms)", 1000.0 * s));
         let line = format!(
             "step {:>6} | {:>7.0} ex/s | loss {loss} | test acc {acc} | dropped {} | slowest {slow}",
             p.step, p.examples_per_second, p.dropped
@@ -104,92 +83,176 @@ fn progress_printer() -> impl FnMut(&Progress) + Send {
     }
 }
 
-/// Runs `quorum train`.
-pub fn run(a: TrainArgs) -> Result<()> {
-    let policy = match a.policy.as_str() {
-        "sync" => {
-            if a.backups >= a.workers {
-                bail!("--backups ({}) must be smaller than --workers ({})", a.backups, a.workers);
-            }
-            Policy::Sync { aggregate: a.workers - a.backups, backups: a.backups }
-        }
-        "async" => Policy::Async { max_staleness: a.max_staleness },
-        other => bail!("unknown policy `{other}` for train: use sync or async"),
-    };
-    let delay = match &a.delay {
-        Some(d) => Some(d.parse::<DelayModel>().map_err(anyhow::Error::msg)?.sampler().map_err(anyhow::Error::msg)?),
-        None => None,
-    };
-    let make = || opts::classifier(&a.model, &a.dataset, &a.data, a.validation, a.batch, a.workers, a.seed);
-    let evaluator = make()?;
-    let steps = a.steps.unwrap_or_else(|| {
-        let per_step = policy.aggregate_hint().max(1) as f64 * a.batch as f64;
-        ((a.epochs * evaluator.train_set().len() as f64) / per_step).ceil().max(1.0) as u64
-    });
-    let mut cfg = ServerConfig::new(a.workers, policy, a.lr);
-    cfg.optimizer = if a.optimizer == "sgd" { OptimizerConfig::Sgd } else { opts::optimizer(&a.optimizer)? };
-    cfg.max_steps = Some(steps);
-    cfg.liveness.worker_timeout = Some(Duration::from_secs_f64(a.worker_timeout));
-    cfg.liveness.stall_timeout = Some(Duration::from_secs_f64(a.stall_timeout));
-    cfg.validate()?;
-    let layout = evaluator.layout().clone();
-    let init = evaluator.init_params(a.seed);
-    let mut sources = Vec::new();
-    for _ in 0..a.workers {
-        sources.push(make()?);
+/// Resolves the flags; `None` when `--print-config` printed it.
+fn resolve(flags: &RunFlags) -> Result<Option<RunConfig>> {
+    let cfg = flags.resolve()?;
+    if flags.print_config {
+        print!("{}", cfg.to_toml()?);
+        return Ok(None);
     }
-    std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
-    std::fs::write(a.out.join("config.toml"), toml::to_string(&cfg).context("serialising config")?)?;
+    if let Some(n) = cfg.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global().context("setting threads")?;
+    }
+    Ok(Some(cfg))
+}
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let started = Instant::now();
+/// Everything the parameter server needs, with the evaluator loaded and, for `--resume`,
+/// the newest valid checkpoint restored.
+fn server_options(cfg: &RunConfig, resume: bool, progress: bool) -> Result<ServerOptions> {
+    let evaluator = cfg.source()?;
+    let steps = cfg.total_steps(cfg.train_examples(&*evaluator))?;
+    let server_cfg = cfg.server_config(steps)?;
+    let layout = evaluator.layout().clone();
+    let init = evaluator.init_params(cfg.seed);
+    let ckpt_dir = cfg.out.join("checkpoints");
+    let mut opts = ServerOptions::new(server_cfg, layout, init);
+    if resume {
+        match checkpoint::load_latest(&ckpt_dir, &opts.layout, &opts.config) {
+            Ok((meta, snap, skipped)) => {
+                for s in skipped {
+                    eprintln!("warning: skipped checkpoint: {s}");
+                }
+                println!("resuming from step {} ({})", meta.step, ckpt_dir.display());
+                opts.restore = Some(snap);
+            }
+            Err(CheckpointError::NoneUsable { skipped, .. }) if skipped.is_empty() => {
+                bail!(
+                    "nothing to resume: no checkpoint in {}; run without --resume to start afresh",
+                    ckpt_dir.display()
+                )
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    opts.out = Some(cfg.out.clone());
+    opts.evaluator = Some(evaluator);
+    opts.eval_every = (cfg.eval_every > 0).then_some(cfg.eval_every);
+    opts.batch = cfg.batch as u64;
+    opts.encoding = cfg.encoding()?;
+    opts.checkpoint = Some(CheckpointOptions {
+        dir: ckpt_dir,
+        every_steps: (cfg.checkpoint_every > 0).then_some(cfg.checkpoint_every),
+        every_seconds: None,
+        keep: cfg.keep_checkpoints,
+    });
+    opts.run_config = Some(cfg.to_toml()?);
+    if progress {
+        opts.progress = Some(Box::new(progress_printer()));
+    }
+    cfg.write_to(&cfg.out)?;
+    Ok(opts)
+}
+
+fn worker_options(cfg: &RunConfig, index: u32, server: &str) -> Result<WorkerOptions> {
+    let mut wo = WorkerOptions::new(index, format!("http://{server}"));
+    wo.connect_timeout = Duration::from_secs_f64(cfg.connect_timeout);
+    wo.heartbeat_every = Duration::from_secs_f64((cfg.worker_timeout / 4.0).max(0.05));
+    wo.delay = cfg.delay_sampler()?;
+    wo.seed = cfg.seed;
+    Ok(wo)
+}
+
+/// Ctrl-C or SIGTERM.
+async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+fn print_summary(cfg: &RunConfig, s: &TrainSummary) -> Result<()> {
+    println!(
+        "  steps                 {}{}",
+        s.steps,
+        if s.start_step > 0 { format!(" (resumed at {})", s.start_step) } else { String::new() }
+    );
+    println!("  wall time             {:.2} s ({:.1} steps/s)", s.wall_seconds, s.steps_per_second);
+    println!("  gradients             {} accepted, {} dropped, {} rejected", s.accepted, s.dropped, s.rejected);
+    if let Some(acc) = s.final_test_accuracy {
+        println!("  final test accuracy   {:.2}%", 100.0 * acc);
+    } else if let Some(l) = s.final_test_loss {
+        println!("  final test loss       {l:.5}");
+    }
+    if let Some(c) = &s.checkpoint {
+        println!("  checkpoint            {}", c.display());
+    }
+    println!(
+        "  wrote {}/{{summary.json,events.jsonl,metrics.csv,arrivals.csv,workers.csv,config.toml,tensorboard/}}",
+        cfg.out.display()
+    );
+    if let Some(reason) = &s.stop_reason {
+        match &s.checkpoint {
+            Some(c) => bail!(
+                "training stopped early at step {}: {reason}; saved {}; continue with --resume",
+                s.steps,
+                c.display()
+            ),
+            None => bail!("training stopped early at step {}: {reason}", s.steps),
+        }
+    }
+    Ok(())
+}
+
+fn print_worker(i: u32, r: &WorkerReport) {
+    println!(
+        "  w{i}: {} gradients sent, {} used, {} dropped, {:.1} s computing{}",
+        r.sent,
+        r.accepted,
+        r.dropped,
+        r.compute_seconds,
+        if r.reconnects > 0 { format!(", {} reconnects", r.reconnects) } else { String::new() }
+    );
+}
+
+/// Runs `quorum train`.
+pub fn train(a: TrainArgs) -> Result<()> {
+    let Some(cfg) = resolve(&a.flags)? else { return Ok(()) };
+    let opts = server_options(&cfg, a.resume, true)?;
+    let mut sources = Vec::new();
+    for _ in 0..cfg.workers {
+        sources.push(cfg.source()?);
+    }
+    let steps = opts.config.max_steps.unwrap_or(0);
+    let rt = runtime()?;
     let summary = rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", a.port))
-            .await
-            .with_context(|| format!("cannot listen on 127.0.0.1:{}", a.port))?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("cannot listen on 127.0.0.1")?;
         let addr = listener.local_addr()?;
         println!(
             "quorum train: {} on {}, {} workers ({}), server {addr}, {steps} steps",
-            a.model,
-            a.dataset,
-            a.workers,
-            match &cfg.policy {
-                Policy::Sync { aggregate, backups } => format!("sync N={aggregate} b={backups}"),
-                other => other.name().to_string(),
-            }
+            cfg.model,
+            cfg.dataset,
+            cfg.workers,
+            cfg.shape()
         );
-        let opts = ServerOptions {
-            config: cfg.clone(),
-            layout,
-            init,
-            out: Some(a.out.clone()),
-            evaluator: Some(Box::new(evaluator)),
-            eval_every: Some(a.eval_every),
-            batch: a.batch as u64,
-            progress: Some(Box::new(progress_printer())),
-        };
-        let server = tokio::spawn(run_server(listener, opts, async {
-            let _ = tokio::signal::ctrl_c().await;
-        }));
+        let server = tokio::spawn(run_server(listener, opts, interrupted()));
         let mut workers = Vec::new();
         for (i, src) in sources.into_iter().enumerate() {
-            let wo = WorkerOptions {
-                index: i as u32,
-                server: format!("http://{addr}"),
-                connect_timeout: Duration::from_secs(10),
-                delay: delay.clone(),
-                seed: a.seed,
-            };
-            workers.push(tokio::spawn(run_worker(wo, Box::new(src) as Box<dyn GradientSource + Send>)));
+            workers.push(tokio::spawn(run_worker(worker_options(&cfg, i as u32, &addr.to_string())?, src)));
         }
         let summary = server.await.context("server task")??;
         eprintln!();
         for (i, w) in workers.into_iter().enumerate() {
             match tokio::time::timeout(Duration::from_secs(10), w).await {
-                Ok(Ok(Ok(r))) => println!(
-                    "  w{i}: {} gradients sent, {} used, {} dropped, {:.1} s computing",
-                    r.sent, r.accepted, r.dropped, r.compute_seconds
-                ),
+                Ok(Ok(Ok(r))) => print_worker(i as u32, &r),
                 Ok(Ok(Err(e))) => println!("  w{i}: failed: {e}"),
                 Ok(Err(e)) => println!("  w{i}: crashed: {e}"),
                 Err(_) => println!("  w{i}: did not stop within 10 s"),
@@ -197,19 +260,110 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         anyhow::Ok(summary)
     })?;
-    println!("  steps                 {}", summary.steps);
-    println!("  wall time             {:.2} s ({:.1} steps/s)", summary.wall_seconds, summary.steps_per_second);
-    println!("  gradients             {} accepted, {} dropped", summary.accepted, summary.dropped);
-    if let Some(acc) = summary.final_test_accuracy {
-        println!("  final test accuracy   {:.2}%", 100.0 * acc);
-    }
-    println!(
-        "  wrote {}/{{summary.json,events.jsonl,metrics.csv,workers.csv,config.toml}} in {:.1} s",
-        a.out.display(),
-        started.elapsed().as_secs_f64()
-    );
-    if let Some(reason) = summary.stop_reason {
-        bail!("training stopped early: {reason}");
+    print_summary(&cfg, &summary)
+}
+
+fn check_workers(cfg: &RunConfig, t: &Topology) -> Result<()> {
+    if t.workers != cfg.workers {
+        bail!(
+            "{} describes {} workers but the configuration says workers = {}; make them agree",
+            t.source,
+            t.workers,
+            cfg.workers
+        );
     }
     Ok(())
+}
+
+fn serve(cfg: &RunConfig, listen: &str, resume: bool) -> Result<()> {
+    let opts = server_options(cfg, resume, true)?;
+    let steps = opts.config.max_steps.unwrap_or(0);
+    let rt = runtime()?;
+    let summary = rt.block_on(async {
+        let listener =
+            tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+        println!(
+            "quorum ps: listening on {} for {} workers ({}), {} on {}, {steps} steps",
+            listener.local_addr()?,
+            cfg.workers,
+            cfg.shape(),
+            cfg.model,
+            cfg.dataset
+        );
+        let _ = std::io::stdout().flush();
+        anyhow::Ok(run_server(listener, opts, interrupted()).await?)
+    })?;
+    eprintln!();
+    print_summary(cfg, &summary)
+}
+
+fn work(cfg: &RunConfig, index: u32, ps: &str) -> Result<()> {
+    if index >= cfg.workers {
+        bail!("worker index {index} is out of range: the configuration has workers = {}", cfg.workers);
+    }
+    let src = cfg.source()?;
+    let wo = worker_options(cfg, index, ps)?;
+    println!("quorum worker {index}: server {ps}, {} ({} parameters)", cfg.model, src.layout().len());
+    let _ = std::io::stdout().flush();
+    let report = runtime()?.block_on(run_worker(wo, src))?;
+    print_worker(index, &report);
+    Ok(())
+}
+
+/// Runs `quorum ps`.
+pub fn ps(a: PsArgs) -> Result<()> {
+    let Some(cfg) = resolve(&a.flags)? else { return Ok(()) };
+    let port = cfg.listen.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(7070);
+    let mut listen = cfg.listen.clone();
+    if let Some(t) = topology::from_env(port)? {
+        println!("{t}");
+        check_workers(&cfg, &t)?;
+        if t.role != Role::Ps {
+            bail!(
+                "{} says this process is not the parameter server ({t}); run `quorum worker` or `quorum node`",
+                t.source
+            );
+        }
+        // The cluster spec names the server's port: listen on it on every interface.
+        if let Some((_, p)) = t.ps.rsplit_once(':') {
+            listen = format!("0.0.0.0:{p}");
+        }
+    }
+    serve(&cfg, &listen, a.resume)
+}
+
+/// Runs `quorum worker`.
+pub fn worker(a: WorkerArgs) -> Result<()> {
+    let Some(cfg) = resolve(&a.flags)? else { return Ok(()) };
+    let (ps, index) = match (a.ps, a.index) {
+        (Some(ps), Some(i)) => (ps, i),
+        (ps, index) => {
+            let t = topology::from_env(7070)?
+                .context("give --ps HOST:PORT and --index I, or run under TF_CONFIG or Slurm")?;
+            println!("{t}");
+            check_workers(&cfg, &t)?;
+            let Role::Worker(i) = t.role else {
+                bail!("{} says this process is the parameter server; run `quorum ps` or `quorum node`", t.source)
+            };
+            (ps.unwrap_or(t.ps), index.unwrap_or(i))
+        }
+    };
+    work(&cfg, index, &ps)
+}
+
+/// Runs `quorum node`: the role `TF_CONFIG` or Slurm gives this process.
+pub fn node(a: NodeArgs) -> Result<()> {
+    let Some(cfg) = resolve(&a.flags)? else { return Ok(()) };
+    let port = cfg.listen.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(7070);
+    let t = topology::from_env(port)?
+        .context("quorum node needs TF_CONFIG or Slurm variables (SLURM_PROCID, ...); use `quorum ps` / `quorum worker` otherwise")?;
+    println!("{t}");
+    check_workers(&cfg, &t)?;
+    match t.role {
+        Role::Ps => {
+            let p = t.ps.rsplit_once(':').map_or("7070", |(_, p)| p);
+            serve(&cfg, &format!("0.0.0.0:{p}"), a.resume)
+        }
+        Role::Worker(i) => work(&cfg, i, &t.ps),
+    }
 }

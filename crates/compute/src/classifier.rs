@@ -149,6 +149,10 @@ impl GradientSource for Classifier {
         &self.layout
     }
 
+    fn train_examples(&self) -> Option<usize> {
+        Some(self.train_set().len())
+    }
+
     fn init_params(&self, seed: u64) -> Vec<f32> {
         self.spec.init(&self.layout, seed)
     }

@@ -66,6 +66,11 @@ pub trait GradientSource {
     fn validate(&mut self, params: &[f32]) -> Result<Evaluation, ComputeError> {
         self.evaluate(params)
     }
+
+    /// Examples in one epoch of training data; `None` for an endless stream (synthetic data).
+    fn train_examples(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Checks a parameter buffer's length against a layout.

@@ -3,9 +3,12 @@
 //! The gRPC driver of the quorum protocol core. The handlers only convert wire messages to
 //! core types and hand them to one loop ([`server::run_server`]) that owns the
 //! [`quorum_core::Server`] state machine and carries out its actions. Parameters and
-//! gradients travel as raw little-endian `f32` bytes in chunks ([`wire`]).
+//! gradients travel as raw little-endian `f32` (or `bf16`) bytes in chunks ([`wire`]).
+//! The server writes checkpoints ([`checkpoint`]) and TensorBoard scalars ([`tensorboard`]).
 
+pub mod checkpoint;
 pub mod server;
+pub mod tensorboard;
 pub mod wire;
 pub mod worker;
 
@@ -15,5 +18,12 @@ pub mod proto {
     tonic::include_proto!("quorum.v1");
 }
 
+/// Generated messages for `proto/tensorboard.proto`.
+pub(crate) mod proto_tb {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("tensorboard");
+}
+
 pub use server::{run_server, ServerOptions, TrainSummary};
+pub use wire::Encoding;
 pub use worker::{run_worker, WorkerOptions};

@@ -1,17 +1,22 @@
 //! The parameter server: gRPC handlers that translate, and one loop that owns the state machine.
 
+use crate::checkpoint;
 use crate::proto::parameter_server_server::{ParameterServer, ParameterServerServer};
 use crate::proto::*;
-use crate::wire::{encode, Assembler, CHUNK_VALUES};
-use quorum_compute::GradientSource;
-use quorum_core::{Action, Event, ParamLayout, ProtocolError, Server, ServerConfig, ToServer, WorkerId};
+use crate::tensorboard::EventWriter;
+use crate::wire::{Assembler, Encoding, CHUNK_VALUES};
+use quorum_compute::{Evaluation, GradientSource};
+use quorum_core::server::StopReason;
+use quorum_core::{
+    Action, DropReason, Event, ParamLayout, ProtocolError, Server, ServerConfig, ServerSnapshot, ToServer, WorkerId,
+};
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -22,9 +27,12 @@ pub struct ServerOptions {
     pub config: ServerConfig,
     /// Parameter layout.
     pub layout: ParamLayout,
-    /// Initial parameters.
+    /// Initial parameters (ignored when `restore` is set).
     pub init: Vec<f32>,
-    /// Run directory for events.jsonl, metrics.csv, summary.json, workers.csv.
+    /// Continue from this state instead of `init` (`--resume`).
+    pub restore: Option<ServerSnapshot>,
+    /// Run directory for events.jsonl, metrics.csv, arrivals.csv, workers.csv, summary.json
+    /// and the TensorBoard event file.
     pub out: Option<PathBuf>,
     /// Evaluates the parameters (test set) every `eval_every` steps and at the end, off the loop.
     pub evaluator: Option<Box<dyn GradientSource + Send>>,
@@ -32,8 +40,47 @@ pub struct ServerOptions {
     pub eval_every: Option<u64>,
     /// Examples per gradient (for the `examples` column).
     pub batch: u64,
+    /// How parameters travel to workers and gradients come back.
+    pub encoding: Encoding,
+    /// Periodic and final checkpoints.
+    pub checkpoint: Option<CheckpointOptions>,
+    /// Recorded in each checkpoint (the resolved run configuration).
+    pub run_config: Option<String>,
     /// Called after every applied step.
     pub progress: Option<ProgressFn>,
+}
+
+impl ServerOptions {
+    /// Options with no outputs, evaluation, checkpoints or progress.
+    pub fn new(config: ServerConfig, layout: ParamLayout, init: Vec<f32>) -> Self {
+        ServerOptions {
+            config,
+            layout,
+            init,
+            restore: None,
+            out: None,
+            evaluator: None,
+            eval_every: None,
+            batch: 1,
+            encoding: Encoding::F32,
+            checkpoint: None,
+            run_config: None,
+            progress: None,
+        }
+    }
+}
+
+/// When and where checkpoints are written.
+#[derive(Debug, Clone)]
+pub struct CheckpointOptions {
+    /// Directory of `ckpt-<step>.{safetensors,json}`.
+    pub dir: PathBuf,
+    /// Every this many steps (besides the final one).
+    pub every_steps: Option<u64>,
+    /// Every this many seconds.
+    pub every_seconds: Option<f64>,
+    /// Checkpoints kept.
+    pub keep: usize,
 }
 
 /// A callback for the live status line.
@@ -54,23 +101,27 @@ pub struct Progress {
     pub accuracy: Option<f32>,
     /// Gradients dropped so far.
     pub dropped: u64,
-    /// The worker that contributed least often so far.
-    pub slowest: Option<u32>,
+    /// The slowest worker so far (highest mean compute + transfer time), with that mean.
+    pub slowest: Option<(u32, f64)>,
 }
 
 /// What a finished run reports (`summary.json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainSummary {
-    /// Updates applied.
+    /// Updates applied (including those before a resume).
     pub steps: u64,
+    /// The step this run started from (0 unless resumed).
+    pub start_step: u64,
     /// Wall seconds from start to the last update.
     pub wall_seconds: f64,
-    /// Updates per wall second.
+    /// Updates per wall second (this run's updates only).
     pub steps_per_second: f64,
     /// Gradients dropped.
     pub dropped: u64,
     /// Gradients used.
     pub accepted: u64,
+    /// Gradients the server refused (protocol violations).
+    pub rejected: u64,
     /// Policy name.
     pub policy: String,
     /// Workers (N + b).
@@ -83,6 +134,10 @@ pub struct TrainSummary {
     pub final_test_loss: Option<f32>,
     /// Why the run stopped, if not by finishing.
     pub stop_reason: Option<String>,
+    /// The last checkpoint written.
+    pub checkpoint: Option<PathBuf>,
+    /// Unix time the server started.
+    pub started_unix: f64,
 }
 
 #[derive(Clone)]
@@ -94,8 +149,15 @@ struct Published {
 
 type Reply = oneshot::Sender<Result<Vec<Event>, ProtocolError>>;
 
+/// Seconds a worker reports with a gradient: computing it, and moving bytes for it.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    compute: f64,
+    transfer: f64,
+}
+
 enum Command {
-    Message { worker: WorkerId, msg: ToServer, reply: Reply },
+    Message { worker: WorkerId, msg: ToServer, timing: Option<Timing>, reply: Reply },
     StopSeen(WorkerId),
 }
 
@@ -104,6 +166,7 @@ struct Service {
     published: watch::Receiver<Published>,
     num_params: usize,
     workers: u32,
+    encoding: Encoding,
 }
 
 fn status(e: ProtocolError) -> Status {
@@ -115,14 +178,20 @@ fn status(e: ProtocolError) -> Status {
     }
 }
 
+fn shutting_down<T>(_: T) -> Status {
+    Status::unavailable("the parameter server is shutting down")
+}
+
 impl Service {
-    async fn send(&self, worker: WorkerId, msg: ToServer) -> Result<Result<Vec<Event>, ProtocolError>, Status> {
+    async fn send(
+        &self,
+        worker: WorkerId,
+        msg: ToServer,
+        timing: Option<Timing>,
+    ) -> Result<Result<Vec<Event>, ProtocolError>, Status> {
         let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Message { worker, msg, reply })
-            .await
-            .map_err(|_| Status::unavailable("the parameter server is shutting down"))?;
-        rx.await.map_err(|_| Status::unavailable("the parameter server is shutting down"))
+        self.commands.send(Command::Message { worker, msg, timing, reply }).await.map_err(shutting_down)?;
+        rx.await.map_err(shutting_down)
     }
 }
 
@@ -138,9 +207,8 @@ impl ParameterServer for Service {
                 r.worker, r.num_params, self.num_params
             )));
         }
-        match self.send(WorkerId(r.worker), ToServer::Join).await? {
-            Ok(_) => {}
-            Err(ProtocolError::Stopped) => {}
+        match self.send(WorkerId(r.worker), ToServer::Join, None).await? {
+            Ok(_) | Err(ProtocolError::Stopped) => {}
             Err(e) => return Err(status(e)),
         }
         let p = self.published.borrow().clone();
@@ -149,6 +217,7 @@ impl ParameterServer for Service {
             num_params: self.num_params as u64,
             workers: self.workers,
             stop: p.stop,
+            bf16: self.encoding == Encoding::Bf16,
         }))
     }
 
@@ -162,15 +231,16 @@ impl ParameterServer for Service {
             if p.stop || p.step >= r.min_step {
                 break p;
             }
-            rx.changed().await.map_err(|_| Status::unavailable("the parameter server is shutting down"))?;
+            rx.changed().await.map_err(shutting_down)?;
         };
         if p.stop {
             let _ = self.commands.send(Command::StopSeen(WorkerId(r.worker))).await;
-            let chunk = ParamsChunk { step: p.step, offset: 0, total: 0, data: Vec::new(), stop: true };
+            let chunk = ParamsChunk { step: p.step, offset: 0, total: 0, data: Vec::new(), stop: true, bf16: false };
             return Ok(Response::new(Box::pin(tokio_stream::once(Ok(chunk)))));
         }
         let total = p.params.len();
         let chunks = total.div_ceil(CHUNK_VALUES).max(1);
+        let enc = self.encoding;
         let stream = tokio_stream::iter(0..chunks).map(move |i| {
             let start = i * CHUNK_VALUES;
             let end = (start + CHUNK_VALUES).min(total);
@@ -178,8 +248,9 @@ impl ParameterServer for Service {
                 step: p.step,
                 offset: start as u64,
                 total: total as u64,
-                data: encode(&p.params[start..end]),
+                data: enc.encode(&p.params[start..end]),
                 stop: false,
+                bf16: enc == Encoding::Bf16,
             })
         });
         Ok(Response::new(Box::pin(stream)))
@@ -188,28 +259,35 @@ impl ParameterServer for Service {
     async fn push(&self, req: Request<Streaming<GradientChunk>>) -> Result<Response<PushReply>, Status> {
         let mut stream = req.into_inner();
         let mut asm = Assembler::default();
-        let mut head: Option<(u32, u64, f32)> = None;
+        let mut head: Option<GradientChunk> = None;
+        let mut first_at = None;
         while let Some(chunk) = stream.next().await {
             let c = chunk?;
-            match head {
-                None => head = Some((c.worker, c.step, c.loss)),
-                Some((w, s, _)) if w != c.worker || s != c.step => {
-                    return Err(Status::invalid_argument(format!(
-                        "gradient stream mixes worker/step ({w}, {s}) and ({}, {})",
-                        c.worker, c.step
+            first_at.get_or_insert_with(Instant::now);
+            let worker = c.worker;
+            let malformed =
+                |e: String| Status::invalid_argument(format!("malformed gradient from worker {worker}: {e}"));
+            asm.push(c.offset, c.total, &c.data, Encoding::from_flag(c.bf16), self.num_params).map_err(malformed)?;
+            match &head {
+                None => head = Some(GradientChunk { data: Vec::new(), ..c }),
+                Some(h) if h.worker != c.worker || h.step != c.step => {
+                    return Err(malformed(format!(
+                        "the stream mixes worker/step ({}, {}) and ({}, {})",
+                        h.worker, h.step, c.worker, c.step
                     )));
                 }
                 Some(_) => {}
             }
-            asm.push(c.offset, c.total, &c.data, self.num_params)
-                .map_err(|e| Status::invalid_argument(format!("malformed gradient from worker {}: {e}", c.worker)))?;
         }
-        let (worker, step, loss) = head.ok_or_else(|| Status::invalid_argument("empty gradient stream"))?;
+        let head = head.ok_or_else(|| Status::invalid_argument("empty gradient stream"))?;
+        let (worker, step) = (head.worker, head.step);
         let gradient = asm
             .finish()
             .map_err(|e| Status::invalid_argument(format!("malformed gradient from worker {worker}: {e}")))?;
-        let loss = (!loss.is_nan()).then_some(loss);
-        let events = match self.send(WorkerId(worker), ToServer::Push { step, gradient, loss }).await? {
+        let receive = first_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let timing = Timing { compute: head.compute_seconds, transfer: head.pull_seconds + receive };
+        let loss = (!head.loss.is_nan()).then_some(head.loss);
+        let events = match self.send(WorkerId(worker), ToServer::Push { step, gradient, loss }, Some(timing)).await? {
             Ok(ev) => ev,
             Err(ProtocolError::Stopped) => {
                 let _ = self.commands.send(Command::StopSeen(WorkerId(worker))).await;
@@ -220,25 +298,31 @@ impl ParameterServer for Service {
         let outcome = events
             .iter()
             .find_map(|e| match e {
-                Event::GradientAccepted { worker: w, .. } if w.0 == worker => Some("accepted".to_string()),
+                Event::GradientAccepted { worker: w, .. } if w.0 == worker => Some("accepted"),
                 Event::GradientDropped { worker: w, reason, .. } if w.0 == worker => Some(match reason {
-                    quorum_core::DropReason::Late => "late".to_string(),
-                    quorum_core::DropReason::TooStale { .. } => "too_stale".to_string(),
+                    DropReason::Late => "late",
+                    DropReason::TooStale { .. } => "too_stale",
                 }),
                 _ => None,
             })
-            .unwrap_or_else(|| "accepted".into());
+            .unwrap_or("accepted");
         let p = self.published.borrow().clone();
-        Ok(Response::new(PushReply { outcome, step: p.step, stop: p.stop }))
+        if p.stop {
+            let _ = self.commands.send(Command::StopSeen(WorkerId(worker))).await;
+        }
+        Ok(Response::new(PushReply { outcome: outcome.into(), step: p.step, stop: p.stop }))
     }
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
         let w = req.into_inner().worker;
-        match self.send(WorkerId(w), ToServer::Heartbeat).await? {
+        match self.send(WorkerId(w), ToServer::Heartbeat, None).await? {
             Ok(_) | Err(ProtocolError::Stopped) => {}
             Err(e) => return Err(status(e)),
         }
         let p = self.published.borrow().clone();
+        if p.stop {
+            let _ = self.commands.send(Command::StopSeen(WorkerId(w))).await;
+        }
         Ok(Response::new(HeartbeatReply { step: p.step, stop: p.stop }))
     }
 }
@@ -252,34 +336,308 @@ pub enum NetError {
     /// Writing the run directory failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// Writing a checkpoint failed.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
     /// The gRPC transport failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
 
-#[derive(Default, Clone, Serialize)]
-struct WorkerRow {
-    worker: u32,
+/// Per-worker counters and timing samples (workers.csv).
+#[derive(Default, Clone)]
+struct WorkerStats {
+    sent: u64,
     accepted: u64,
     dropped: u64,
-    mean_wait_seconds: f64,
+    rejected: u64,
+    wait_sum: f64,
+    compute: Vec<f64>,
+    transfer: Vec<f64>,
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+fn quantiles(v: &[f64]) -> (f64, f64) {
+    (quorum_sim::report::quantile(v, 0.5), quorum_sim::report::quantile(v, 0.99))
+}
+
+/// Everything the run records, fed by the loop's events.
+struct Recorder {
+    out: Option<PathBuf>,
+    events: Option<std::io::BufWriter<std::fs::File>>,
+    tensorboard: Option<EventWriter>,
+    started_unix: f64,
+    batch: u64,
+    /// (step, seconds, examples, train loss) per update.
+    rows: Vec<(u64, f64, u64, Option<f32>)>,
+    /// (step, k, worker, seconds since the step opened, accepted).
+    arrivals: Vec<(u64, u32, u32, f64, bool)>,
+    arrivals_per_step: HashMap<u64, u32>,
+    evals: BTreeMap<u64, Evaluation>,
+    workers: Vec<WorkerStats>,
+    accepted: u64,
+    dropped: u64,
+    rejected: u64,
+    examples: u64,
+    last_step_at: f64,
+}
+
+impl Recorder {
+    fn new(out: Option<PathBuf>, workers: u32, batch: u64) -> std::io::Result<Self> {
+        let started_unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let (events, tensorboard) = match &out {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                let f = std::io::BufWriter::new(std::fs::File::create(dir.join("events.jsonl"))?);
+                (Some(f), Some(EventWriter::create(&dir.join("tensorboard"), started_unix)?))
+            }
+            None => (None, None),
+        };
+        Ok(Recorder {
+            out,
+            events,
+            tensorboard,
+            started_unix,
+            batch,
+            rows: Vec::new(),
+            arrivals: Vec::new(),
+            arrivals_per_step: HashMap::new(),
+            evals: BTreeMap::new(),
+            workers: vec![WorkerStats::default(); workers as usize],
+            accepted: 0,
+            dropped: 0,
+            rejected: 0,
+            examples: 0,
+            last_step_at: 0.0,
+        })
+    }
+
+    fn log(&mut self, e: &Event) -> std::io::Result<()> {
+        if let Some(f) = self.events.as_mut() {
+            serde_json::to_writer(&mut *f, e).map_err(std::io::Error::other)?;
+            f.write_all(b"\n")?;
+        }
+        Ok(())
+    }
+
+    fn timing(&mut self, worker: WorkerId, t: Timing) {
+        if let Some(w) = self.workers.get_mut(worker.index()) {
+            w.sent += 1;
+            w.compute.push(t.compute);
+            w.transfer.push(t.transfer);
+        }
+    }
+
+    fn arrival(&mut self, step: u64, worker: WorkerId, since_open: f64, accepted: bool) {
+        let k = self.arrivals_per_step.entry(step).or_insert(0);
+        *k += 1;
+        self.arrivals.push((step, *k, worker.0, since_open, accepted));
+    }
+
+    fn evaluation(&mut self, step: u64, e: Evaluation) -> std::io::Result<()> {
+        if let Some(tb) = self.tensorboard.as_mut() {
+            let mut v = vec![("test/loss", e.loss)];
+            if let Some(a) = e.accuracy {
+                v.push(("test/accuracy", a));
+            }
+            tb.scalars(self.started_unix + self.last_step_at, step, &v)?;
+        }
+        self.evals.insert(step, e);
+        Ok(())
+    }
+
+    /// The worker with the highest mean compute + transfer time.
+    fn slowest(&self) -> Option<(u32, f64)> {
+        self.workers
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| !w.compute.is_empty())
+            .map(|(i, w)| (i as u32, mean(&w.compute) + mean(&w.transfer)))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+    }
+
+    /// Records one event; returns the step just completed when it is a `StepApplied`.
+    fn event(&mut self, e: &Event) -> std::io::Result<Option<u64>> {
+        self.log(e)?;
+        match e {
+            Event::GradientAccepted { worker, step, since_open, .. } => {
+                self.accepted += 1;
+                self.workers[worker.index()].accepted += 1;
+                self.workers[worker.index()].wait_sum += since_open;
+                self.arrival(*step, *worker, *since_open, true);
+            }
+            Event::GradientDropped { worker, step, since_open, .. } => {
+                self.dropped += 1;
+                self.workers[worker.index()].dropped += 1;
+                self.arrival(*step, *worker, *since_open, false);
+            }
+            Event::StepApplied { step, contributors, loss, time, duration, .. } => {
+                self.examples += contributors.len() as u64 * self.batch;
+                self.last_step_at = *time;
+                let done = step + 1;
+                self.rows.push((done, *time, self.examples, *loss));
+                // Late gradients of steps long closed are rare; forget counters of old steps.
+                if done.is_multiple_of(256) {
+                    self.arrivals_per_step.retain(|s, _| s + 64 >= done);
+                }
+                if let Some(tb) = self.tensorboard.as_mut() {
+                    let mut v = vec![("train/step_seconds", *duration as f32), ("train/dropped", self.dropped as f32)];
+                    if let Some(l) = loss {
+                        v.push(("train/loss", *l));
+                    }
+                    tb.scalars(self.started_unix + time, done, &v)?;
+                }
+                return Ok(Some(done));
+            }
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    fn write_files(&mut self, summary: &TrainSummary) -> std::io::Result<()> {
+        let Some(dir) = self.out.clone() else { return Ok(()) };
+        if let Some(f) = self.events.as_mut() {
+            f.flush()?;
+        }
+        if let Some(tb) = self.tensorboard.as_mut() {
+            tb.flush()?;
+        }
+        let opt = |v: Option<f32>| v.map(|x| x.to_string()).unwrap_or_default();
+        let mut m = std::io::BufWriter::new(std::fs::File::create(dir.join("metrics.csv"))?);
+        writeln!(m, "step,seconds,examples,train_loss,test_loss,test_accuracy")?;
+        for (step, secs, ex, loss) in &self.rows {
+            let e = self.evals.get(step);
+            writeln!(
+                m,
+                "{step},{secs},{ex},{},{},{}",
+                opt(*loss),
+                opt(e.map(|e| e.loss)),
+                opt(e.and_then(|e| e.accuracy))
+            )?;
+        }
+        m.flush()?;
+        let mut a = std::io::BufWriter::new(std::fs::File::create(dir.join("arrivals.csv"))?);
+        writeln!(a, "step,k,worker,seconds,accepted")?;
+        for (step, k, w, secs, acc) in &self.arrivals {
+            writeln!(a, "{step},{k},{w},{secs},{acc}")?;
+        }
+        a.flush()?;
+        let mut w = std::io::BufWriter::new(std::fs::File::create(dir.join("workers.csv"))?);
+        writeln!(
+            w,
+            "worker,sent,accepted,dropped,rejected,mean_wait_seconds,mean_compute_seconds,p50_compute_seconds,\
+             p99_compute_seconds,mean_transfer_seconds,p50_transfer_seconds,p99_transfer_seconds"
+        )?;
+        for (i, s) in self.workers.iter().enumerate() {
+            let wait = if s.accepted > 0 { s.wait_sum / s.accepted as f64 } else { 0.0 };
+            let (c50, c99) = quantiles(&s.compute);
+            let (t50, t99) = quantiles(&s.transfer);
+            writeln!(
+                w,
+                "{i},{},{},{},{},{wait},{},{c50},{c99},{},{t50},{t99}",
+                s.sent,
+                s.accepted,
+                s.dropped,
+                s.rejected,
+                mean(&s.compute),
+                mean(&s.transfer)
+            )?;
+        }
+        w.flush()?;
+        std::fs::write(
+            dir.join("summary.json"),
+            serde_json::to_string_pretty(summary).map_err(std::io::Error::other)? + "\n",
+        )?;
+        Ok(())
+    }
+}
+
+/// Writes checkpoints on a thread of their own so the loop never waits for the disk.
+struct Checkpointer {
+    opts: CheckpointOptions,
+    tx: Option<std::sync::mpsc::Sender<ServerSnapshot>>,
+    thread: Option<std::thread::JoinHandle<Option<PathBuf>>>,
+    last_at: Instant,
+}
+
+impl Checkpointer {
+    fn start(opts: CheckpointOptions, layout: ParamLayout, cfg: ServerConfig, run_config: Option<String>) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<ServerSnapshot>();
+        let (dir, keep) = (opts.dir.clone(), opts.keep);
+        let thread = std::thread::spawn(move || {
+            let mut last = None;
+            while let Ok(mut snap) = rx.recv() {
+                // Only the newest request matters when the disk falls behind.
+                while let Ok(newer) = rx.try_recv() {
+                    snap = newer;
+                }
+                match checkpoint::save(&dir, &snap, &layout, &cfg, run_config.as_deref(), keep) {
+                    Ok(p) => last = Some(p),
+                    Err(e) => eprintln!("warning: checkpoint at step {} failed: {e}", snap.step),
+                }
+            }
+            last
+        });
+        Checkpointer { opts, tx: Some(tx), thread: Some(thread), last_at: Instant::now() }
+    }
+
+    fn due(&self, step: u64) -> bool {
+        self.opts.every_steps.is_some_and(|k| k > 0 && step.is_multiple_of(k))
+            || self.opts.every_seconds.is_some_and(|s| self.last_at.elapsed().as_secs_f64() >= s)
+    }
+
+    fn request(&mut self, snap: ServerSnapshot) {
+        self.last_at = Instant::now();
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(snap);
+        }
+    }
+
+    /// Writes the final checkpoint and waits for the thread; returns the last path written.
+    fn finish(mut self, snap: ServerSnapshot) -> Option<PathBuf> {
+        self.request(snap);
+        drop(self.tx.take());
+        self.thread.take().and_then(|t| t.join().ok()).flatten()
+    }
 }
 
 /// Serves on `listener` until the run finishes (`max_steps`), stalls, or `shutdown` resolves.
+/// Every way out writes the run directory and (when configured) a final checkpoint.
 pub async fn run_server(
     listener: tokio::net::TcpListener,
     mut opts: ServerOptions,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<TrainSummary, NetError> {
-    let mut server = Server::new(opts.config.clone(), opts.layout.clone(), std::mem::take(&mut opts.init))?;
+    let mut server = match opts.restore.take() {
+        Some(snap) => Server::restore(opts.config.clone(), opts.layout.clone(), snap)?,
+        None => Server::new(opts.config.clone(), opts.layout.clone(), std::mem::take(&mut opts.init))?,
+    };
+    let start_step = server.step();
     let start = Instant::now();
     let (pub_tx, pub_rx) =
-        watch::channel(Published { step: 0, params: Arc::new(server.params().to_vec()), stop: false });
+        watch::channel(Published { step: server.step(), params: Arc::new(server.params().to_vec()), stop: false });
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(1024);
     let (grpc_stop_tx, grpc_stop_rx) = oneshot::channel::<()>();
-    let service =
-        Service { commands: cmd_tx, published: pub_rx, num_params: opts.layout.len(), workers: opts.config.workers };
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let service = Service {
+        commands: cmd_tx,
+        published: pub_rx,
+        num_params: opts.layout.len(),
+        workers: opts.config.workers,
+        encoding: opts.encoding,
+    };
+    // Small messages (replies, the last chunk) must not wait for Nagle's algorithm.
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        let s = s?;
+        s.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(s)
+    });
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(ParameterServerServer::new(service).max_decoding_message_size(8 << 20))
@@ -288,16 +646,14 @@ pub async fn run_server(
             }),
     );
 
-    let mut events_file = match &opts.out {
-        Some(dir) => {
-            std::fs::create_dir_all(dir)?;
-            Some(std::io::BufWriter::new(std::fs::File::create(dir.join("events.jsonl"))?))
-        }
-        None => None,
-    };
+    let mut rec = Recorder::new(opts.out.clone(), opts.config.workers, opts.batch)?;
+    let mut checkpointer = opts
+        .checkpoint
+        .clone()
+        .map(|c| Checkpointer::start(c, opts.layout.clone(), opts.config.clone(), opts.run_config.clone()));
     // Evaluation runs on its own thread so the protocol loop never waits for it.
     let (eval_tx, eval_rx) = std::sync::mpsc::channel::<(u64, Arc<Vec<f32>>)>();
-    let (eval_done_tx, eval_done_rx) = std::sync::mpsc::channel::<(u64, quorum_compute::Evaluation)>();
+    let (eval_done_tx, eval_done_rx) = std::sync::mpsc::channel::<(u64, Evaluation)>();
     let eval_thread = opts.evaluator.take().map(|mut ev| {
         std::thread::spawn(move || {
             while let Ok((step, params)) = eval_rx.recv() {
@@ -307,13 +663,6 @@ pub async fn run_server(
             }
         })
     });
-    let mut rows: Vec<(u64, f64, u64, Option<f32>)> = Vec::new();
-    let mut evals: BTreeMap<u64, quorum_compute::Evaluation> = BTreeMap::new();
-    let mut per_worker: Vec<WorkerRow> =
-        (0..opts.config.workers).map(|w| WorkerRow { worker: w, ..Default::default() }).collect();
-    let mut wait_sum = vec![0.0f64; opts.config.workers as usize];
-    let (mut accepted, mut dropped, mut examples) = (0u64, 0u64, 0u64);
-    let mut last_step_at = 0.0;
     let mut stop_reason: Option<String> = None;
     let mut stopped_at: Option<Instant> = None;
     let mut acks: BTreeSet<WorkerId> = BTreeSet::new();
@@ -321,8 +670,8 @@ pub async fn run_server(
 
     loop {
         if let Some(t) = stopped_at {
-            let joined = server.live_workers().len();
-            if acks.len() >= joined || t.elapsed() > Duration::from_secs(5) {
+            // Give connected workers a moment to hear "stop" so they exit 0 rather than on a dead link.
+            if acks.len() >= server.live_workers().len() || t.elapsed() > Duration::from_secs(5) {
                 break;
             }
         }
@@ -332,8 +681,15 @@ pub async fn run_server(
         let mut outputs = None;
         tokio::select! {
             cmd = cmd_rx.recv() => match cmd {
-                Some(Command::Message { worker, msg, reply }) => {
+                Some(Command::Message { reply, .. }) if stopped_at.is_some() => {
+                    // Stopping: nothing more is applied, so the final checkpoint is the state at the stop.
+                    let _ = reply.send(Err(ProtocolError::Stopped));
+                }
+                Some(Command::Message { worker, msg, timing, reply }) => {
                     let now = start.elapsed();
+                    if let Some(t) = timing {
+                        rec.timing(worker, t);
+                    }
                     match server.handle(now, worker, msg) {
                         Ok(out) => {
                             let _ = reply.send(Ok(out.events.clone()));
@@ -341,11 +697,11 @@ pub async fn run_server(
                         }
                         Err(e) => {
                             if e != ProtocolError::Stopped {
-                                let ev = Event::Rejected { worker, reason: e.to_string(), time: now.as_secs_f64() };
-                                if let Some(f) = events_file.as_mut() {
-                                    serde_json::to_writer(&mut *f, &ev).map_err(std::io::Error::other)?;
-                                    f.write_all(b"\n")?;
+                                rec.rejected += 1;
+                                if let Some(w) = rec.workers.get_mut(worker.index()) {
+                                    w.rejected += 1;
                                 }
+                                rec.log(&Event::Rejected { worker, reason: e.to_string(), time: now.as_secs_f64() })?;
                             }
                             let _ = reply.send(Err(e));
                         }
@@ -367,45 +723,29 @@ pub async fn run_server(
         }
         let Some(out) = outputs else { continue };
         for e in &out.events {
-            if let Some(f) = events_file.as_mut() {
-                serde_json::to_writer(&mut *f, e).map_err(std::io::Error::other)?;
-                f.write_all(b"\n")?;
+            let Some(done) = rec.event(e)? else { continue };
+            if opts.eval_every.is_some_and(|k| k > 0 && done.is_multiple_of(k)) {
+                let _ = eval_tx.send((done, Arc::new(server.ema().unwrap_or(server.params()).to_vec())));
             }
-            match e {
-                Event::GradientAccepted { worker, since_open, .. } => {
-                    accepted += 1;
-                    per_worker[worker.index()].accepted += 1;
-                    wait_sum[worker.index()] += since_open;
+            if let Some(c) = checkpointer.as_mut() {
+                if c.due(done) && !server.is_stopped() {
+                    c.request(server.snapshot());
                 }
-                Event::GradientDropped { worker, .. } => {
-                    dropped += 1;
-                    per_worker[worker.index()].dropped += 1;
-                }
-                Event::StepApplied { step, contributors, loss, time, .. } => {
-                    examples += contributors.len() as u64 * opts.batch;
-                    last_step_at = *time;
-                    rows.push((step + 1, *time, examples, *loss));
-                    let done = step + 1;
-                    if opts.eval_every.is_some_and(|k| done % k == 0) {
-                        let _ = eval_tx.send((done, Arc::new(server.ema().unwrap_or(server.params()).to_vec())));
-                    }
-                    while let Ok((s, ev)) = eval_done_rx.try_recv() {
-                        evals.insert(s, ev);
-                    }
-                    if let Some(cb) = opts.progress.as_mut() {
-                        let slowest = per_worker.iter().min_by_key(|w| w.accepted).map(|w| w.worker);
-                        cb(&Progress {
-                            step: done,
-                            seconds: *time,
-                            examples_per_second: examples as f64 / time.max(1e-9),
-                            loss: *loss,
-                            accuracy: evals.values().last().and_then(|e| e.accuracy),
-                            dropped,
-                            slowest,
-                        });
-                    }
-                }
-                _ => {}
+            }
+            while let Ok((s, ev)) = eval_done_rx.try_recv() {
+                rec.evaluation(s, ev)?;
+            }
+            if let Some(cb) = opts.progress.as_mut() {
+                let (seconds, dropped) = (rec.last_step_at, rec.dropped);
+                cb(&Progress {
+                    step: done,
+                    seconds,
+                    examples_per_second: rec.examples as f64 / seconds.max(1e-9),
+                    loss: rec.rows.last().and_then(|r| r.3),
+                    accuracy: rec.evals.values().last().and_then(|e| e.accuracy),
+                    dropped,
+                    slowest: rec.slowest(),
+                });
             }
         }
         for a in out.actions {
@@ -420,7 +760,7 @@ pub async fn run_server(
                     }
                 }
                 Action::Stop { reason } => {
-                    if let quorum_core::server::StopReason::TooFewWorkers { live, needed, missing } = &reason {
+                    if let StopReason::TooFewWorkers { live, needed, missing } = &reason {
                         let names: Vec<String> = missing.iter().map(|w| w.to_string()).collect();
                         stop_reason = Some(format!(
                             "only {live} of the {needed} workers a step needs are alive; missing: {}",
@@ -440,63 +780,38 @@ pub async fn run_server(
     let _ = grpc_stop_tx.send(());
     let _ = grpc.await;
 
+    let checkpoint = checkpointer.map(|c| c.finish(server.snapshot())).unwrap_or_default();
     // Final evaluation, then collect every evaluation the thread made.
-    let final_params = Arc::new(server.ema().unwrap_or(server.params()).to_vec());
-    let has_eval = eval_thread.is_some();
-    if has_eval {
-        let _ = eval_tx.send((server.step(), final_params));
+    if eval_thread.is_some() {
+        let _ = eval_tx.send((server.step(), Arc::new(server.ema().unwrap_or(server.params()).to_vec())));
     }
     drop(eval_tx);
     if let Some(t) = eval_thread {
         let _ = t.join();
     }
     while let Ok((s, ev)) = eval_done_rx.try_recv() {
-        evals.insert(s, ev);
+        rec.evaluation(s, ev)?;
     }
-    let last_eval = evals.get(&server.step()).copied();
+    let last_eval = rec.evals.get(&server.step()).copied();
     let cfg = &opts.config;
+    let run_steps = server.step() - start_step;
     let summary = TrainSummary {
         steps: server.step(),
-        wall_seconds: last_step_at,
-        steps_per_second: if last_step_at > 0.0 { server.step() as f64 / last_step_at } else { 0.0 },
-        dropped,
-        accepted,
+        start_step,
+        wall_seconds: rec.last_step_at,
+        steps_per_second: if rec.last_step_at > 0.0 { run_steps as f64 / rec.last_step_at } else { 0.0 },
+        dropped: rec.dropped,
+        accepted: rec.accepted,
+        rejected: rec.rejected,
         policy: cfg.policy.name().into(),
         workers: cfg.workers,
         backups: cfg.policy.backups(),
         final_test_accuracy: last_eval.and_then(|e| e.accuracy),
         final_test_loss: last_eval.map(|e| e.loss),
         stop_reason,
+        checkpoint,
+        started_unix: rec.started_unix,
     };
-    if let Some(dir) = &opts.out {
-        if let Some(mut f) = events_file {
-            f.flush()?;
-        }
-        let mut m = std::io::BufWriter::new(std::fs::File::create(dir.join("metrics.csv"))?);
-        writeln!(m, "step,seconds,examples,train_loss,test_loss,test_accuracy")?;
-        let opt = |v: Option<f32>| v.map(|x| x.to_string()).unwrap_or_default();
-        for (step, secs, ex, loss) in &rows {
-            let e = evals.get(step);
-            writeln!(
-                m,
-                "{step},{secs},{ex},{},{},{}",
-                opt(*loss),
-                opt(e.map(|e| e.loss)),
-                opt(e.and_then(|e| e.accuracy))
-            )?;
-        }
-        m.flush()?;
-        let mut w = std::io::BufWriter::new(std::fs::File::create(dir.join("workers.csv"))?);
-        writeln!(w, "worker,accepted,dropped,mean_wait_seconds")?;
-        for (r, s) in per_worker.iter().zip(&wait_sum) {
-            let mean = if r.accepted > 0 { s / r.accepted as f64 } else { 0.0 };
-            writeln!(w, "{},{},{},{mean}", r.worker, r.accepted, r.dropped)?;
-        }
-        w.flush()?;
-        std::fs::write(
-            dir.join("summary.json"),
-            serde_json::to_string_pretty(&summary).map_err(std::io::Error::other)? + "\n",
-        )?;
-    }
+    rec.write_files(&summary)?;
     Ok(summary)
 }

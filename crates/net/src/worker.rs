@@ -1,8 +1,9 @@
 //! A worker: join, then forever pull the newest parameters, compute a gradient, push it.
+//! If the server goes away (a restart), it reconnects with backoff and joins again.
 
 use crate::proto::parameter_server_client::ParameterServerClient;
 use crate::proto::*;
-use crate::wire::{encode, Assembler, CHUNK_VALUES};
+use crate::wire::{Assembler, Encoding, CHUNK_VALUES};
 use quorum_compute::{BatchId, GradientSource};
 use quorum_core::WorkerId;
 use quorum_sim::DelaySampler;
@@ -13,17 +14,34 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 /// How a worker runs.
+#[derive(Clone)]
 pub struct WorkerOptions {
     /// Its index, `0..workers`.
     pub index: u32,
     /// The server, e.g. `http://127.0.0.1:7070`.
     pub server: String,
-    /// Give up connecting after this long.
+    /// Give up (re)connecting after this long.
     pub connect_timeout: Duration,
+    /// Send a heartbeat this often while computing, so a long gradient is not mistaken for death.
+    pub heartbeat_every: Duration,
     /// Injected straggling: extra seconds slept before each gradient.
     pub delay: Option<DelaySampler>,
     /// Seed of the delay stream.
     pub seed: u64,
+}
+
+impl WorkerOptions {
+    /// Defaults: 60 s to connect, a heartbeat every 2 s, no injected delay.
+    pub fn new(index: u32, server: impl Into<String>) -> Self {
+        WorkerOptions {
+            index,
+            server: server.into(),
+            connect_timeout: Duration::from_secs(60),
+            heartbeat_every: Duration::from_secs(2),
+            delay: None,
+            seed: 1,
+        }
+    }
 }
 
 /// What a worker did.
@@ -37,6 +55,8 @@ pub struct WorkerReport {
     pub dropped: u64,
     /// Seconds spent computing gradients (excluding injected delay).
     pub compute_seconds: f64,
+    /// Times it reconnected after losing the server.
+    pub reconnects: u32,
 }
 
 /// A worker failed.
@@ -99,8 +119,31 @@ async fn connect(opts: &WorkerOptions) -> Result<ParameterServerClient<Channel>,
     }
 }
 
-fn refused(worker: u32, s: tonic::Status) -> WorkerError {
-    WorkerError::Refused { worker, message: s.message().to_string() }
+/// How a session with the server ended.
+enum SessionEnd {
+    /// The server said stop.
+    Stopped,
+    /// The connection broke: reconnect and join again.
+    Lost(String),
+}
+
+/// A broken link (the server died or restarts) as opposed to a refusal.
+fn lost_or_refused(worker: u32, s: tonic::Status) -> Result<SessionEnd, WorkerError> {
+    match s.code() {
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Aborted => {
+            Ok(SessionEnd::Lost(s.message().to_string()))
+        }
+        _ => Err(WorkerError::Refused { worker, message: s.message().to_string() }),
+    }
+}
+
+macro_rules! rpc {
+    ($w:expr, $e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(s) => return lost_or_refused($w, s),
+        }
+    };
 }
 
 /// Runs one worker until the server says stop.
@@ -108,88 +151,119 @@ pub async fn run_worker(
     opts: WorkerOptions,
     source: Box<dyn GradientSource + Send>,
 ) -> Result<WorkerReport, WorkerError> {
-    let w = opts.index;
-    let mut client = connect(&opts).await?;
-    let num_params = source.layout().len();
-    let join = client
-        .join(JoinRequest { worker: w, num_params: num_params as u64 })
-        .await
-        .map_err(|s| refused(w, s))?
-        .into_inner();
     let mut report = WorkerReport::default();
-    if join.stop {
-        return Ok(report);
-    }
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
-    rng.set_stream(w as u64 + 1);
-    let mut min_step = join.step;
+    rng.set_stream(opts.index as u64 + 1);
     let mut source = Some(source);
     let mut draws = 0;
     loop {
+        let mut client = connect(&opts).await?;
+        match session(&opts, &mut client, &mut source, &mut rng, &mut draws, &mut report).await? {
+            SessionEnd::Stopped => return Ok(report),
+            SessionEnd::Lost(why) => {
+                report.reconnects += 1;
+                eprintln!("worker {}: lost the parameter server ({why}); reconnecting", opts.index);
+            }
+        }
+    }
+}
+
+async fn session(
+    opts: &WorkerOptions,
+    client: &mut ParameterServerClient<Channel>,
+    source: &mut Option<Box<dyn GradientSource + Send>>,
+    rng: &mut ChaCha8Rng,
+    draws: &mut u64,
+    report: &mut WorkerReport,
+) -> Result<SessionEnd, WorkerError> {
+    let w = opts.index;
+    let num_params = source.as_ref().expect("source present between computations").layout().len();
+    let join = rpc!(w, client.join(JoinRequest { worker: w, num_params: num_params as u64 }).await).into_inner();
+    if join.stop {
+        return Ok(SessionEnd::Stopped);
+    }
+    let enc = Encoding::from_flag(join.bf16);
+    let mut min_step = join.step;
+    loop {
         // Pull the newest parameters (at least `min_step`).
-        let mut stream =
-            client.pull(PullRequest { worker: w, min_step }).await.map_err(|s| refused(w, s))?.into_inner();
+        let t_pull = Instant::now();
+        let mut stream = rpc!(w, client.pull(PullRequest { worker: w, min_step }).await).into_inner();
         let mut asm = Assembler::default();
         let mut step = None;
+        let mut first_chunk = None;
         while let Some(chunk) = stream.next().await {
-            let c = chunk.map_err(|s| refused(w, s))?;
+            let c = rpc!(w, chunk);
+            first_chunk.get_or_insert_with(Instant::now);
             if c.stop {
-                return Ok(report);
+                return Ok(SessionEnd::Stopped);
             }
             step = Some(c.step);
-            asm.push(c.offset, c.total, &c.data, num_params)
+            asm.push(c.offset, c.total, &c.data, Encoding::from_flag(c.bf16), num_params)
                 .map_err(|e| WorkerError::Refused { worker: w, message: format!("malformed parameters: {e}") })?;
         }
-        let Some(step) = step else { return Ok(report) };
+        // Waiting for the step to open is not transfer: time from the first chunk.
+        let pull_seconds = first_chunk.map_or(t_pull.elapsed(), |t| t.elapsed()).as_secs_f64();
+        let Some(step) = step else { return Ok(SessionEnd::Lost("empty parameter stream".into())) };
         let params = asm
             .finish()
             .map_err(|e| WorkerError::Refused { worker: w, message: format!("malformed parameters: {e}") })?;
 
         if let Some(d) = &opts.delay {
-            let secs = d.sample(w, draws, &mut rng);
-            draws += 1;
+            let secs = d.sample(w, *draws, rng);
+            *draws += 1;
             tokio::time::sleep(Duration::from_secs_f64(secs)).await;
         }
         let mut src = source.take().expect("source is returned after every computation");
         let t0 = Instant::now();
-        let (src, result) = tokio::task::spawn_blocking(move || {
+        let mut task = tokio::task::spawn_blocking(move || {
             let mut grad = Vec::new();
             let r = src.gradient(&params, BatchId { worker: WorkerId(w), step }, &mut grad).map(|loss| (loss, grad));
             (src, r)
-        })
-        .await
-        .expect("gradient task panicked");
-        report.compute_seconds += t0.elapsed().as_secs_f64();
-        source = Some(src);
+        });
+        // Heartbeats while the gradient is computed, so a slow gradient is not taken for death.
+        let (src, result) = loop {
+            tokio::select! {
+                done = &mut task => break done.expect("gradient task panicked"),
+                _ = tokio::time::sleep(opts.heartbeat_every) => {
+                    let _ = client.heartbeat(HeartbeatRequest { worker: w }).await;
+                }
+            }
+        };
+        let compute_seconds = t0.elapsed().as_secs_f64();
+        report.compute_seconds += compute_seconds;
+        *source = Some(src);
         let (loss, grad) = result.map_err(|source| WorkerError::Compute { worker: w, source })?;
 
         let total = grad.len() as u64;
-        let chunks: Vec<GradientChunk> = grad
-            .chunks(CHUNK_VALUES)
-            .enumerate()
-            .map(|(i, c)| GradientChunk {
-                worker: w,
-                step,
-                offset: (i * CHUNK_VALUES) as u64,
-                total,
-                data: encode(c),
-                loss,
-            })
-            .collect();
-        let chunks = if chunks.is_empty() {
-            vec![GradientChunk { worker: w, step, offset: 0, total: 0, data: Vec::new(), loss }]
+        let bf16 = enc == Encoding::Bf16;
+        let head = GradientChunk {
+            worker: w,
+            step,
+            offset: 0,
+            total,
+            data: Vec::new(),
+            loss,
+            bf16,
+            compute_seconds,
+            pull_seconds,
+        };
+        let chunks: Vec<GradientChunk> = if grad.is_empty() {
+            vec![head]
         } else {
-            chunks
+            grad.chunks(CHUNK_VALUES)
+                .enumerate()
+                .map(|(i, c)| GradientChunk { offset: (i * CHUNK_VALUES) as u64, data: enc.encode(c), ..head.clone() })
+                .collect()
         };
         report.sent += 1;
-        let reply = client.push(tokio_stream::iter(chunks)).await.map_err(|s| refused(w, s))?.into_inner();
+        let reply = rpc!(w, client.push(tokio_stream::iter(chunks)).await).into_inner();
         match reply.outcome.as_str() {
             "accepted" => report.accepted += 1,
-            "stopped" => return Ok(report),
+            "stopped" => return Ok(SessionEnd::Stopped),
             _ => report.dropped += 1,
         }
         if reply.stop {
-            return Ok(report);
+            return Ok(SessionEnd::Stopped);
         }
         min_step = step + 1;
     }

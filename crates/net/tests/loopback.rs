@@ -10,16 +10,11 @@ fn options(workers: u32, policy: Policy, steps: u64, out: Option<std::path::Path
     let mut cfg = ServerConfig::new(workers, policy, 0.2);
     cfg.max_steps = Some(steps);
     cfg.liveness.stall_timeout = Some(Duration::from_secs(10));
-    let opts = ServerOptions {
-        config: cfg,
-        layout: src.layout().clone(),
-        init: src.init_params(0),
-        out,
-        evaluator: Some(Box::new(src.clone())),
-        eval_every: None,
-        batch: 16,
-        progress: None,
-    };
+    cfg.liveness.worker_timeout = Some(Duration::from_secs(2));
+    let mut opts = ServerOptions::new(cfg, src.layout().clone(), src.init_params(0));
+    opts.out = out;
+    opts.evaluator = Some(Box::new(src.clone()));
+    opts.batch = 16;
     (opts, src)
 }
 
@@ -28,13 +23,8 @@ fn worker(
     addr: std::net::SocketAddr,
     src: &LeastSquares,
 ) -> tokio::task::JoinHandle<Result<quorum_net::worker::WorkerReport, quorum_net::worker::WorkerError>> {
-    let wo = WorkerOptions {
-        index: i,
-        server: format!("http://{addr}"),
-        connect_timeout: Duration::from_secs(5),
-        delay: None,
-        seed: 1,
-    };
+    let mut wo = WorkerOptions::new(i, format!("http://{addr}"));
+    wo.connect_timeout = Duration::from_secs(5);
     tokio::spawn(run_worker(wo, Box::new(src.clone()) as Box<dyn GradientSource + Send>))
 }
 
@@ -68,8 +58,94 @@ async fn sync_cluster_with_a_backup_trains_to_the_optimum_over_grpc() {
         }
     }
     assert_eq!(applied, 200);
-    for f in ["summary.json", "metrics.csv", "workers.csv"] {
+    for f in ["summary.json", "metrics.csv", "workers.csv", "arrivals.csv"] {
         assert!(dir.path().join(f).exists(), "{f} missing");
+    }
+    // arrivals.csv: two accepted arrivals (k = 1, 2) in every step.
+    let arrivals = std::fs::read_to_string(dir.path().join("arrivals.csv")).unwrap();
+    assert!(arrivals.starts_with("step,k,worker,seconds,accepted\n"));
+    let accepted: Vec<&str> = arrivals.lines().filter(|l| l.ends_with(",true")).collect();
+    assert_eq!(accepted.len(), 400);
+    assert!(accepted.iter().filter(|l| l.starts_with("7,")).count() == 2);
+    // workers.csv: per-worker timing columns, with every worker having sent something.
+    let workers = std::fs::read_to_string(dir.path().join("workers.csv")).unwrap();
+    let header: Vec<&str> = workers.lines().next().unwrap().split(',').collect();
+    for col in ["sent", "accepted", "dropped", "p50_compute_seconds", "p99_compute_seconds", "p99_transfer_seconds"] {
+        assert!(header.contains(&col), "workers.csv lacks {col}");
+    }
+    assert_eq!(workers.lines().count(), 4);
+    // TensorBoard scalars, one record per step plus the version record and evaluations.
+    let tb = std::fs::read_dir(dir.path().join("tensorboard")).unwrap().next().unwrap().unwrap().path();
+    let records = quorum_net::tensorboard::read_events(&tb).unwrap();
+    assert!(records.len() >= 201, "{} records", records.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bf16_on_the_wire_still_trains_to_the_optimum() {
+    let (mut opts, src) = options(2, Policy::Sync { aggregate: 2, backups: 0 }, 200, None);
+    opts.encoding = quorum_net::Encoding::Bf16;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let workers: Vec<_> = (0..2).map(|i| worker(i, addr, &src)).collect();
+    let summary = tokio::time::timeout(Duration::from_secs(60), server).await.expect("finishes").unwrap().unwrap();
+    assert_eq!(summary.steps, 200);
+    assert!(summary.final_test_loss.unwrap() < 0.05, "test loss {:?}", summary.final_test_loss);
+    for w in workers {
+        w.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_resumes_from_its_checkpoint_and_workers_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = quorum_net::server::CheckpointOptions {
+        dir: dir.path().join("checkpoints"),
+        every_steps: Some(10),
+        every_seconds: None,
+        keep: 2,
+    };
+    // First life: stopped by a shutdown signal after a while.
+    let (mut opts, src) = options(2, Policy::Sync { aggregate: 2, backups: 0 }, 100_000, None);
+    opts.checkpoint = Some(ckpt.clone());
+    let (layout, cfg) = (opts.layout.clone(), opts.config.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(run_server(listener, opts, async {
+        let _ = stop_rx.await;
+    }));
+    let workers: Vec<_> = (0..2).map(|i| worker(i, addr, &src)).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop_tx.send(()).unwrap();
+
+    let first = server.await.unwrap().unwrap();
+
+    assert_eq!(first.stop_reason.as_deref(), Some("interrupted"));
+    assert!(first.steps > 0);
+    for w in workers {
+        w.await.unwrap().unwrap();
+    }
+    let (meta, snap, _) = quorum_net::checkpoint::load_latest(&ckpt.dir, &layout, &cfg).unwrap();
+    assert_eq!(meta.step, first.steps, "the final checkpoint is at the step the server stopped");
+
+    // Second life on the same address: workers started before it retry until it is up.
+    let mut restarted_workers = Vec::new();
+    for i in 0..2 {
+        restarted_workers.push(worker(i, addr, &src));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (mut opts, _) = options(2, Policy::Sync { aggregate: 2, backups: 0 }, first.steps + 50, None);
+    opts.restore = Some(snap);
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(60), run_server(listener, opts, std::future::pending()))
+        .await
+        .expect("finishes")
+        .unwrap();
+    assert_eq!(second.start_step, first.steps);
+    assert_eq!(second.steps, first.steps + 50);
+    for w in restarted_workers {
+        w.await.unwrap().unwrap();
     }
 }
 
@@ -105,13 +181,8 @@ async fn a_worker_with_another_model_is_refused_with_a_clear_message() {
 #[tokio::test]
 async fn an_unreachable_server_is_named_after_the_timeout() {
     let src = LeastSquares::new(4, 4, 0.1, 1);
-    let wo = WorkerOptions {
-        index: 0,
-        server: "http://127.0.0.1:1".into(),
-        connect_timeout: Duration::from_millis(300),
-        delay: None,
-        seed: 1,
-    };
+    let mut wo = WorkerOptions::new(0, "http://127.0.0.1:1");
+    wo.connect_timeout = Duration::from_millis(300);
     let err = run_worker(wo, Box::new(src)).await.unwrap_err().to_string();
     assert!(err.contains("cannot reach the parameter server at http://127.0.0.1:1"), "{err}");
 }

@@ -1,0 +1,532 @@
+//! The configuration of a training run, shared by `quorum train`, `quorum ps` and
+//! `quorum worker`: a TOML file (`--config`) and/or flags of the same names (flags win).
+//! Unknown keys and invalid values are refused with the key named.
+
+use crate::opts;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use quorum_compute::{GradientSource, LeastSquares};
+use quorum_core::{OnStall, OptimizerConfig, Policy, ServerConfig};
+use quorum_net::Encoding;
+use quorum_sim::{DelayModel, DelaySampler};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Every setting of a run, resolved (defaults filled in). Serialised as the run's `config.toml`
+/// and printed by `--print-config`; the same file can be passed back as `--config`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RunConfig {
+    /// Workers in the cluster, N + b.
+    pub workers: u32,
+    /// Backup workers b (sync policy).
+    pub backups: u32,
+    /// sync | async | deadline.
+    pub policy: String,
+    /// Async: drop gradients more than this many updates old.
+    pub max_staleness: Option<u64>,
+    /// Deadline: fewest gradients a step may close with.
+    pub deadline_min: Option<u32>,
+    /// Deadline: seconds to wait for the rest.
+    pub deadline_timeout: Option<f64>,
+    /// synthetic[:DIM], mlp, mlp:W1,W2,..., cnn, cnn:C1,C2,C3,C4.
+    pub model: String,
+    /// mnist | fashion-mnist | cifar10.
+    pub dataset: String,
+    /// Data root holding <dataset>/.
+    pub data: PathBuf,
+    /// Training examples held out as a validation split.
+    pub validation: usize,
+    /// Examples per worker mini-batch.
+    pub batch: usize,
+    /// Epochs to train (sets the number of steps).
+    pub epochs: f64,
+    /// Updates to run (overrides epochs).
+    pub steps: Option<u64>,
+    /// sgd, momentum:M, nesterov:M, rmsprop[:DECAY,MOMENTUM,EPS], adam[:B1,B2,EPS].
+    pub optimizer: String,
+    /// Learning rate.
+    pub lr: f32,
+    /// constant, exp:RATE,EVERY[,staircase], linear:START,END.
+    pub lr_decay: String,
+    /// Linear warm-up steps.
+    pub warmup: u64,
+    /// Multiply the learning rate by N (the paper's rule for averaged gradients).
+    pub scale_lr: bool,
+    /// Keep a parameter EMA with this decay and evaluate it.
+    pub ema: Option<f32>,
+    /// Clip the averaged gradient to this global norm.
+    pub clip: Option<f32>,
+    /// Evaluate on the test set every this many steps (0: only at the end).
+    pub eval_every: u64,
+    /// Seed of initial weights, batches and injected delays.
+    pub seed: u64,
+    /// Injected straggling before each gradient: a delay model as in `quorum sim --delay`.
+    pub delay: Option<String>,
+    /// Declare a worker gone after this many seconds without a message from it.
+    pub worker_timeout: f64,
+    /// When fewer than N workers are alive for this many seconds: `on-stall`.
+    pub stall_timeout: f64,
+    /// stop (checkpoint and exit naming the missing workers) | lower (go on with fewer).
+    pub on_stall: String,
+    /// Seconds a worker keeps trying to reach the server before giving up.
+    pub connect_timeout: f64,
+    /// Address `quorum ps` listens on.
+    pub listen: String,
+    /// f32 | bf16: how parameters and gradients travel.
+    pub wire: String,
+    /// Checkpoint every this many steps (0: only at the end and on Ctrl-C / SIGTERM).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept.
+    pub keep_checkpoints: usize,
+    /// Compute threads per process (default: all cores; `quorum train` splits them among workers).
+    pub threads: Option<usize>,
+    /// Run directory.
+    pub out: PathBuf,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            workers: 4,
+            backups: 1,
+            policy: "sync".into(),
+            max_staleness: None,
+            deadline_min: None,
+            deadline_timeout: None,
+            model: "mlp".into(),
+            dataset: "mnist".into(),
+            data: "data".into(),
+            validation: 5000,
+            batch: 128,
+            epochs: 2.0,
+            steps: None,
+            optimizer: "momentum:0.9".into(),
+            lr: 0.05,
+            lr_decay: "constant".into(),
+            warmup: 0,
+            scale_lr: false,
+            ema: None,
+            clip: None,
+            eval_every: 100,
+            seed: 1,
+            delay: None,
+            worker_timeout: 10.0,
+            stall_timeout: 30.0,
+            on_stall: "stop".into(),
+            connect_timeout: 60.0,
+            listen: "0.0.0.0:7070".into(),
+            wire: "f32".into(),
+            checkpoint_every: 0,
+            keep_checkpoints: 3,
+            threads: None,
+            out: "runs/train".into(),
+        }
+    }
+}
+
+/// The flags that set [`RunConfig`] keys (same names, kebab-case), plus `--config`.
+#[derive(Args, Debug, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RunFlags {
+    /// TOML file with any of these settings (flags win over the file).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Print the resolved configuration as TOML and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub print_config: bool,
+    /// Workers in the cluster, N + b [default: 4].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    workers: Option<u32>,
+    /// Backup workers b (sync policy) [default: 1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backups: Option<u32>,
+    /// sync | async | deadline [default: sync].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy: Option<String>,
+    /// Async: drop gradients more than this many updates old.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_staleness: Option<u64>,
+    /// Deadline: fewest gradients a step may close with.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deadline_min: Option<u32>,
+    /// Deadline: seconds to wait for the rest.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deadline_timeout: Option<f64>,
+    /// synthetic[:DIM], mlp, mlp:W1,W2,..., cnn, cnn:C1,C2,C3,C4 [default: mlp].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<String>,
+    /// mnist | fashion-mnist | cifar10 [default: mnist].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dataset: Option<String>,
+    /// Data root holding <dataset>/ [default: data].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<PathBuf>,
+    /// Training examples held out for validation [default: 5000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    validation: Option<usize>,
+    /// Examples per worker mini-batch [default: 128].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch: Option<usize>,
+    /// Epochs to train [default: 2].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epochs: Option<f64>,
+    /// Updates to run (overrides --epochs).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    steps: Option<u64>,
+    /// sgd, momentum:M, nesterov:M, rmsprop[...], adam[...] [default: momentum:0.9].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    optimizer: Option<String>,
+    /// Learning rate [default: 0.05].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lr: Option<f32>,
+    /// constant, exp:RATE,EVERY[,staircase], linear:START,END [default: constant].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lr_decay: Option<String>,
+    /// Linear warm-up steps [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warmup: Option<u64>,
+    /// Multiply the learning rate by N.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scale_lr: Option<bool>,
+    /// Keep a parameter EMA with this decay.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ema: Option<f32>,
+    /// Clip the averaged gradient to this global norm.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    clip: Option<f32>,
+    /// Evaluate every this many steps [default: 100].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    eval_every: Option<u64>,
+    /// Seed [default: 1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u64>,
+    /// Injected straggling: paper, const:S, exp:MEAN, lognormal:M,S, pareto:B,XM,A, slow:K,F[,M], replay:FILE.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delay: Option<String>,
+    /// Seconds of silence before a worker is declared gone [default: 10].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worker_timeout: Option<f64>,
+    /// Seconds with fewer than N live workers before --on-stall [default: 30].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stall_timeout: Option<f64>,
+    /// stop | lower [default: stop].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    on_stall: Option<String>,
+    /// Seconds a worker tries to reach the server [default: 60].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connect_timeout: Option<f64>,
+    /// Address `quorum ps` listens on [default: 0.0.0.0:7070].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<String>,
+    /// f32 | bf16 [default: f32].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wire: Option<String>,
+    /// Checkpoint every this many steps, 0 = only at the end [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    checkpoint_every: Option<u64>,
+    /// Checkpoints kept [default: 3].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    keep_checkpoints: Option<usize>,
+    /// Compute threads.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    threads: Option<usize>,
+    /// Run directory [default: runs/train].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    out: Option<PathBuf>,
+}
+
+impl RunFlags {
+    /// The file (if any) with the flags laid over it, defaults for the rest, validated.
+    pub fn resolve(&self) -> Result<RunConfig> {
+        let mut table = match &self.config {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+                text.parse::<toml::Table>().with_context(|| format!("{} is not valid TOML", path.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        let flags = toml::Table::try_from(self).context("collecting flags")?;
+        table.extend(flags);
+        let where_ = self.config.as_ref().map_or("flags".to_string(), |p| p.display().to_string());
+        let cfg: RunConfig = table.try_into().with_context(|| format!("invalid configuration in {where_}"))?;
+        cfg.validate().with_context(|| format!("invalid configuration in {where_}"))?;
+        Ok(cfg)
+    }
+}
+
+impl RunConfig {
+    /// Checks every value that can be checked without loading data.
+    pub fn validate(&self) -> Result<()> {
+        if self.workers == 0 {
+            bail!("workers must be at least 1");
+        }
+        if self.batch == 0 {
+            bail!("batch must be at least 1");
+        }
+        if self.steps.is_none() && (self.epochs.is_nan() || self.epochs <= 0.0) {
+            bail!("epochs must be positive (or set steps)");
+        }
+        self.policy()?;
+        self.model_kind()?;
+        self.encoding()?;
+        self.on_stall()?;
+        self.delay_sampler()?;
+        self.server_config(1)?;
+        for (key, v) in [
+            ("worker-timeout", self.worker_timeout),
+            ("stall-timeout", self.stall_timeout),
+            ("connect-timeout", self.connect_timeout),
+        ] {
+            if v.is_nan() || v <= 0.0 || v.is_infinite() {
+                bail!("{key} must be a positive number of seconds, got {v}");
+            }
+        }
+        if self.keep_checkpoints == 0 {
+            bail!("keep-checkpoints must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The aggregation policy.
+    pub fn policy(&self) -> Result<Policy> {
+        Ok(match self.policy.as_str() {
+            "sync" => {
+                if self.backups >= self.workers {
+                    bail!(
+                        "backups ({}) must be smaller than workers ({}): N = workers - backups must be at least 1",
+                        self.backups,
+                        self.workers
+                    );
+                }
+                Policy::Sync { aggregate: self.workers - self.backups, backups: self.backups }
+            }
+            "async" => Policy::Async { max_staleness: self.max_staleness },
+            "deadline" => {
+                let t = self.deadline_timeout.context("policy deadline needs deadline-timeout (seconds)")?;
+                Policy::Deadline {
+                    min: self.deadline_min.unwrap_or(1),
+                    timeout: Duration::try_from_secs_f64(t).context("deadline-timeout must be non-negative seconds")?,
+                }
+            }
+            other => bail!("unknown policy `{other}`: use sync, async or deadline"),
+        })
+    }
+
+    /// `Some(dim)` for the synthetic model, `None` for an image model (checked).
+    fn model_kind(&self) -> Result<Option<usize>> {
+        if let Some(rest) = self.model.strip_prefix("synthetic") {
+            let dim = match rest.strip_prefix(':') {
+                Some(d) => d.parse().with_context(|| format!("bad dimension in model `{}`", self.model))?,
+                None if rest.is_empty() => 64,
+                None => bail!("unknown model `{}`", self.model),
+            };
+            return Ok(Some(dim));
+        }
+        quorum_compute::ModelSpec::parse(&self.model).map_err(anyhow::Error::msg)?;
+        self.dataset.parse::<quorum_compute::data::DatasetName>().map_err(anyhow::Error::msg)?;
+        Ok(None)
+    }
+
+    /// The wire encoding.
+    pub fn encoding(&self) -> Result<Encoding> {
+        self.wire.parse().map_err(anyhow::Error::msg)
+    }
+
+    fn on_stall(&self) -> Result<OnStall> {
+        match self.on_stall.as_str() {
+            "stop" => Ok(OnStall::Stop),
+            "lower" => Ok(OnStall::LowerAggregate),
+            other => bail!("unknown on-stall `{other}`: use stop or lower"),
+        }
+    }
+
+    /// The injected-delay sampler, if any.
+    pub fn delay_sampler(&self) -> Result<Option<DelaySampler>> {
+        match &self.delay {
+            Some(d) => {
+                let m: DelayModel = d.parse().map_err(anyhow::Error::msg).context("delay")?;
+                Ok(Some(m.sampler().map_err(anyhow::Error::msg)?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Builds the gradient source of worker processes and the evaluator (loads the data).
+    pub fn source(&self) -> Result<Box<dyn GradientSource + Send>> {
+        Ok(match self.model_kind()? {
+            Some(dim) => Box::new(LeastSquares::new(dim, self.batch, 0.1, self.seed)),
+            None => Box::new(opts::classifier(
+                &self.model,
+                &self.dataset,
+                &self.data,
+                self.validation,
+                self.batch,
+                self.workers,
+                self.seed,
+            )?),
+        })
+    }
+
+    /// Updates to run: `steps`, or `epochs` over `train_examples`.
+    pub fn total_steps(&self, train_examples: usize) -> Result<u64> {
+        if let Some(s) = self.steps {
+            return Ok(s);
+        }
+        let per_step = self.policy()?.aggregate_hint().max(1) as f64 * self.batch as f64;
+        Ok(((self.epochs * train_examples as f64) / per_step).ceil().max(1.0) as u64)
+    }
+
+    /// The state machine's configuration for a run of `steps` updates.
+    pub fn server_config(&self, steps: u64) -> Result<ServerConfig> {
+        let mut cfg = ServerConfig::new(self.workers, self.policy()?, self.lr);
+        cfg.optimizer = if self.optimizer == "sgd" { OptimizerConfig::Sgd } else { opts::optimizer(&self.optimizer)? };
+        cfg.schedule.decay = opts::decay(&self.lr_decay)?;
+        cfg.schedule.warmup_steps = self.warmup;
+        cfg.schedule.scale_by_aggregate = self.scale_lr;
+        cfg.ema_decay = self.ema;
+        cfg.clip_norm = self.clip;
+        cfg.max_steps = Some(steps);
+        cfg.liveness.worker_timeout = Some(Duration::from_secs_f64(self.worker_timeout));
+        cfg.liveness.stall_timeout = Some(Duration::from_secs_f64(self.stall_timeout));
+        cfg.liveness.on_stall = self.on_stall()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Training examples (for epochs → steps): the synthetic model has an endless stream,
+    /// so one "epoch" is 1000 batches of one worker.
+    pub fn train_examples(&self, source: &dyn GradientSource) -> usize {
+        match source.train_examples() {
+            Some(n) => n,
+            None => 1000 * self.batch,
+        }
+    }
+
+    /// One line describing the cluster shape.
+    pub fn shape(&self) -> String {
+        match self.policy() {
+            Ok(Policy::Sync { aggregate, backups }) => format!("sync N={aggregate} b={backups}"),
+            Ok(Policy::Async { max_staleness: Some(m) }) => format!("async (max staleness {m})"),
+            Ok(Policy::Deadline { min, timeout }) => format!("deadline min={min} timeout={}s", timeout.as_secs_f64()),
+            _ => self.policy.clone(),
+        }
+    }
+
+    /// The resolved configuration as TOML.
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).context("serialising the configuration")
+    }
+
+    /// Writes `config.toml` into the run directory.
+    pub fn write_to(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::write(dir.join("config.toml"), self.to_toml()?)
+            .with_context(|| format!("cannot write {}", dir.join("config.toml").display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags_from(args: &[&str]) -> RunFlags {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct P {
+            #[command(flatten)]
+            f: RunFlags,
+        }
+        let mut v = vec!["quorum"];
+        v.extend_from_slice(args);
+        P::parse_from(v).f
+    }
+
+    fn with_file(text: &str, args: &[&str]) -> Result<RunConfig> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run.toml");
+        std::fs::write(&p, text).unwrap();
+        let mut f = flags_from(args);
+        f.config = Some(p);
+        f.resolve()
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_defaults_fill_the_rest() {
+        let c = with_file("workers = 8\nbackups = 2\nlr = 0.1\n", &["--backups", "3"]).unwrap();
+        assert_eq!((c.workers, c.backups, c.lr), (8, 3, 0.1));
+        assert_eq!(c.model, "mlp");
+        assert_eq!(c.shape(), "sync N=5 b=3");
+    }
+
+    #[test]
+    fn the_printed_config_reads_back_to_the_same_config() {
+        let c = with_file("workers = 6\npolicy = \"async\"\nmax-staleness = 4\ndelay = \"exp:0.02\"\n", &[]).unwrap();
+        let again = with_file(&c.to_toml().unwrap(), &[]).unwrap();
+        assert_eq!(c, again);
+    }
+
+    #[test]
+    fn an_unknown_key_is_named() {
+        let e = format!("{:#}", with_file("wokers = 3\n", &[]).unwrap_err());
+        assert!(e.contains("unknown field `wokers`"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let cases = [
+            ("workers = 0\n", "workers must be at least 1"),
+            ("workers = 3\nbackups = 3\n", "backups (3) must be smaller than workers (3)"),
+            ("policy = \"fast\"\n", "unknown policy `fast`"),
+            ("model = \"resnet\"\n", "resnet"),
+            ("dataset = \"imagenet\"\n", "imagenet"),
+            ("wire = \"fp8\"\n", "unknown wire encoding `fp8`"),
+            ("on-stall = \"panic\"\n", "unknown on-stall `panic`"),
+            ("policy = \"deadline\"\n", "needs deadline-timeout"),
+            ("delay = \"weibull:1\"\n", "weibull"),
+            ("optimizer = \"lbfgs\"\n", "unknown optimizer `lbfgs`"),
+            ("workers = \"four\"\n", "invalid type"),
+        ];
+        for (text, want) in cases {
+            let e = format!("{:#}", with_file(text, &[]).unwrap_err());
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! End-to-end tests of `quorum train`, `quorum ps` and `quorum worker` as real processes on
+//! loopback, with the synthetic model.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn quorum() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_quorum"))
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
+
+/// Seconds of each applied step from metrics.csv.
+fn step_times(run: &Path) -> Vec<f64> {
+    let m = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    m.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().parse().unwrap()).collect()
+}
+
+#[test]
+fn train_with_the_synthetic_model_writes_every_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = quorum()
+        .args(["train", "--model", "synthetic:32", "--workers", "3", "--backups", "1", "--steps", "300"])
+        .args(["--lr", "0.2", "--eval-every", "100", "--checkpoint-every", "100", "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("sync N=2 b=1"), "{}", text(&o));
+    let s = json(&out.join("summary.json"));
+    assert_eq!(s["steps"], 300);
+    assert_eq!(s["policy"], "sync");
+    assert_eq!(s["workers"], 3);
+    assert_eq!(s["backups"], 1);
+    for key in ["final_test_accuracy", "wall_seconds", "steps_per_second", "dropped"] {
+        assert!(s.get(key).is_some(), "summary.json lacks {key}");
+    }
+    assert!(s["final_test_loss"].as_f64().unwrap() < 0.05, "{s}");
+    for f in ["config.toml", "events.jsonl", "metrics.csv", "arrivals.csv", "workers.csv"] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let metrics = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert!(metrics.starts_with("step,seconds,examples,train_loss,test_loss,test_accuracy\n"));
+    assert!(std::fs::read_dir(out.join("tensorboard")).unwrap().count() == 1);
+    let ckpt = out.join("checkpoints");
+    let json_files: Vec<_> = std::fs::read_dir(&ckpt)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .collect();
+    assert_eq!(json_files.len(), 3, "steps 100, 200 and the final 300, kept 3");
+    assert!(ckpt.join("ckpt-0000000300.safetensors").exists());
+    // The written config reads back as a config.
+    let again = quorum()
+        .args(["train", "--config", out.join("config.toml").to_str().unwrap(), "--print-config"])
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{}", text(&again));
+    assert_eq!(String::from_utf8_lossy(&again.stdout), std::fs::read_to_string(out.join("config.toml")).unwrap());
+}
+
+#[test]
+fn print_config_merges_file_and_flags_and_names_bad_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("run.toml");
+    std::fs::write(&cfg, "workers = 8\nbackups = 2\nwire = \"bf16\"\n").unwrap();
+    let o =
+        quorum().args(["train", "--config", cfg.to_str().unwrap(), "--lr", "0.3", "--print-config"]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let t: toml::Table = String::from_utf8_lossy(&o.stdout).parse().unwrap();
+    assert_eq!(t["workers"].as_integer(), Some(8));
+    assert_eq!(t["wire"].as_str(), Some("bf16"));
+    assert!((t["lr"].as_float().unwrap() - 0.3).abs() < 1e-6);
+    assert_eq!(t["model"].as_str(), Some("mlp"), "defaults are filled in");
+
+    std::fs::write(&cfg, "workers = 8\nbakups = 2\n").unwrap();
+    let o = quorum().args(["ps", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("unknown field `bakups`") && text(&o).contains("run.toml"), "{}", text(&o));
+    let o = quorum().args(["train", "--workers", "2", "--backups", "2"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("backups (2) must be smaller than workers (2)"), "{}", text(&o));
+    assert_eq!(text(&o).lines().count(), 1, "one-line reason: {}", text(&o));
+}
+
+#[test]
+fn tf_config_that_disagrees_with_the_config_is_refused() {
+    let tf = r#"{"cluster": {"ps": ["127.0.0.1:7070"], "worker": ["a:1", "b:1", "c:1"]}, "task": {"type": "worker", "index": 1}}"#;
+    let o = quorum().env("TF_CONFIG", tf).args(["worker", "--model", "synthetic", "--workers", "4"]).output().unwrap();
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("this process is the worker 1") && t.contains("TF_CONFIG describes 3 workers"), "{t}");
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `quorum ps` on port 0 and returns it with the address it printed.
+fn start_ps(args: &[&str], out: &Path) -> (Proc, String) {
+    let mut child = quorum()
+        .args(["ps", "--model", "synthetic", "--listen", "127.0.0.1:0", "--out", out.to_str().unwrap()])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("ps prints its address").unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    // Keep draining stdout so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (Proc(child), addr)
+}
+
+fn start_worker(args: &[&str], addr: &str, index: u32) -> Proc {
+    Proc(
+        quorum()
+            .args(["worker", "--model", "synthetic", "--ps", addr, "--index", &index.to_string()])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn wait(p: &mut Proc, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = p.0.try_wait().unwrap() {
+            return s;
+        }
+        assert!(start.elapsed() < limit, "process did not exit within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_for_steps(run: &Path, events_min: usize, limit: Duration) {
+    let start = Instant::now();
+    while std::fs::read_to_string(run.join("events.jsonl")).map_or(0, |e| e.len()) < events_min {
+        assert!(start.elapsed() < limit, "training did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn separate_processes_train_and_a_killed_worker_does_not_pause_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("ps");
+    let common = ["--workers", "3", "--backups", "1", "--steps", "1500", "--delay", "const:0.002", "--lr", "0.2"];
+    let (mut ps, addr) = start_ps(&common, &run);
+    let mut workers: Vec<Proc> = (0..3).map(|i| start_worker(&common, &addr, i)).collect();
+    wait_for_steps(&run, 20_000, Duration::from_secs(60));
+    // kill -9 one worker mid-run: b = 1 absorbs it.
+    workers[2].0.kill().unwrap();
+    let killed_at = Instant::now();
+    assert!(wait(&mut ps, Duration::from_secs(120)).success());
+    assert!(killed_at.elapsed() > Duration::from_millis(100), "the run was not over when the worker died");
+    for w in &mut workers[..2] {
+        assert!(wait(w, Duration::from_secs(20)).success());
+    }
+    let s = json(&run.join("summary.json"));
+    assert_eq!(s["steps"], 1500);
+    assert!(s["stop_reason"].is_null(), "{s}");
+    // No step waited for the dead worker: every step closed well under the 10 s worker timeout.
+    let t = step_times(&run);
+    let worst = t.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
+    assert!(worst < 2.0, "a step took {worst} s");
+}
+
+#[test]
+fn sigterm_checkpoints_and_resume_finishes_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("ps");
+    let common = ["--workers", "2", "--backups", "0", "--steps", "3000", "--delay", "const:0.002", "--lr", "0.2"];
+    let (mut ps, addr) = start_ps(&common, &run);
+    let mut workers: Vec<Proc> = (0..2).map(|i| start_worker(&common, &addr, i)).collect();
+    wait_for_steps(&run, 20_000, Duration::from_secs(60));
+    let st = Command::new("kill").args(["-TERM", &ps.0.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let status = wait(&mut ps, Duration::from_secs(30));
+    assert!(!status.success(), "an interrupted run is not a finished one");
+    let s = json(&run.join("summary.json"));
+    let stopped_at = s["steps"].as_u64().unwrap();
+    assert!(stopped_at > 0 && stopped_at < 3000, "{s}");
+    assert_eq!(s["stop_reason"], "interrupted");
+    assert!(run.join(format!("checkpoints/ckpt-{stopped_at:010}.safetensors")).exists());
+    for w in &mut workers {
+        assert!(wait(w, Duration::from_secs(20)).success(), "workers exit 0 when told to stop");
+    }
+    // Resume: same config, continues at the checkpointed step and finishes.
+    let mut args: Vec<&str> = common.to_vec();
+    args.push("--resume");
+    let (mut ps, addr) = start_ps(&args, &run);
+    let mut workers: Vec<Proc> = (0..2).map(|i| start_worker(&common, &addr, i)).collect();
+    assert!(wait(&mut ps, Duration::from_secs(120)).success());
+    let s = json(&run.join("summary.json"));
+    assert_eq!(s["start_step"].as_u64(), Some(stopped_at));
+    assert_eq!(s["steps"], 3000);
+    assert!(s["final_test_loss"].as_f64().unwrap() < 0.05, "{s}");
+    for w in &mut workers {
+        assert!(wait(w, Duration::from_secs(20)).success());
+    }
+}
