@@ -1,5 +1,8 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tonic_prost_build::compile_protos("proto/quorum.proto")?;
+    // Parameter chunks are encoded once per step and shared by every pull: `Bytes`, not `Vec<u8>`.
+    tonic_prost_build::configure()
+        .bytes(".quorum.v1.ParamsChunk.data")
+        .compile_protos(&["proto/quorum.proto"], &["proto"])?;
     tonic_prost_build::configure()
         .build_client(false)
         .build_server(false)

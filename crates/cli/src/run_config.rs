@@ -84,6 +84,11 @@ pub struct RunConfig {
     pub threads: Option<usize>,
     /// Run directory.
     pub out: PathBuf,
+    /// File holding the join token (the `QUORUM_TOKEN` environment variable wins).
+    pub token_file: Option<PathBuf>,
+    /// The join token itself; never written to config.toml or printed.
+    #[serde(skip_serializing)]
+    pub token: Option<String>,
 }
 
 impl Default for RunConfig {
@@ -122,6 +127,8 @@ impl Default for RunConfig {
             keep_checkpoints: 3,
             threads: None,
             out: "runs/train".into(),
+            token_file: None,
+            token: None,
         }
     }
 }
@@ -270,6 +277,10 @@ pub struct RunFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     out: Option<PathBuf>,
+    /// File holding the join token (or set QUORUM_TOKEN).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_file: Option<PathBuf>,
 }
 
 impl RunFlags {
@@ -363,6 +374,19 @@ impl RunConfig {
         quorum_compute::ModelSpec::parse(&self.model).map_err(anyhow::Error::msg)?;
         self.dataset.parse::<quorum_compute::data::DatasetName>().map_err(anyhow::Error::msg)?;
         Ok(None)
+    }
+
+    /// The join token: `QUORUM_TOKEN`, else `token-file`, else `token`.
+    pub fn token(&self) -> Result<Option<quorum_net::auth::Token>> {
+        let secret = match (std::env::var("QUORUM_TOKEN").ok(), &self.token_file, &self.token) {
+            (Some(t), _, _) => t,
+            (None, Some(path), _) => {
+                std::fs::read_to_string(path).with_context(|| format!("cannot read token-file {}", path.display()))?
+            }
+            (None, None, Some(t)) => t.clone(),
+            (None, None, None) => return Ok(None),
+        };
+        quorum_net::auth::Token::new(secret).map(Some).map_err(anyhow::Error::msg)
     }
 
     /// The wire encoding.

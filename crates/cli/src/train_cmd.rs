@@ -136,6 +136,7 @@ fn server_options(cfg: &RunConfig, resume: bool, progress: bool) -> Result<Serve
         keep: cfg.keep_checkpoints,
     });
     opts.run_config = Some(cfg.to_toml()?);
+    opts.token = cfg.token()?;
     if progress {
         opts.progress = Some(Box::new(progress_printer()));
     }
@@ -149,6 +150,7 @@ fn worker_options(cfg: &RunConfig, index: u32, server: &str) -> Result<WorkerOpt
     wo.heartbeat_every = Duration::from_secs_f64((cfg.worker_timeout / 4.0).max(0.05));
     wo.delay = cfg.delay_sampler()?;
     wo.seed = cfg.seed;
+    wo.token = cfg.token()?;
     Ok(wo)
 }
 
@@ -276,6 +278,14 @@ fn check_workers(cfg: &RunConfig, t: &Topology) -> Result<()> {
 }
 
 fn serve(cfg: &RunConfig, listen: &str, resume: bool) -> Result<()> {
+    let loopback =
+        listen.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback()) || listen.starts_with("localhost:");
+    if !loopback && cfg.token()?.is_none() {
+        bail!(
+            "the parameter server on {listen} is reachable from other machines, so it needs a join token: \
+             set QUORUM_TOKEN (or token-file) to the same long random secret for the server and every worker"
+        );
+    }
     let opts = server_options(cfg, resume, true)?;
     let steps = opts.config.max_steps.unwrap_or(0);
     let rt = runtime()?;

@@ -220,3 +220,23 @@ fn sigterm_checkpoints_and_resume_finishes_the_run() {
         assert!(wait(w, Duration::from_secs(20)).success());
     }
 }
+
+#[test]
+fn a_server_reachable_from_other_machines_requires_a_join_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = quorum()
+        .env_remove("QUORUM_TOKEN")
+        .args(["ps", "--model", "synthetic", "--listen", "0.0.0.0:0", "--out", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("needs a join token") && text(&o).contains("QUORUM_TOKEN"), "{}", text(&o));
+    // The token never reaches the written or printed configuration.
+    let o = quorum()
+        .env("QUORUM_TOKEN", "0123456789abcdef-secret")
+        .args(["ps", "--model", "synthetic", "--print-config"])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert!(!text(&o).contains("secret"));
+}

@@ -6,6 +6,7 @@
 //! gradients travel as raw little-endian `f32` (or `bf16`) bytes in chunks ([`wire`]).
 //! The server writes checkpoints ([`checkpoint`]) and TensorBoard scalars ([`tensorboard`]).
 
+pub mod auth;
 pub mod checkpoint;
 pub mod server;
 pub mod tensorboard;

@@ -21,6 +21,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+/// HTTP/2 flow-control window, bytes.
+pub(crate) const WINDOW: u32 = 16 << 20;
+
+/// HTTP/2 frame size, bytes (the default 16 KiB cuts a 1 MiB chunk into 64 frames).
+pub(crate) const FRAME: u32 = 1 << 20;
+
 /// Everything the parameter server needs.
 pub struct ServerOptions {
     /// The state machine's configuration (`max_steps` ends the run).
@@ -48,6 +54,8 @@ pub struct ServerOptions {
     pub run_config: Option<String>,
     /// Called after every applied step.
     pub progress: Option<ProgressFn>,
+    /// Join token every RPC must carry (required for servers reachable from other machines).
+    pub token: Option<crate::auth::Token>,
 }
 
 impl ServerOptions {
@@ -66,6 +74,7 @@ impl ServerOptions {
             checkpoint: None,
             run_config: None,
             progress: None,
+            token: None,
         }
     }
 }
@@ -143,8 +152,24 @@ pub struct TrainSummary {
 #[derive(Clone)]
 struct Published {
     step: u64,
-    params: Arc<Vec<f32>>,
+    /// The parameters, already encoded in wire chunks: one encoding per step, shared by every pull.
+    chunks: Arc<Vec<bytes::Bytes>>,
+    total: usize,
     stop: bool,
+}
+
+impl Published {
+    fn new(step: u64, params: &[f32], enc: Encoding, stop: bool) -> Self {
+        let mut chunks: Vec<bytes::Bytes> = params.chunks(CHUNK_VALUES).map(|c| enc.encode(c).into()).collect();
+        if chunks.is_empty() {
+            chunks.push(bytes::Bytes::new());
+        }
+        Published { step, chunks: Arc::new(chunks), total: params.len(), stop }
+    }
+
+    fn stopped(step: u64) -> Self {
+        Published { step, chunks: Arc::new(Vec::new()), total: 0, stop: true }
+    }
 }
 
 type Reply = oneshot::Sender<Result<Vec<Event>, ProtocolError>>;
@@ -235,20 +260,17 @@ impl ParameterServer for Service {
         };
         if p.stop {
             let _ = self.commands.send(Command::StopSeen(WorkerId(r.worker))).await;
-            let chunk = ParamsChunk { step: p.step, offset: 0, total: 0, data: Vec::new(), stop: true, bf16: false };
+            let chunk =
+                ParamsChunk { step: p.step, offset: 0, total: 0, data: Default::default(), stop: true, bf16: false };
             return Ok(Response::new(Box::pin(tokio_stream::once(Ok(chunk)))));
         }
-        let total = p.params.len();
-        let chunks = total.div_ceil(CHUNK_VALUES).max(1);
         let enc = self.encoding;
-        let stream = tokio_stream::iter(0..chunks).map(move |i| {
-            let start = i * CHUNK_VALUES;
-            let end = (start + CHUNK_VALUES).min(total);
+        let stream = tokio_stream::iter(0..p.chunks.len()).map(move |i| {
             Ok(ParamsChunk {
                 step: p.step,
-                offset: start as u64,
-                total: total as u64,
-                data: enc.encode(&p.params[start..end]),
+                offset: (i * CHUNK_VALUES) as u64,
+                total: p.total as u64,
+                data: p.chunks[i].clone(),
                 stop: false,
                 bf16: enc == Encoding::Bf16,
             })
@@ -621,8 +643,7 @@ pub async fn run_server(
     };
     let start_step = server.step();
     let start = Instant::now();
-    let (pub_tx, pub_rx) =
-        watch::channel(Published { step: server.step(), params: Arc::new(server.params().to_vec()), stop: false });
+    let (pub_tx, pub_rx) = watch::channel(Published::new(server.step(), server.params(), opts.encoding, false));
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(1024);
     let (grpc_stop_tx, grpc_stop_rx) = oneshot::channel::<()>();
     let service = Service {
@@ -640,7 +661,15 @@ pub async fn run_server(
     });
     let grpc = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(ParameterServerServer::new(service).max_decoding_message_size(8 << 20))
+            // Parameters and gradients are megabytes: HTTP/2's 64 KiB default window would
+            // make every transfer wait for window updates.
+            .initial_stream_window_size(WINDOW)
+            .initial_connection_window_size(2 * WINDOW)
+            .max_frame_size(FRAME)
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                ParameterServerServer::new(service).max_decoding_message_size(8 << 20),
+                crate::auth::CheckToken(opts.token.clone()),
+            ))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = grpc_stop_rx.await;
             }),
@@ -718,7 +747,7 @@ pub async fn run_server(
             _ = &mut shutdown, if stopped_at.is_none() => {
                 stop_reason = Some("interrupted".into());
                 stopped_at = Some(Instant::now());
-                pub_tx.send_replace(Published { step: server.step(), params: Arc::new(server.params().to_vec()), stop: true });
+                pub_tx.send_replace(Published::stopped(server.step()));
             }
         }
         let Some(out) = outputs else { continue };
@@ -752,11 +781,7 @@ pub async fn run_server(
             match a {
                 Action::SendParams { step, .. } | Action::BroadcastParams { step } => {
                     if pub_tx.borrow().step != step {
-                        pub_tx.send_replace(Published {
-                            step,
-                            params: Arc::new(server.params().to_vec()),
-                            stop: false,
-                        });
+                        pub_tx.send_replace(Published::new(step, server.params(), opts.encoding, false));
                     }
                 }
                 Action::Stop { reason } => {
@@ -768,11 +793,7 @@ pub async fn run_server(
                         ));
                     }
                     stopped_at = Some(Instant::now());
-                    pub_tx.send_replace(Published {
-                        step: server.step(),
-                        params: Arc::new(server.params().to_vec()),
-                        stop: true,
-                    });
+                    pub_tx.send_replace(Published::stopped(server.step()));
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! A worker: join, then forever pull the newest parameters, compute a gradient, push it.
 //! If the server goes away (a restart), it reconnects with backoff and joins again.
 
+use crate::auth::AddToken;
 use crate::proto::parameter_server_client::ParameterServerClient;
 use crate::proto::*;
 use crate::wire::{Assembler, Encoding, CHUNK_VALUES};
@@ -11,6 +12,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// How a worker runs.
@@ -28,6 +30,8 @@ pub struct WorkerOptions {
     pub delay: Option<DelaySampler>,
     /// Seed of the delay stream.
     pub seed: u64,
+    /// Join token sent with every RPC.
+    pub token: Option<crate::auth::Token>,
 }
 
 impl WorkerOptions {
@@ -40,6 +44,7 @@ impl WorkerOptions {
             heartbeat_every: Duration::from_secs(2),
             delay: None,
             seed: 1,
+            token: None,
         }
     }
 }
@@ -90,13 +95,24 @@ pub enum WorkerError {
     },
 }
 
-async fn connect(opts: &WorkerOptions) -> Result<ParameterServerClient<Channel>, WorkerError> {
+type Client = ParameterServerClient<InterceptedService<Channel, AddToken>>;
+
+async fn connect(opts: &WorkerOptions) -> Result<Client, WorkerError> {
     let start = Instant::now();
     let mut backoff = Duration::from_millis(50);
     loop {
         let err = match Channel::from_shared(opts.server.clone()) {
-            Ok(ep) => match ep.connect().await {
-                Ok(ch) => return Ok(ParameterServerClient::new(ch).max_decoding_message_size(8 << 20)),
+            Ok(ep) => match ep
+                .initial_stream_window_size(crate::server::WINDOW)
+                .initial_connection_window_size(2 * crate::server::WINDOW)
+                .max_frame_size(crate::server::FRAME)
+                .connect()
+                .await
+            {
+                Ok(ch) => {
+                    return Ok(ParameterServerClient::with_interceptor(ch, AddToken(opts.token.clone()))
+                        .max_decoding_message_size(8 << 20))
+                }
                 Err(e) => e.to_string(),
             },
             Err(e) => {
@@ -170,7 +186,7 @@ pub async fn run_worker(
 
 async fn session(
     opts: &WorkerOptions,
-    client: &mut ParameterServerClient<Channel>,
+    client: &mut Client,
     source: &mut Option<Box<dyn GradientSource + Send>>,
     rng: &mut ChaCha8Rng,
     draws: &mut u64,

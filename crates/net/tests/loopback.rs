@@ -198,3 +198,42 @@ async fn async_cluster_applies_every_gradient() {
     assert_eq!(summary.steps, 150);
     assert_eq!(summary.accepted, 150);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_without_the_right_join_token_are_refused_and_nothing_is_applied() {
+    use quorum_net::auth::Token;
+    let secret = Token::new("correct-horse-battery-staple").unwrap();
+    let (mut opts, src) = options(1, Policy::Sync { aggregate: 1, backups: 0 }, 5, None);
+    opts.token = Some(secret.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(run_server(listener, opts, async {
+        let _ = stop_rx.await;
+    }));
+    let attempt = |token: Option<Token>| {
+        let mut wo = WorkerOptions::new(0, format!("http://{addr}"));
+        wo.connect_timeout = Duration::from_secs(5);
+        wo.token = token;
+        run_worker(wo, Box::new(src.clone()) as Box<dyn GradientSource + Send>)
+    };
+    let none = attempt(None).await.unwrap_err().to_string();
+    assert!(none.contains("requires a join token"), "{none}");
+    let wrong = attempt(Some(Token::new("incorrect-horse-battery-staple").unwrap())).await.unwrap_err().to_string();
+    assert!(wrong.contains("wrong join token"), "{wrong}");
+    stop_tx.send(()).unwrap();
+    let summary = server.await.unwrap().unwrap();
+    assert_eq!(summary.steps, 0, "nothing was applied");
+    assert_eq!(summary.accepted, 0);
+
+    // The right token trains.
+    let (mut opts, _) = options(1, Policy::Sync { aggregate: 1, backups: 0 }, 5, None);
+    opts.token = Some(secret.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let mut wo = WorkerOptions::new(0, format!("http://{addr}"));
+    wo.token = Some(secret);
+    run_worker(wo, Box::new(src.clone())).await.unwrap();
+    assert_eq!(server.await.unwrap().unwrap().steps, 5);
+}
