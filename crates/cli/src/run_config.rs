@@ -78,6 +78,8 @@ pub struct RunConfig {
     pub wire: String,
     /// Checkpoint every this many steps (0: only at the end and on Ctrl-C / SIGTERM).
     pub checkpoint_every: u64,
+    /// Also checkpoint every this many seconds (0: off).
+    pub checkpoint_seconds: f64,
     /// Checkpoints kept.
     pub keep_checkpoints: usize,
     /// Compute threads per process (default: all cores; `quorum train` splits them among workers).
@@ -124,6 +126,7 @@ impl Default for RunConfig {
             listen: "0.0.0.0:7070".into(),
             wire: "f32".into(),
             checkpoint_every: 0,
+            checkpoint_seconds: 0.0,
             keep_checkpoints: 3,
             threads: None,
             out: "runs/train".into(),
@@ -265,6 +268,10 @@ pub struct RunFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     checkpoint_every: Option<u64>,
+    /// Also checkpoint every this many seconds, 0 = off [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    checkpoint_seconds: Option<f64>,
     /// Checkpoints kept [default: 3].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

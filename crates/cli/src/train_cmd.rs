@@ -132,7 +132,7 @@ fn server_options(cfg: &RunConfig, resume: bool, progress: bool) -> Result<Serve
     opts.checkpoint = Some(CheckpointOptions {
         dir: ckpt_dir,
         every_steps: (cfg.checkpoint_every > 0).then_some(cfg.checkpoint_every),
-        every_seconds: None,
+        every_seconds: (cfg.checkpoint_seconds > 0.0).then_some(cfg.checkpoint_seconds),
         keep: cfg.keep_checkpoints,
     });
     opts.run_config = Some(cfg.to_toml()?);

@@ -111,13 +111,12 @@ impl Drop for Proc {
 
 /// Starts `quorum ps` on port 0 and returns it with the address it printed.
 fn start_ps(args: &[&str], out: &Path) -> (Proc, String) {
-    let mut child = quorum()
-        .args(["ps", "--model", "synthetic", "--listen", "127.0.0.1:0", "--out", out.to_str().unwrap()])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut cmd = quorum();
+    cmd.args(["ps", "--model", "synthetic", "--out", out.to_str().unwrap()]);
+    if !args.contains(&"--listen") {
+        cmd.args(["--listen", "127.0.0.1:0"]);
+    }
+    let mut child = cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let addr = loop {
         let line = lines.next().expect("ps prints its address").unwrap();
@@ -239,4 +238,50 @@ fn a_server_reachable_from_other_machines_requires_a_join_token() {
         .unwrap();
     assert!(o.status.success());
     assert!(!text(&o).contains("secret"));
+}
+
+#[test]
+fn kill_9_of_the_server_then_resume_completes_the_run_with_the_same_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("ps");
+    let common = ["--workers", "2", "--backups", "0", "--steps", "2000", "--delay", "const:0.002", "--lr", "0.2"];
+    let mut first: Vec<&str> = common.to_vec();
+    first.extend(["--checkpoint-every", "50"]);
+    let (mut ps, addr) = start_ps(&first, &run);
+    let mut workers: Vec<Proc> = (0..2).map(|i| start_worker(&common, &addr, i)).collect();
+    let ckpt = run.join("checkpoints");
+    let start = Instant::now();
+    while checkpoint_steps(&ckpt).iter().all(|&s| s < 100) {
+        assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ps.0.kill().unwrap(); // SIGKILL: no final checkpoint, no goodbye
+    ps.0.wait().unwrap();
+    let saved = checkpoint_steps(&ckpt);
+    // Restart on the same address; the workers, still running, reconnect on their own.
+    let mut again: Vec<&str> = first.clone();
+    again.extend(["--resume", "--listen", &addr]);
+    let (mut ps, _) = start_ps(&again, &run);
+    assert!(wait(&mut ps, Duration::from_secs(120)).success());
+    let s = json(&run.join("summary.json"));
+    let resumed = s["start_step"].as_u64().unwrap();
+    assert!(resumed > 0 && resumed % 50 == 0 && saved.contains(&resumed), "resumed at {resumed}, saved {saved:?}");
+    assert_eq!(s["steps"], 2000);
+    assert!(s["final_test_loss"].as_f64().unwrap() < 0.05, "{s}");
+    for w in &mut workers {
+        assert!(wait(w, Duration::from_secs(20)).success(), "workers reconnect and finish");
+    }
+}
+
+fn checkpoint_steps(dir: &Path) -> Vec<u64> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let n = e.file_name().into_string().ok()?;
+                    n.strip_prefix("ckpt-")?.strip_suffix(".json")?.parse().ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
