@@ -47,7 +47,7 @@ pub struct RunConfig {
     /// sgd, momentum:M, nesterov:M, rmsprop[:DECAY,MOMENTUM,EPS], adam[:B1,B2,EPS].
     pub optimizer: String,
     /// Learning rate.
-    pub lr: f32,
+    pub lr: f64,
     /// constant, exp:RATE,EVERY[,staircase], linear:START,END.
     pub lr_decay: String,
     /// Linear warm-up steps.
@@ -55,9 +55,9 @@ pub struct RunConfig {
     /// Multiply the learning rate by N (the paper's rule for averaged gradients).
     pub scale_lr: bool,
     /// Keep a parameter EMA with this decay and evaluate it.
-    pub ema: Option<f32>,
+    pub ema: Option<f64>,
     /// Clip the averaged gradient to this global norm.
-    pub clip: Option<f32>,
+    pub clip: Option<f64>,
     /// Evaluate on the test set every this many steps (0: only at the end).
     pub eval_every: u64,
     /// Seed of initial weights, batches and injected delays.
@@ -207,7 +207,7 @@ pub struct RunFlags {
     /// Learning rate [default: 0.05].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
-    lr: Option<f32>,
+    lr: Option<f64>,
     /// constant, exp:RATE,EVERY[,staircase], linear:START,END [default: constant].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -223,11 +223,11 @@ pub struct RunFlags {
     /// Keep a parameter EMA with this decay.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
-    ema: Option<f32>,
+    ema: Option<f64>,
     /// Clip the averaged gradient to this global norm.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
-    clip: Option<f32>,
+    clip: Option<f64>,
     /// Evaluate every this many steps [default: 100].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -447,13 +447,13 @@ impl RunConfig {
 
     /// The state machine's configuration for a run of `steps` updates.
     pub fn server_config(&self, steps: u64) -> Result<ServerConfig> {
-        let mut cfg = ServerConfig::new(self.workers, self.policy()?, self.lr);
+        let mut cfg = ServerConfig::new(self.workers, self.policy()?, self.lr as f32);
         cfg.optimizer = if self.optimizer == "sgd" { OptimizerConfig::Sgd } else { opts::optimizer(&self.optimizer)? };
         cfg.schedule.decay = opts::decay(&self.lr_decay)?;
         cfg.schedule.warmup_steps = self.warmup;
         cfg.schedule.scale_by_aggregate = self.scale_lr;
-        cfg.ema_decay = self.ema;
-        cfg.clip_norm = self.clip;
+        cfg.ema_decay = self.ema.map(|e| e as f32);
+        cfg.clip_norm = self.clip.map(|c| c as f32);
         cfg.max_steps = Some(steps);
         cfg.liveness.worker_timeout = Some(Duration::from_secs_f64(self.worker_timeout));
         cfg.liveness.stall_timeout = Some(Duration::from_secs_f64(self.stall_timeout));
