@@ -265,7 +265,10 @@ fn kill_9_of_the_server_then_resume_completes_the_run_with_the_same_accuracy() {
     assert!(wait(&mut ps, Duration::from_secs(120)).success());
     let s = json(&run.join("summary.json"));
     let resumed = s["start_step"].as_u64().unwrap();
-    assert!(resumed > 0 && resumed % 50 == 0 && saved.contains(&resumed), "resumed at {resumed}, saved {saved:?}");
+    assert!(
+        resumed > 0 && resumed.is_multiple_of(50) && saved.contains(&resumed),
+        "resumed at {resumed}, saved {saved:?}"
+    );
     assert_eq!(s["steps"], 2000);
     assert!(s["final_test_loss"].as_f64().unwrap() < 0.05, "{s}");
     for w in &mut workers {
@@ -284,4 +287,34 @@ fn checkpoint_steps(dir: &Path) -> Vec<u64> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+#[test]
+fn a_frozen_worker_is_declared_gone_and_training_does_not_wait_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("ps");
+    let common = ["--workers", "3", "--backups", "1", "--steps", "1500", "--delay", "const:0.002", "--lr", "0.2"];
+    let mut ps_args: Vec<&str> = common.to_vec();
+    ps_args.extend(["--worker-timeout", "1"]);
+    let (mut ps, addr) = start_ps(&ps_args, &run);
+    let mut workers: Vec<Proc> = (0..3).map(|i| start_worker(&common, &addr, i)).collect();
+    wait_for_steps(&run, 20_000, Duration::from_secs(60));
+    // SIGSTOP: the process stays connected but sends nothing, not even heartbeats.
+    let pid = workers[1].0.id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    assert!(wait(&mut ps, Duration::from_secs(120)).success());
+    let _ = Command::new("kill").args(["-CONT", &pid]).status();
+    for i in [0, 2] {
+        assert!(wait(&mut workers[i], Duration::from_secs(20)).success());
+    }
+    let s = json(&run.join("summary.json"));
+    assert_eq!(s["steps"], 1500);
+    let events = std::fs::read_to_string(run.join("events.jsonl")).unwrap();
+    assert!(
+        events.lines().any(|l| l.contains("\"worker_left\"") && l.contains("\"worker\":1") && l.contains("timed_out")),
+        "the frozen worker is reported gone"
+    );
+    let t = step_times(&run);
+    let worst = t.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
+    assert!(worst < 2.0, "a step took {worst} s");
 }

@@ -376,6 +376,9 @@ struct WorkerStats {
     wait_sum: f64,
     compute: Vec<f64>,
     transfer: Vec<f64>,
+    /// Running sums of `compute` and `transfer`, so the live "slowest worker" costs O(workers).
+    compute_sum: f64,
+    transfer_sum: f64,
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -454,6 +457,8 @@ impl Recorder {
             w.sent += 1;
             w.compute.push(t.compute);
             w.transfer.push(t.transfer);
+            w.compute_sum += t.compute;
+            w.transfer_sum += t.transfer;
         }
     }
 
@@ -481,7 +486,7 @@ impl Recorder {
             .iter()
             .enumerate()
             .filter(|(_, w)| !w.compute.is_empty())
-            .map(|(i, w)| (i as u32, mean(&w.compute) + mean(&w.transfer)))
+            .map(|(i, w)| (i as u32, (w.compute_sum + w.transfer_sum) / w.compute.len() as f64))
             .max_by(|a, b| a.1.total_cmp(&b.1))
     }
 
@@ -799,7 +804,11 @@ pub async fn run_server(
         }
     }
     let _ = grpc_stop_tx.send(());
-    let _ = grpc.await;
+    // A graceful shutdown waits for open requests; a frozen worker would hold one forever.
+    let mut grpc = grpc;
+    if tokio::time::timeout(Duration::from_secs(3), &mut grpc).await.is_err() {
+        grpc.abort();
+    }
 
     let checkpoint = checkpointer.map(|c| c.finish(server.snapshot())).unwrap_or_default();
     // Final evaluation, then collect every evaluation the thread made.
