@@ -112,6 +112,13 @@ fn server_options(cfg: &RunConfig, resume: bool, progress: bool) -> Result<Serve
                 for s in skipped {
                     eprintln!("warning: skipped checkpoint: {s}");
                 }
+                if meta.step >= steps {
+                    bail!(
+                        "the newest checkpoint (step {}) already completes this run of {steps} steps; \
+                         raise `steps` or `epochs` to train further",
+                        meta.step
+                    );
+                }
                 println!("resuming from step {} ({})", meta.step, ckpt_dir.display());
                 opts.restore = Some(snap);
             }

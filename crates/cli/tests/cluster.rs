@@ -218,6 +218,14 @@ fn sigterm_checkpoints_and_resume_finishes_the_run() {
     for w in &mut workers {
         assert!(wait(w, Duration::from_secs(20)).success());
     }
+    // Resuming a finished run says so instead of training past its end.
+    let o = quorum()
+        .args(["ps", "--model", "synthetic", "--listen", "127.0.0.1:0", "--out", run.to_str().unwrap(), "--resume"])
+        .args(common)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("already completes this run of 3000 steps"), "{}", text(&o));
 }
 
 #[test]
