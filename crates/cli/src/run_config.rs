@@ -6,7 +6,7 @@ use crate::opts;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use quorum_compute::{GradientSource, LeastSquares};
-use quorum_core::{OnStall, OptimizerConfig, Policy, ServerConfig};
+use quorum_core::{OnStall, Policy, ServerConfig};
 use quorum_net::Encoding;
 use quorum_sim::{DelayModel, DelaySampler};
 use serde::{Deserialize, Serialize};
@@ -396,6 +396,11 @@ impl RunConfig {
         quorum_net::auth::Token::new(secret).map(Some).map_err(anyhow::Error::msg)
     }
 
+    /// The port of `listen` (7070 when it names none).
+    pub fn listen_port(&self) -> u16 {
+        port_of(&self.listen).unwrap_or(7070)
+    }
+
     /// The wire encoding.
     pub fn encoding(&self) -> Result<Encoding> {
         self.wire.parse().map_err(anyhow::Error::msg)
@@ -448,7 +453,7 @@ impl RunConfig {
     /// The state machine's configuration for a run of `steps` updates.
     pub fn server_config(&self, steps: u64) -> Result<ServerConfig> {
         let mut cfg = ServerConfig::new(self.workers, self.policy()?, self.lr as f32);
-        cfg.optimizer = if self.optimizer == "sgd" { OptimizerConfig::Sgd } else { opts::optimizer(&self.optimizer)? };
+        cfg.optimizer = opts::optimizer(&self.optimizer)?;
         cfg.schedule.decay = opts::decay(&self.lr_decay)?;
         cfg.schedule.warmup_steps = self.warmup;
         cfg.schedule.scale_by_aggregate = self.scale_lr;
@@ -492,6 +497,11 @@ impl RunConfig {
         std::fs::write(dir.join("config.toml"), self.to_toml()?)
             .with_context(|| format!("cannot write {}", dir.join("config.toml").display()))
     }
+}
+
+/// The port of a `host:port` address.
+pub fn port_of(addr: &str) -> Option<u16> {
+    addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
 }
 
 #[cfg(test)]

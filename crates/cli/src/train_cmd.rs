@@ -327,12 +327,16 @@ fn work(cfg: &RunConfig, index: u32, ps: &str) -> Result<()> {
     Ok(())
 }
 
+/// The cluster spec names the server's port: listen on it on every interface.
+fn all_interfaces(t: &Topology) -> String {
+    format!("0.0.0.0:{}", crate::run_config::port_of(&t.ps).unwrap_or(7070))
+}
+
 /// Runs `quorum ps`.
 pub fn ps(a: PsArgs) -> Result<()> {
     let Some(cfg) = resolve(&a.flags)? else { return Ok(()) };
-    let port = cfg.listen.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(7070);
     let mut listen = cfg.listen.clone();
-    if let Some(t) = topology::from_env(port)? {
+    if let Some(t) = topology::from_env(cfg.listen_port())? {
         println!("{t}");
         check_workers(&cfg, &t)?;
         if t.role != Role::Ps {
@@ -341,10 +345,7 @@ pub fn ps(a: PsArgs) -> Result<()> {
                 t.source
             );
         }
-        // The cluster spec names the server's port: listen on it on every interface.
-        if let Some((_, p)) = t.ps.rsplit_once(':') {
-            listen = format!("0.0.0.0:{p}");
-        }
+        listen = all_interfaces(&t);
     }
     serve(&cfg, &listen, a.resume)
 }
@@ -371,16 +372,12 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
 /// Runs `quorum node`: the role `TF_CONFIG` or Slurm gives this process.
 pub fn node(a: NodeArgs) -> Result<()> {
     let Some(cfg) = resolve(&a.flags)? else { return Ok(()) };
-    let port = cfg.listen.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(7070);
-    let t = topology::from_env(port)?
+    let t = topology::from_env(cfg.listen_port())?
         .context("quorum node needs TF_CONFIG or Slurm variables (SLURM_PROCID, ...); use `quorum ps` / `quorum worker` otherwise")?;
     println!("{t}");
     check_workers(&cfg, &t)?;
     match t.role {
-        Role::Ps => {
-            let p = t.ps.rsplit_once(':').map_or("7070", |(_, p)| p);
-            serve(&cfg, &format!("0.0.0.0:{p}"), a.resume)
-        }
+        Role::Ps => serve(&cfg, &all_interfaces(&t), a.resume),
         Role::Worker(i) => work(&cfg, i, &t.ps),
     }
 }

@@ -96,12 +96,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     Ok(())
 }
 
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(v.len() * 4);
-    v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
-    out
-}
-
 fn file_stem(step: u64) -> String {
     format!("ckpt-{step:010}")
 }
@@ -121,7 +115,7 @@ pub fn save(
     let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut add = |prefix: &str, flat: &[f32]| {
         for t in layout.tensors() {
-            named.push((format!("{prefix}/{}", t.name), t.shape.clone(), f32_bytes(&flat[t.range()])));
+            named.push((format!("{prefix}/{}", t.name), t.shape.clone(), crate::wire::encode(&flat[t.range()])));
         }
     };
     add("params", &snap.params);
@@ -246,7 +240,7 @@ pub fn load(
                     reason: format!("{name} is {:?} {:?}, expected F32 {:?}", view.dtype(), view.shape(), t.shape),
                 });
             }
-            flat.extend(view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            crate::wire::Encoding::F32.decode_into(view.data(), &mut flat).expect("an F32 view holds whole values");
         }
         Ok(Some(flat))
     };
