@@ -2,6 +2,7 @@
 //! libraries, prints results.
 
 mod opts;
+mod plot;
 mod run_config;
 mod sim_cmd;
 mod topology;
@@ -27,6 +28,8 @@ enum Command {
     Ps(Box<train_cmd::PsArgs>),
     /// Run one worker of a multi-host job.
     Worker(Box<train_cmd::WorkerArgs>),
+    /// Draw charts (PNG and SVG) from run directories or from a table of results.
+    Plot(Box<plot::PlotArgs>),
     /// Run whatever role TF_CONFIG or Slurm gives this process (server or worker).
     Node(Box<train_cmd::NodeArgs>),
 }
@@ -39,6 +42,7 @@ fn main() {
         Command::Ps(args) => train_cmd::ps(*args),
         Command::Worker(args) => train_cmd::worker(*args),
         Command::Node(args) => train_cmd::node(*args),
+        Command::Plot(args) => plot::run(*args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

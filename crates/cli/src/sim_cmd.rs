@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use quorum_compute::{GradientSource, LeastSquares};
 use quorum_core::{OnNewerParams, OptimizerConfig, Policy, ServerConfig};
-use quorum_sim::{simulate, sweep_backups, DelayModel, EvalOn, NetworkModel, SimConfig, SimReport};
+use quorum_sim::{simulate, sweep_backups, DelayModel, EvalOn, NetworkModel, Restart, SimConfig, SimReport};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -122,6 +122,25 @@ pub struct SimArgs {
     /// Compute threads for gradient math (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Workers join one by one over this many virtual seconds (async with a constant delay:
+    /// a staleness ramp from 0 to workers − 1).
+    #[arg(long)]
+    join_ramp: Option<f64>,
+    /// Stop an attempt as diverged once a mini-batch loss is non-finite or above this.
+    #[arg(long)]
+    divergence_loss: Option<f32>,
+    /// Random restarts: run this many attempts from different random weights (diverged ones
+    /// stop early) and keep the one with the best validation accuracy.
+    #[arg(long)]
+    restarts: Option<u32>,
+    /// Test accuracy to reach (0..1): summary.json records the step, time and examples when
+    /// the run first reached it.
+    #[arg(long)]
+    target: Option<f32>,
+    /// End the run as soon as --target is reached.
+    #[arg(long)]
+    #[serde(default)]
+    stop_at_target: bool,
     /// Directory for summary.json, events.jsonl, arrivals.csv, metrics.csv, workers.csv.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -168,6 +187,8 @@ impl SimArgs {
             self, file, model, dataset, data, validation, epochs, optimizer, lr_decay, warmup, ema, clip, eval_every,
             eval_on
         );
+        merge!(self, file, join_ramp, divergence_loss, restarts, target);
+        self.stop_at_target |= file.stop_at_target;
         self.scale_lr |= file.scale_lr;
         self.timing_only |= file.timing_only;
         Ok(self)
@@ -228,8 +249,18 @@ impl SimArgs {
             },
             record_events: true,
             record_arrivals: true,
-            divergence_loss: None,
+            // A non-finite loss always counts as divergence (and names it as such).
+            divergence_loss: Some(self.divergence_loss.unwrap_or(f32::INFINITY)),
+            join_ramp: self.join_ramp.unwrap_or(0.0),
+            target: self.target,
+            stop_at_target: self.stop_at_target,
         };
+        if self.stop_at_target && self.target.is_none() {
+            bail!("--stop-at-target needs --target ACCURACY (e.g. 0.95)");
+        }
+        if self.target.is_some_and(|t| !(0.0..=1.0).contains(&t)) {
+            bail!("--target is an accuracy between 0 and 1, e.g. 0.95");
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -255,7 +286,7 @@ pub fn run(args: SimArgs) -> Result<()> {
         r
     } else if model == "synthetic" {
         let mut src = LeastSquares::new(args.dim.unwrap_or(32), args.batch.unwrap_or(32), 0.1, cfg.seed);
-        let r = simulate(&cfg, Some(&mut src as &mut dyn GradientSource))?;
+        let r = attempts(&args, &cfg, &mut src)?;
         print_summary(&cfg, &r);
         println!("  distance to optimum   {:.5}", src.distance(&r.final_params));
         r
@@ -282,12 +313,19 @@ pub fn run(args: SimArgs) -> Result<()> {
             clf.train_set().len(),
             cfg.steps
         );
-        let r = simulate(&cfg, Some(&mut clf as &mut dyn GradientSource))?;
+        let r = attempts(&args, &cfg, &mut clf)?;
         print_summary(&cfg, &r);
         r
     };
     if let Some(dir) = &args.out {
         report.write_to(dir)?;
+        if !report.restarts.is_empty() {
+            let mut w = csv::Writer::from_path(dir.join("restarts.csv"))?;
+            for r in &report.restarts {
+                w.serialize(r)?;
+            }
+            w.flush()?;
+        }
         std::fs::write(dir.join("config.toml"), toml::to_string(&cfg).context("serialising config")?)?;
         println!(
             "  wrote {}/{{summary.json,events.jsonl,arrivals.csv,metrics.csv,workers.csv,config.toml}}",
@@ -295,6 +333,80 @@ pub fn run(args: SimArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Runs `--restarts K` attempts (one without the flag) and keeps the attempt with the best
+/// validation accuracy (lowest validation loss where there is no accuracy). Attempt `a`
+/// starts from the random weights of seed `seed + a`; the data order stays the same.
+fn attempts(args: &SimArgs, cfg: &SimConfig, src: &mut dyn GradientSource) -> Result<SimReport> {
+    let k = args.restarts.unwrap_or(1);
+    if k == 0 {
+        bail!("--restarts must be at least 1 (the number of attempts)");
+    }
+    if k == 1 {
+        let r = simulate(cfg, Some(src))?;
+        if r.summary.diverged {
+            bail!(
+                "training diverged at step {} (a loss was non-finite or above --divergence-loss); lower --lr, \
+                 add --warmup or --join-ramp, clip with --clip, or try --restarts 3",
+                r.summary.steps
+            );
+        }
+        return Ok(r);
+    }
+    let mut rows = Vec::new();
+    let mut best: Option<(f32, SimReport)> = None;
+    for a in 0..k {
+        let mut c = cfg.clone();
+        c.seed = cfg.seed + u64::from(a);
+        let mut r = simulate(&c, Some(&mut *src))?;
+        let mut row = Restart {
+            attempt: a,
+            seed: c.seed,
+            diverged: r.summary.diverged,
+            steps: r.summary.steps,
+            validation_loss: None,
+            validation_accuracy: None,
+            test_accuracy: r.summary.final_test_accuracy,
+            chosen: false,
+        };
+        if !r.summary.diverged {
+            let v = src.validate(&r.final_eval_params)?;
+            row.validation_loss = Some(v.loss);
+            row.validation_accuracy = v.accuracy;
+            r.summary.validation_accuracy = v.accuracy;
+            let score = v.accuracy.unwrap_or(-v.loss);
+            if best.as_ref().is_none_or(|(b, _)| score > *b) {
+                best = Some((score, r));
+            }
+        }
+        println!(
+            "attempt {a} (seed {}): {}",
+            c.seed,
+            if row.diverged {
+                format!("diverged at step {}", row.steps)
+            } else {
+                format!(
+                    "validation loss {:.4}{}",
+                    row.validation_loss.unwrap_or(f32::NAN),
+                    row.validation_accuracy.map_or(String::new(), |a| format!(", accuracy {:.2}%", 100.0 * a))
+                )
+            }
+        );
+        rows.push(row);
+    }
+    let Some((_, mut r)) = best else {
+        bail!(
+            "all {k} attempts diverged (a loss was non-finite or above --divergence-loss); lower --lr, add \
+             --warmup or --join-ramp, or clip with --clip"
+        );
+    };
+    for row in &mut rows {
+        row.chosen = row.seed == r.summary.seed;
+    }
+    println!("kept attempt with seed {} (best validation)", r.summary.seed);
+    r.restarts = rows;
+    Ok(r)
 }
 
 fn print_summary(cfg: &SimConfig, r: &SimReport) {
@@ -335,6 +447,14 @@ fn print_summary(cfg: &SimConfig, r: &SimReport) {
     }
     if let Some(a) = s.final_test_accuracy {
         println!("  final test accuracy   {:.2}%", 100.0 * a);
+    }
+    if let Some(t) = cfg.target {
+        match (s.target_step, s.target_seconds) {
+            (Some(step), Some(secs)) => {
+                println!("  reached {:.2}%         at step {step}, {secs:.1} virtual s", 100.0 * t)
+            }
+            _ => println!("  target {:.2}%          not reached", 100.0 * t),
+        }
     }
 }
 

@@ -51,6 +51,17 @@ pub struct SimConfig {
     /// Stop a run once its loss is non-finite or above this (divergence; see restarts).
     #[serde(default)]
     pub divergence_loss: Option<f32>,
+    /// Workers join one after another, spread evenly over this many virtual seconds (worker
+    /// 0 at once, the last at the end). With async and a constant compute time the staleness
+    /// is the number of joined workers minus one, so this ramps the staleness up.
+    #[serde(default)]
+    pub join_ramp: f64,
+    /// Test accuracy to reach: the summary records when the run first reached it.
+    #[serde(default)]
+    pub target: Option<f32>,
+    /// End the run once `target` is reached (for experiments that only ask how long it takes).
+    #[serde(default)]
+    pub stop_at_target: bool,
 }
 
 fn yes() -> bool {
@@ -73,6 +84,9 @@ impl SimConfig {
             record_events: true,
             record_arrivals: true,
             divergence_loss: None,
+            join_ramp: 0.0,
+            target: None,
+            stop_at_target: false,
         }
     }
 
@@ -87,6 +101,9 @@ impl SimConfig {
         }
         if self.network.latency < 0.0 || self.network.bandwidth.is_some_and(|b| b <= 0.0) {
             return Err(ConfigError::invalid("network latency must be >= 0 and bandwidth > 0"));
+        }
+        if !(self.join_ramp.is_finite() && self.join_ramp >= 0.0) {
+            return Err(ConfigError::invalid("join_ramp must be a finite number of seconds >= 0"));
         }
         Ok(())
     }

@@ -121,6 +121,10 @@ pub fn simulate<'a>(
         final_test_loss: None,
         final_test_accuracy: None,
         diverged: false,
+        target_step: None,
+        target_seconds: None,
+        target_examples: None,
+        validation_accuracy: None,
         delay: cfg.delay.to_string(),
         seed: cfg.seed,
     };
@@ -143,6 +147,8 @@ pub fn simulate<'a>(
             workers: Vec::new(),
             step_seconds: Vec::new(),
             final_params: Vec::new(),
+            final_eval_params: Vec::new(),
+            restarts: Vec::new(),
         },
         late_per_step: BTreeMap::new(),
         staleness_sum: 0,
@@ -156,8 +162,10 @@ pub fn simulate<'a>(
 
 impl Engine<'_> {
     fn run(&mut self) -> Result<(), SimError> {
-        let join_at = at(Duration::ZERO, self.cfg.network.delay(0));
+        let first = self.cfg.network.delay(0);
+        let spread = self.cfg.join_ramp / f64::from(self.cfg.server.workers.saturating_sub(1).max(1));
         for i in 0..self.cfg.server.workers {
+            let join_at = at(Duration::ZERO, first + spread * f64::from(i));
             self.queue.push(join_at, SimEvent::ToServer { from: WorkerId(i), msg: ToServer::Join });
         }
         while let Some((now, ev)) = self.queue.pop() {
@@ -301,6 +309,14 @@ impl Engine<'_> {
                         let ev = src.evaluate(&params)?;
                         row.test_loss = Some(ev.loss);
                         row.test_accuracy = ev.accuracy;
+                        let reached = self.cfg.target.is_some_and(|t| ev.accuracy.is_some_and(|a| a >= t));
+                        let s = &mut self.report.summary;
+                        if reached && s.target_step.is_none() {
+                            s.target_step = Some(done_steps);
+                            s.target_seconds = Some(row.virtual_seconds);
+                            s.target_examples = Some(row.examples);
+                            self.done |= self.cfg.stop_at_target;
+                        }
                     }
                 }
                 if self.source.is_some() {
@@ -336,6 +352,16 @@ impl Engine<'_> {
                         }
                         None => (Vec::new(), None),
                     };
+                    // A diverged model sends non-finite gradients, which the server rightly
+                    // refuses; when divergence is watched for, that ends the run instead.
+                    if let Some(limit) = self.cfg.divergence_loss {
+                        let bad_loss = loss.is_some_and(|l| !l.is_finite() || l > limit);
+                        if bad_loss || !gradient.iter().all(|x| x.is_finite()) {
+                            self.report.summary.diverged = true;
+                            self.done = true;
+                            return Ok(());
+                        }
+                    }
                     let arrive = at(now, self.cfg.network.delay(self.bytes));
                     self.queue
                         .push(arrive, SimEvent::ToServer { from: id, msg: ToServer::Push { step, gradient, loss } });
@@ -364,6 +390,10 @@ impl Engine<'_> {
             s.final_test_accuracy = m.test_accuracy;
         }
         self.report.final_params = self.server.params().to_vec();
+        self.report.final_eval_params = match (self.cfg.eval_on, self.server.ema()) {
+            (EvalOn::Ema, Some(e)) => e.to_vec(),
+            _ => self.report.final_params.clone(),
+        };
         self.report.workers = self
             .workers
             .into_iter()

@@ -19,5 +19,5 @@ pub mod sweep;
 pub use config::{EvalOn, SimConfig};
 pub use delay::{DelayModel, DelaySampler, NetworkModel};
 pub use engine::{simulate, SimError};
-pub use report::{Arrival, MetricRow, SimReport, Summary, WorkerStats};
+pub use report::{Arrival, MetricRow, Restart, SimReport, Summary, WorkerStats};
 pub use sweep::{sweep_backups, SweepRow};

@@ -93,6 +93,14 @@ pub struct Summary {
     pub final_test_accuracy: Option<f32>,
     /// Whether the run stopped early because its loss diverged.
     pub diverged: bool,
+    /// Updates applied when test accuracy first reached the target (`None`: never, or no target).
+    pub target_step: Option<u64>,
+    /// Virtual seconds at that point.
+    pub target_seconds: Option<f64>,
+    /// Training examples at that point.
+    pub target_examples: Option<u64>,
+    /// Accuracy on the validation split (set when restarts chose between attempts).
+    pub validation_accuracy: Option<f32>,
     /// Delay model.
     pub delay: String,
     /// Seed.
@@ -116,6 +124,31 @@ pub struct SimReport {
     pub step_seconds: Vec<f64>,
     /// The final parameters.
     pub final_params: Vec<f32>,
+    /// The parameters evaluation reads at the end (the EMA when evaluating on it).
+    pub final_eval_params: Vec<f32>,
+    /// One row per attempt when random restarts chose this run (restarts.csv).
+    pub restarts: Vec<Restart>,
+}
+
+/// One attempt of a run with random restarts.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Restart {
+    /// Attempt number, from 0.
+    pub attempt: u32,
+    /// Seed of its initial weights.
+    pub seed: u64,
+    /// Whether it diverged (and stopped early).
+    pub diverged: bool,
+    /// Updates it applied.
+    pub steps: u64,
+    /// Validation loss at the end (not for diverged attempts).
+    pub validation_loss: Option<f32>,
+    /// Validation accuracy at the end.
+    pub validation_accuracy: Option<f32>,
+    /// Test accuracy at the end (reported, never used to choose).
+    pub test_accuracy: Option<f32>,
+    /// The attempt kept.
+    pub chosen: bool,
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> std::io::Error {

@@ -163,3 +163,59 @@ fn slow_worker_is_the_one_whose_gradients_are_dropped() {
     assert!(slow.accepted < 5, "slow worker w0 contributed {} times", slow.accepted);
     assert!(r.workers[1..].iter().all(|w| w.accepted > 190));
 }
+
+#[test]
+fn constant_time_async_workers_give_exactly_workers_minus_one_staleness() {
+    let mut cfg = SimConfig::new(11, Policy::Async { max_staleness: None }, 500, DelayModel::Constant(1.0), 1);
+    cfg.record_events = true;
+    let r = simulate(&cfg, None).unwrap();
+    let late: Vec<u64> = r
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::GradientAccepted { staleness, step, .. } if *step >= 20 => Some(*staleness),
+            _ => None,
+        })
+        .collect();
+    assert!(!late.is_empty());
+    assert!(late.iter().all(|s| *s == 10), "staleness after warm-up: {:?}", &late[..10]);
+}
+
+#[test]
+fn join_ramp_raises_the_staleness_gradually() {
+    let mut cfg = SimConfig::new(11, Policy::Async { max_staleness: None }, 400, DelayModel::Constant(1.0), 1);
+    cfg.record_events = true;
+    cfg.join_ramp = 20.0;
+    let r = simulate(&cfg, None).unwrap();
+    let staleness_at = |t0: f64, t1: f64| -> Vec<u64> {
+        r.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::GradientAccepted { staleness, time, .. } if *time >= t0 && *time < t1 => Some(*staleness),
+                _ => None,
+            })
+            .collect()
+    };
+    let early = staleness_at(0.0, 5.0);
+    let late = staleness_at(25.0, 30.0);
+    assert!(early.iter().all(|s| *s <= 3), "early staleness {early:?}");
+    assert!(late.iter().all(|s| *s == 10), "late staleness {late:?}");
+}
+
+#[test]
+fn watched_divergence_ends_the_run_instead_of_failing_it() {
+    let mut src = LeastSquares::new(16, 16, 0.1, 1);
+    let mut cfg = SimConfig::new(2, Policy::Sync { aggregate: 2, backups: 0 }, 300, DelayModel::Exponential(1.0), 1);
+    // A learning rate far above 2/L: the iterates blow up.
+    cfg.server.schedule = quorum_core::LrSchedule::constant(50.0);
+    cfg.divergence_loss = Some(1e6);
+    let r = simulate(&cfg, Some(&mut src)).unwrap();
+    assert!(r.summary.diverged);
+    assert!(r.summary.steps < 300);
+
+    let mut cfg = cfg.clone();
+    cfg.server.schedule = quorum_core::LrSchedule::constant(0.1);
+    let r = simulate(&cfg, Some(&mut src)).unwrap();
+    assert!(!r.summary.diverged);
+    assert_eq!(r.summary.steps, 300);
+}
