@@ -91,6 +91,14 @@ pub struct RunConfig {
     /// The join token itself; never written to config.toml or printed.
     #[serde(skip_serializing)]
     pub token: Option<String>,
+    /// TLS: this process's certificate chain (PEM). With `tls-key`, the server serves TLS and a
+    /// worker presents it as its client certificate (mutual TLS).
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: the private key of `tls-cert` (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// TLS: the CA (PEM) the other side's certificate must chain to. On a worker: whom to trust
+    /// as the server (turns TLS on). On the server: require client certificates signed by it.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Default for RunConfig {
@@ -131,6 +139,9 @@ impl Default for RunConfig {
             threads: None,
             out: "runs/train".into(),
             token_file: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
             token: None,
         }
     }
@@ -288,6 +299,18 @@ pub struct RunFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     token_file: Option<PathBuf>,
+    /// TLS certificate (PEM) of this process.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) of this process.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_key: Option<PathBuf>,
+    /// TLS CA (PEM) the other side must chain to (on the server: require client certificates).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_ca: Option<PathBuf>,
 }
 
 impl RunFlags {
@@ -315,6 +338,9 @@ impl RunConfig {
     pub fn validate(&self) -> Result<()> {
         if self.workers == 0 {
             bail!("workers must be at least 1");
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            bail!("tls-cert and tls-key go together: give both or neither");
         }
         if self.batch == 0 {
             bail!("batch must be at least 1");
@@ -381,6 +407,11 @@ impl RunConfig {
         quorum_compute::ModelSpec::parse(&self.model).map_err(anyhow::Error::msg)?;
         self.dataset.parse::<quorum_compute::data::DatasetName>().map_err(anyhow::Error::msg)?;
         Ok(None)
+    }
+
+    /// The TLS files (none set: plain text).
+    pub fn tls(&self) -> quorum_net::tls::TlsFiles {
+        quorum_net::tls::TlsFiles { cert: self.tls_cert.clone(), key: self.tls_key.clone(), ca: self.tls_ca.clone() }
     }
 
     /// The join token: `QUORUM_TOKEN`, else `token-file`, else `token`.

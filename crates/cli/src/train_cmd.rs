@@ -144,6 +144,7 @@ fn server_options(cfg: &RunConfig, resume: bool, progress: bool) -> Result<Serve
     });
     opts.run_config = Some(cfg.to_toml()?);
     opts.token = cfg.token()?;
+    opts.tls = cfg.tls();
     if progress {
         opts.progress = Some(Box::new(progress_printer()));
     }
@@ -158,6 +159,7 @@ fn worker_options(cfg: &RunConfig, index: u32, server: &str) -> Result<WorkerOpt
     wo.delay = cfg.delay_sampler()?;
     wo.seed = cfg.seed;
     wo.token = cfg.token()?;
+    wo.tls = cfg.tls();
     Ok(wo)
 }
 

@@ -326,3 +326,48 @@ fn a_frozen_worker_is_declared_gone_and_training_does_not_wait_for_it() {
     let worst = t.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
     assert!(worst < 2.0, "a step took {worst} s");
 }
+
+#[test]
+fn too_few_workers_stop_the_server_after_the_stall_timeout_with_a_checkpoint_naming_the_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("ps");
+    // N = 3 with no backups, but only workers 0 and 1 ever come.
+    let common = ["--workers", "3", "--backups", "0", "--steps", "100000", "--lr", "0.2"];
+    let mut ps = quorum()
+        .args(["ps", "--model", "synthetic", "--listen", "127.0.0.1:0", "--out", run.to_str().unwrap()])
+        .args(common)
+        .args(["--worker-timeout", "1", "--stall-timeout", "8"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(ps.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("ps prints its address").unwrap();
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let mut workers: Vec<Proc> = (0..2).map(|i| start_worker(&common, &addr, i)).collect();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = ps.try_wait().unwrap() {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the server waited forever");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut ps.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("missing: w2;"), "{err}");
+    let s = json(&run.join("summary.json"));
+    assert_eq!(s["steps"], 0, "no step closed without N gradients");
+    assert!(s["stop_reason"].as_str().unwrap().contains("w2"), "{s}");
+    assert!(!checkpoint_steps(&run.join("checkpoints")).is_empty(), "a checkpoint was written at the stop");
+    // The workers are told to stop and exit on their own.
+    for w in &mut workers {
+        assert!(wait(w, Duration::from_secs(20)).success());
+    }
+}

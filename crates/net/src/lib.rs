@@ -10,6 +10,7 @@ pub mod auth;
 pub mod checkpoint;
 pub mod server;
 pub mod tensorboard;
+pub mod tls;
 pub mod wire;
 pub mod worker;
 

@@ -56,6 +56,9 @@ pub struct ServerOptions {
     pub progress: Option<ProgressFn>,
     /// Join token every RPC must carry (required for servers reachable from other machines).
     pub token: Option<crate::auth::Token>,
+    /// TLS files: with a certificate and key the server speaks TLS; with a CA as well,
+    /// workers must present a certificate signed by it (mutual TLS).
+    pub tls: crate::tls::TlsFiles,
 }
 
 impl ServerOptions {
@@ -75,6 +78,7 @@ impl ServerOptions {
             run_config: None,
             progress: None,
             token: None,
+            tls: crate::tls::TlsFiles::default(),
         }
     }
 }
@@ -364,6 +368,9 @@ pub enum NetError {
     /// The gRPC transport failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// A TLS file could not be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Per-worker counters and timing samples (workers.csv).
@@ -664,8 +671,12 @@ pub async fn run_server(
         s.set_nodelay(true)?;
         Ok::<_, std::io::Error>(s)
     });
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = opts.tls.server()? {
+        builder = builder.tls_config(tls)?;
+    }
     let grpc = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             // Parameters and gradients are megabytes: HTTP/2's 64 KiB default window would
             // make every transfer wait for window updates.
             .initial_stream_window_size(WINDOW)

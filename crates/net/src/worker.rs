@@ -32,6 +32,9 @@ pub struct WorkerOptions {
     pub seed: u64,
     /// Join token sent with every RPC.
     pub token: Option<crate::auth::Token>,
+    /// TLS files: `ca` to trust the server, `cert` + `key` to present for mutual TLS. With
+    /// any of them the worker speaks TLS (an `http://` address is upgraded to `https://`).
+    pub tls: crate::tls::TlsFiles,
 }
 
 impl WorkerOptions {
@@ -45,6 +48,7 @@ impl WorkerOptions {
             delay: None,
             seed: 1,
             token: None,
+            tls: crate::tls::TlsFiles::default(),
         }
     }
 }
@@ -85,6 +89,9 @@ pub enum WorkerError {
         /// The server's message.
         message: String,
     },
+    /// A TLS file could not be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The gradient computation failed.
     #[error("worker {worker}: {source}")]
     Compute {
@@ -97,38 +104,40 @@ pub enum WorkerError {
 
 type Client = ParameterServerClient<InterceptedService<Channel, AddToken>>;
 
+/// The endpoint to dial: the address, upgraded to TLS when the options carry TLS files.
+fn endpoint(opts: &WorkerOptions) -> Result<(tonic::transport::Endpoint, String), WorkerError> {
+    let addr = match opts.server.strip_prefix("http://") {
+        Some(rest) if opts.tls.enabled() => format!("https://{rest}"),
+        _ => opts.server.clone(),
+    };
+    let invalid = |last: String| WorkerError::Unreachable { addr: addr.clone(), secs: 0.0, last };
+    let mut ep = Channel::from_shared(addr.clone()).map_err(|e| invalid(format!("invalid address: {e}")))?;
+    let host = ep.uri().host().unwrap_or("localhost").to_string();
+    if let Some(tls) = opts.tls.client(&host)? {
+        ep = ep.tls_config(tls).map_err(|e| invalid(format!("TLS set-up: {e}")))?;
+    }
+    let ep = ep
+        .initial_stream_window_size(crate::server::WINDOW)
+        .initial_connection_window_size(2 * crate::server::WINDOW)
+        .max_frame_size(crate::server::FRAME);
+    Ok((ep, addr))
+}
+
 async fn connect(opts: &WorkerOptions) -> Result<Client, WorkerError> {
     let start = Instant::now();
     let mut backoff = Duration::from_millis(50);
+    let (ep, addr) = endpoint(opts)?;
     loop {
-        let err = match Channel::from_shared(opts.server.clone()) {
-            Ok(ep) => match ep
-                .initial_stream_window_size(crate::server::WINDOW)
-                .initial_connection_window_size(2 * crate::server::WINDOW)
-                .max_frame_size(crate::server::FRAME)
-                .connect()
-                .await
-            {
-                Ok(ch) => {
-                    return Ok(ParameterServerClient::with_interceptor(ch, AddToken(opts.token.clone()))
-                        .max_decoding_message_size(8 << 20))
-                }
-                Err(e) => e.to_string(),
-            },
-            Err(e) => {
-                return Err(WorkerError::Unreachable {
-                    addr: opts.server.clone(),
-                    secs: 0.0,
-                    last: format!("invalid address: {e}"),
-                });
+        let err = match ep.connect().await {
+            Ok(ch) => {
+                return Ok(ParameterServerClient::with_interceptor(ch, AddToken(opts.token.clone()))
+                    .max_decoding_message_size(8 << 20))
             }
+            // The transport error's source says why (refused, TLS handshake, ...).
+            Err(e) => std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| format!("{e}: {s}")),
         };
         if start.elapsed() >= opts.connect_timeout {
-            return Err(WorkerError::Unreachable {
-                addr: opts.server.clone(),
-                secs: start.elapsed().as_secs_f64(),
-                last: err,
-            });
+            return Err(WorkerError::Unreachable { addr, secs: start.elapsed().as_secs_f64(), last: err });
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -139,16 +148,20 @@ async fn connect(opts: &WorkerOptions) -> Result<Client, WorkerError> {
 enum SessionEnd {
     /// The server said stop.
     Stopped,
-    /// The connection broke: reconnect and join again.
-    Lost(String),
+    /// The connection broke: reconnect and join again. `joined`: the session got as far as
+    /// a successful join (else the link never worked, e.g. a TLS handshake the server refused).
+    Lost { why: String, joined: bool },
 }
 
 /// A broken link (the server died or restarts) as opposed to a refusal.
 fn lost_or_refused(worker: u32, s: tonic::Status) -> Result<SessionEnd, WorkerError> {
+    // An HTTP/2 error is the link, not the server's answer (e.g. plain text against TLS).
+    let link = s.message().starts_with("h2 protocol error");
     match s.code() {
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Aborted => {
-            Ok(SessionEnd::Lost(s.message().to_string()))
+            Ok(SessionEnd::Lost { why: s.message().to_string(), joined: true })
         }
+        _ if link => Ok(SessionEnd::Lost { why: s.message().to_string(), joined: true }),
         _ => Err(WorkerError::Refused { worker, message: s.message().to_string() }),
     }
 }
@@ -172,13 +185,31 @@ pub async fn run_worker(
     rng.set_stream(opts.index as u64 + 1);
     let mut source = Some(source);
     let mut draws = 0;
+    // Since when connections open but never get as far as a join (bounded by connect_timeout).
+    let mut failing_since: Option<Instant> = None;
     loop {
         let mut client = connect(&opts).await?;
         match session(&opts, &mut client, &mut source, &mut rng, &mut draws, &mut report).await? {
             SessionEnd::Stopped => return Ok(report),
-            SessionEnd::Lost(why) => {
-                report.reconnects += 1;
-                eprintln!("worker {}: lost the parameter server ({why}); reconnecting", opts.index);
+            SessionEnd::Lost { why, joined } => {
+                if joined {
+                    failing_since = None;
+                    report.reconnects += 1;
+                    eprintln!("worker {}: lost the parameter server ({why}); reconnecting", opts.index);
+                } else {
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= opts.connect_timeout {
+                        return Err(WorkerError::Unreachable {
+                            addr: opts.server.clone(),
+                            secs: since.elapsed().as_secs_f64(),
+                            last: format!(
+                                "connected, but every join failed: {why}; if the server uses TLS, check this \
+                                 worker's tls-ca (and tls-cert/tls-key when it requires client certificates)"
+                            ),
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
         }
     }
@@ -194,7 +225,15 @@ async fn session(
 ) -> Result<SessionEnd, WorkerError> {
     let w = opts.index;
     let num_params = source.as_ref().expect("source present between computations").layout().len();
-    let join = rpc!(w, client.join(JoinRequest { worker: w, num_params: num_params as u64 }).await).into_inner();
+    let join = match client.join(JoinRequest { worker: w, num_params: num_params as u64 }).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            return lost_or_refused(w, s).map(|end| match end {
+                SessionEnd::Lost { why, .. } => SessionEnd::Lost { why, joined: false },
+                other => other,
+            })
+        }
+    };
     if join.stop {
         return Ok(SessionEnd::Stopped);
     }
@@ -202,13 +241,32 @@ async fn session(
     let mut min_step = join.step;
     loop {
         // Pull the newest parameters (at least `min_step`).
+        // The pull waits until the step opens, which takes as long as the slowest of the N
+        // gradients (or the stall timeout): heartbeat meanwhile, so waiting is not taken for death.
         let t_pull = Instant::now();
-        let mut stream = rpc!(w, client.pull(PullRequest { worker: w, min_step }).await).into_inner();
+        let mut beat = client.clone();
+        let (mut stream, mut next) = {
+            let first = async {
+                let mut stream = client.pull(PullRequest { worker: w, min_step }).await?.into_inner();
+                let next = stream.next().await;
+                Ok::<_, tonic::Status>((stream, next))
+            };
+            tokio::pin!(first);
+            loop {
+                tokio::select! {
+                    r = &mut first => break rpc!(w, r),
+                    _ = tokio::time::sleep(opts.heartbeat_every) => {
+                        let _ = beat.heartbeat(HeartbeatRequest { worker: w }).await;
+                    }
+                }
+            }
+        };
         let mut asm = Assembler::default();
         let mut step = None;
         let mut first_chunk = None;
-        while let Some(chunk) = stream.next().await {
+        while let Some(chunk) = next.take() {
             let c = rpc!(w, chunk);
+            next = stream.next().await;
             first_chunk.get_or_insert_with(Instant::now);
             if c.stop {
                 return Ok(SessionEnd::Stopped);
@@ -219,7 +277,9 @@ async fn session(
         }
         // Waiting for the step to open is not transfer: time from the first chunk.
         let pull_seconds = first_chunk.map_or(t_pull.elapsed(), |t| t.elapsed()).as_secs_f64();
-        let Some(step) = step else { return Ok(SessionEnd::Lost("empty parameter stream".into())) };
+        let Some(step) = step else {
+            return Ok(SessionEnd::Lost { why: "empty parameter stream".into(), joined: true });
+        };
         let params = asm
             .finish()
             .map_err(|e| WorkerError::Refused { worker: w, message: format!("malformed parameters: {e}") })?;

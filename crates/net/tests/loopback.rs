@@ -237,3 +237,97 @@ async fn workers_without_the_right_join_token_are_refused_and_nothing_is_applied
     run_worker(wo, Box::new(src.clone())).await.unwrap();
     assert_eq!(server.await.unwrap().unwrap().steps, 5);
 }
+
+/// PEM files of a throw-away PKI: a CA, a server certificate for 127.0.0.1 and a client
+/// certificate signed by it, and a client certificate from another CA.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: String| std::fs::write(dir.path().join(name), text).unwrap();
+        let ca = |name: &str| {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name.push(rcgen::DnType::CommonName, name);
+            (p.self_signed(&key).unwrap(), key)
+        };
+        let leaf = |sans: Vec<String>, usage, issuer: &(rcgen::Certificate, KeyPair)| {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(sans).unwrap();
+            p.extended_key_usages = vec![usage];
+            (p.signed_by(&key, &issuer.0, &issuer.1).unwrap(), key)
+        };
+        let good = ca("quorum test CA");
+        let rogue = ca("someone else's CA");
+        write("ca.pem", good.0.pem());
+        write("rogue-ca.pem", rogue.0.pem());
+        for (name, (cert, key)) in [
+            ("server", leaf(vec!["127.0.0.1".into(), "localhost".into()], ExtendedKeyUsagePurpose::ServerAuth, &good)),
+            ("client", leaf(vec!["worker".into()], ExtendedKeyUsagePurpose::ClientAuth, &good)),
+            ("rogue", leaf(vec!["worker".into()], ExtendedKeyUsagePurpose::ClientAuth, &rogue)),
+        ] {
+            write(&format!("{name}.pem"), cert.pem());
+            write(&format!("{name}.key"), key.serialize_pem());
+        }
+        Pki { dir }
+    }
+
+    fn files(&self, cert: Option<&str>, ca: Option<&str>) -> quorum_net::tls::TlsFiles {
+        let p = |f: String| Some(self.dir.path().join(f));
+        quorum_net::tls::TlsFiles {
+            cert: cert.and_then(|c| p(format!("{c}.pem"))),
+            key: cert.and_then(|c| p(format!("{c}.key"))),
+            ca: ca.and_then(|c| p(format!("{c}.pem"))),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_admits_only_workers_with_a_certificate_from_the_servers_ca() {
+    let pki = Pki::new();
+    let (mut opts, src) = options(1, Policy::Sync { aggregate: 1, backups: 0 }, 5, None);
+    opts.tls = pki.files(Some("server"), Some("ca"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(run_server(listener, opts, async {
+        let _ = stop_rx.await;
+    }));
+    let attempt = |tls: quorum_net::tls::TlsFiles| {
+        let mut wo = WorkerOptions::new(0, format!("http://{addr}"));
+        wo.connect_timeout = Duration::from_millis(1500);
+        wo.tls = tls;
+        run_worker(wo, Box::new(src.clone()) as Box<dyn GradientSource + Send>)
+    };
+    // No TLS at all, no client certificate, a certificate from another CA, and a worker that
+    // does not trust the server's CA: each is turned away before any RPC reaches the loop.
+    for (what, tls) in [
+        ("plain text", pki.files(None, None)),
+        ("no client certificate", pki.files(None, Some("ca"))),
+        ("a certificate from another CA", pki.files(Some("rogue"), Some("ca"))),
+        ("a worker that distrusts the server", pki.files(Some("client"), Some("rogue-ca"))),
+    ] {
+        let err = attempt(tls).await.expect_err(what).to_string();
+        eprintln!("{what}: {err}");
+        assert!(err.contains("cannot reach the parameter server"), "{what}: {err}");
+    }
+    stop_tx.send(()).unwrap();
+    let summary = server.await.unwrap().unwrap();
+    assert_eq!((summary.steps, summary.accepted), (0, 0), "nothing was applied");
+
+    // A worker with a certificate from the server's CA trains.
+    let (mut opts, _) = options(1, Policy::Sync { aggregate: 1, backups: 0 }, 5, None);
+    opts.tls = pki.files(Some("server"), Some("ca"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let mut wo = WorkerOptions::new(0, format!("http://{addr}"));
+    wo.tls = pki.files(Some("client"), Some("ca"));
+    run_worker(wo, Box::new(src.clone())).await.unwrap();
+    assert_eq!(server.await.unwrap().unwrap().steps, 5);
+}
