@@ -576,6 +576,16 @@ mod tests {
     }
 
     #[test]
+    fn tls_files_come_from_the_file_or_flags() {
+        let c = with_file("tls-cert = \"a.pem\"\ntls-key = \"a.key\"\n", &["--tls-ca", "ca.pem"]).unwrap();
+        let t = c.tls();
+        assert!(t.enabled());
+        assert_eq!(t.ca.as_deref(), Some(std::path::Path::new("ca.pem")));
+        assert_eq!(t.cert.as_deref(), Some(std::path::Path::new("a.pem")));
+        assert!(!RunConfig::default().tls().enabled());
+    }
+
+    #[test]
     fn an_unknown_key_is_named() {
         let e = format!("{:#}", with_file("wokers = 3\n", &[]).unwrap_err());
         assert!(e.contains("unknown field `wokers`"), "{e}");
@@ -595,6 +605,7 @@ mod tests {
             ("delay = \"weibull:1\"\n", "weibull"),
             ("optimizer = \"lbfgs\"\n", "unknown optimizer `lbfgs`"),
             ("workers = \"four\"\n", "invalid type"),
+            ("tls-cert = \"server.pem\"\n", "tls-cert and tls-key go together"),
         ];
         for (text, want) in cases {
             let e = format!("{:#}", with_file(text, &[]).unwrap_err());

@@ -6,15 +6,19 @@
 //! least-squares source with a known optimum for fast tests and simulations.
 
 pub mod batch;
+#[cfg(feature = "models")]
 pub mod classifier;
 pub mod data;
+#[cfg(feature = "models")]
 pub mod model;
 pub mod source;
 pub mod synthetic;
 
 pub use batch::BatchPlan;
+#[cfg(feature = "models")]
 pub use classifier::Classifier;
 pub use data::{Dataset, DatasetName};
+#[cfg(feature = "models")]
 pub use model::ModelSpec;
 pub use source::{BatchId, ComputeError, Evaluation, GradientSource};
 pub use synthetic::LeastSquares;

@@ -284,32 +284,14 @@ impl ParameterServer for Service {
 
     async fn push(&self, req: Request<Streaming<GradientChunk>>) -> Result<Response<PushReply>, Status> {
         let mut stream = req.into_inner();
-        let mut asm = Assembler::default();
-        let mut head: Option<GradientChunk> = None;
+        let mut asm = PushAssembler::new(self.num_params);
         let mut first_at = None;
         while let Some(chunk) = stream.next().await {
-            let c = chunk?;
             first_at.get_or_insert_with(Instant::now);
-            let worker = c.worker;
-            let malformed =
-                |e: String| Status::invalid_argument(format!("malformed gradient from worker {worker}: {e}"));
-            asm.push(c.offset, c.total, &c.data, Encoding::from_flag(c.bf16), self.num_params).map_err(malformed)?;
-            match &head {
-                None => head = Some(GradientChunk { data: Vec::new(), ..c }),
-                Some(h) if h.worker != c.worker || h.step != c.step => {
-                    return Err(malformed(format!(
-                        "the stream mixes worker/step ({}, {}) and ({}, {})",
-                        h.worker, h.step, c.worker, c.step
-                    )));
-                }
-                Some(_) => {}
-            }
+            asm.add(chunk?).map_err(Status::invalid_argument)?;
         }
-        let head = head.ok_or_else(|| Status::invalid_argument("empty gradient stream"))?;
+        let (head, gradient) = asm.finish().map_err(Status::invalid_argument)?;
         let (worker, step) = (head.worker, head.step);
-        let gradient = asm
-            .finish()
-            .map_err(|e| Status::invalid_argument(format!("malformed gradient from worker {worker}: {e}")))?;
         let receive = first_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
         let timing = Timing { compute: head.compute_seconds, transfer: head.pull_seconds + receive };
         let loss = (!head.loss.is_nan()).then_some(head.loss);
@@ -371,6 +353,49 @@ pub enum NetError {
     /// A TLS file could not be used.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+}
+
+/// Reassembles one pushed gradient from its stream of chunks, checking everything a
+/// worker could get wrong (offsets, totals, lengths, mixed senders) before anything reaches
+/// the protocol loop. Synchronous and free of I/O, so the fuzz target drives exactly this.
+#[derive(Debug)]
+pub struct PushAssembler {
+    asm: Assembler,
+    head: Option<GradientChunk>,
+    num_params: usize,
+}
+
+impl PushAssembler {
+    /// For a model of `num_params` parameters.
+    pub fn new(num_params: usize) -> Self {
+        PushAssembler { asm: Assembler::default(), head: None, num_params }
+    }
+
+    /// Adds the next chunk.
+    pub fn add(&mut self, c: GradientChunk) -> Result<(), String> {
+        let worker = c.worker;
+        let malformed = |e: String| format!("malformed gradient from worker {worker}: {e}");
+        self.asm.push(c.offset, c.total, &c.data, Encoding::from_flag(c.bf16), self.num_params).map_err(malformed)?;
+        match &self.head {
+            None => self.head = Some(GradientChunk { data: Vec::new(), ..c }),
+            Some(h) if h.worker != c.worker || h.step != c.step => {
+                return Err(malformed(format!(
+                    "the stream mixes worker/step ({}, {}) and ({}, {})",
+                    h.worker, h.step, c.worker, c.step
+                )));
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
+    /// The first chunk (worker, step, loss, timings; without data) and the gradient.
+    pub fn finish(self) -> Result<(GradientChunk, Vec<f32>), String> {
+        let head = self.head.ok_or_else(|| "empty gradient stream".to_string())?;
+        let worker = head.worker;
+        let gradient = self.asm.finish().map_err(|e| format!("malformed gradient from worker {worker}: {e}"))?;
+        Ok((head, gradient))
+    }
 }
 
 /// Per-worker counters and timing samples (workers.csv).

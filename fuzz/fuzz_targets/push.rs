@@ -1,0 +1,49 @@
+//! Fuzzes what a parameter server does with a pushed gradient: protobuf decoding of the
+//! chunk stream, reassembly and its checks (`PushAssembler`, the handler's own code), then
+//! the protocol core's validation (`Server::handle`). Whatever the bytes, nothing may panic,
+//! a refused push leaves the parameters and the step unchanged, and parameters stay finite.
+//!
+//! Input: byte 0 picks the model size (1..=64 parameters), the rest is a sequence of
+//! length-delimited `GradientChunk` messages, as they arrive on the wire.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use prost::Message;
+use quorum_core::{ParamLayout, Policy, Server, ServerConfig, ToServer, WorkerId};
+use quorum_net::proto::GradientChunk;
+use quorum_net::server::PushAssembler;
+use std::time::Duration;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&size, mut rest)) = data.split_first() else { return };
+    let n = 1 + size as usize % 64;
+    let layout = ParamLayout::from_shapes([("w", vec![n])]).unwrap();
+    let cfg = ServerConfig::new(3, Policy::Sync { aggregate: 2, backups: 1 }, 0.1);
+    let mut server = Server::new(cfg, layout, vec![0.5; n]).unwrap();
+    for w in 0..3 {
+        server.handle(Duration::ZERO, WorkerId(w), ToServer::Join).unwrap();
+    }
+    let mut asm = PushAssembler::new(n);
+    while !rest.is_empty() {
+        let Ok(chunk) = GradientChunk::decode_length_delimited(&mut rest) else { return };
+        if asm.add(chunk).is_err() {
+            return;
+        }
+    }
+    let Ok((head, gradient)) = asm.finish() else { return };
+    assert!(gradient.len() <= n, "reassembly never exceeds the model (the core refuses other lengths)");
+    let before = (server.params().to_vec(), server.step());
+    let push = ToServer::Push { step: head.step, gradient, loss: None };
+    let accepted = server.handle(Duration::from_millis(1), WorkerId(head.worker), push).is_ok();
+    // One push of two cannot close a step, accepted or not.
+    assert_eq!(server.step(), before.1);
+    assert_eq!(server.params(), &before.0[..]);
+    // A well-behaved worker completes the step: the update must be finite.
+    let other = if head.worker == 0 { 1 } else { 0 };
+    let good = ToServer::Push { step: 0, gradient: vec![0.25; n], loss: None };
+    server.handle(Duration::from_millis(2), WorkerId(other), good).unwrap();
+    if accepted && head.worker < 3 && head.step == 0 {
+        assert_eq!(server.step(), 1);
+    }
+    assert!(server.params().iter().all(|x| x.is_finite()), "parameters stay finite");
+});
