@@ -487,7 +487,11 @@ fn plot_table(path: &Path, x: &str, y: &str, group: Option<&str>, title: Option<
     println!("| {} | {x} | {y} (mean) | min | max | runs |", group.unwrap_or("series"));
     println!("|---|---:|---:|---:|---:|---:|");
     for a in &agg {
-        println!("| {} | {} | {:.4} | {:.4} | {:.4} | {} |", a.group, a.x, a.mean, a.min, a.max, a.n);
+        if a.n == 0 {
+            println!("| {} | {} | — | — | — | 0 |", a.group, a.x);
+        } else {
+            println!("| {} | {} | {:.4} | {:.4} | {:.4} | {} |", a.group, a.x, a.mean, a.min, a.max, a.n);
+        }
     }
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
