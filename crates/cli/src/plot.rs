@@ -8,6 +8,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::collections::BTreeMap;
@@ -142,6 +143,36 @@ fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow::anyhow!("drawing failed: {e}")
 }
 
+type Chart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A titled chart over `x` × `y`, every chart in the same style.
+fn frame<'a, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, Shift>,
+    title: &str,
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+) -> Result<Chart<'a, DB>> {
+    ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 24))
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(80)
+        .build_cartesian_2d(x, y)
+        .map_err(plot_err)
+}
+
+/// The legend box.
+fn legend<'a, DB: DrawingBackend + 'a>(chart: &mut Chart<'a, DB>, position: SeriesLabelPosition) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .label_font(("sans-serif", 15))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)
+}
+
 /// One named series of (x, y) points.
 struct Line {
     label: String,
@@ -189,13 +220,7 @@ fn lines_upto<DB: DrawingBackend>(
         x1 = x1.min(m);
     }
     let (y0, y1) = span(series.iter().flat_map(|l| l.points.iter().map(|p| p.1)));
-    let mut chart = ChartBuilder::on(area)
-        .caption(title, ("sans-serif", 24))
-        .margin(12)
-        .x_label_area_size(45)
-        .y_label_area_size(70)
-        .build_cartesian_2d(x0..x1, y0..y1)
-        .map_err(plot_err)?;
+    let mut chart = frame(area, title, x0..x1, y0..y1)?;
     chart.configure_mesh().x_desc(xl).y_desc(yl).label_style(("sans-serif", 15)).draw().map_err(plot_err)?;
     for (i, l) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
@@ -205,15 +230,7 @@ fn lines_upto<DB: DrawingBackend>(
             .label(l.label.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font(("sans-serif", 15))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_err)?;
-    Ok(())
+    legend(&mut chart, SeriesLabelPosition::LowerRight)
 }
 
 /// Overlaid histograms (outlined, shared bins) of each run's values.
@@ -250,13 +267,7 @@ fn histogram<DB: DrawingBackend>(
         points.push((bins as f64 * width, 0.0));
         series.push(Line::new(label, points));
     }
-    let mut chart = ChartBuilder::on(area)
-        .caption(title, ("sans-serif", 24))
-        .margin(12)
-        .x_label_area_size(45)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0.0..bins as f64 * width, 0.0..top * 1.08 + 1e-9)
-        .map_err(plot_err)?;
+    let mut chart = frame(area, title, 0.0..bins as f64 * width, 0.0..top * 1.08 + 1e-9)?;
     chart
         .configure_mesh()
         .x_desc("seconds per step (the last bin holds everything beyond)")
@@ -274,27 +285,14 @@ fn histogram<DB: DrawingBackend>(
             .label(l.label.clone())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], color.filled()));
     }
-    chart
-        .configure_series_labels()
-        .label_font(("sans-serif", 15))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_err)?;
-    Ok(())
+    legend(&mut chart, SeriesLabelPosition::UpperRight)
 }
 
 /// Per-worker bars, one colour per run.
 fn bars<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, title: &str, runs: &[(String, Vec<f64>)]) -> Result<()> {
     let workers = runs.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
     let top = runs.iter().flat_map(|(_, v)| v.iter().copied()).filter(|v| v.is_finite()).fold(0.0, f64::max);
-    let mut chart = ChartBuilder::on(area)
-        .caption(title, ("sans-serif", 24))
-        .margin(12)
-        .x_label_area_size(45)
-        .y_label_area_size(70)
-        .build_cartesian_2d(-0.5..workers as f64 - 0.5, 0.0..top * 1.1 + 1e-9)
-        .map_err(plot_err)?;
+    let mut chart = frame(area, title, -0.5..workers as f64 - 0.5, 0.0..top * 1.1 + 1e-9)?;
     chart
         .configure_mesh()
         .x_desc("worker")
@@ -318,14 +316,7 @@ fn bars<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, title: &str, runs: &[
             .label(label.clone())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], color.filled()));
     }
-    chart
-        .configure_series_labels()
-        .label_font(("sans-serif", 15))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_err)?;
-    Ok(())
+    legend(&mut chart, SeriesLabelPosition::UpperRight)
 }
 
 /// One evaluation point of a run.
@@ -516,13 +507,7 @@ fn table_chart<DB: DrawingBackend>(
     let ok: Vec<&Aggregate> = agg.iter().filter(|a| a.n > 0).collect();
     let (x0, x1) = span(ok.iter().map(|a| a.x));
     let (y0, y1) = span(ok.iter().flat_map(|a| [a.min, a.max]));
-    let mut chart = ChartBuilder::on(area)
-        .caption(title, ("sans-serif", 24))
-        .margin(12)
-        .x_label_area_size(45)
-        .y_label_area_size(80)
-        .build_cartesian_2d(x0..x1, y0..y1)
-        .map_err(plot_err)?;
+    let mut chart = frame(area, title, x0..x1, y0..y1)?;
     chart.configure_mesh().x_desc(xl).y_desc(yl).label_style(("sans-serif", 15)).draw().map_err(plot_err)?;
     let mut groups: Vec<&str> = ok.iter().map(|a| a.group.as_str()).collect();
     groups.dedup();
@@ -541,14 +526,7 @@ fn table_chart<DB: DrawingBackend>(
             )
             .map_err(plot_err)?;
     }
-    chart
-        .configure_series_labels()
-        .label_font(("sans-serif", 15))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_err)?;
-    Ok(())
+    legend(&mut chart, SeriesLabelPosition::UpperRight)
 }
 
 #[cfg(test)]

@@ -116,7 +116,13 @@ fn start_ps(args: &[&str], out: &Path) -> (Proc, String) {
     if !args.contains(&"--listen") {
         cmd.args(["--listen", "127.0.0.1:0"]);
     }
-    let mut child = cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let (child, addr) = spawn_ps(cmd.args(args).stderr(Stdio::null()));
+    (Proc(child), addr)
+}
+
+/// Spawns a `quorum ps` command and reads the address it prints.
+fn spawn_ps(cmd: &mut Command) -> (Child, String) {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let addr = loop {
         let line = lines.next().expect("ps prints its address").unwrap();
@@ -126,7 +132,7 @@ fn start_ps(args: &[&str], out: &Path) -> (Proc, String) {
     };
     // Keep draining stdout so the server never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    (Proc(child), addr)
+    (child, addr)
 }
 
 fn start_worker(args: &[&str], addr: &str, index: u32) -> Proc {
@@ -333,22 +339,13 @@ fn too_few_workers_stop_the_server_after_the_stall_timeout_with_a_checkpoint_nam
     let run = dir.path().join("ps");
     // N = 3 with no backups, but only workers 0 and 1 ever come.
     let common = ["--workers", "3", "--backups", "0", "--steps", "100000", "--lr", "0.2"];
-    let mut ps = quorum()
-        .args(["ps", "--model", "synthetic", "--listen", "127.0.0.1:0", "--out", run.to_str().unwrap()])
-        .args(common)
-        .args(["--worker-timeout", "1", "--stall-timeout", "8"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(ps.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("ps prints its address").unwrap();
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let (mut ps, addr) = spawn_ps(
+        quorum()
+            .args(["ps", "--model", "synthetic", "--listen", "127.0.0.1:0", "--out", run.to_str().unwrap()])
+            .args(common)
+            .args(["--worker-timeout", "1", "--stall-timeout", "8"])
+            .stderr(Stdio::piped()),
+    );
     let mut workers: Vec<Proc> = (0..2).map(|i| start_worker(&common, &addr, i)).collect();
     let started = Instant::now();
     let status = loop {
