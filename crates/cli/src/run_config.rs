@@ -58,6 +58,11 @@ pub struct RunConfig {
     pub ema: Option<f64>,
     /// Clip the averaged gradient to this global norm.
     pub clip: Option<f64>,
+    /// Random restarts (`quorum train`): attempts from different random weights; the one with
+    /// the best validation accuracy is kept.
+    pub restarts: u32,
+    /// Stop as diverged once a step's mean loss is above this (a non-finite gradient always is).
+    pub divergence_loss: Option<f64>,
     /// Evaluate on the test set every this many steps (0: only at the end).
     pub eval_every: u64,
     /// Seed of initial weights, batches and injected delays.
@@ -124,6 +129,8 @@ impl Default for RunConfig {
             scale_lr: false,
             ema: None,
             clip: None,
+            restarts: 1,
+            divergence_loss: None,
             eval_every: 100,
             seed: 1,
             delay: None,
@@ -239,6 +246,15 @@ pub struct RunFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     clip: Option<f64>,
+    /// `quorum train`: run this many attempts from different random weights (seed, seed+1, ...),
+    /// stop diverged ones, keep the best on the validation split [default: 1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    restarts: Option<u32>,
+    /// A step whose mean loss is above this counts as divergence (non-finite always does).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    divergence_loss: Option<f64>,
     /// Evaluate every this many steps [default: 100].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -338,6 +354,9 @@ impl RunConfig {
     pub fn validate(&self) -> Result<()> {
         if self.workers == 0 {
             bail!("workers must be at least 1");
+        }
+        if self.restarts == 0 {
+            bail!("restarts must be at least 1 (the number of attempts)");
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             bail!("tls-cert and tls-key go together: give both or neither");

@@ -145,6 +145,7 @@ fn server_options(cfg: &RunConfig, resume: bool, progress: bool) -> Result<Serve
     opts.run_config = Some(cfg.to_toml()?);
     opts.token = cfg.token()?;
     opts.tls = cfg.tls();
+    opts.divergence_loss = Some(cfg.divergence_loss.map_or(f32::INFINITY, |l| l as f32));
     if progress {
         opts.progress = Some(Box::new(progress_printer()));
     }
@@ -210,17 +211,25 @@ fn print_summary(cfg: &RunConfig, s: &TrainSummary) -> Result<()> {
         "  wrote {}/{{summary.json,events.jsonl,metrics.csv,arrivals.csv,workers.csv,config.toml,tensorboard/}}",
         cfg.out.display()
     );
-    if let Some(reason) = &s.stop_reason {
-        match &s.checkpoint {
-            Some(c) => bail!(
-                "training stopped early at step {}: {reason}; saved {}; continue with --resume",
-                s.steps,
-                c.display()
-            ),
-            None => bail!("training stopped early at step {}: {reason}", s.steps),
-        }
+    stopped_early(s)
+}
+
+/// The error for a run that stopped before its last step.
+fn stopped_early(s: &TrainSummary) -> Result<()> {
+    let Some(reason) = &s.stop_reason else { return Ok(()) };
+    if s.diverged {
+        bail!(
+            "{reason}, at step {}; random restarts (restarts = 3) run new attempts and keep the one with \
+             the best validation accuracy",
+            s.steps
+        );
     }
-    Ok(())
+    match &s.checkpoint {
+        Some(c) => {
+            bail!("training stopped early at step {}: {reason}; saved {}; continue with --resume", s.steps, c.display())
+        }
+        None => bail!("training stopped early at step {}: {reason}", s.steps),
+    }
 }
 
 fn print_worker(i: u32, r: &WorkerReport) {
@@ -234,17 +243,85 @@ fn print_worker(i: u32, r: &WorkerReport) {
     );
 }
 
-/// Runs `quorum train`.
+/// Runs `quorum train`: one run, or with `restarts = K` K attempts from the random weights of
+/// seeds seed, seed+1, ... (each in `<out>/attempt-<k>`), keeping the best on validation.
 pub fn train(a: TrainArgs) -> Result<()> {
     let Some(cfg) = resolve(&a.flags)? else { return Ok(()) };
-    let opts = server_options(&cfg, a.resume, true)?;
+    if cfg.restarts <= 1 {
+        let summary = train_once(&cfg, a.resume)?;
+        return print_summary(&cfg, &summary);
+    }
+    if a.resume {
+        bail!("--resume continues one run; it cannot be combined with restarts = {}", cfg.restarts);
+    }
+    std::fs::create_dir_all(&cfg.out).with_context(|| format!("cannot create {}", cfg.out.display()))?;
+    let mut rows = Vec::new();
+    let mut best: Option<(f32, u32)> = None;
+    for k in 0..cfg.restarts {
+        let mut attempt = cfg.clone();
+        attempt.seed = cfg.seed + u64::from(k);
+        attempt.out = cfg.out.join(format!("attempt-{k}"));
+        println!("== attempt {k} of {} (seed {}) in {}", cfg.restarts, attempt.seed, attempt.out.display());
+        let s = train_once(&attempt, false)?;
+        let _ = print_summary(&attempt, &s);
+        let score = s.final_validation_accuracy.or(s.final_validation_loss.map(|l| -l));
+        match (s.diverged, score) {
+            (true, _) => println!("attempt {k}: diverged at step {}", s.steps),
+            (false, Some(v)) if s.stop_reason.is_none() => {
+                println!("attempt {k}: validation {}", describe_validation(&s));
+                if best.is_none_or(|(b, _)| v > b) {
+                    best = Some((v, k));
+                }
+            }
+            _ => stopped_early(&s)?,
+        }
+        rows.push((k, attempt.seed, s));
+    }
+    let mut csv =
+        String::from("attempt,seed,diverged,steps,validation_loss,validation_accuracy,test_accuracy,chosen\n");
+    let opt = |v: Option<f32>| v.map_or(String::new(), |x| x.to_string());
+    for (k, seed, s) in &rows {
+        let chosen = best.is_some_and(|(_, b)| b == *k);
+        csv += &format!(
+            "{k},{seed},{},{},{},{},{},{chosen}\n",
+            s.diverged,
+            s.steps,
+            opt(s.final_validation_loss),
+            opt(s.final_validation_accuracy),
+            opt(s.final_test_accuracy)
+        );
+    }
+    let path = cfg.out.join("restarts.csv");
+    std::fs::write(&path, csv).with_context(|| format!("cannot write {}", path.display()))?;
+    let Some((_, k)) = best else {
+        bail!("all {} attempts diverged (see {}); lower lr, add warmup or clip", cfg.restarts, path.display());
+    };
+    println!(
+        "kept attempt {k}: {} (best validation; all attempts in {})",
+        cfg.out.join(format!("attempt-{k}")).display(),
+        path.display()
+    );
+    Ok(())
+}
+
+fn describe_validation(s: &TrainSummary) -> String {
+    match (s.final_validation_accuracy, s.final_validation_loss) {
+        (Some(a), _) => format!("accuracy {:.2}%", 100.0 * a),
+        (None, Some(l)) => format!("loss {l:.5}"),
+        _ => "-".into(),
+    }
+}
+
+/// One training run: server and workers in this process over loopback.
+fn train_once(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
+    let opts = server_options(cfg, resume, true)?;
     let mut sources = Vec::new();
     for _ in 0..cfg.workers {
         sources.push(cfg.source()?);
     }
     let steps = opts.config.max_steps.unwrap_or(0);
     let rt = runtime()?;
-    let summary = rt.block_on(async {
+    rt.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("cannot listen on 127.0.0.1")?;
         let addr = listener.local_addr()?;
         println!(
@@ -257,7 +334,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         let server = tokio::spawn(run_server(listener, opts, interrupted()));
         let mut workers = Vec::new();
         for (i, src) in sources.into_iter().enumerate() {
-            workers.push(tokio::spawn(run_worker(worker_options(&cfg, i as u32, &addr.to_string())?, src)));
+            workers.push(tokio::spawn(run_worker(worker_options(cfg, i as u32, &addr.to_string())?, src)));
         }
         let summary = server.await.context("server task")??;
         eprintln!();
@@ -270,8 +347,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
             }
         }
         anyhow::Ok(summary)
-    })?;
-    print_summary(&cfg, &summary)
+    })
 }
 
 fn check_workers(cfg: &RunConfig, t: &Topology) -> Result<()> {

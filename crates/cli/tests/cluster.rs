@@ -368,3 +368,38 @@ fn too_few_workers_stop_the_server_after_the_stall_timeout_with_a_checkpoint_nam
         assert!(wait(w, Duration::from_secs(20)).success());
     }
 }
+
+#[test]
+fn a_diverging_run_stops_with_a_clear_error_and_restarts_keep_the_best_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let common = ["train", "--model", "synthetic:16", "--workers", "2", "--backups", "0", "--steps", "200"];
+    // A learning rate far too large: the loss blows up and the run stops instead of stalling.
+    let out = dir.path().join("diverged");
+    let o = quorum().args(common).args(["--lr", "50", "--out", out.to_str().unwrap()]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("training diverged"), "{}", text(&o));
+    assert_eq!(json(&out.join("summary.json"))["diverged"], true);
+    // Every attempt diverges: an error naming the restarts file.
+    let out = dir.path().join("all");
+    let o =
+        quorum().args(common).args(["--lr", "50", "--restarts", "2", "--out", out.to_str().unwrap()]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("all 2 attempts diverged"), "{}", text(&o));
+    // A sane rate: both attempts finish, exactly one is kept, chosen on validation.
+    let out = dir.path().join("ok");
+    let o = quorum()
+        .args(common)
+        .args(["--lr", "0.2", "--restarts", "2", "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let csv = std::fs::read_to_string(out.join("restarts.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{csv}");
+    assert_eq!(rows.iter().filter(|r| r.ends_with(",true")).count(), 1, "{csv}");
+    for k in 0..2 {
+        let s = json(&out.join(format!("attempt-{k}/summary.json")));
+        assert_eq!(s["steps"], 200);
+        assert!(s["final_validation_loss"].as_f64().is_some(), "{s}");
+    }
+}

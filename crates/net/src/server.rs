@@ -59,6 +59,10 @@ pub struct ServerOptions {
     /// TLS files: with a certificate and key the server speaks TLS; with a CA as well,
     /// workers must present a certificate signed by it (mutual TLS).
     pub tls: crate::tls::TlsFiles,
+    /// Stop as diverged once a step's mean loss is non-finite or above this, or a gradient is
+    /// refused for non-finite values (use `f32::INFINITY` for "non-finite only"); `None`: the
+    /// refused gradients are only counted.
+    pub divergence_loss: Option<f32>,
 }
 
 impl ServerOptions {
@@ -79,6 +83,7 @@ impl ServerOptions {
             progress: None,
             token: None,
             tls: crate::tls::TlsFiles::default(),
+            divergence_loss: None,
         }
     }
 }
@@ -147,6 +152,12 @@ pub struct TrainSummary {
     pub final_test_loss: Option<f32>,
     /// Why the run stopped, if not by finishing.
     pub stop_reason: Option<String>,
+    /// Whether it stopped because training diverged.
+    pub diverged: bool,
+    /// Accuracy on the validation split at the end (held out of training; for restarts).
+    pub final_validation_accuracy: Option<f32>,
+    /// Loss on the validation split at the end.
+    pub final_validation_loss: Option<f32>,
     /// The last checkpoint written.
     pub checkpoint: Option<PathBuf>,
     /// Unix time the server started.
@@ -731,9 +742,11 @@ pub async fn run_server(
                     let _ = eval_done_tx.send((step, e));
                 }
             }
+            ev
         })
     });
     let mut stop_reason: Option<String> = None;
+    let mut diverged = false;
     let mut stopped_at: Option<Instant> = None;
     let mut acks: BTreeSet<WorkerId> = BTreeSet::new();
     tokio::pin!(shutdown);
@@ -766,6 +779,15 @@ pub async fn run_server(
                             outputs = Some(out);
                         }
                         Err(e) => {
+                            if matches!(e, ProtocolError::NonFinite { .. })
+                                && opts.divergence_loss.is_some()
+                                && stopped_at.is_none()
+                            {
+                                diverged = true;
+                                stop_reason = Some(format!("training diverged ({e})"));
+                                stopped_at = Some(Instant::now());
+                                pub_tx.send_replace(Published::stopped(server.step()));
+                            }
                             if e != ProtocolError::Stopped {
                                 rec.rejected += 1;
                                 if let Some(w) = rec.workers.get_mut(worker.index()) {
@@ -793,6 +815,14 @@ pub async fn run_server(
         }
         let Some(out) = outputs else { continue };
         for e in &out.events {
+            if let (Event::StepApplied { step, loss: Some(l), .. }, Some(limit)) = (e, opts.divergence_loss) {
+                if (!l.is_finite() || *l > limit) && stopped_at.is_none() {
+                    diverged = true;
+                    stop_reason = Some(format!("training diverged (mean loss {l} at step {step}, above {limit})"));
+                    stopped_at = Some(Instant::now());
+                    pub_tx.send_replace(Published::stopped(server.step()));
+                }
+            }
             let Some(done) = rec.event(e)? else { continue };
             if opts.eval_every.is_some_and(|k| k > 0 && done.is_multiple_of(k)) {
                 let _ = eval_tx.send((done, Arc::new(server.ema().unwrap_or(server.params()).to_vec())));
@@ -852,9 +882,11 @@ pub async fn run_server(
         let _ = eval_tx.send((server.step(), Arc::new(server.ema().unwrap_or(server.params()).to_vec())));
     }
     drop(eval_tx);
-    if let Some(t) = eval_thread {
-        let _ = t.join();
-    }
+    let final_params = server.ema().unwrap_or(server.params()).to_vec();
+    let validation = match eval_thread.map(|t| t.join()) {
+        Some(Ok(mut ev)) if !diverged => ev.validate(&final_params).ok(),
+        _ => None,
+    };
     while let Ok((s, ev)) = eval_done_rx.try_recv() {
         rec.evaluation(s, ev)?;
     }
@@ -875,6 +907,9 @@ pub async fn run_server(
         final_test_accuracy: last_eval.and_then(|e| e.accuracy),
         final_test_loss: last_eval.map(|e| e.loss),
         stop_reason,
+        diverged,
+        final_validation_accuracy: validation.and_then(|e| e.accuracy),
+        final_validation_loss: validation.map(|e| e.loss),
         checkpoint,
         started_unix: rec.started_unix,
     };
