@@ -363,6 +363,13 @@ fn check_workers(cfg: &RunConfig, t: &Topology) -> Result<()> {
 }
 
 fn serve(cfg: &RunConfig, listen: &str, resume: bool) -> Result<()> {
+    if cfg.restarts > 1 {
+        bail!(
+            "restarts = {} is a `quorum train` option; a multi-host run restarts by running `quorum ps` again \
+             with another seed",
+            cfg.restarts
+        );
+    }
     let loopback =
         listen.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback()) || listen.starts_with("localhost:");
     if !loopback && cfg.token()?.is_none() {
