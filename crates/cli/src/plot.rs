@@ -96,12 +96,12 @@ pub fn run(args: PlotArgs) -> Result<()> {
         let time_label = if runs.iter().all(|r| r.virtual_time) { "virtual seconds" } else { "seconds" };
         let by_time: Vec<Line> = with_acc.iter().map(|r| Line::new(&r.label, r.accuracy_by(|p| p.seconds))).collect();
         written.extend(both!(&args.out, "accuracy_vs_time", |a| {
-            lines(a, &title("Test accuracy over time"), time_label, "test accuracy", &by_time)
+            lines(a, &title("Test accuracy over time"), time_label, "test accuracy", &by_time, None)
         })?);
         let by_ex: Vec<Line> =
             with_acc.iter().map(|r| Line::new(&r.label, r.accuracy_by(|p| p.examples as f64))).collect();
         written.extend(both!(&args.out, "accuracy_vs_examples", |a| {
-            lines(a, &title("Test accuracy over training examples"), "examples", "test accuracy", &by_ex)
+            lines(a, &title("Test accuracy over training examples"), "examples", "test accuracy", &by_ex, None)
         })?);
     }
     let cdfs: Vec<Line> = runs.iter().flat_map(Run::arrival_cdfs).collect();
@@ -110,7 +110,7 @@ pub fn run(args: PlotArgs) -> Result<()> {
         let x_max =
             cdfs.iter().filter_map(|l| l.points.iter().find(|p| p.1 >= 0.995).map(|p| p.0)).fold(0.0, f64::max) * 1.1;
         written.extend(both!(&args.out, "arrivals_cdf", |a| {
-            lines_upto(
+            lines(
                 a,
                 &title("Time to the k-th gradient of a step (CDF)"),
                 "seconds since the step opened",
@@ -196,18 +196,8 @@ fn span(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
-fn lines<DB: DrawingBackend>(
-    area: &DrawingArea<DB, Shift>,
-    title: &str,
-    xl: &str,
-    yl: &str,
-    series: &[Line],
-) -> Result<()> {
-    lines_upto(area, title, xl, yl, series, None)
-}
-
 /// Line chart; with `x_max`, the x axis stops there (for long-tailed CDFs).
-fn lines_upto<DB: DrawingBackend>(
+fn lines<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     title: &str,
     xl: &str,
@@ -241,12 +231,7 @@ fn histogram<DB: DrawingBackend>(
 ) -> Result<()> {
     // The range ends at the largest 99th percentile, so one huge outlier cannot squash the
     // rest into one bin; values beyond land in the last bin.
-    let p99 = |v: &[f64]| {
-        let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
-        s.sort_by(f64::total_cmp);
-        s.get(((s.len() as f64 * 0.99) as usize).min(s.len().saturating_sub(1))).copied().unwrap_or(0.0)
-    };
-    let hi = runs.iter().map(|(_, v)| p99(v)).fold(0.0, f64::max) * 1.05;
+    let hi = runs.iter().map(|(_, v)| quorum_sim::report::quantile(v, 0.99)).fold(0.0, f64::max) * 1.05;
     let bins = 40usize;
     let width = if hi > 0.0 { hi / bins as f64 } else { 1.0 };
     let mut series = Vec::new();

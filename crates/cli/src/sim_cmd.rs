@@ -320,11 +320,7 @@ pub fn run(args: SimArgs) -> Result<()> {
     if let Some(dir) = &args.out {
         report.write_to(dir)?;
         if !report.restarts.is_empty() {
-            let mut w = csv::Writer::from_path(dir.join("restarts.csv"))?;
-            for r in &report.restarts {
-                w.serialize(r)?;
-            }
-            w.flush()?;
+            quorum_sim::report::write_restarts(&dir.join("restarts.csv"), &report.restarts)?;
         }
         std::fs::write(dir.join("config.toml"), toml::to_string(&cfg).context("serialising config")?)?;
         println!(

@@ -275,24 +275,22 @@ pub fn train(a: TrainArgs) -> Result<()> {
             }
             _ => stopped_early(&s)?,
         }
-        rows.push((k, attempt.seed, s));
+        rows.push(quorum_sim::Restart {
+            attempt: k,
+            seed: attempt.seed,
+            diverged: s.diverged,
+            steps: s.steps,
+            validation_loss: s.final_validation_loss,
+            validation_accuracy: s.final_validation_accuracy,
+            test_accuracy: s.final_test_accuracy,
+            chosen: false,
+        });
     }
-    let mut csv =
-        String::from("attempt,seed,diverged,steps,validation_loss,validation_accuracy,test_accuracy,chosen\n");
-    let opt = |v: Option<f32>| v.map_or(String::new(), |x| x.to_string());
-    for (k, seed, s) in &rows {
-        let chosen = best.is_some_and(|(_, b)| b == *k);
-        csv += &format!(
-            "{k},{seed},{},{},{},{},{},{chosen}\n",
-            s.diverged,
-            s.steps,
-            opt(s.final_validation_loss),
-            opt(s.final_validation_accuracy),
-            opt(s.final_test_accuracy)
-        );
+    for r in &mut rows {
+        r.chosen = best.is_some_and(|(_, b)| b == r.attempt);
     }
     let path = cfg.out.join("restarts.csv");
-    std::fs::write(&path, csv).with_context(|| format!("cannot write {}", path.display()))?;
+    quorum_sim::report::write_restarts(&path, &rows)?;
     let Some((_, k)) = best else {
         bail!("all {} attempts diverged (see {}); lower lr, add warmup or clip", cfg.restarts, path.display());
     };

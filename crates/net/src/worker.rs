@@ -239,12 +239,13 @@ async fn session(
     }
     let enc = Encoding::from_flag(join.bf16);
     let mut min_step = join.step;
+    // A second handle on the same connection, for heartbeats while a pull is in flight.
+    let mut beat = client.clone();
     loop {
         // Pull the newest parameters (at least `min_step`).
         // The pull waits until the step opens, which takes as long as the slowest of the N
         // gradients (or the stall timeout): heartbeat meanwhile, so waiting is not taken for death.
         let t_pull = Instant::now();
-        let mut beat = client.clone();
         let (mut stream, mut next) = {
             let first = async {
                 let mut stream = client.pull(PullRequest { worker: w, min_step }).await?.into_inner();

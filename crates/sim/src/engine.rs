@@ -171,7 +171,15 @@ impl Engine<'_> {
         while let Some((now, ev)) = self.queue.pop() {
             match ev {
                 SimEvent::ToServer { from, msg } => {
-                    let out = self.server.handle(now, from, msg)?;
+                    let out = match self.server.handle(now, from, msg) {
+                        // A diverged model sends non-finite gradients, which the server's own
+                        // validation refuses; when divergence is watched for, that ends the run.
+                        Err(quorum_core::ProtocolError::NonFinite { .. }) if self.cfg.divergence_loss.is_some() => {
+                            self.report.summary.diverged = true;
+                            break;
+                        }
+                        other => other?,
+                    };
                     self.carry_out(now, out)?;
                 }
                 SimEvent::Params { to, step, params } => {
@@ -352,11 +360,10 @@ impl Engine<'_> {
                         }
                         None => (Vec::new(), None),
                     };
-                    // A diverged model sends non-finite gradients, which the server rightly
-                    // refuses; when divergence is watched for, that ends the run instead.
+                    // A loss above the limit ends a watched run here; non-finite gradients are
+                    // caught by the server's validation when they arrive.
                     if let Some(limit) = self.cfg.divergence_loss {
-                        let bad_loss = loss.is_some_and(|l| !l.is_finite() || l > limit);
-                        if bad_loss || !gradient.iter().all(|x| x.is_finite()) {
+                        if loss.is_some_and(|l| !l.is_finite() || l > limit) {
                             self.report.summary.diverged = true;
                             self.done = true;
                             return Ok(());

@@ -130,6 +130,15 @@ pub struct SimReport {
     pub restarts: Vec<Restart>,
 }
 
+/// Writes `restarts.csv`: one row per attempt (the same file for `quorum sim` and `quorum train`).
+pub fn write_restarts(path: &Path, rows: &[Restart]) -> std::io::Result<()> {
+    let mut w = csv::Writer::from_path(path).map_err(|e| io_err(path, e))?;
+    for r in rows {
+        w.serialize(r).map_err(|e| io_err(path, e))?;
+    }
+    w.flush()
+}
+
 /// One attempt of a run with random restarts.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Restart {
