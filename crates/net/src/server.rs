@@ -211,9 +211,12 @@ struct Service {
 
 fn status(e: ProtocolError) -> Status {
     match e {
-        ProtocolError::UnknownWorker { .. } | ProtocolError::NotJoined { .. } => {
-            Status::failed_precondition(e.to_string())
+        // A worker that is not joined here, or ahead of this server's step, is talking to a
+        // restarted server (its channel reconnected on its own): "aborted" makes it join again.
+        ProtocolError::NotJoined { .. } | ProtocolError::FutureStep { .. } => {
+            Status::aborted(format!("{e} (the server may have restarted: join again)"))
         }
+        ProtocolError::UnknownWorker { .. } => Status::failed_precondition(e.to_string()),
         _ => Status::invalid_argument(e.to_string()),
     }
 }
@@ -915,4 +918,19 @@ pub async fn run_server(
     };
     rec.write_files(&summary)?;
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_talking_to_a_restarted_server_is_told_to_join_again_not_refused() {
+        let w = WorkerId(1);
+        assert_eq!(status(ProtocolError::NotJoined { worker: w }).code(), tonic::Code::Aborted);
+        assert_eq!(status(ProtocolError::FutureStep { worker: w, step: 9, current: 3 }).code(), tonic::Code::Aborted);
+        // A worker index the server does not have is a configuration error: refused.
+        let unknown = ProtocolError::UnknownWorker { worker: WorkerId(7), workers: 2 };
+        assert_eq!(status(unknown).code(), tonic::Code::FailedPrecondition);
+    }
 }
