@@ -1,7 +1,9 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // Parameter chunks are encoded once per step and shared by every pull: `Bytes`, not `Vec<u8>`.
+    // `Bytes`, not `Vec<u8>`: parameter chunks are encoded once per step and shared by every
+    // pull; received chunks are slices of the receive buffer rather than copies of it.
     tonic_prost_build::configure()
         .bytes(".quorum.v1.ParamsChunk.data")
+        .bytes(".quorum.v1.GradientChunk.data")
         .compile_protos(&["proto/quorum.proto"], &["proto"])?;
     tonic_prost_build::configure()
         .build_client(false)

@@ -400,17 +400,34 @@ impl Server {
                 self.require_joined(from)?;
                 Ok(self.on_leave(now, from))
             }
-            ToServer::Push { step, gradient, loss } => {
-                self.require_joined(from)?;
-                self.validate_push(from, step, &gradient)?;
-                let mut out = self.touch(now, from);
-                out.extend(match self.cfg.policy {
-                    Policy::Async { max_staleness } => self.push_async(now, from, step, &gradient, loss, max_staleness),
-                    Policy::Sync { .. } | Policy::Deadline { .. } => self.push_sync(now, from, step, &gradient, loss),
-                });
-                Ok(out)
-            }
+            ToServer::Push { step, gradient, loss } => self.push(now, from, step, &gradient, loss),
         }
+    }
+
+    /// Handles a pushed gradient that the caller keeps: the same as [`ToServer::Push`]
+    /// through [`Server::handle`], for drivers that reuse their receive buffers.
+    pub fn push(
+        &mut self,
+        now: Duration,
+        from: WorkerId,
+        step: Step,
+        gradient: &[f32],
+        loss: Option<f32>,
+    ) -> Result<Outputs, ProtocolError> {
+        if self.stopped {
+            return Err(ProtocolError::Stopped);
+        }
+        if from.index() >= self.slots.len() {
+            return Err(ProtocolError::UnknownWorker { worker: from, workers: self.cfg.workers });
+        }
+        self.require_joined(from)?;
+        self.validate_push(from, step, gradient)?;
+        let mut out = self.touch(now, from);
+        out.extend(match self.cfg.policy {
+            Policy::Async { max_staleness } => self.push_async(now, from, step, gradient, loss, max_staleness),
+            Policy::Sync { .. } | Policy::Deadline { .. } => self.push_sync(now, from, step, gradient, loss),
+        });
+        Ok(out)
     }
 
     /// Lets time pass: liveness time-outs, deadline closes, stall handling.

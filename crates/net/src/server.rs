@@ -175,11 +175,7 @@ struct Published {
 
 impl Published {
     fn new(step: u64, params: &[f32], enc: Encoding, stop: bool) -> Self {
-        let mut chunks: Vec<bytes::Bytes> = params.chunks(CHUNK_VALUES).map(|c| enc.encode(c).into()).collect();
-        if chunks.is_empty() {
-            chunks.push(bytes::Bytes::new());
-        }
-        Published { step, chunks: Arc::new(chunks), total: params.len(), stop }
+        Published { step, chunks: Arc::new(enc.encode_chunks(params.to_vec())), total: params.len(), stop }
     }
 
     fn stopped(step: u64) -> Self {
@@ -189,6 +185,9 @@ impl Published {
 
 type Reply = oneshot::Sender<Result<Vec<Event>, ProtocolError>>;
 
+/// The answer to a push, with the receive buffer handed back for the next push.
+type PushAnswer = oneshot::Sender<(Result<Vec<Event>, ProtocolError>, Vec<f32>)>;
+
 /// Seconds a worker reports with a gradient: computing it, and moving bytes for it.
 #[derive(Debug, Clone, Copy)]
 struct Timing {
@@ -197,8 +196,66 @@ struct Timing {
 }
 
 enum Command {
-    Message { worker: WorkerId, msg: ToServer, timing: Option<Timing>, reply: Reply },
+    Message { worker: WorkerId, msg: ToServer, reply: Reply },
+    Push { worker: WorkerId, step: u64, gradient: Vec<f32>, loss: Option<f32>, timing: Timing, reply: PushAnswer },
     StopSeen(WorkerId),
+}
+
+/// Where the loop sends a command's result.
+enum Answer {
+    Message(Reply),
+    Push(PushAnswer, Vec<f32>),
+}
+
+impl Answer {
+    fn send(self, r: Result<Vec<Event>, ProtocolError>) {
+        // A requester that went away needs no answer.
+        match self {
+            Answer::Message(tx) => drop(tx.send(r)),
+            Answer::Push(tx, buffer) => drop(tx.send((r, buffer))),
+        }
+    }
+}
+
+/// Receive buffers for pushed gradients, and a bound on how many pushes are reassembled at
+/// once: gradients in flight cost the server `permits` model-sized buffers however many
+/// workers there are (a push waiting for a permit holds only its HTTP/2 stream window).
+/// Kept buffers are reused, so a push neither allocates nor page-faults a fresh one.
+struct GradientBuffers {
+    free: std::sync::Mutex<Vec<Vec<f32>>>,
+    permits: tokio::sync::Semaphore,
+}
+
+impl GradientBuffers {
+    fn new(permits: usize) -> Self {
+        GradientBuffers { free: Default::default(), permits: tokio::sync::Semaphore::new(permits) }
+    }
+
+    fn take(&self) -> Vec<f32> {
+        self.free.lock().expect("buffer pool lock").pop().unwrap_or_default()
+    }
+
+    fn give_back(&self, buffer: Vec<f32>) {
+        self.free.lock().expect("buffer pool lock").push(buffer);
+    }
+}
+
+/// Pushes reassembled at once: enough to keep every core decoding, few enough that memory
+/// does not grow with the number of workers.
+fn push_permits() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8)
+}
+
+/// Waits for the next chunk of a push, at most `idle`: a worker frozen mid-push must not
+/// keep its receive buffer (and permit) forever.
+async fn next_chunk(stream: &mut Streaming<GradientChunk>, idle: Duration) -> Result<Option<GradientChunk>, Status> {
+    match tokio::time::timeout(idle, stream.next()).await {
+        Ok(chunk) => chunk.transpose(),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "no chunk of the pushed gradient for {:.0} s: push abandoned",
+            idle.as_secs_f64()
+        ))),
+    }
 }
 
 struct Service {
@@ -207,6 +264,9 @@ struct Service {
     num_params: usize,
     workers: u32,
     encoding: Encoding,
+    buffers: Arc<GradientBuffers>,
+    /// A push whose next chunk takes longer than this is abandoned.
+    chunk_timeout: Duration,
 }
 
 fn status(e: ProtocolError) -> Status {
@@ -226,15 +286,37 @@ fn shutting_down<T>(_: T) -> Status {
 }
 
 impl Service {
-    async fn send(
-        &self,
-        worker: WorkerId,
-        msg: ToServer,
-        timing: Option<Timing>,
-    ) -> Result<Result<Vec<Event>, ProtocolError>, Status> {
+    async fn send(&self, worker: WorkerId, msg: ToServer) -> Result<Result<Vec<Event>, ProtocolError>, Status> {
         let (reply, rx) = oneshot::channel();
-        self.commands.send(Command::Message { worker, msg, timing, reply }).await.map_err(shutting_down)?;
+        self.commands.send(Command::Message { worker, msg, reply }).await.map_err(shutting_down)?;
         rx.await.map_err(shutting_down)
+    }
+
+    /// Reassembles a pushed gradient into a kept buffer (waiting for a permit) and hands it
+    /// to the loop; the buffer comes back with the answer.
+    async fn receive_push(
+        &self,
+        mut stream: Streaming<GradientChunk>,
+    ) -> Result<(GradientChunk, Result<Vec<Event>, ProtocolError>), Status> {
+        let idle = self.chunk_timeout;
+        let mut next = next_chunk(&mut stream, idle).await?;
+        let first_at = Instant::now();
+        let _permit = self.buffers.permits.acquire().await.map_err(shutting_down)?;
+        let mut asm = PushAssembler::with_buffer(self.num_params, self.buffers.take());
+        while let Some(chunk) = next {
+            asm.add(chunk).map_err(Status::invalid_argument)?;
+            next = next_chunk(&mut stream, idle).await?;
+        }
+        let (head, gradient) = asm.finish().map_err(Status::invalid_argument)?;
+        let timing =
+            Timing { compute: head.compute_seconds, transfer: head.pull_seconds + first_at.elapsed().as_secs_f64() };
+        let loss = (!head.loss.is_nan()).then_some(head.loss);
+        let (reply, rx) = oneshot::channel();
+        let push = Command::Push { worker: WorkerId(head.worker), step: head.step, gradient, loss, timing, reply };
+        self.commands.send(push).await.map_err(shutting_down)?;
+        let (result, buffer) = rx.await.map_err(shutting_down)?;
+        self.buffers.give_back(buffer);
+        Ok((head, result))
     }
 }
 
@@ -250,7 +332,7 @@ impl ParameterServer for Service {
                 r.worker, r.num_params, self.num_params
             )));
         }
-        match self.send(WorkerId(r.worker), ToServer::Join, None).await? {
+        match self.send(WorkerId(r.worker), ToServer::Join).await? {
             Ok(_) | Err(ProtocolError::Stopped) => {}
             Err(e) => return Err(status(e)),
         }
@@ -297,19 +379,9 @@ impl ParameterServer for Service {
     }
 
     async fn push(&self, req: Request<Streaming<GradientChunk>>) -> Result<Response<PushReply>, Status> {
-        let mut stream = req.into_inner();
-        let mut asm = PushAssembler::new(self.num_params);
-        let mut first_at = None;
-        while let Some(chunk) = stream.next().await {
-            first_at.get_or_insert_with(Instant::now);
-            asm.add(chunk?).map_err(Status::invalid_argument)?;
-        }
-        let (head, gradient) = asm.finish().map_err(Status::invalid_argument)?;
+        let (head, result) = self.receive_push(req.into_inner()).await?;
         let (worker, step) = (head.worker, head.step);
-        let receive = first_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
-        let timing = Timing { compute: head.compute_seconds, transfer: head.pull_seconds + receive };
-        let loss = (!head.loss.is_nan()).then_some(head.loss);
-        let events = match self.send(WorkerId(worker), ToServer::Push { step, gradient, loss }, Some(timing)).await? {
+        let events = match result {
             Ok(ev) => ev,
             Err(ProtocolError::Stopped) => {
                 let _ = self.commands.send(Command::StopSeen(WorkerId(worker))).await;
@@ -337,7 +409,7 @@ impl ParameterServer for Service {
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
         let w = req.into_inner().worker;
-        match self.send(WorkerId(w), ToServer::Heartbeat, None).await? {
+        match self.send(WorkerId(w), ToServer::Heartbeat).await? {
             Ok(_) | Err(ProtocolError::Stopped) => {}
             Err(e) => return Err(status(e)),
         }
@@ -382,7 +454,12 @@ pub struct PushAssembler {
 impl PushAssembler {
     /// For a model of `num_params` parameters.
     pub fn new(num_params: usize) -> Self {
-        PushAssembler { asm: Assembler::default(), head: None, num_params }
+        Self::with_buffer(num_params, Vec::new())
+    }
+
+    /// Reassembles into `buffer` (its capacity reused).
+    pub fn with_buffer(num_params: usize, buffer: Vec<f32>) -> Self {
+        PushAssembler { asm: Assembler::with_buffer(buffer), head: None, num_params }
     }
 
     /// Adds the next chunk.
@@ -391,7 +468,7 @@ impl PushAssembler {
         let malformed = |e: String| format!("malformed gradient from worker {worker}: {e}");
         self.asm.push(c.offset, c.total, &c.data, Encoding::from_flag(c.bf16), self.num_params).map_err(malformed)?;
         match &self.head {
-            None => self.head = Some(GradientChunk { data: Vec::new(), ..c }),
+            None => self.head = Some(GradientChunk { data: bytes::Bytes::new(), ..c }),
             Some(h) if h.worker != c.worker || h.step != c.step => {
                 return Err(malformed(format!(
                     "the stream mixes worker/step ({}, {}) and ({}, {})",
@@ -703,6 +780,8 @@ pub async fn run_server(
         num_params: opts.layout.len(),
         workers: opts.config.workers,
         encoding: opts.encoding,
+        buffers: Arc::new(GradientBuffers::new(push_permits())),
+        chunk_timeout: opts.config.liveness.worker_timeout.unwrap_or(Duration::from_secs(30)),
     };
     // Small messages (replies, the last chunk) must not wait for Nagle's algorithm.
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
@@ -767,18 +846,32 @@ pub async fn run_server(
         let mut outputs = None;
         tokio::select! {
             cmd = cmd_rx.recv() => match cmd {
-                Some(Command::Message { reply, .. }) if stopped_at.is_some() => {
-                    // Stopping: nothing more is applied, so the final checkpoint is the state at the stop.
-                    let _ = reply.send(Err(ProtocolError::Stopped));
-                }
-                Some(Command::Message { worker, msg, timing, reply }) => {
+                Some(Command::StopSeen(w)) => { acks.insert(w); }
+                None => break,
+                Some(cmd) => {
                     let now = start.elapsed();
-                    if let Some(t) = timing {
-                        rec.timing(worker, t);
-                    }
-                    match server.handle(now, worker, msg) {
+                    let (worker, result, answer) = match cmd {
+                        // Stopping: nothing more is applied, so the final checkpoint is the state at the stop.
+                        Command::Message { reply, .. } if stopped_at.is_some() => {
+                            Answer::Message(reply).send(Err(ProtocolError::Stopped));
+                            continue;
+                        }
+                        Command::Push { reply, gradient, .. } if stopped_at.is_some() => {
+                            Answer::Push(reply, gradient).send(Err(ProtocolError::Stopped));
+                            continue;
+                        }
+                        Command::Message { worker, msg, reply } => {
+                            (worker, server.handle(now, worker, msg), Answer::Message(reply))
+                        }
+                        Command::Push { worker, step, gradient, loss, timing, reply } => {
+                            rec.timing(worker, timing);
+                            (worker, server.push(now, worker, step, &gradient, loss), Answer::Push(reply, gradient))
+                        }
+                        Command::StopSeen(_) => unreachable!("handled above"),
+                    };
+                    match result {
                         Ok(out) => {
-                            let _ = reply.send(Ok(out.events.clone()));
+                            answer.send(Ok(out.events.clone()));
                             outputs = Some(out);
                         }
                         Err(e) => {
@@ -798,12 +891,10 @@ pub async fn run_server(
                                 }
                                 rec.log(&Event::Rejected { worker, reason: e.to_string(), time: now.as_secs_f64() })?;
                             }
-                            let _ = reply.send(Err(e));
+                            answer.send(Err(e));
                         }
                     }
                 }
-                Some(Command::StopSeen(w)) => { acks.insert(w); }
-                None => break,
             },
             _ = tokio::time::sleep_until(sleep_until.into()) => {
                 if stopped_at.is_none() {

@@ -1,5 +1,6 @@
 //! Values on the wire: raw little-endian `f32` bytes, or `bf16` (half the bytes), in chunks.
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Values per chunk: 1 MiB of `f32`, far below gRPC's 4 MiB default message limit.
@@ -74,6 +75,10 @@ impl Encoding {
         out.resize(old + bytes.len() / self.width(), 0.0);
         let dst = &mut out[old..];
         match self {
+            // Little-endian bytes are the values' memory on this machine: one memcpy.
+            #[cfg(target_endian = "little")]
+            Encoding::F32 => bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(bytes),
+            #[cfg(not(target_endian = "little"))]
             Encoding::F32 => {
                 for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
                     *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
@@ -86,6 +91,35 @@ impl Encoding {
             }
         }
         Some(())
+    }
+}
+
+/// `f32` values seen as their little-endian bytes, so a gradient can be sent without copying
+/// it into a byte buffer first (little-endian targets only).
+#[cfg(target_endian = "little")]
+struct LeF32(Vec<f32>);
+
+#[cfg(target_endian = "little")]
+impl AsRef<[u8]> for LeF32 {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+}
+
+impl Encoding {
+    /// Encodes values into wire chunks of [`CHUNK_VALUES`] (at least one, possibly empty).
+    /// `f32` on little-endian machines moves the buffer into the chunks without copying.
+    pub fn encode_chunks(self, values: Vec<f32>) -> Vec<Bytes> {
+        if values.is_empty() {
+            return vec![Bytes::new()];
+        }
+        #[cfg(target_endian = "little")]
+        if self == Encoding::F32 {
+            let n = values.len();
+            let all = Bytes::from_owner(LeF32(values));
+            return (0..n).step_by(CHUNK_VALUES).map(|i| all.slice(4 * i..4 * (i + CHUNK_VALUES).min(n))).collect();
+        }
+        values.chunks(CHUNK_VALUES).map(|c| Bytes::from(self.encode(c))).collect()
     }
 }
 
@@ -102,6 +136,13 @@ pub struct Assembler {
 }
 
 impl Assembler {
+    /// Reassembles into `buffer` (cleared; its capacity is reused, so a server that keeps
+    /// its buffers does not allocate, and page-fault, a fresh one per gradient).
+    pub fn with_buffer(mut buffer: Vec<f32>) -> Self {
+        buffer.clear();
+        Assembler { values: buffer, total: None }
+    }
+
     /// Adds one chunk; `limit` is the largest total accepted.
     pub fn push(&mut self, offset: u64, total: u64, data: &[u8], enc: Encoding, limit: usize) -> Result<(), String> {
         match self.total {
@@ -110,7 +151,7 @@ impl Assembler {
                     return Err(format!("announced {total} values, more than the model's {limit}"));
                 }
                 self.total = Some(total);
-                self.values.reserve(total as usize);
+                self.values.reserve_exact(total as usize);
             }
             Some(t) if t != total => return Err(format!("chunk announces {total} values, earlier chunks {t}")),
             Some(_) => {}
@@ -165,6 +206,23 @@ mod tests {
         let mut out = Vec::new();
         Encoding::Bf16.decode_into(&Encoding::Bf16.encode(&exact), &mut out).unwrap();
         assert_eq!(out, exact);
+    }
+
+    #[test]
+    fn encoded_chunks_decode_to_the_original_in_both_encodings() {
+        let v: Vec<f32> = (0..2 * CHUNK_VALUES + 5).map(|i| (i % 64) as f32 * 0.25 - 7.0).collect();
+        for enc in [Encoding::F32, Encoding::Bf16] {
+            let chunks = enc.encode_chunks(v.clone());
+            assert_eq!(chunks.len(), 3);
+            assert_eq!(chunks[2].len(), 5 * enc.width());
+            let mut a = Assembler::with_buffer(vec![9.0; 3]);
+            for (i, c) in chunks.iter().enumerate() {
+                a.push((i * CHUNK_VALUES) as u64, v.len() as u64, c, enc, v.len()).unwrap();
+            }
+            // Every value here is exact in bf16 too (at most 8 significant bits).
+            assert_eq!(a.finish().unwrap(), v, "{enc:?}");
+        }
+        assert_eq!(Encoding::F32.encode_chunks(Vec::new()), vec![Bytes::new()]);
     }
 
     #[test]

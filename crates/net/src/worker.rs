@@ -241,6 +241,8 @@ async fn session(
     let mut min_step = join.step;
     // A second handle on the same connection, for heartbeats while a pull is in flight.
     let mut beat = client.clone();
+    // The parameters' buffer, reused from step to step.
+    let mut params_buffer = Vec::new();
     loop {
         // Pull the newest parameters (at least `min_step`).
         // The pull waits until the step opens, which takes as long as the slowest of the N
@@ -262,7 +264,7 @@ async fn session(
                 }
             }
         };
-        let mut asm = Assembler::default();
+        let mut asm = Assembler::with_buffer(std::mem::take(&mut params_buffer));
         let mut step = None;
         let mut first_chunk = None;
         while let Some(chunk) = next.take() {
@@ -295,10 +297,10 @@ async fn session(
         let mut task = tokio::task::spawn_blocking(move || {
             let mut grad = Vec::new();
             let r = src.gradient(&params, BatchId { worker: WorkerId(w), step }, &mut grad).map(|loss| (loss, grad));
-            (src, r)
+            (src, r, params)
         });
         // Heartbeats while the gradient is computed, so a slow gradient is not taken for death.
-        let (src, result) = loop {
+        let (src, result, params) = loop {
             tokio::select! {
                 done = &mut task => break done.expect("gradient task panicked"),
                 _ = tokio::time::sleep(opts.heartbeat_every) => {
@@ -309,6 +311,7 @@ async fn session(
         let compute_seconds = t0.elapsed().as_secs_f64();
         report.compute_seconds += compute_seconds;
         *source = Some(src);
+        params_buffer = params;
         let (loss, grad) = result.map_err(|source| WorkerError::Compute { worker: w, source })?;
 
         let total = grad.len() as u64;
@@ -318,20 +321,18 @@ async fn session(
             step,
             offset: 0,
             total,
-            data: Vec::new(),
+            data: Default::default(),
             loss,
             bf16,
             compute_seconds,
             pull_seconds,
         };
-        let chunks: Vec<GradientChunk> = if grad.is_empty() {
-            vec![head]
-        } else {
-            grad.chunks(CHUNK_VALUES)
-                .enumerate()
-                .map(|(i, c)| GradientChunk { offset: (i * CHUNK_VALUES) as u64, data: enc.encode(c), ..head.clone() })
-                .collect()
-        };
+        let chunks: Vec<GradientChunk> = enc
+            .encode_chunks(grad)
+            .into_iter()
+            .enumerate()
+            .map(|(i, data)| GradientChunk { offset: (i * CHUNK_VALUES) as u64, data, ..head.clone() })
+            .collect();
         report.sent += 1;
         let reply = rpc!(w, client.push(tokio_stream::iter(chunks)).await).into_inner();
         match reply.outcome.as_str() {

@@ -331,3 +331,48 @@ async fn mutual_tls_admits_only_workers_with_a_certificate_from_the_servers_ca()
     run_worker(wo, Box::new(src.clone())).await.unwrap();
     assert_eq!(server.await.unwrap().unwrap().steps, 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_frozen_mid_stream_are_abandoned_and_do_not_block_the_other_workers() {
+    use quorum_net::proto::parameter_server_client::ParameterServerClient;
+    use quorum_net::proto::{GradientChunk, JoinRequest};
+    use tokio_stream::StreamExt;
+    let (opts, src) = options(3, Policy::Sync { aggregate: 2, backups: 1 }, 100, None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    // Worker 2 starts more pushes than the server reassembles at once (at most 8), each
+    // sending half of the gradient and then nothing, holding its stream open.
+    let mut frozen = ParameterServerClient::connect(format!("http://{addr}")).await.unwrap();
+    frozen.join(JoinRequest { worker: 2, num_params: 64 }).await.unwrap();
+    let half = GradientChunk {
+        worker: 2,
+        step: 0,
+        offset: 0,
+        total: 64,
+        data: quorum_net::wire::encode(&[0.0; 32]).into(),
+        loss: f32::NAN,
+        ..Default::default()
+    };
+    let pushes: Vec<_> = (0..10)
+        .map(|_| {
+            let mut c = frozen.clone();
+            let stream = tokio_stream::iter(vec![half.clone()]).chain(tokio_stream::pending());
+            tokio::spawn(async move { c.push(stream).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let workers: Vec<_> = (0..2).map(|i| worker(i, addr, &src)).collect();
+    // The run finishes: each frozen push gives up its place after the chunk time-out (the
+    // worker time-out, 2 s) instead of keeping it forever.
+    let summary = tokio::time::timeout(Duration::from_secs(60), server).await.expect("finishes").unwrap().unwrap();
+    assert_eq!(summary.steps, 100);
+    for p in pushes {
+        let err = p.await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+        assert!(err.message().contains("push abandoned"), "{}", err.message());
+    }
+    for w in workers {
+        w.await.unwrap().unwrap();
+    }
+}
