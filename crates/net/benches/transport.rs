@@ -37,8 +37,9 @@ fn transport(c: &mut Criterion) {
         tokio::spawn(run_server(listener, opts, std::future::pending()));
         let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .unwrap()
-            .initial_stream_window_size(16 << 20)
-            .initial_connection_window_size(32 << 20)
+            .initial_stream_window_size(quorum_net::wire::STREAM_WINDOW)
+            .initial_connection_window_size(quorum_net::wire::CONNECTION_WINDOW)
+            .max_frame_size(quorum_net::wire::FRAME)
             .connect()
             .await
             .unwrap();

@@ -34,8 +34,10 @@ async fn main() {
 async fn worker(addr: String, w: u32, params: usize, gradient: Vec<bytes::Bytes>) -> Result<u64, tonic::Status> {
     let channel = tonic::transport::Endpoint::from_shared(addr)
         .expect("address")
-        .initial_stream_window_size(4 << 20)
-        .initial_connection_window_size(8 << 20)
+        // The same HTTP/2 settings as quorum's workers.
+        .initial_stream_window_size(quorum_net::wire::STREAM_WINDOW)
+        .initial_connection_window_size(quorum_net::wire::CONNECTION_WINDOW)
+        .max_frame_size(quorum_net::wire::FRAME)
         .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;

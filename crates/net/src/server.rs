@@ -4,7 +4,7 @@ use crate::checkpoint;
 use crate::proto::parameter_server_server::{ParameterServer, ParameterServerServer};
 use crate::proto::*;
 use crate::tensorboard::EventWriter;
-use crate::wire::{Assembler, Encoding, CHUNK_VALUES};
+use crate::wire::{Assembler, Encoding, CHUNK_VALUES, CONNECTION_WINDOW, FRAME, STREAM_WINDOW};
 use quorum_compute::{Evaluation, GradientSource};
 use quorum_core::server::StopReason;
 use quorum_core::{
@@ -20,12 +20,6 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
-
-/// HTTP/2 flow-control window, bytes.
-pub(crate) const WINDOW: u32 = 16 << 20;
-
-/// HTTP/2 frame size, bytes (the default 16 KiB cuts a 1 MiB chunk into 64 frames).
-pub(crate) const FRAME: u32 = 1 << 20;
 
 /// Everything the parameter server needs.
 pub struct ServerOptions {
@@ -299,9 +293,11 @@ impl Service {
         mut stream: Streaming<GradientChunk>,
     ) -> Result<(GradientChunk, Result<Vec<Event>, ProtocolError>), Status> {
         let idle = self.chunk_timeout;
+        // Wait for a permit before reading anything, so a waiting push holds no more than its
+        // HTTP/2 stream window.
+        let _permit = self.buffers.permits.acquire().await.map_err(shutting_down)?;
         let mut next = next_chunk(&mut stream, idle).await?;
         let first_at = Instant::now();
-        let _permit = self.buffers.permits.acquire().await.map_err(shutting_down)?;
         let mut asm = PushAssembler::with_buffer(self.num_params, self.buffers.take());
         while let Some(chunk) = next {
             asm.add(chunk).map_err(Status::invalid_argument)?;
@@ -797,8 +793,8 @@ pub async fn run_server(
         builder
             // Parameters and gradients are megabytes: HTTP/2's 64 KiB default window would
             // make every transfer wait for window updates.
-            .initial_stream_window_size(WINDOW)
-            .initial_connection_window_size(2 * WINDOW)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(FRAME)
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 ParameterServerServer::new(service).max_decoding_message_size(8 << 20),

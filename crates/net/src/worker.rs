@@ -117,9 +117,9 @@ fn endpoint(opts: &WorkerOptions) -> Result<(tonic::transport::Endpoint, String)
         ep = ep.tls_config(tls).map_err(|e| invalid(format!("TLS set-up: {e}")))?;
     }
     let ep = ep
-        .initial_stream_window_size(crate::server::WINDOW)
-        .initial_connection_window_size(2 * crate::server::WINDOW)
-        .max_frame_size(crate::server::FRAME);
+        .initial_stream_window_size(crate::wire::STREAM_WINDOW)
+        .initial_connection_window_size(crate::wire::CONNECTION_WINDOW)
+        .max_frame_size(crate::wire::FRAME);
     Ok((ep, addr))
 }
 
