@@ -309,8 +309,18 @@ impl Service {
         let loss = (!head.loss.is_nan()).then_some(head.loss);
         let (reply, rx) = oneshot::channel();
         let push = Command::Push { worker: WorkerId(head.worker), step: head.step, gradient, loss, timing, reply };
-        self.commands.send(push).await.map_err(shutting_down)?;
-        let (result, buffer) = rx.await.map_err(shutting_down)?;
+        let answer = match self.commands.send(push).await {
+            Ok(()) => rx.await.ok(),
+            Err(_) => None,
+        };
+        let Some((result, buffer)) = answer else {
+            // The loop has ended. After a stop that is an answer ("stop"), not a broken link:
+            // the worker may have heard "stop" through its next pull while this push was on the way.
+            if self.published.borrow().stop {
+                return Ok((head, Err(ProtocolError::Stopped)));
+            }
+            return Err(shutting_down(()));
+        };
         self.buffers.give_back(buffer);
         Ok((head, result))
     }
@@ -959,6 +969,8 @@ pub async fn run_server(
             }
         }
     }
+    // Requests still waiting for the loop get their answer now (a stopped run says "stop").
+    drop(cmd_rx);
     let _ = grpc_stop_tx.send(());
     // A graceful shutdown waits for open requests; a frozen worker would hold one forever.
     let mut grpc = grpc;

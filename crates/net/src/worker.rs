@@ -144,6 +144,38 @@ async fn connect(opts: &WorkerOptions) -> Result<Client, WorkerError> {
     }
 }
 
+/// A pull running on its own task: the request and the wait for the first chunk.
+struct PullTask(tokio::task::JoinHandle<Result<PullStart, tonic::Status>>);
+
+type PullStart = (tonic::Streaming<ParamsChunk>, Option<Result<ParamsChunk, tonic::Status>>);
+
+impl PullTask {
+    fn start(client: &Client, worker: u32, min_step: u64) -> Self {
+        let mut client = client.clone();
+        PullTask(tokio::spawn(async move {
+            let mut stream = client.pull(PullRequest { worker, min_step }).await?.into_inner();
+            let first = stream.next().await;
+            Ok((stream, first))
+        }))
+    }
+}
+
+impl PullTask {
+    /// Whether the pull ended with "stop" (waiting for it at most a second).
+    async fn said_stop(mut self) -> bool {
+        match tokio::time::timeout(Duration::from_secs(1), &mut self.0).await {
+            Ok(Ok(Ok((_, Some(Ok(chunk)))))) => chunk.stop,
+            _ => false,
+        }
+    }
+}
+
+impl Drop for PullTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// How a session with the server ended.
 enum SessionEnd {
     /// The server said stop.
@@ -243,24 +275,25 @@ async fn session(
     let mut beat = client.clone();
     // The parameters' buffer, reused from step to step.
     let mut params_buffer = Vec::new();
+    // The next step's pull, asked for while the gradient is pushed.
+    let mut pending: Option<PullTask> = None;
     loop {
         // Pull the newest parameters (at least `min_step`).
         // The pull waits until the step opens, which takes as long as the slowest of the N
         // gradients (or the stall timeout): heartbeat meanwhile, so waiting is not taken for death.
         let t_pull = Instant::now();
-        let (mut stream, mut next) = {
-            let first = async {
-                let mut stream = client.pull(PullRequest { worker: w, min_step }).await?.into_inner();
-                let next = stream.next().await;
-                Ok::<_, tonic::Status>((stream, next))
-            };
-            tokio::pin!(first);
-            loop {
-                tokio::select! {
-                    r = &mut first => break rpc!(w, r),
-                    _ = tokio::time::sleep(opts.heartbeat_every) => {
-                        let _ = beat.heartbeat(HeartbeatRequest { worker: w }).await;
-                    }
+        let mut pull = match pending.take() {
+            Some(p) => p,
+            None => PullTask::start(client, w, min_step),
+        };
+        let (mut stream, mut next) = loop {
+            tokio::select! {
+                r = &mut pull.0 => {
+                    let r = r.unwrap_or_else(|e| Err(tonic::Status::unknown(format!("pull task failed: {e}"))));
+                    break rpc!(w, r);
+                }
+                _ = tokio::time::sleep(opts.heartbeat_every) => {
+                    let _ = beat.heartbeat(HeartbeatRequest { worker: w }).await;
                 }
             }
         };
@@ -334,7 +367,22 @@ async fn session(
             .map(|(i, data)| GradientChunk { offset: (i * CHUNK_VALUES) as u64, data, ..head.clone() })
             .collect();
         report.sent += 1;
-        let reply = rpc!(w, client.push(tokio_stream::iter(chunks)).await).into_inner();
+        // Ask for the next parameters now: the server streams them the moment the step
+        // closes, without waiting for this push's reply and a new request.
+        pending = Some(PullTask::start(client, w, step + 1));
+        let reply = match client.push(tokio_stream::iter(chunks)).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                // The server may have ended the run and gone while this push was on the way,
+                // having told this worker "stop" through the next step's pull.
+                if let Some(p) = pending.take() {
+                    if p.said_stop().await {
+                        return Ok(SessionEnd::Stopped);
+                    }
+                }
+                return lost_or_refused(w, s);
+            }
+        };
         match reply.outcome.as_str() {
             "accepted" => report.accepted += 1,
             "stopped" => return Ok(SessionEnd::Stopped),
