@@ -1,7 +1,8 @@
 //! Fuzzes what a parameter server does with a pushed gradient: protobuf decoding of the
 //! chunk stream, reassembly and its checks (`PushAssembler`, the handler's own code), then
-//! the protocol core's validation (`Server::handle`). Whatever the bytes, nothing may panic,
-//! a refused push leaves the parameters and the step unchanged, and parameters stay finite.
+//! the protocol core's validation (`Server::push`, as the server's loop calls it). Whatever
+//! the bytes, nothing may panic, a refused push leaves the parameters and the step unchanged,
+//! and parameters stay finite.
 //!
 //! Input: byte 0 picks the model size (1..=64 parameters), the rest is a sequence of
 //! length-delimited `GradientChunk` messages, as they arrive on the wire.
@@ -23,7 +24,9 @@ fuzz_target!(|data: &[u8]| {
     for w in 0..3 {
         server.handle(Duration::ZERO, WorkerId(w), ToServer::Join).unwrap();
     }
-    let mut asm = PushAssembler::new(n);
+    // As the server does: reassemble into a kept buffer, here one full of stale NaNs that
+    // must never leak into the gradient.
+    let mut asm = PushAssembler::with_buffer(n, vec![f32::NAN; 2 * n]);
     while !rest.is_empty() {
         let Ok(chunk) = GradientChunk::decode_length_delimited(&mut rest) else { return };
         if asm.add(chunk).is_err() {
@@ -33,8 +36,8 @@ fuzz_target!(|data: &[u8]| {
     let Ok((head, gradient)) = asm.finish() else { return };
     assert!(gradient.len() <= n, "reassembly never exceeds the model (the core refuses other lengths)");
     let before = (server.params().to_vec(), server.step());
-    let push = ToServer::Push { step: head.step, gradient, loss: None };
-    let accepted = server.handle(Duration::from_millis(1), WorkerId(head.worker), push).is_ok();
+    // The server's loop hands its buffer to the core by reference (`Server::push`).
+    let accepted = server.push(Duration::from_millis(1), WorkerId(head.worker), head.step, &gradient, None).is_ok();
     // One push of two cannot close a step, accepted or not.
     assert_eq!(server.step(), before.1);
     assert_eq!(server.params(), &before.0[..]);

@@ -221,6 +221,21 @@ fn sigterm_checkpoints_and_resume_finishes_the_run() {
     assert_eq!(s["start_step"].as_u64(), Some(stopped_at));
     assert_eq!(s["steps"], 3000);
     assert!(s["final_test_loss"].as_f64().unwrap() < 0.05, "{s}");
+    // The run's files continue the interrupted run's instead of starting over: every update
+    // once, in order, with the clock and the example count going on from where they were.
+    let metrics = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let rows: Vec<Vec<f64>> =
+        metrics.lines().skip(1).map(|l| l.split(',').take(3).map(|x| x.parse().unwrap()).collect()).collect();
+    assert_eq!(rows.iter().map(|r| r[0] as u64).collect::<Vec<_>>(), (1..=3000).collect::<Vec<_>>());
+    assert!(rows.windows(2).all(|w| w[1][1] >= w[0][1] && w[1][2] > w[0][2]), "seconds and examples go on");
+    let applied: Vec<u64> = std::fs::read_to_string(run.join("events.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "step_applied")
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(applied, (0..3000).collect::<Vec<_>>(), "events.jsonl: every update once, in order");
     for w in &mut workers {
         assert!(wait(w, Duration::from_secs(20)).success());
     }

@@ -541,16 +541,87 @@ struct Recorder {
     rejected: u64,
     examples: u64,
     last_step_at: f64,
+    /// What a resumed run keeps of the run before it.
+    earlier: Earlier,
+}
+
+/// The records of the run a resumed run continues, up to the checkpointed step: the new
+/// run's files continue them rather than replace them.
+#[derive(Default)]
+struct Earlier {
+    /// metrics.csv and arrivals.csv rows (without headers).
+    metrics: Vec<String>,
+    arrivals: Vec<String>,
+    /// Seconds and examples at the checkpointed step: the new rows continue from there.
+    seconds: f64,
+    examples: u64,
+}
+
+impl Earlier {
+    /// Reads `dir`'s files, keeping what happened up to `step` updates; rewrites
+    /// events.jsonl to end at the `step`-th update (later events belong to updates the
+    /// checkpoint does not have, which the resumed run makes again).
+    fn read(dir: &std::path::Path, step: u64) -> std::io::Result<Self> {
+        let read = |name: &str| match std::fs::read_to_string(dir.join(name)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            other => other,
+        };
+        let mut earlier = Earlier::default();
+        for line in read("metrics.csv")?.lines().skip(1) {
+            let mut f = line.split(',');
+            let (Some(Ok(s)), Some(Ok(secs)), Some(Ok(ex))) =
+                (f.next().map(str::parse::<u64>), f.next().map(str::parse::<f64>), f.next().map(str::parse::<u64>))
+            else {
+                continue;
+            };
+            if s <= step {
+                earlier.metrics.push(line.to_string());
+                (earlier.seconds, earlier.examples) = (secs, ex);
+            }
+        }
+        for line in read("arrivals.csv")?.lines().skip(1) {
+            if line.split(',').next().and_then(|s| s.parse::<u64>().ok()).is_some_and(|s| s < step) {
+                earlier.arrivals.push(line.to_string());
+            }
+        }
+        let events = read("events.jsonl")?;
+        let mut keep = 0;
+        if step > 0 {
+            let mut at = 0;
+            for line in events.split_inclusive('\n') {
+                at += line.len();
+                let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+                if v["event"] == "step_applied" && v["step"].as_u64() == Some(step - 1) {
+                    keep = at;
+                    break;
+                }
+            }
+        }
+        std::fs::write(dir.join("events.jsonl"), &events[..keep])?;
+        Ok(earlier)
+    }
 }
 
 impl Recorder {
-    fn new(out: Option<PathBuf>, workers: u32, batch: u64) -> std::io::Result<Self> {
+    /// `resumed_at`: the step a resumed run starts from (its files continue the earlier run's).
+    fn new(out: Option<PathBuf>, workers: u32, batch: u64, resumed_at: Option<u64>) -> std::io::Result<Self> {
         let started_unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let mut earlier = Earlier::default();
         let (events, tensorboard) = match &out {
             Some(dir) => {
                 std::fs::create_dir_all(dir)?;
-                let f = std::io::BufWriter::new(std::fs::File::create(dir.join("events.jsonl"))?);
-                (Some(f), Some(EventWriter::create(&dir.join("tensorboard"), started_unix)?))
+                let path = dir.join("events.jsonl");
+                let file = match resumed_at {
+                    Some(step) => {
+                        earlier = Earlier::read(dir, step)?;
+                        std::fs::OpenOptions::new().append(true).create(true).open(path)?
+                    }
+                    None => std::fs::File::create(path)?,
+                };
+                (
+                    Some(std::io::BufWriter::new(file)),
+                    Some(EventWriter::create(&dir.join("tensorboard"), started_unix)?),
+                )
             }
             None => (None, None),
         };
@@ -570,6 +641,7 @@ impl Recorder {
             rejected: 0,
             examples: 0,
             last_step_at: 0.0,
+            earlier,
         })
     }
 
@@ -668,11 +740,18 @@ impl Recorder {
         let opt = |v: Option<f32>| v.map(|x| x.to_string()).unwrap_or_default();
         let mut m = std::io::BufWriter::new(std::fs::File::create(dir.join("metrics.csv"))?);
         writeln!(m, "step,seconds,examples,train_loss,test_loss,test_accuracy")?;
+        for row in &self.earlier.metrics {
+            writeln!(m, "{row}")?;
+        }
+        // A resumed run continues the earlier run's clock and example count.
+        let (t0, ex0) = (self.earlier.seconds, self.earlier.examples);
         for (step, secs, ex, loss) in &self.rows {
             let e = self.evals.get(step);
             writeln!(
                 m,
-                "{step},{secs},{ex},{},{},{}",
+                "{step},{},{},{},{},{}",
+                secs + t0,
+                ex + ex0,
                 opt(*loss),
                 opt(e.map(|e| e.loss)),
                 opt(e.and_then(|e| e.accuracy))
@@ -681,6 +760,9 @@ impl Recorder {
         m.flush()?;
         let mut a = std::io::BufWriter::new(std::fs::File::create(dir.join("arrivals.csv"))?);
         writeln!(a, "step,k,worker,seconds,accepted")?;
+        for row in &self.earlier.arrivals {
+            writeln!(a, "{row}")?;
+        }
         for (step, k, w, secs, acc) in &self.arrivals {
             writeln!(a, "{step},{k},{w},{secs},{acc}")?;
         }
@@ -815,7 +897,8 @@ pub async fn run_server(
             }),
     );
 
-    let mut rec = Recorder::new(opts.out.clone(), opts.config.workers, opts.batch)?;
+    let resumed_at = (start_step > 0).then_some(start_step);
+    let mut rec = Recorder::new(opts.out.clone(), opts.config.workers, opts.batch, resumed_at)?;
     let mut checkpointer = opts
         .checkpoint
         .clone()
