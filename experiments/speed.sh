@@ -4,13 +4,14 @@
 # delay before each gradient; plus one worker alone (per-step overhead = step time minus
 # gradient time). Prints medians over REPEATS runs; every run's summary stays in runs/speed/.
 # Usage: experiments/speed.sh [REPEATS] [STEPS]   (release build: cargo build --release -p quorum-cli)
+# QUORUM=path/to/quorum and OUT=dir compare two builds side by side (runs kept in OUT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPEATS=${1:-5}
 STEPS=${2:-300}
-Q=target/release/quorum
+Q=${QUORUM:-target/release/quorum}
 [ -x "$Q" ] || cargo build --release -p quorum-cli
-OUT=runs/speed
+OUT=${OUT:-runs/speed}
 mkdir -p "$OUT"
 common=(--model mlp --dataset mnist --batch 128 --optimizer sgd --lr 0.1 --eval-every 0 --steps "$STEPS")
 run() { # name, extra args...
