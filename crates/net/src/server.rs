@@ -545,6 +545,9 @@ struct Recorder {
     earlier: Earlier,
 }
 
+const METRICS_HEADER: &str = "step,seconds,examples,train_loss,test_loss,test_accuracy";
+const ARRIVALS_HEADER: &str = "step,k,worker,seconds,accepted";
+
 /// The records of the run a resumed run continues, up to the checkpointed step: the new
 /// run's files continue them rather than replace them.
 #[derive(Default)]
@@ -561,12 +564,13 @@ impl Earlier {
     /// Reads `dir`'s files, keeping what happened up to `step` updates; rewrites
     /// events.jsonl to end at the `step`-th update (later events belong to updates the
     /// checkpoint does not have, which the resumed run makes again).
-    fn read(dir: &std::path::Path, step: u64) -> std::io::Result<Self> {
+    fn read(dir: &std::path::Path, step: u64, workers: u32, batch: u64) -> std::io::Result<Self> {
         let read = |name: &str| match std::fs::read_to_string(dir.join(name)) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
             other => other,
         };
         let mut earlier = Earlier::default();
+        let mut rows_up_to = 0;
         for line in read("metrics.csv")?.lines().skip(1) {
             let mut f = line.split(',');
             let (Some(Ok(s)), Some(Ok(secs)), Some(Ok(ex))) =
@@ -576,7 +580,7 @@ impl Earlier {
             };
             if s <= step {
                 earlier.metrics.push(line.to_string());
-                (earlier.seconds, earlier.examples) = (secs, ex);
+                (earlier.seconds, earlier.examples, rows_up_to) = (secs, ex, s);
             }
         }
         for line in read("arrivals.csv")?.lines().skip(1) {
@@ -584,20 +588,53 @@ impl Earlier {
                 earlier.arrivals.push(line.to_string());
             }
         }
+        // Without the `step`-th update in the file (a killed server loses its last unflushed
+        // events), every complete line is kept: nothing in it is past the checkpoint.
         let events = read("events.jsonl")?;
-        let mut keep = 0;
-        if step > 0 {
-            let mut at = 0;
-            for line in events.split_inclusive('\n') {
-                at += line.len();
-                let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
-                if v["event"] == "step_applied" && v["step"].as_u64() == Some(step - 1) {
+        let mut keep = events.rfind('\n').map_or(0, |i| i + 1);
+        // Where the updates metrics.csv lacks begin: after the `rows_up_to`-th.
+        let mut missing_from = (rows_up_to == 0).then_some(0);
+        let mut at = 0;
+        for line in events.split_inclusive('\n') {
+            at += line.len();
+            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+            if v["event"] == "step_applied" {
+                let applied = v["step"].as_u64().map(|s| s + 1);
+                if applied == Some(rows_up_to) {
+                    missing_from = Some(at);
+                }
+                if applied == Some(step) {
                     keep = at;
                     break;
                 }
             }
         }
         std::fs::write(dir.join("events.jsonl"), &events[..keep])?;
+        // A server killed with SIGKILL never wrote metrics.csv and arrivals.csv (written when
+        // a run ends): rebuild the updates it made from its events, which follow the last
+        // update metrics.csv has and run on that run's own clock.
+        if let Some(from) = missing_from.filter(|&from| rows_up_to < step && from <= keep) {
+            let mut replay = Recorder::new(None, workers, batch, None)?;
+            for line in events[from..keep].lines() {
+                if let Ok(e) = serde_json::from_str::<Event>(line) {
+                    replay.event(&e)?;
+                }
+            }
+            let (t0, ex0) = (earlier.seconds, earlier.examples);
+            for (s, secs, ex, loss) in replay.rows.iter().filter(|r| r.0 > rows_up_to && r.0 <= step) {
+                let loss = loss.map(|l| l.to_string()).unwrap_or_default();
+                earlier.metrics.push(format!("{s},{},{},{loss},,", t0 + secs, ex0 + ex));
+                (earlier.seconds, earlier.examples) = (t0 + secs, ex0 + ex);
+            }
+            for (s, k, w, secs, acc) in replay.arrivals.iter().filter(|a| a.0 >= rows_up_to && a.0 < step) {
+                earlier.arrivals.push(format!("{s},{k},{w},{secs},{acc}"));
+            }
+        }
+        // Written back now, so a later crash of the resumed run loses only its own records
+        // (which its events, flushed at every checkpoint, rebuild again).
+        let lines = |header: &str, rows: &[String]| rows.iter().fold(format!("{header}\n"), |s, r| s + r + "\n");
+        std::fs::write(dir.join("metrics.csv"), lines(METRICS_HEADER, &earlier.metrics))?;
+        std::fs::write(dir.join("arrivals.csv"), lines(ARRIVALS_HEADER, &earlier.arrivals))?;
         Ok(earlier)
     }
 }
@@ -613,7 +650,7 @@ impl Recorder {
                 let path = dir.join("events.jsonl");
                 let file = match resumed_at {
                     Some(step) => {
-                        earlier = Earlier::read(dir, step)?;
+                        earlier = Earlier::read(dir, step, workers, batch)?;
                         std::fs::OpenOptions::new().append(true).create(true).open(path)?
                     }
                     None => std::fs::File::create(path)?,
@@ -643,6 +680,13 @@ impl Recorder {
             last_step_at: 0.0,
             earlier,
         })
+    }
+
+    fn flush_events(&mut self) -> std::io::Result<()> {
+        match self.events.as_mut() {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
     }
 
     fn log(&mut self, e: &Event) -> std::io::Result<()> {
@@ -739,7 +783,7 @@ impl Recorder {
         }
         let opt = |v: Option<f32>| v.map(|x| x.to_string()).unwrap_or_default();
         let mut m = std::io::BufWriter::new(std::fs::File::create(dir.join("metrics.csv"))?);
-        writeln!(m, "step,seconds,examples,train_loss,test_loss,test_accuracy")?;
+        writeln!(m, "{METRICS_HEADER}")?;
         for row in &self.earlier.metrics {
             writeln!(m, "{row}")?;
         }
@@ -759,7 +803,7 @@ impl Recorder {
         }
         m.flush()?;
         let mut a = std::io::BufWriter::new(std::fs::File::create(dir.join("arrivals.csv"))?);
-        writeln!(a, "step,k,worker,seconds,accepted")?;
+        writeln!(a, "{ARRIVALS_HEADER}")?;
         for row in &self.earlier.arrivals {
             writeln!(a, "{row}")?;
         }
@@ -1013,6 +1057,9 @@ pub async fn run_server(
             if let Some(c) = checkpointer.as_mut() {
                 if c.due(done) && !server.is_stopped() {
                     c.request(server.snapshot());
+                    // The log reaches at least the checkpoint, so a resumed run can rebuild
+                    // its records from it even after SIGKILL.
+                    rec.flush_events()?;
                 }
             }
             while let Ok((s, ev)) = eval_done_rx.try_recv() {
@@ -1105,6 +1152,81 @@ pub async fn run_server(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resumed_run_keeps_the_earlier_records_up_to_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let metrics: String = (1..=5).map(|s| format!("{s},{}.5,{},0.1,,\n", s, 32 * s)).collect();
+        std::fs::write(
+            d.join("metrics.csv"),
+            format!("step,seconds,examples,train_loss,test_loss,test_accuracy\n{metrics}"),
+        )
+        .unwrap();
+        let arrivals: String = (0..5).map(|s| format!("{s},1,0,0.01,true\n")).collect();
+        std::fs::write(d.join("arrivals.csv"), format!("step,k,worker,seconds,accepted\n{arrivals}")).unwrap();
+        let line = |s: u64| {
+            format!("{{\"event\":\"gradient_accepted\",\"step\":{s}}}\n{{\"event\":\"step_applied\",\"step\":{s}}}\n")
+        };
+        let events: String = (0..5).map(line).collect();
+        std::fs::write(d.join("events.jsonl"), &events).unwrap();
+
+        let e = Earlier::read(d, 3, 1, 32).unwrap();
+        assert_eq!(e.metrics.len(), 3);
+        assert_eq!((e.seconds, e.examples), (3.5, 96));
+        assert_eq!(e.arrivals, ["0,1,0,0.01,true", "1,1,0,0.01,true", "2,1,0,0.01,true"]);
+        let kept = std::fs::read_to_string(d.join("events.jsonl")).unwrap();
+        assert_eq!(kept, (0..3).map(line).collect::<String>(), "events end at the 3rd update");
+
+        // A killed server's log may stop before the checkpointed update, mid-line: the
+        // complete lines are kept, the torn one is not.
+        std::fs::write(d.join("events.jsonl"), format!("{}{{\"event\":\"step_ap", line(0))).unwrap();
+        Earlier::read(d, 3, 1, 32).unwrap();
+        assert_eq!(std::fs::read_to_string(d.join("events.jsonl")).unwrap(), line(0));
+    }
+
+    #[test]
+    fn after_a_sigkill_the_records_the_killed_run_never_wrote_are_rebuilt_from_its_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // A first run stopped cleanly after 2 updates (its rows and events), then a resumed
+        // run made updates 3..=5 on its own clock and was killed before writing any rows.
+        std::fs::write(d.join("metrics.csv"), format!("{METRICS_HEADER}\n1,1,32,0.5,,\n2,2,64,0.4,0.3,0.9\n")).unwrap();
+        std::fs::write(d.join("arrivals.csv"), format!("{ARRIVALS_HEADER}\n0,1,0,0.1,true\n1,1,0,0.1,true\n")).unwrap();
+        let w = WorkerId(0);
+        let update = |step: u64, time: f64| {
+            [
+                Event::GradientAccepted { worker: w, step, k: 1, since_open: 0.25, staleness: 0, time },
+                Event::StepApplied {
+                    step,
+                    contributors: vec![w],
+                    duration: 0.25,
+                    lr: 0.1,
+                    grad_norm: 1.0,
+                    loss: Some(0.125),
+                    time,
+                },
+            ]
+        };
+        let events: String = [update(0, 1.0), update(1, 2.0), update(2, 0.5), update(3, 1.0), update(4, 1.5)]
+            .iter()
+            .flatten()
+            .map(|e| serde_json::to_string(e).unwrap() + "\n")
+            .collect();
+        std::fs::write(d.join("events.jsonl"), events).unwrap();
+
+        // Resumed again from the checkpoint at 4 updates.
+        let e = Earlier::read(d, 4, 1, 32).unwrap();
+        assert_eq!(e.metrics, ["1,1,32,0.5,,", "2,2,64,0.4,0.3,0.9", "3,2.5,96,0.125,,", "4,3,128,0.125,,"]);
+        assert_eq!((e.seconds, e.examples), (3.0, 128));
+        assert_eq!(e.arrivals.len(), 4);
+        assert_eq!(e.arrivals[3], "3,1,0,0.25,true");
+        // Written back at once, and the log cut after the 4th update.
+        let metrics = std::fs::read_to_string(d.join("metrics.csv")).unwrap();
+        assert!(metrics.ends_with("3,2.5,96,0.125,,\n4,3,128,0.125,,\n"), "{metrics}");
+        let log = std::fs::read_to_string(d.join("events.jsonl")).unwrap();
+        assert_eq!(log.lines().count(), 8);
+    }
 
     #[test]
     fn a_worker_talking_to_a_restarted_server_is_told_to_join_again_not_refused() {

@@ -158,9 +158,7 @@ impl PullTask {
             Ok((stream, first))
         }))
     }
-}
 
-impl PullTask {
     /// Whether the pull ended with "stop" (waiting for it at most a second).
     async fn said_stop(mut self) -> bool {
         match tokio::time::timeout(Duration::from_secs(1), &mut self.0).await {
