@@ -14,13 +14,8 @@ COMMON=(--model synthetic:10000 --workers 64 --backups 4 --lr 0.2 --worker-timeo
 launch() {
     "$Q" ps "${COMMON[@]}" --steps "$1" --listen 127.0.0.1:0 --out "$2" > "$2.ps.log" 2>&1 &
     PS_PID=$!
-    local addr=""
-    for _ in $(seq 100); do
-        addr=$(grep -o 'listening on [0-9.:]*' "$2.ps.log" 2>/dev/null | awk '{print $3}' || true)
-        [ -n "$addr" ] && break
-        sleep 0.1
-    done
-    [ -n "$addr" ] || { echo "ps did not start"; cat "$2.ps.log"; exit 1; }
+    local addr
+    addr=$(ps_address "$2.ps.log") || exit 1
     WORKER_PIDS=()
     for i in $(seq 0 63); do
         "$Q" worker "${COMMON[@]}" --threads 1 --ps "$addr" --index "$i" > "$2.w$i.log" 2>&1 &

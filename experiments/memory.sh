@@ -23,13 +23,7 @@ for n in "${SIZES[@]}"; do
     "$Q" ps --model "synthetic:$PARAMS" --workers "$n" --backups 0 --lr 0.1 --steps "$STEPS" --eval-every 0 \
         --worker-timeout 600 --stall-timeout 600 --listen 127.0.0.1:0 --out "$dir" > "$dir.ps.log" 2>&1 &
     ps_pid=$!
-    addr=""
-    for _ in $(seq 300); do
-        addr=$(grep -o 'listening on [0-9.:]*' "$dir.ps.log" 2>/dev/null | awk '{print $3}' || true)
-        [ -n "$addr" ] && break
-        sleep 0.1
-    done
-    [ -n "$addr" ] || { echo "ps did not start"; cat "$dir.ps.log"; exit 1; }
+    addr=$(ps_address "$dir.ps.log") || exit 1
     "$LOAD" "$addr" "$n" "$PARAMS" > "$dir.load.log" 2>&1 &
     load_pid=$!
     peak=0

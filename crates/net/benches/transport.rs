@@ -13,7 +13,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use quorum_core::{ParamLayout, Policy, ServerConfig};
 use quorum_net::proto::parameter_server_client::ParameterServerClient;
 use quorum_net::proto::{GradientChunk, JoinRequest};
-use quorum_net::wire::{Encoding, CHUNK_VALUES};
+use quorum_net::wire::Encoding;
 use quorum_net::{run_server, ServerOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -49,20 +49,8 @@ fn transport(c: &mut Criterion) {
     });
     // The worker's own encoding: the gradient buffer becomes the chunks' bytes.
     let chunks = |grad: &[f32]| -> Vec<GradientChunk> {
-        Encoding::F32
-            .encode_chunks(grad.to_vec())
-            .into_iter()
-            .enumerate()
-            .map(|(i, data)| GradientChunk {
-                worker: 0,
-                step: 0,
-                offset: (i * CHUNK_VALUES) as u64,
-                total: PARAMS as u64,
-                data,
-                loss: f32::NAN,
-                ..Default::default()
-            })
-            .collect()
+        let head = GradientChunk { worker: 0, step: 0, total: PARAMS as u64, loss: f32::NAN, ..Default::default() };
+        quorum_net::wire::gradient_chunks(&head, Encoding::F32.encode_chunks(grad.to_vec()))
     };
     // The chunks share one buffer, so a clone per push copies no bytes (as raw TCP below
     // sends bytes that already exist).

@@ -8,7 +8,7 @@
 
 use quorum_net::proto::parameter_server_client::ParameterServerClient;
 use quorum_net::proto::{GradientChunk, JoinRequest, PullRequest};
-use quorum_net::wire::{Encoding, CHUNK_VALUES};
+use quorum_net::wire::{gradient_chunks, Encoding};
 use tokio_stream::StreamExt;
 
 #[tokio::main]
@@ -58,19 +58,8 @@ async fn worker(addr: String, w: u32, params: usize, gradient: Vec<bytes::Bytes>
             step = Some(chunk.step);
         }
         let Some(step) = step else { return Ok(pushes) };
-        let chunks: Vec<GradientChunk> = gradient
-            .iter()
-            .enumerate()
-            .map(|(i, data)| GradientChunk {
-                worker: w,
-                step,
-                offset: (i * CHUNK_VALUES) as u64,
-                total: params as u64,
-                data: data.clone(),
-                loss: f32::NAN,
-                ..Default::default()
-            })
-            .collect();
+        let head = GradientChunk { worker: w, step, total: params as u64, loss: f32::NAN, ..Default::default() };
+        let chunks = gradient_chunks(&head, gradient.clone());
         let reply = client.push(tokio_stream::iter(chunks)).await?.into_inner();
         pushes += 1;
         if reply.stop {

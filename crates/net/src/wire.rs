@@ -135,6 +135,15 @@ impl Encoding {
     }
 }
 
+/// The messages of one pushed gradient: `head` (worker, step, total, loss, timings) repeated
+/// with each chunk's data and offset.
+pub fn gradient_chunks(head: &crate::proto::GradientChunk, data: Vec<Bytes>) -> Vec<crate::proto::GradientChunk> {
+    data.into_iter()
+        .enumerate()
+        .map(|(i, data)| crate::proto::GradientChunk { offset: (i * CHUNK_VALUES) as u64, data, ..head.clone() })
+        .collect()
+}
+
 /// Encodes values as little-endian `f32` bytes.
 pub fn encode(values: &[f32]) -> Vec<u8> {
     Encoding::F32.encode(values)

@@ -4,7 +4,7 @@
 use crate::auth::AddToken;
 use crate::proto::parameter_server_client::ParameterServerClient;
 use crate::proto::*;
-use crate::wire::{Assembler, Encoding, CHUNK_VALUES};
+use crate::wire::{Assembler, Encoding};
 use quorum_compute::{BatchId, GradientSource};
 use quorum_core::WorkerId;
 use quorum_sim::DelaySampler;
@@ -358,12 +358,7 @@ async fn session(
             compute_seconds,
             pull_seconds,
         };
-        let chunks: Vec<GradientChunk> = enc
-            .encode_chunks(grad)
-            .into_iter()
-            .enumerate()
-            .map(|(i, data)| GradientChunk { offset: (i * CHUNK_VALUES) as u64, data, ..head.clone() })
-            .collect();
+        let chunks = crate::wire::gradient_chunks(&head, enc.encode_chunks(grad));
         report.sent += 1;
         // Ask for the next parameters now: the server streams them the moment the step
         // closes, without waiting for this push's reply and a new request.
