@@ -4,20 +4,22 @@
 //! the bytes, nothing may panic, a refused push leaves the parameters and the step unchanged,
 //! and parameters stay finite.
 //!
-//! Input: byte 0 picks the model size (1..=64 parameters), the rest is a sequence of
-//! length-delimited `GradientChunk` messages, as they arrive on the wire.
+//! Input: byte 0 picks the model size (1..=64 parameters), byte 1 how the rest is cut into
+//! HTTP/2 frames; the rest is the push's body as it arrives on the wire (gRPC-framed
+//! `GradientChunk` messages), read as the server reads it (`raw::MessageReader`,
+//! `raw::parse_gradient_chunk`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use prost::Message;
+use bytes::Bytes;
 use quorum_core::{ParamLayout, Policy, Server, ServerConfig, ToServer, WorkerId};
-use quorum_net::proto::GradientChunk;
+use quorum_net::raw::{parse_gradient_chunk, MessageReader};
 use quorum_net::server::PushAssembler;
 use std::time::Duration;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&size, mut rest)) = data.split_first() else { return };
-    let n = 1 + size as usize % 64;
+    let [size, cut, body @ ..] = data else { return };
+    let n = 1 + *size as usize % 64;
     let layout = ParamLayout::from_shapes([("w", vec![n])]).unwrap();
     let cfg = ServerConfig::new(3, Policy::Sync { aggregate: 2, backups: 1 }, 0.1);
     let mut server = Server::new(cfg, layout, vec![0.5; n]).unwrap();
@@ -27,11 +29,25 @@ fuzz_target!(|data: &[u8]| {
     // As the server does: reassemble into a kept buffer, here one full of stale NaNs that
     // must never leak into the gradient.
     let mut asm = PushAssembler::with_buffer(n, vec![f32::NAN; 2 * n]);
-    while !rest.is_empty() {
-        let Ok(chunk) = GradientChunk::decode_length_delimited(&mut rest) else { return };
-        if asm.add(chunk).is_err() {
-            return;
+    let mut reader = MessageReader::default();
+    let step = 1 + *cut as usize;
+    for frame in body.chunks(step) {
+        reader.feed(Bytes::copy_from_slice(frame));
+        loop {
+            match reader.next_message() {
+                Ok(Some(msg)) => {
+                    let Ok((chunk, data)) = parse_gradient_chunk(msg) else { return };
+                    if asm.add(chunk, &data).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => return,
+            }
         }
+    }
+    if reader.mid_message() {
+        return;
     }
     let Ok((head, gradient)) = asm.finish() else { return };
     assert!(gradient.len() <= n, "reassembly never exceeds the model (the core refuses other lengths)");

@@ -3,7 +3,9 @@
 //!
 //! gRPC: a real parameter server (the crate's `run_server`); one client joins and pushes a
 //! 10M-parameter f32 gradient (40 MB) in the worker's chunking, through HTTP/2 with the
-//! server's window settings. Each push is for a step the client already contributed to, so
+//! server's window settings: `grpc` as the worker sends it (`quorum_net::raw::push`, the
+//! gradient's bytes not copied), `grpc_generated_client` through tonic's generated client
+//! (which copies each message into its encode buffer), to the same server. Each push is for a step the client already contributed to, so
 //! the server reassembles and checks it in full and then refuses it as a duplicate — the
 //! transport and reassembly are measured, the optimizer is not.
 //! Raw TCP: the same 40 MB written to a socket whose reader reads it into a buffer and
@@ -28,7 +30,7 @@ fn transport(c: &mut Criterion) {
     g.sample_size(10);
 
     // gRPC through the real server.
-    let mut client = rt.block_on(async {
+    let (mut client, mut channel) = rt.block_on(async {
         let layout = ParamLayout::from_shapes([("w", vec![PARAMS])]).unwrap();
         let cfg = ServerConfig::new(2, Policy::Sync { aggregate: 2, backups: 0 }, 0.1);
         let opts = ServerOptions::new(cfg, layout, vec![0.0; PARAMS]);
@@ -43,23 +45,32 @@ fn transport(c: &mut Criterion) {
             .connect()
             .await
             .unwrap();
-        let mut client = ParameterServerClient::new(ch).max_decoding_message_size(8 << 20);
+        let mut client = ParameterServerClient::new(ch.clone()).max_decoding_message_size(8 << 20);
         client.join(JoinRequest { worker: 0, num_params: PARAMS as u64 }).await.unwrap();
-        client
+        (client, ch)
     });
-    // The worker's own encoding: the gradient buffer becomes the chunks' bytes.
-    let chunks = |grad: &[f32]| -> Vec<GradientChunk> {
-        let head = GradientChunk { worker: 0, step: 0, total: PARAMS as u64, loss: f32::NAN, ..Default::default() };
-        quorum_net::wire::gradient_chunks(&head, Encoding::F32.encode_chunks(grad.to_vec()))
-    };
-    // The chunks share one buffer, so a clone per push copies no bytes (as raw TCP below
-    // sends bytes that already exist).
-    let pushed = chunks(&grad);
+    // The worker's own encoding: the gradient buffer becomes the chunks' bytes. The pieces
+    // share one buffer, so a clone per push copies no bytes (as raw TCP below sends bytes
+    // that already exist).
+    let head = GradientChunk { worker: 0, step: 0, total: PARAMS as u64, loss: f32::NAN, ..Default::default() };
+    let data = Encoding::F32.encode_chunks(grad.clone());
+    let frames = quorum_net::raw::push_frames(&head, data.clone());
+    let messages: Vec<GradientChunk> = data
+        .into_iter()
+        .enumerate()
+        .map(|(i, data)| GradientChunk { offset: (i * quorum_net::wire::CHUNK_VALUES) as u64, data, ..head.clone() })
+        .collect();
     // The first push is accepted (the step waits for a second worker); later ones are duplicates.
-    rt.block_on(client.push(tokio_stream::iter(pushed.clone()))).unwrap();
+    rt.block_on(quorum_net::raw::push(&mut channel, frames.clone())).unwrap();
     g.bench_function("grpc", |b| {
         b.iter(|| {
-            let r = rt.block_on(client.push(tokio_stream::iter(pushed.clone())));
+            let r = rt.block_on(quorum_net::raw::push(&mut channel, frames.clone()));
+            assert!(r.is_err_and(|s| s.message().contains("second gradient")));
+        })
+    });
+    g.bench_function("grpc_generated_client", |b| {
+        b.iter(|| {
+            let r = rt.block_on(client.push(tokio_stream::iter(messages.clone())));
             assert!(r.is_err_and(|s| s.message().contains("second gradient")));
         })
     });

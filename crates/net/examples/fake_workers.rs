@@ -7,9 +7,8 @@
 //! Usage: cargo run --release -p quorum-net --example fake_workers -- ADDR WORKERS PARAMS
 
 use quorum_net::proto::parameter_server_client::ParameterServerClient;
-use quorum_net::proto::{GradientChunk, JoinRequest, PullRequest};
-use quorum_net::wire::{gradient_chunks, Encoding};
-use tokio_stream::StreamExt;
+use quorum_net::proto::{GradientChunk, JoinRequest, ParamsChunk, PullRequest};
+use quorum_net::wire::Encoding;
 
 #[tokio::main]
 async fn main() {
@@ -41,17 +40,17 @@ async fn worker(addr: String, w: u32, params: usize, gradient: Vec<bytes::Bytes>
         .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let mut client = ParameterServerClient::new(channel).max_decoding_message_size(8 << 20);
+    let mut client = ParameterServerClient::new(channel.clone());
+    let mut channel = channel;
     let join = client.join(JoinRequest { worker: w, num_params: params as u64 }).await?.into_inner();
     let (mut min_step, mut pushes) = (join.step, 0);
     if join.stop {
         return Ok(0);
     }
     loop {
-        let mut stream = client.pull(PullRequest { worker: w, min_step }).await?.into_inner();
+        let mut stream = quorum_net::raw::pull(&mut channel, &PullRequest { worker: w, min_step }).await?;
         let mut step = None;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk?;
+        while let Some((chunk, _)) = stream.next_chunk::<ParamsChunk>(quorum_net::raw::PARAMS_DATA).await? {
             if chunk.stop {
                 return Ok(pushes);
             }
@@ -59,8 +58,8 @@ async fn worker(addr: String, w: u32, params: usize, gradient: Vec<bytes::Bytes>
         }
         let Some(step) = step else { return Ok(pushes) };
         let head = GradientChunk { worker: w, step, total: params as u64, loss: f32::NAN, ..Default::default() };
-        let chunks = gradient_chunks(&head, gradient.clone());
-        let reply = client.push(tokio_stream::iter(chunks)).await?.into_inner();
+        // As quorum's workers push: the shared gradient's bytes are not copied.
+        let reply = quorum_net::raw::push(&mut channel, quorum_net::raw::push_frames(&head, gradient.clone())).await?;
         pushes += 1;
         if reply.stop {
             break;

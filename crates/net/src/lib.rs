@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod checkpoint;
+pub mod raw;
 pub mod server;
 pub mod tensorboard;
 pub mod tls;

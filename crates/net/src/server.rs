@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::{Stream, StreamExt};
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
 /// Everything the parameter server needs.
@@ -161,19 +162,33 @@ pub struct TrainSummary {
 #[derive(Clone)]
 struct Published {
     step: u64,
-    /// The parameters, already encoded in wire chunks: one encoding per step, shared by every pull.
-    chunks: Arc<Vec<bytes::Bytes>>,
-    total: usize,
+    /// The pull's response body: the parameters encoded in wire chunks, each behind its
+    /// message prefix ([`crate::raw::chunk_frames`]); built once per step, shared by every pull.
+    frames: Arc<Vec<bytes::Bytes>>,
     stop: bool,
 }
 
 impl Published {
     fn new(step: u64, params: &[f32], enc: Encoding, stop: bool) -> Self {
-        Published { step, chunks: Arc::new(enc.encode_chunks(params.to_vec())), total: params.len(), stop }
+        let chunks = enc.encode_chunks(params.to_vec());
+        let mut frames = Vec::with_capacity(2 * chunks.len());
+        for (i, data) in chunks.into_iter().enumerate() {
+            let fields = ParamsChunk {
+                step,
+                offset: (i * CHUNK_VALUES) as u64,
+                total: params.len() as u64,
+                data: Default::default(),
+                stop: false,
+                bf16: enc == Encoding::Bf16,
+            };
+            frames.extend(crate::raw::chunk_frames(&fields, crate::raw::PARAMS_DATA, data));
+        }
+        Published { step, frames: Arc::new(frames), stop }
     }
 
     fn stopped(step: u64) -> Self {
-        Published { step, chunks: Arc::new(Vec::new()), total: 0, stop: true }
+        let chunk = ParamsChunk { step, offset: 0, total: 0, data: Default::default(), stop: true, bf16: false };
+        Published { step, frames: Arc::new(vec![crate::raw::message_frame(&chunk)]), stop: true }
     }
 }
 
@@ -240,15 +255,37 @@ fn push_permits() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8)
 }
 
-/// Waits for the next chunk of a push, at most `idle`: a worker frozen mid-push must not
-/// keep its receive buffer (and permit) forever.
-async fn next_chunk(stream: &mut Streaming<GradientChunk>, idle: Duration) -> Result<Option<GradientChunk>, Status> {
-    match tokio::time::timeout(idle, stream.next()).await {
-        Ok(chunk) => chunk.transpose(),
-        Err(_) => Err(Status::deadline_exceeded(format!(
-            "no chunk of the pushed gradient for {:.0} s: push abandoned",
-            idle.as_secs_f64()
-        ))),
+/// The next chunk of a push (its fields and data pieces), waiting at most `idle` for each
+/// frame: a worker frozen mid-push must not keep its receive buffer (and permit) forever.
+async fn next_chunk(
+    body: &mut tonic::body::Body,
+    reader: &mut crate::raw::MessageReader,
+    idle: Duration,
+) -> Result<Option<(GradientChunk, crate::raw::Segments)>, Status> {
+    use http_body_util::BodyExt;
+    loop {
+        if let Some(m) = reader.next_message().map_err(|e| Status::invalid_argument(format!("malformed push: {e}")))? {
+            return crate::raw::parse_gradient_chunk(m).map(Some).map_err(Status::invalid_argument);
+        }
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Ok(f) => f,
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "no chunk of the pushed gradient for {:.0} s: push abandoned",
+                    idle.as_secs_f64()
+                )))
+            }
+        };
+        match frame {
+            None if reader.mid_message() => return Err(Status::invalid_argument("the push ended inside a message")),
+            None => return Ok(None),
+            Some(frame) => {
+                // Trailers (none are sent on a request) carry nothing for the push.
+                if let Ok(data) = frame?.into_data() {
+                    reader.feed(data);
+                }
+            }
+        }
     }
 }
 
@@ -290,18 +327,19 @@ impl Service {
     /// to the loop; the buffer comes back with the answer.
     async fn receive_push(
         &self,
-        mut stream: Streaming<GradientChunk>,
+        mut body: tonic::body::Body,
     ) -> Result<(GradientChunk, Result<Vec<Event>, ProtocolError>), Status> {
         let idle = self.chunk_timeout;
         // Wait for a permit before reading anything, so a waiting push holds no more than its
         // HTTP/2 stream window.
         let _permit = self.buffers.permits.acquire().await.map_err(shutting_down)?;
-        let mut next = next_chunk(&mut stream, idle).await?;
+        let mut reader = crate::raw::MessageReader::default();
+        let mut next = next_chunk(&mut body, &mut reader, idle).await?;
         let first_at = Instant::now();
         let mut asm = PushAssembler::with_buffer(self.num_params, self.buffers.take());
-        while let Some(chunk) = next {
-            asm.add(chunk).map_err(Status::invalid_argument)?;
-            next = next_chunk(&mut stream, idle).await?;
+        while let Some((chunk, data)) = next {
+            asm.add(chunk, &data).map_err(Status::invalid_argument)?;
+            next = next_chunk(&mut body, &mut reader, idle).await?;
         }
         let (head, gradient) = asm.finish().map_err(Status::invalid_argument)?;
         let timing =
@@ -323,6 +361,113 @@ impl Service {
         };
         self.buffers.give_back(buffer);
         Ok((head, result))
+    }
+}
+
+impl Service {
+    /// `ParameterServer.Pull`: waits for parameters of at least the asked step, then streams
+    /// the step's shared pieces ([`Published::frames`]), not copied per worker.
+    async fn pull_http(&self, body: tonic::body::Body) -> Result<Vec<bytes::Bytes>, Status> {
+        let r: PullRequest = crate::raw::read_request(body, self.chunk_timeout).await?;
+        let mut rx = self.published.clone();
+        let p = loop {
+            let p = rx.borrow_and_update().clone();
+            if p.stop || p.step >= r.min_step {
+                break p;
+            }
+            rx.changed().await.map_err(shutting_down)?;
+        };
+        if p.stop {
+            let _ = self.commands.send(Command::StopSeen(WorkerId(r.worker))).await;
+        }
+        Ok(p.frames.to_vec())
+    }
+
+    /// `ParameterServer.Push`, read from the HTTP/2 body without tonic's codec copies
+    /// ([`crate::raw`]); same messages, same statuses.
+    async fn push_http(&self, req: http::Request<tonic::body::Body>) -> Result<PushReply, Status> {
+        let (head, result) = self.receive_push(req.into_body()).await?;
+        let (worker, step) = (head.worker, head.step);
+        let events = match result {
+            Ok(ev) => ev,
+            Err(ProtocolError::Stopped) => {
+                let _ = self.commands.send(Command::StopSeen(WorkerId(worker))).await;
+                return Ok(PushReply { outcome: "stopped".into(), step, stop: true });
+            }
+            Err(e) => return Err(status(e)),
+        };
+        let outcome = events
+            .iter()
+            .find_map(|e| match e {
+                Event::GradientAccepted { worker: w, .. } if w.0 == worker => Some("accepted"),
+                Event::GradientDropped { worker: w, reason, .. } if w.0 == worker => Some(match reason {
+                    DropReason::Late => "late",
+                    DropReason::TooStale { .. } => "too_stale",
+                }),
+                _ => None,
+            })
+            .unwrap_or("accepted");
+        let p = self.published.borrow().clone();
+        if p.stop {
+            let _ = self.commands.send(Command::StopSeen(WorkerId(worker))).await;
+        }
+        Ok(PushReply { outcome: outcome.into(), step: p.step, stop: p.stop })
+    }
+}
+
+/// The gRPC service as served: `Push` and `Pull` by [`Service::push_http`] and
+/// [`Service::pull_http`] (no codec copies, [`crate::raw`]), `Join` and `Heartbeat` by
+/// tonic's generated server; the token checked on all of them.
+#[derive(Clone)]
+struct Routes {
+    generated: InterceptedService<ParameterServerServer<Service>, crate::auth::CheckToken>,
+    service: Arc<Service>,
+    token: crate::auth::CheckToken,
+}
+
+impl tonic::server::NamedService for Routes {
+    const NAME: &'static str = <ParameterServerServer<Service> as tonic::server::NamedService>::NAME;
+}
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Routes {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        tonic::codegen::Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.generated, cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let pull = match req.uri().path() {
+            crate::raw::PULL_PATH => true,
+            crate::raw::PUSH_PATH => false,
+            _ => {
+                let answer = self.generated.call(req);
+                return Box::pin(async move { answer.await.map(|r| r.map(tonic::body::Body::new)) });
+            }
+        };
+        use tonic::service::Interceptor;
+        let auth = Request::from_parts(
+            tonic::metadata::MetadataMap::from_headers(req.headers().clone()),
+            Default::default(),
+            (),
+        );
+        if let Err(s) = self.token.call(auth) {
+            return Box::pin(std::future::ready(Ok(s.into_http())));
+        }
+        let service = self.service.clone();
+        Box::pin(async move {
+            let answer = if pull {
+                service.pull_http(req.into_body()).await
+            } else {
+                service.push_http(req).await.map(|reply| vec![crate::raw::message_frame(&reply)])
+            };
+            Ok(match answer {
+                Ok(pieces) => crate::raw::response(pieces),
+                Err(s) => s.into_http(),
+            })
+        })
     }
 }
 
@@ -354,63 +499,14 @@ impl ParameterServer for Service {
 
     type PullStream = ChunkStream;
 
-    async fn pull(&self, req: Request<PullRequest>) -> Result<Response<ChunkStream>, Status> {
-        let r = req.into_inner();
-        let mut rx = self.published.clone();
-        let p = loop {
-            let p = rx.borrow_and_update().clone();
-            if p.stop || p.step >= r.min_step {
-                break p;
-            }
-            rx.changed().await.map_err(shutting_down)?;
-        };
-        if p.stop {
-            let _ = self.commands.send(Command::StopSeen(WorkerId(r.worker))).await;
-            let chunk =
-                ParamsChunk { step: p.step, offset: 0, total: 0, data: Default::default(), stop: true, bf16: false };
-            return Ok(Response::new(Box::pin(tokio_stream::once(Ok(chunk)))));
-        }
-        let enc = self.encoding;
-        let stream = tokio_stream::iter(0..p.chunks.len()).map(move |i| {
-            Ok(ParamsChunk {
-                step: p.step,
-                offset: (i * CHUNK_VALUES) as u64,
-                total: p.total as u64,
-                data: p.chunks[i].clone(),
-                stop: false,
-                bf16: enc == Encoding::Bf16,
-            })
-        });
-        Ok(Response::new(Box::pin(stream)))
+    async fn pull(&self, _: Request<PullRequest>) -> Result<Response<ChunkStream>, Status> {
+        // `Routes` answers every request for this path itself (see `Service::pull_http`).
+        Err(Status::internal("pulls are answered by the server's own Pull route"))
     }
 
-    async fn push(&self, req: Request<Streaming<GradientChunk>>) -> Result<Response<PushReply>, Status> {
-        let (head, result) = self.receive_push(req.into_inner()).await?;
-        let (worker, step) = (head.worker, head.step);
-        let events = match result {
-            Ok(ev) => ev,
-            Err(ProtocolError::Stopped) => {
-                let _ = self.commands.send(Command::StopSeen(WorkerId(worker))).await;
-                return Ok(Response::new(PushReply { outcome: "stopped".into(), step, stop: true }));
-            }
-            Err(e) => return Err(status(e)),
-        };
-        let outcome = events
-            .iter()
-            .find_map(|e| match e {
-                Event::GradientAccepted { worker: w, .. } if w.0 == worker => Some("accepted"),
-                Event::GradientDropped { worker: w, reason, .. } if w.0 == worker => Some(match reason {
-                    DropReason::Late => "late",
-                    DropReason::TooStale { .. } => "too_stale",
-                }),
-                _ => None,
-            })
-            .unwrap_or("accepted");
-        let p = self.published.borrow().clone();
-        if p.stop {
-            let _ = self.commands.send(Command::StopSeen(WorkerId(worker))).await;
-        }
-        Ok(Response::new(PushReply { outcome: outcome.into(), step: p.step, stop: p.stop }))
+    async fn push(&self, _: Request<Streaming<GradientChunk>>) -> Result<Response<PushReply>, Status> {
+        // `Routes` answers every request for this path itself (see `Service::push_http`).
+        Err(Status::internal("pushes are received by the server's own Push route"))
     }
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
@@ -468,11 +564,14 @@ impl PushAssembler {
         PushAssembler { asm: Assembler::with_buffer(buffer), head: None, num_params }
     }
 
-    /// Adds the next chunk.
-    pub fn add(&mut self, c: GradientChunk) -> Result<(), String> {
+    /// Adds the next chunk: its fields (as [`crate::raw::parse_gradient_chunk`] gives them,
+    /// `data` empty) and its data bytes, in the pieces they arrived in.
+    pub fn add(&mut self, c: GradientChunk, data: &crate::raw::Segments) -> Result<(), String> {
         let worker = c.worker;
         let malformed = |e: String| format!("malformed gradient from worker {worker}: {e}");
-        self.asm.push(c.offset, c.total, &c.data, Encoding::from_flag(c.bf16), self.num_params).map_err(malformed)?;
+        let parts: Vec<&[u8]> = data.parts().collect();
+        let enc = Encoding::from_flag(c.bf16);
+        self.asm.push_parts(c.offset, c.total, &parts, enc, self.num_params).map_err(malformed)?;
         match &self.head {
             None => self.head = Some(GradientChunk { data: bytes::Bytes::new(), ..c }),
             Some(h) if h.worker != c.worker || h.step != c.step => {
@@ -915,6 +1014,16 @@ pub async fn run_server(
         buffers: Arc::new(GradientBuffers::new(push_permits())),
         chunk_timeout: opts.config.liveness.worker_timeout.unwrap_or(Duration::from_secs(30)),
     };
+    let service = Arc::new(service);
+    let token = crate::auth::CheckToken(opts.token.clone());
+    let routes = Routes {
+        generated: InterceptedService::new(
+            ParameterServerServer::from_arc(service.clone()).max_decoding_message_size(8 << 20),
+            token.clone(),
+        ),
+        service,
+        token,
+    };
     // Small messages (replies, the last chunk) must not wait for Nagle's algorithm.
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
         let s = s?;
@@ -932,10 +1041,7 @@ pub async fn run_server(
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(FRAME)
-            .add_service(tonic::service::interceptor::InterceptedService::new(
-                ParameterServerServer::new(service).max_decoding_message_size(8 << 20),
-                crate::auth::CheckToken(opts.token.clone()),
-            ))
+            .add_service(routes)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = grpc_stop_rx.await;
             }),

@@ -80,17 +80,40 @@ impl Encoding {
 
     /// Appends the values in `bytes` to `out`; `None` when the length is not whole values.
     pub fn decode_into(self, bytes: &[u8], out: &mut Vec<f32>) -> Option<()> {
-        if !bytes.len().is_multiple_of(self.width()) {
+        self.decode_parts_into(&[bytes], out)
+    }
+
+    /// Appends the values in the concatenation of `parts` (a chunk as it arrived, in pieces)
+    /// to `out`; `None` when the length is not whole values.
+    pub fn decode_parts_into(self, parts: &[&[u8]], out: &mut Vec<f32>) -> Option<()> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if !len.is_multiple_of(self.width()) {
             return None;
         }
         let old = out.len();
-        out.resize(old + bytes.len() / self.width(), 0.0);
+        out.resize(old + len / self.width(), 0.0);
         let dst = &mut out[old..];
+        // Little-endian bytes are the values' memory on this machine: one memcpy per piece.
+        #[cfg(target_endian = "little")]
+        if self == Encoding::F32 {
+            let mut rest = bytemuck::cast_slice_mut::<f32, u8>(dst);
+            for p in parts {
+                let (head, tail) = rest.split_at_mut(p.len());
+                head.copy_from_slice(p);
+                rest = tail;
+            }
+            return Some(());
+        }
+        // A value may straddle two pieces: join them first.
+        let joined;
+        let bytes: &[u8] = match parts {
+            [one] => one,
+            _ => {
+                joined = parts.concat();
+                &joined
+            }
+        };
         match self {
-            // Little-endian bytes are the values' memory on this machine: one memcpy.
-            #[cfg(target_endian = "little")]
-            Encoding::F32 => bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(bytes),
-            #[cfg(not(target_endian = "little"))]
             Encoding::F32 => {
                 for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
                     *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
@@ -135,15 +158,6 @@ impl Encoding {
     }
 }
 
-/// The messages of one pushed gradient: `head` (worker, step, total, loss, timings) repeated
-/// with each chunk's data and offset.
-pub fn gradient_chunks(head: &crate::proto::GradientChunk, data: Vec<Bytes>) -> Vec<crate::proto::GradientChunk> {
-    data.into_iter()
-        .enumerate()
-        .map(|(i, data)| crate::proto::GradientChunk { offset: (i * CHUNK_VALUES) as u64, data, ..head.clone() })
-        .collect()
-}
-
 /// Encodes values as little-endian `f32` bytes.
 pub fn encode(values: &[f32]) -> Vec<u8> {
     Encoding::F32.encode(values)
@@ -166,6 +180,19 @@ impl Assembler {
 
     /// Adds one chunk; `limit` is the largest total accepted.
     pub fn push(&mut self, offset: u64, total: u64, data: &[u8], enc: Encoding, limit: usize) -> Result<(), String> {
+        self.push_parts(offset, total, &[data], enc, limit)
+    }
+
+    /// Adds one chunk whose bytes are the concatenation of `parts`.
+    pub fn push_parts(
+        &mut self,
+        offset: u64,
+        total: u64,
+        parts: &[&[u8]],
+        enc: Encoding,
+        limit: usize,
+    ) -> Result<(), String> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
         match self.total {
             None => {
                 if total as usize > limit {
@@ -180,11 +207,11 @@ impl Assembler {
         if offset != self.values.len() as u64 {
             return Err(format!("chunk at offset {offset}, expected {}", self.values.len()));
         }
-        if (data.len() / enc.width().max(1)) as u64 > total - offset {
+        if (len / enc.width().max(1)) as u64 > total - offset {
             return Err(format!("chunks hold more than the announced {total} values"));
         }
-        enc.decode_into(data, &mut self.values)
-            .ok_or_else(|| format!("chunk of {} bytes is not whole {enc:?} values", data.len()))?;
+        enc.decode_parts_into(parts, &mut self.values)
+            .ok_or_else(|| format!("chunk of {len} bytes is not whole {enc:?} values"))?;
         Ok(())
     }
 
@@ -244,6 +271,26 @@ mod tests {
             assert_eq!(a.finish().unwrap(), v, "{enc:?}");
         }
         assert_eq!(Encoding::F32.encode_chunks(Vec::new()), vec![Bytes::new()]);
+    }
+
+    #[test]
+    fn a_chunk_in_pieces_decodes_like_the_whole_even_with_values_cut_in_two() {
+        let v: Vec<f32> = (0..37).map(|i| i as f32 * 0.75 - 9.0).collect();
+        for enc in [Encoding::F32, Encoding::Bf16] {
+            let bytes = enc.encode(&v);
+            // Cuts inside values (every odd cut splits a bf16 value, most split an f32 one).
+            for cuts in [vec![1], vec![3, 4, 9], vec![0, 0, 5, 70]] {
+                let mut parts = Vec::new();
+                let mut at = 0;
+                for c in cuts.into_iter().chain([bytes.len()]) {
+                    parts.push(&bytes[at..c]);
+                    at = c;
+                }
+                let mut a = Assembler::with_buffer(vec![f32::NAN; 40]);
+                a.push_parts(0, 37, &parts, enc, 37).unwrap();
+                assert_eq!(a.finish().unwrap(), v, "{enc:?}");
+            }
+        }
     }
 
     #[test]

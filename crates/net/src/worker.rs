@@ -11,7 +11,6 @@ use quorum_sim::DelaySampler;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::time::{Duration, Instant};
-use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -102,7 +101,12 @@ pub enum WorkerError {
     },
 }
 
-type Client = ParameterServerClient<InterceptedService<Channel, AddToken>>;
+/// The channel with the token added to every request.
+type Channel_ = InterceptedService<Channel, AddToken>;
+
+/// Calls as tonic generates them (join, pull, heartbeat); pushes go over the same channel
+/// through [`crate::raw::push`].
+type Client = ParameterServerClient<Channel_>;
 
 /// The endpoint to dial: the address, upgraded to TLS when the options carry TLS files.
 fn endpoint(opts: &WorkerOptions) -> Result<(tonic::transport::Endpoint, String), WorkerError> {
@@ -123,15 +127,15 @@ fn endpoint(opts: &WorkerOptions) -> Result<(tonic::transport::Endpoint, String)
     Ok((ep, addr))
 }
 
-async fn connect(opts: &WorkerOptions) -> Result<Client, WorkerError> {
+async fn connect(opts: &WorkerOptions) -> Result<(Client, Channel_), WorkerError> {
     let start = Instant::now();
     let mut backoff = Duration::from_millis(50);
     let (ep, addr) = endpoint(opts)?;
     loop {
         let err = match ep.connect().await {
             Ok(ch) => {
-                return Ok(ParameterServerClient::with_interceptor(ch, AddToken(opts.token.clone()))
-                    .max_decoding_message_size(8 << 20))
+                let ch = InterceptedService::new(ch, AddToken(opts.token.clone()));
+                return Ok((ParameterServerClient::new(ch.clone()).max_decoding_message_size(8 << 20), ch));
             }
             // The transport error's source says why (refused, TLS handshake, ...).
             Err(e) => std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| format!("{e}: {s}")),
@@ -147,22 +151,28 @@ async fn connect(opts: &WorkerOptions) -> Result<Client, WorkerError> {
 /// A pull running on its own task: the request and the wait for the first chunk.
 struct PullTask(tokio::task::JoinHandle<Result<PullStart, tonic::Status>>);
 
-type PullStart = (tonic::Streaming<ParamsChunk>, Option<Result<ParamsChunk, tonic::Status>>);
+/// A pull's response, read without codec copies ([`crate::raw`]).
+type Replies = crate::raw::Replies<<Channel_ as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody>;
+
+/// A parameter chunk's fields and its bytes as they arrived.
+type ParamsPiece = (ParamsChunk, crate::raw::Segments);
+
+type PullStart = (Replies, Result<Option<ParamsPiece>, tonic::Status>);
 
 impl PullTask {
-    fn start(client: &Client, worker: u32, min_step: u64) -> Self {
-        let mut client = client.clone();
+    fn start(channel: &Channel_, worker: u32, min_step: u64) -> Self {
+        let mut channel = channel.clone();
         PullTask(tokio::spawn(async move {
-            let mut stream = client.pull(PullRequest { worker, min_step }).await?.into_inner();
-            let first = stream.next().await;
-            Ok((stream, first))
+            let mut replies = crate::raw::pull(&mut channel, &PullRequest { worker, min_step }).await?;
+            let first = replies.next_chunk(crate::raw::PARAMS_DATA).await;
+            Ok((replies, first))
         }))
     }
 
     /// Whether the pull ended with "stop" (waiting for it at most a second).
     async fn said_stop(mut self) -> bool {
         match tokio::time::timeout(Duration::from_secs(1), &mut self.0).await {
-            Ok(Ok(Ok((_, Some(Ok(chunk)))))) => chunk.stop,
+            Ok(Ok(Ok((_, Ok(Some((chunk, _))))))) => chunk.stop,
             _ => false,
         }
     }
@@ -218,8 +228,8 @@ pub async fn run_worker(
     // Since when connections open but never get as far as a join (bounded by connect_timeout).
     let mut failing_since: Option<Instant> = None;
     loop {
-        let mut client = connect(&opts).await?;
-        match session(&opts, &mut client, &mut source, &mut rng, &mut draws, &mut report).await? {
+        let (mut client, mut channel) = connect(&opts).await?;
+        match session(&opts, &mut client, &mut channel, &mut source, &mut rng, &mut draws, &mut report).await? {
             SessionEnd::Stopped => return Ok(report),
             SessionEnd::Lost { why, joined } => {
                 if joined {
@@ -248,6 +258,7 @@ pub async fn run_worker(
 async fn session(
     opts: &WorkerOptions,
     client: &mut Client,
+    channel: &mut Channel_,
     source: &mut Option<Box<dyn GradientSource + Send>>,
     rng: &mut ChaCha8Rng,
     draws: &mut u64,
@@ -282,9 +293,9 @@ async fn session(
         let t_pull = Instant::now();
         let mut pull = match pending.take() {
             Some(p) => p,
-            None => PullTask::start(client, w, min_step),
+            None => PullTask::start(channel, w, min_step),
         };
-        let (mut stream, mut next) = loop {
+        let (mut replies, first) = loop {
             tokio::select! {
                 r = &mut pull.0 => {
                     let r = r.unwrap_or_else(|e| Err(tonic::Status::unknown(format!("pull task failed: {e}"))));
@@ -298,16 +309,17 @@ async fn session(
         let mut asm = Assembler::with_buffer(std::mem::take(&mut params_buffer));
         let mut step = None;
         let mut first_chunk = None;
-        while let Some(chunk) = next.take() {
-            let c = rpc!(w, chunk);
-            next = stream.next().await;
+        let mut next = rpc!(w, first);
+        while let Some((c, data)) = next {
             first_chunk.get_or_insert_with(Instant::now);
             if c.stop {
                 return Ok(SessionEnd::Stopped);
             }
             step = Some(c.step);
-            asm.push(c.offset, c.total, &c.data, Encoding::from_flag(c.bf16), num_params)
+            let parts: Vec<&[u8]> = data.parts().collect();
+            asm.push_parts(c.offset, c.total, &parts, Encoding::from_flag(c.bf16), num_params)
                 .map_err(|e| WorkerError::Refused { worker: w, message: format!("malformed parameters: {e}") })?;
+            next = rpc!(w, replies.next_chunk(crate::raw::PARAMS_DATA).await);
         }
         // Waiting for the step to open is not transfer: time from the first chunk.
         let pull_seconds = first_chunk.map_or(t_pull.elapsed(), |t| t.elapsed()).as_secs_f64();
@@ -358,13 +370,13 @@ async fn session(
             compute_seconds,
             pull_seconds,
         };
-        let chunks = crate::wire::gradient_chunks(&head, enc.encode_chunks(grad));
+        let frames = crate::raw::push_frames(&head, enc.encode_chunks(grad));
         report.sent += 1;
         // Ask for the next parameters now: the server streams them the moment the step
         // closes, without waiting for this push's reply and a new request.
-        pending = Some(PullTask::start(client, w, step + 1));
-        let reply = match client.push(tokio_stream::iter(chunks)).await {
-            Ok(r) => r.into_inner(),
+        pending = Some(PullTask::start(channel, w, step + 1));
+        let reply = match crate::raw::push(channel, frames).await {
+            Ok(r) => r,
             Err(s) => {
                 // The server may have ended the run and gone while this push was on the way,
                 // having told this worker "stop" through the next step's pull.

@@ -376,3 +376,54 @@ async fn pushes_frozen_mid_stream_are_abandoned_and_do_not_block_the_other_worke
         w.await.unwrap().unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_grpc_client_can_push_and_the_push_route_checks_the_token_and_the_shape() {
+    // The server reads pushes and writes pulls itself (no tonic codec); a client that uses
+    // tonic's generated code, fields in prost's order, must be understood all the same.
+    use quorum_net::auth::{AddToken, Token};
+    use quorum_net::proto::parameter_server_client::ParameterServerClient;
+    use quorum_net::proto::{GradientChunk, JoinRequest, PullRequest};
+    use tokio_stream::StreamExt;
+    let secret = Token::new("correct-horse-battery-staple").unwrap();
+    let (mut opts, src) = options(1, Policy::Sync { aggregate: 1, backups: 0 }, 1, None);
+    opts.token = Some(secret.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let chunk = |offset: u64, values: &[f32]| GradientChunk {
+        worker: 0,
+        step: 0,
+        offset,
+        total: 64,
+        data: quorum_net::wire::encode(values).into(),
+        loss: 0.25,
+        ..Default::default()
+    };
+    let gradient = vec![chunk(0, &[0.5; 40]), chunk(40, &[0.5; 24])];
+
+    let mut anonymous = ParameterServerClient::new(channel.clone());
+    let refused = anonymous.push(tokio_stream::iter(gradient.clone())).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    let refused = anonymous.pull(PullRequest { worker: 0, min_step: 0 }).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+
+    let mut client = ParameterServerClient::with_interceptor(channel, AddToken(Some(secret)));
+    client.join(JoinRequest { worker: 0, num_params: 64 }).await.unwrap();
+    let mut params = Vec::new();
+    let mut stream = client.pull(PullRequest { worker: 0, min_step: 0 }).await.unwrap().into_inner();
+    while let Some(c) = stream.next().await {
+        let c = c.unwrap();
+        assert_eq!((c.step, c.offset, c.total, c.stop), (0, 0, 64, false));
+        quorum_net::Encoding::F32.decode_into(&c.data, &mut params).unwrap();
+    }
+    assert_eq!(params, src.init_params(0));
+    let short = client.push(tokio_stream::iter(vec![chunk(0, &[0.5; 40])])).await.unwrap_err();
+    assert_eq!(short.code(), tonic::Code::InvalidArgument);
+    assert!(short.message().contains("stream ended after 40 of 64 values"), "{}", short.message());
+    let reply = client.push(tokio_stream::iter(gradient)).await.unwrap().into_inner();
+    assert_eq!((reply.outcome.as_str(), reply.step, reply.stop), ("accepted", 1, true));
+    let summary = server.await.unwrap().unwrap();
+    assert_eq!((summary.steps, summary.accepted), (1, 1));
+}
