@@ -475,19 +475,31 @@ impl RunConfig {
         }
     }
 
-    /// Builds the gradient source of worker processes and the evaluator (loads the data).
+    /// Builds the gradient source of a worker process or the evaluator (loads the data).
     pub fn source(&self) -> Result<Box<dyn GradientSource + Send>> {
+        Ok(self.sources(1)?.pop().expect("one source"))
+    }
+
+    /// `n` gradient sources for one process (`quorum train`'s workers and evaluator), the
+    /// data loaded once and shared.
+    pub fn sources(&self, n: usize) -> Result<Vec<Box<dyn GradientSource + Send>>> {
+        fn boxed(s: impl GradientSource + Send + Clone + 'static, n: usize) -> Vec<Box<dyn GradientSource + Send>> {
+            (0..n).map(|_| Box::new(s.clone()) as Box<dyn GradientSource + Send>).collect()
+        }
         Ok(match self.model_kind()? {
-            Some(dim) => Box::new(LeastSquares::new(dim, self.batch, 0.1, self.seed)),
-            None => Box::new(opts::classifier(
-                &self.model,
-                &self.dataset,
-                &self.data,
-                self.validation,
-                self.batch,
-                self.workers,
-                self.seed,
-            )?),
+            Some(dim) => boxed(LeastSquares::new(dim, self.batch, 0.1, self.seed), n),
+            None => boxed(
+                opts::classifier(
+                    &self.model,
+                    &self.dataset,
+                    &self.data,
+                    self.validation,
+                    self.batch,
+                    self.workers,
+                    self.seed,
+                )?,
+                n,
+            ),
         })
     }
 

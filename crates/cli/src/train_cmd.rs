@@ -6,6 +6,7 @@ use crate::run_config::{RunConfig, RunFlags};
 use crate::topology::{self, Role, Topology};
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use quorum_compute::GradientSource;
 use quorum_net::checkpoint::{self, CheckpointError};
 use quorum_net::server::{CheckpointOptions, Progress};
 use quorum_net::worker::WorkerReport;
@@ -96,10 +97,14 @@ fn resolve(flags: &RunFlags) -> Result<Option<RunConfig>> {
     Ok(Some(cfg))
 }
 
-/// Everything the parameter server needs, with the evaluator loaded and, for `--resume`,
-/// the newest valid checkpoint restored.
-fn server_options(cfg: &RunConfig, resume: bool, progress: bool) -> Result<ServerOptions> {
-    let evaluator = cfg.source()?;
+/// Everything the parameter server needs, with `evaluator` and, for `--resume`, the newest
+/// valid checkpoint restored.
+fn server_options(
+    cfg: &RunConfig,
+    evaluator: Box<dyn GradientSource + Send>,
+    resume: bool,
+    progress: bool,
+) -> Result<ServerOptions> {
     let steps = cfg.total_steps(cfg.train_examples(&*evaluator))?;
     let server_cfg = cfg.server_config(steps)?;
     let layout = evaluator.layout().clone();
@@ -312,11 +317,10 @@ fn describe_validation(s: &TrainSummary) -> String {
 
 /// One training run: server and workers in this process over loopback.
 fn train_once(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
-    let opts = server_options(cfg, resume, true)?;
-    let mut sources = Vec::new();
-    for _ in 0..cfg.workers {
-        sources.push(cfg.source()?);
-    }
+    // The data is loaded once and shared by the workers and the evaluator.
+    let mut sources = cfg.sources(cfg.workers as usize + 1)?;
+    let evaluator = sources.pop().expect("workers + 1 sources");
+    let opts = server_options(cfg, evaluator, resume, true)?;
     let steps = opts.config.max_steps.unwrap_or(0);
     let rt = runtime()?;
     rt.block_on(async {
@@ -376,7 +380,7 @@ fn serve(cfg: &RunConfig, listen: &str, resume: bool) -> Result<()> {
              set QUORUM_TOKEN (or token-file) to the same long random secret for the server and every worker"
         );
     }
-    let opts = server_options(cfg, resume, true)?;
+    let opts = server_options(cfg, cfg.source()?, resume, true)?;
     let steps = opts.config.max_steps.unwrap_or(0);
     let rt = runtime()?;
     let summary = rt.block_on(async {

@@ -7,17 +7,21 @@ use crate::model::{cross_entropy, ModelSpec};
 use crate::source::{check_len, BatchId, ComputeError, Evaluation, GradientSource};
 use burn::tensor::{Device, Tensor, TensorData};
 use quorum_core::ParamLayout;
+use std::sync::Arc;
 
 /// Examples per forward pass during evaluation.
 const EVAL_CHUNK: usize = 1000;
 
-/// A classifier trained on `train`, evaluated on `test` and `validation`.
+/// A classifier trained on `train`, evaluated on `test` and `validation`. Clones share the
+/// datasets (one copy in memory for all of a process's workers) and have their own scratch
+/// buffers.
+#[derive(Clone)]
 pub struct Classifier {
     spec: ModelSpec,
     layout: ParamLayout,
-    train: Dataset,
-    validation: Dataset,
-    test: Dataset,
+    train: Arc<Dataset>,
+    validation: Arc<Dataset>,
+    test: Arc<Dataset>,
     plan: BatchPlan,
     batch: usize,
     device: Device,
@@ -65,9 +69,9 @@ impl Classifier {
             idx: Vec::new(),
             x: Vec::new(),
             y: Vec::new(),
-            train,
-            validation,
-            test,
+            train: Arc::new(train),
+            validation: Arc::new(validation),
+            test: Arc::new(test),
         })
     }
 
