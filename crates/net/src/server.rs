@@ -609,16 +609,26 @@ struct WorkerStats {
     transfer_sum: f64,
 }
 
-fn mean(v: &[f64]) -> f64 {
+/// A statistic of a worker's samples as a CSV cell: empty when there are none (a worker that
+/// never sent), not a made-up 0 or NaN.
+fn cell(v: &[f64], stat: impl Fn(&[f64]) -> f64) -> String {
     if v.is_empty() {
-        0.0
+        String::new()
     } else {
-        v.iter().sum::<f64>() / v.len() as f64
+        stat(v).to_string()
     }
 }
 
-fn quantiles(v: &[f64]) -> (f64, f64) {
-    (quorum_sim::report::quantile(v, 0.5), quorum_sim::report::quantile(v, 0.99))
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+fn p50(v: &[f64]) -> f64 {
+    quorum_sim::report::quantile(v, 0.5)
+}
+
+fn p99(v: &[f64]) -> f64 {
+    quorum_sim::report::quantile(v, 0.99)
 }
 
 /// Everything the run records, fed by the loop's events.
@@ -917,18 +927,21 @@ impl Recorder {
              p99_compute_seconds,mean_transfer_seconds,p50_transfer_seconds,p99_transfer_seconds"
         )?;
         for (i, s) in self.workers.iter().enumerate() {
-            let wait = if s.accepted > 0 { s.wait_sum / s.accepted as f64 } else { 0.0 };
-            let (c50, c99) = quantiles(&s.compute);
-            let (t50, t99) = quantiles(&s.transfer);
+            let wait = if s.accepted > 0 { (s.wait_sum / s.accepted as f64).to_string() } else { String::new() };
+            let (c, t) = (&s.compute, &s.transfer);
             writeln!(
                 w,
-                "{i},{},{},{},{},{wait},{},{c50},{c99},{},{t50},{t99}",
+                "{i},{},{},{},{},{wait},{},{},{},{},{},{}",
                 s.sent,
                 s.accepted,
                 s.dropped,
                 s.rejected,
-                mean(&s.compute),
-                mean(&s.transfer)
+                cell(c, mean),
+                cell(c, p50),
+                cell(c, p99),
+                cell(t, mean),
+                cell(t, p50),
+                cell(t, p99)
             )?;
         }
         w.flush()?;

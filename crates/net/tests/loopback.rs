@@ -81,6 +81,25 @@ async fn sync_cluster_with_a_backup_trains_to_the_optimum_over_grpc() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_never_sent_has_empty_timing_cells_in_workers_csv() {
+    let dir = tempfile::tempdir().unwrap();
+    let (opts, src) = options(2, Policy::Sync { aggregate: 1, backups: 1 }, 20, Some(dir.path().to_path_buf()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    worker(0, addr, &src).await.unwrap().unwrap();
+    assert_eq!(server.await.unwrap().unwrap().steps, 20);
+    let workers = std::fs::read_to_string(dir.path().join("workers.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = workers.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 2);
+    // Worker 0 sent 20 gradients, each with its timings; worker 1 never came.
+    assert_eq!(&rows[0][..5], ["0", "20", "20", "0", "0"]);
+    assert!(rows[0][5..].iter().all(|c| c.parse::<f64>().is_ok_and(|x| x.is_finite() && x >= 0.0)), "{:?}", rows[0]);
+    assert_eq!(&rows[1][..5], ["1", "0", "0", "0", "0"]);
+    assert!(rows[1][5..].iter().all(|c| c.is_empty()), "{:?}", rows[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bf16_on_the_wire_still_trains_to_the_optimum() {
     let (mut opts, src) = options(2, Policy::Sync { aggregate: 2, backups: 0 }, 200, None);
     opts.encoding = quorum_net::Encoding::Bf16;
