@@ -3,7 +3,9 @@
 //! The gRPC driver of the quorum protocol core. The handlers only convert wire messages to
 //! core types and hand them to one loop ([`server::run_server`]) that owns the
 //! [`quorum_core::Server`] state machine and carries out its actions. Parameters and
-//! gradients travel as raw little-endian `f32` (or `bf16`) bytes in chunks ([`wire`]).
+//! gradients travel as raw little-endian `f32` (or `bf16`) bytes in chunks ([`wire`]); push
+//! and pull are read and written without tonic's codec copies, as the same gRPC messages
+//! ([`raw`]).
 //! The server writes checkpoints ([`checkpoint`]) and TensorBoard scalars ([`tensorboard`]).
 
 pub mod auth;
