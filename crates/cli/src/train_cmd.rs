@@ -239,10 +239,11 @@ fn stopped_early(s: &TrainSummary) -> Result<()> {
 
 fn print_worker(i: u32, r: &WorkerReport) {
     println!(
-        "  w{i}: {} gradients sent, {} used, {} dropped, {:.1} s computing{}",
+        "  w{i}: {} gradients sent, {} used, {} dropped{}, {:.1} s computing{}",
         r.sent,
         r.accepted,
         r.dropped,
+        if r.unsent_late > 0 { format!(" ({} known late, not sent)", r.unsent_late) } else { String::new() },
         r.compute_seconds,
         if r.reconnects > 0 { format!(", {} reconnects", r.reconnects) } else { String::new() }
     );

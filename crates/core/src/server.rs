@@ -406,6 +406,10 @@ impl Server {
 
     /// Handles a pushed gradient that the caller keeps: the same as [`ToServer::Push`]
     /// through [`Server::handle`], for drivers that reuse their receive buffers.
+    ///
+    /// Under the sync and deadline policies a gradient for a step that has already closed is
+    /// dropped as late without its values being read, so a worker that knows its step closed
+    /// may report the late gradient empty (a "late notice") instead of sending it in full.
     pub fn push(
         &mut self,
         now: Duration,
@@ -421,7 +425,10 @@ impl Server {
             return Err(ProtocolError::UnknownWorker { worker: from, workers: self.cfg.workers });
         }
         self.require_joined(from)?;
-        self.validate_push(from, step, gradient)?;
+        let late = !matches!(self.cfg.policy, Policy::Async { .. }) && step < self.step;
+        if !late {
+            self.validate_push(from, step, gradient)?;
+        }
         let mut out = self.touch(now, from);
         out.extend(match self.cfg.policy {
             Policy::Async { max_staleness } => self.push_async(now, from, step, gradient, loss, max_staleness),

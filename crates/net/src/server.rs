@@ -298,6 +298,8 @@ struct Service {
     buffers: Arc<GradientBuffers>,
     /// A push whose next chunk takes longer than this is abandoned.
     chunk_timeout: Duration,
+    /// Whether late gradients may be reported empty (not under the async policy).
+    late_notices: bool,
 }
 
 fn status(e: ProtocolError) -> Status {
@@ -494,6 +496,7 @@ impl ParameterServer for Service {
             workers: self.workers,
             stop: p.stop,
             bf16: self.encoding == Encoding::Bf16,
+            late_notices: self.late_notices,
         }))
     }
 
@@ -1026,6 +1029,7 @@ pub async fn run_server(
         encoding: opts.encoding,
         buffers: Arc::new(GradientBuffers::new(push_permits())),
         chunk_timeout: opts.config.liveness.worker_timeout.unwrap_or(Duration::from_secs(30)),
+        late_notices: !matches!(opts.config.policy, quorum_core::Policy::Async { .. }),
     };
     let service = Arc::new(service);
     let token = crate::auth::CheckToken(opts.token.clone());

@@ -100,6 +100,41 @@ async fn a_worker_that_never_sent_has_empty_timing_cells_in_workers_csv() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_straggler_that_knows_its_step_closed_reports_its_gradient_late_without_sending_it() {
+    // N = 2 of 3: workers 0 and 1 take 20 ms per gradient, worker 2 takes 150 ms, long after
+    // the other two have closed the step, and learns so from its pending pull of the next
+    // parameters.
+    let dir = tempfile::tempdir().unwrap();
+    let (opts, src) = options(3, Policy::Sync { aggregate: 2, backups: 1 }, 40, Some(dir.path().to_path_buf()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let start = |i: u32, delay: &str| {
+        let mut wo = WorkerOptions::new(i, format!("http://{addr}"));
+        wo.delay = Some(delay.parse::<quorum_sim::DelayModel>().unwrap().sampler().unwrap());
+        tokio::spawn(run_worker(wo, Box::new(src.clone()) as Box<dyn GradientSource + Send>))
+    };
+    let fast = [start(0, "const:0.02"), start(1, "const:0.02")];
+    let slow = start(2, "const:0.15").await.unwrap().unwrap();
+    let summary = server.await.unwrap().unwrap();
+    assert_eq!(summary.steps, 40);
+    for w in fast {
+        w.await.unwrap().unwrap();
+    }
+    // Every gradient it finished while the run went on was late, and reported empty (the
+    // last one may have met the end of the run instead).
+    assert!(slow.unsent_late >= 1, "{slow:?}");
+    assert_eq!((slow.accepted, slow.dropped), (0, slow.unsent_late), "{slow:?}");
+    assert!(slow.sent <= slow.dropped + 1, "{slow:?}");
+    // The server counted each notice as a late gradient, with its compute time.
+    let workers = std::fs::read_to_string(dir.path().join("workers.csv")).unwrap();
+    let row: Vec<&str> = workers.lines().nth(3).unwrap().split(',').collect();
+    let n = slow.unsent_late.to_string();
+    assert_eq!(row[..4], ["2", n.as_str(), "0", n.as_str()], "{row:?}");
+    assert!(row[6].parse::<f64>().unwrap() >= 0.0, "{row:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bf16_on_the_wire_still_trains_to_the_optimum() {
     let (mut opts, src) = options(2, Policy::Sync { aggregate: 2, backups: 0 }, 200, None);
     opts.encoding = quorum_net::Encoding::Bf16;
