@@ -298,7 +298,7 @@ struct Service {
     buffers: Arc<GradientBuffers>,
     /// A push whose next chunk takes longer than this is abandoned.
     chunk_timeout: Duration,
-    /// Whether late gradients may be reported empty (not under the async policy).
+    /// Whether workers should check for, and report empty, gradients whose step has closed.
     late_notices: bool,
 }
 
@@ -1029,7 +1029,11 @@ pub async fn run_server(
         encoding: opts.encoding,
         buffers: Arc::new(GradientBuffers::new(push_permits())),
         chunk_timeout: opts.config.liveness.worker_timeout.unwrap_or(Duration::from_secs(30)),
-        late_notices: !matches!(opts.config.policy, quorum_core::Policy::Async { .. }),
+        // Only when a step can close without some worker's gradient (not sync without backups).
+        late_notices: !matches!(
+            opts.config.policy,
+            quorum_core::Policy::Async { .. } | quorum_core::Policy::Sync { backups: 0, .. }
+        ),
     };
     let service = Arc::new(service);
     let token = crate::auth::CheckToken(opts.token.clone());

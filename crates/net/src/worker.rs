@@ -11,8 +11,6 @@ use quorum_core::WorkerId;
 use quorum_sim::DelaySampler;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -153,9 +151,8 @@ async fn connect(opts: &WorkerOptions) -> Result<(Client, Channel_), WorkerError
     }
 }
 
-/// A pull running on its own task: the request and the wait for the first chunk, whose
-/// step it also makes known as soon as it arrives.
-struct PullTask(tokio::task::JoinHandle<Result<PullStart, tonic::Status>>, Arc<AtomicU64>);
+/// A pull running on its own task: the request and the wait for the first chunk.
+struct PullTask(tokio::task::JoinHandle<Result<PullStart, tonic::Status>>);
 
 /// A pull's response, read without codec copies ([`crate::raw`]).
 type Replies = crate::raw::Replies<<Channel_ as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody>;
@@ -168,27 +165,11 @@ type PullStart = (Replies, Result<Option<ParamsPiece>, tonic::Status>);
 impl PullTask {
     fn start(channel: &Channel_, worker: u32, min_step: u64) -> Self {
         let mut channel = channel.clone();
-        let opened = Arc::new(AtomicU64::new(0));
-        let seen = opened.clone();
-        PullTask(
-            tokio::spawn(async move {
-                let mut replies = crate::raw::pull(&mut channel, &PullRequest { worker, min_step }).await?;
-                let first = replies.next_chunk::<ParamsChunk>(crate::raw::PARAMS_DATA).await;
-                if let Ok(Some((c, _))) = &first {
-                    if !c.stop {
-                        seen.store(c.step, Ordering::Release);
-                    }
-                }
-                Ok((replies, first))
-            }),
-            opened,
-        )
-    }
-
-    /// Whether the server has already published parameters newer than `step`: then step
-    /// `step` has closed.
-    fn opened_past(&self, step: u64) -> bool {
-        self.1.load(Ordering::Acquire) > step
+        PullTask(tokio::spawn(async move {
+            let mut replies = crate::raw::pull(&mut channel, &PullRequest { worker, min_step }).await?;
+            let first = replies.next_chunk(crate::raw::PARAMS_DATA).await;
+            Ok((replies, first))
+        }))
     }
 
     /// Whether the pull ended with "stop" (waiting for it at most a second).
@@ -306,7 +287,7 @@ async fn session(
     let mut beat = client.clone();
     // The parameters' buffer, reused from step to step.
     let mut params_buffer = Vec::new();
-    // The next step's pull, asked for while the gradient is computed.
+    // The next step's pull, asked for while the gradient is pushed.
     let mut pending: Option<PullTask> = None;
     loop {
         // Pull the newest parameters (at least `min_step`).
@@ -351,10 +332,6 @@ async fn session(
         let params = asm
             .finish()
             .map_err(|e| WorkerError::Refused { worker: w, message: format!("malformed parameters: {e}") })?;
-        // Ask for the next parameters now: the server streams them the moment this step
-        // closes, without waiting for this worker's push and a new request, and the worker
-        // learns whether the step closed before its gradient is ready.
-        pending = Some(PullTask::start(channel, w, step + 1));
 
         if let Some(d) = &opts.delay {
             let secs = d.sample(w, *draws, rng);
@@ -382,7 +359,6 @@ async fn session(
         *source = Some(src);
         params_buffer = params;
         let (loss, grad) = result.map_err(|source| WorkerError::Compute { worker: w, source })?;
-        report.sent += 1;
 
         let total = grad.len() as u64;
         let bf16 = enc == Encoding::Bf16;
@@ -397,10 +373,24 @@ async fn session(
             compute_seconds,
             pull_seconds,
         };
+        // Ask for the next parameters now: the server streams them the moment the step
+        // closes, without waiting for this push's reply and a new request.
+        pending = Some(PullTask::start(channel, w, step + 1));
         let mut reply = None;
-        if join.late_notices && pending.as_ref().is_some_and(|p| p.opened_past(step)) {
-            // The step closed while this gradient was computed: the server would drop it
-            // unread, so report it late without sending its values.
+        // Has the step closed while this gradient was computed? Then the server would drop it
+        // unread: report it late without sending its values (a heartbeat's reply says the
+        // server's step; a few bytes against a gradient's megabytes).
+        let mut closed = false;
+        if join.late_notices {
+            if let Ok(r) = client.heartbeat(HeartbeatRequest { worker: w }).await {
+                if r.get_ref().stop {
+                    return Ok(SessionEnd::Stopped);
+                }
+                closed = r.get_ref().step > step;
+            }
+        }
+        report.sent += 1;
+        if closed {
             let notice = crate::raw::push_frames(&GradientChunk { total: 0, ..head.clone() }, vec![Bytes::new()]);
             match crate::raw::push(channel, notice).await {
                 Ok(r) if r.outcome == "late" || r.stop => {
