@@ -1,4 +1,4 @@
-//! The gradient push without tonic's codec copies, still gRPC on the wire.
+//! Push and pull without tonic's codec copies, still gRPC on the wire.
 //!
 //! tonic copies every message twice on its way: the sender's codec encodes it into a fresh
 //! buffer, and the receiver's `Streaming` gathers HTTP/2 frames into another buffer before
@@ -270,11 +270,17 @@ pub fn response(pieces: impl IntoIterator<Item = Bytes, IntoIter: Send + 'static
     resp
 }
 
-/// Reads a request body that holds one small message (waiting at most `idle`).
+/// Reads a request body that holds one small message (waiting at most `idle`, reading at
+/// most one message's worth of bytes).
 pub async fn read_request<M: Message + Default>(body: Body, idle: std::time::Duration) -> Result<M, Status> {
-    let all = tokio::time::timeout(idle, body.collect())
+    let limited = http_body_util::Limited::new(body, PREFIX + MAX_MESSAGE);
+    let all = tokio::time::timeout(idle, limited.collect())
         .await
-        .map_err(|_| Status::deadline_exceeded("the request did not arrive in time"))??;
+        .map_err(|_| Status::deadline_exceeded("the request did not arrive in time"))?
+        .map_err(|e| match e.downcast::<Status>() {
+            Ok(s) => *s,
+            Err(e) => Status::invalid_argument(format!("request refused: {e}")),
+        })?;
     let mut reader = MessageReader::default();
     reader.feed(all.to_bytes());
     match reader.next_message().map_err(Status::invalid_argument)? {
@@ -469,6 +475,19 @@ mod tests {
         wire.extend_from_slice(&msg);
         let got = parse_all(&wire, &[2, 11]).unwrap();
         assert_eq!(got, vec![(GradientChunk { step: 7, ..Default::default() }, vec![5])]);
+    }
+
+    #[tokio::test]
+    async fn a_request_body_is_read_up_to_one_message_and_no_further() {
+        let small = message_frame(&PullRequest { worker: 2, min_step: 7 });
+        let body = Body::new(http_body_util::Full::new(small));
+        let req: PullRequest = read_request(body, std::time::Duration::from_secs(1)).await.unwrap();
+        assert_eq!((req.worker, req.min_step), (2, 7));
+        // A body past the largest message is refused while it is read, not gathered whole.
+        let huge = Body::new(http_body_util::Full::new(Bytes::from(vec![0u8; PREFIX + MAX_MESSAGE + 1])));
+        let e = read_request::<PullRequest>(huge, std::time::Duration::from_secs(1)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("length limit"), "{}", e.message());
     }
 
     #[test]
