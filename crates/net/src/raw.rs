@@ -289,26 +289,37 @@ pub async fn read_request<M: Message + Default>(body: Body, idle: std::time::Dur
     }
 }
 
-/// The messages of a gRPC response as they arrive, then its final status.
-pub struct Replies<B> {
+/// The gRPC messages of an HTTP/2 body as they arrive — a response's (then its final
+/// status) or a streamed request's — each left in the pieces it arrived in.
+pub struct Messages<B> {
     body: std::pin::Pin<Box<B>>,
     reader: MessageReader,
+    /// The status code of a malformed message: the peer's fault (a request) or the server's
+    /// (a response).
+    malformed: Code,
 }
 
-impl<B> Replies<B>
+impl<B> Messages<B> {
+    /// Reads `body`; a malformed message is an error with code `malformed`.
+    pub fn new(body: B, malformed: Code) -> Self {
+        Messages { body: Box::pin(body), reader: MessageReader::default(), malformed }
+    }
+}
+
+impl<B> Messages<B>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    /// The next message; `None` once the response ended with an OK status.
+    /// The next message; `None` once the body ended (for a response, with an OK status).
     pub async fn next(&mut self) -> Result<Option<Segments>, Status> {
         loop {
-            if let Some(m) = self.reader.next_message().map_err(Status::internal)? {
+            if let Some(m) = self.reader.next_message().map_err(|e| Status::new(self.malformed, e))? {
                 return Ok(Some(m));
             }
             match self.body.frame().await {
                 None if self.reader.mid_message() => {
-                    return Err(Status::internal("the response ended inside a message"))
+                    return Err(Status::new(self.malformed, "the stream ended inside a message"))
                 }
                 None => return Ok(None),
                 Some(Err(e)) => return Err(Status::from_error(e.into())),
@@ -329,7 +340,7 @@ where
     /// The next chunk message, its data left in the pieces it arrived in ([`parse_chunk`]).
     pub async fn next_chunk<M: Message + Default>(&mut self, data_field: u32) -> Result<Option<(M, Segments)>, Status> {
         match self.next().await? {
-            Some(m) => parse_chunk(m, data_field).map(Some).map_err(Status::internal),
+            Some(m) => parse_chunk(m, data_field).map(Some).map_err(|e| Status::new(self.malformed, e)),
             None => Ok(None),
         }
     }
@@ -337,7 +348,7 @@ where
 
 /// Sends a call to `path` with `frames` as its body; the response's messages, or the
 /// error tonic's generated client would give.
-async fn call<S>(channel: &mut S, path: &'static str, frames: Vec<Bytes>) -> Result<Replies<S::ResponseBody>, Status>
+async fn call<S>(channel: &mut S, path: &'static str, frames: Vec<Bytes>) -> Result<Messages<S::ResponseBody>, Status>
 where
     S: tonic::client::GrpcService<Body>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -362,7 +373,7 @@ where
     if parts.status != http::StatusCode::OK {
         return Err(Status::unknown(format!("the server answered HTTP {}", parts.status)));
     }
-    Ok(Replies { body: Box::pin(body), reader: MessageReader::default() })
+    Ok(Messages::new(body, Code::Internal))
 }
 
 /// Sends one push (the pieces of [`push_frames`]) through `channel` and reads the reply.
@@ -383,8 +394,8 @@ where
     }
 }
 
-/// Starts a pull; the parameters arrive through [`Replies::next_chunk`] with [`PARAMS_DATA`].
-pub async fn pull<S>(channel: &mut S, req: &PullRequest) -> Result<Replies<S::ResponseBody>, Status>
+/// Starts a pull; the parameters arrive through [`Messages::next_chunk`] with [`PARAMS_DATA`].
+pub async fn pull<S>(channel: &mut S, req: &PullRequest) -> Result<Messages<S::ResponseBody>, Status>
 where
     S: tonic::client::GrpcService<Body>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,

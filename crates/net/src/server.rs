@@ -255,37 +255,18 @@ fn push_permits() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8)
 }
 
-/// The next chunk of a push (its fields and data pieces), waiting at most `idle` for each
-/// frame: a worker frozen mid-push must not keep its receive buffer (and permit) forever.
+/// The next chunk of a push (its fields and data pieces), waiting at most `idle` for it: a
+/// worker frozen mid-push must not keep its receive buffer (and permit) forever.
 async fn next_chunk(
-    body: &mut tonic::body::Body,
-    reader: &mut crate::raw::MessageReader,
+    push: &mut crate::raw::Messages<tonic::body::Body>,
     idle: Duration,
 ) -> Result<Option<(GradientChunk, crate::raw::Segments)>, Status> {
-    use http_body_util::BodyExt;
-    loop {
-        if let Some(m) = reader.next_message().map_err(|e| Status::invalid_argument(format!("malformed push: {e}")))? {
-            return crate::raw::parse_gradient_chunk(m).map(Some).map_err(Status::invalid_argument);
-        }
-        let frame = match tokio::time::timeout(idle, body.frame()).await {
-            Ok(f) => f,
-            Err(_) => {
-                return Err(Status::deadline_exceeded(format!(
-                    "no chunk of the pushed gradient for {:.0} s: push abandoned",
-                    idle.as_secs_f64()
-                )))
-            }
-        };
-        match frame {
-            None if reader.mid_message() => return Err(Status::invalid_argument("the push ended inside a message")),
-            None => return Ok(None),
-            Some(frame) => {
-                // Trailers (none are sent on a request) carry nothing for the push.
-                if let Ok(data) = frame?.into_data() {
-                    reader.feed(data);
-                }
-            }
-        }
+    match tokio::time::timeout(idle, push.next_chunk(crate::raw::GRADIENT_DATA)).await {
+        Ok(chunk) => chunk,
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "no chunk of the pushed gradient for {:.0} s: push abandoned",
+            idle.as_secs_f64()
+        ))),
     }
 }
 
@@ -329,19 +310,19 @@ impl Service {
     /// to the loop; the buffer comes back with the answer.
     async fn receive_push(
         &self,
-        mut body: tonic::body::Body,
+        body: tonic::body::Body,
     ) -> Result<(GradientChunk, Result<Vec<Event>, ProtocolError>), Status> {
         let idle = self.chunk_timeout;
         // Wait for a permit before reading anything, so a waiting push holds no more than its
         // HTTP/2 stream window.
         let _permit = self.buffers.permits.acquire().await.map_err(shutting_down)?;
-        let mut reader = crate::raw::MessageReader::default();
-        let mut next = next_chunk(&mut body, &mut reader, idle).await?;
+        let mut push = crate::raw::Messages::new(body, tonic::Code::InvalidArgument);
+        let mut next = next_chunk(&mut push, idle).await?;
         let first_at = Instant::now();
         let mut asm = PushAssembler::with_buffer(self.num_params, self.buffers.take());
         while let Some((chunk, data)) = next {
             asm.add(chunk, &data).map_err(Status::invalid_argument)?;
-            next = next_chunk(&mut body, &mut reader, idle).await?;
+            next = next_chunk(&mut push, idle).await?;
         }
         let (head, gradient) = asm.finish().map_err(Status::invalid_argument)?;
         let timing =
@@ -387,8 +368,8 @@ impl Service {
 
     /// `ParameterServer.Push`, read from the HTTP/2 body without tonic's codec copies
     /// ([`crate::raw`]); same messages, same statuses.
-    async fn push_http(&self, req: http::Request<tonic::body::Body>) -> Result<PushReply, Status> {
-        let (head, result) = self.receive_push(req.into_body()).await?;
+    async fn push_http(&self, body: tonic::body::Body) -> Result<PushReply, Status> {
+        let (head, result) = self.receive_push(body).await?;
         let (worker, step) = (head.worker, head.step);
         let events = match result {
             Ok(ev) => ev,
@@ -463,7 +444,7 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Routes {
             let answer = if pull {
                 service.pull_http(req.into_body()).await
             } else {
-                service.push_http(req).await.map(|reply| vec![crate::raw::message_frame(&reply)])
+                service.push_http(req.into_body()).await.map(|reply| vec![crate::raw::message_frame(&reply)])
             };
             Ok(match answer {
                 Ok(pieces) => crate::raw::response(pieces),

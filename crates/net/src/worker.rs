@@ -155,7 +155,7 @@ async fn connect(opts: &WorkerOptions) -> Result<(Client, Channel_), WorkerError
 struct PullTask(tokio::task::JoinHandle<Result<PullStart, tonic::Status>>);
 
 /// A pull's response, read without codec copies ([`crate::raw`]).
-type Replies = crate::raw::Replies<<Channel_ as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody>;
+type Replies = crate::raw::Messages<<Channel_ as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody>;
 
 /// A parameter chunk's fields and its bytes as they arrived.
 type ParamsPiece = (ParamsChunk, crate::raw::Segments);
