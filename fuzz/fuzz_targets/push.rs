@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
     let cfg = ServerConfig::new(3, Policy::Sync { aggregate: 2, backups: 1 }, 0.1);
     let mut server = Server::new(cfg, layout, vec![0.5; n]).unwrap();
     for w in 0..3 {
-        server.handle(Duration::ZERO, WorkerId(w), ToServer::Join).unwrap();
+        server.handle(Duration::ZERO, WorkerId(w), ToServer::Join { session: u64::from(w) }).unwrap();
     }
     // As the server does: reassemble into a kept buffer, here one full of stale NaNs that
     // must never leak into the gradient.

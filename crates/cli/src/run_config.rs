@@ -83,7 +83,7 @@ pub struct RunConfig {
     pub wire: String,
     /// Checkpoint every this many steps (0: only at the end and on Ctrl-C / SIGTERM).
     pub checkpoint_every: u64,
-    /// Also checkpoint every this many seconds (0: off).
+    /// Also checkpoint every this many seconds (0: off; default 600, as TensorFlow's).
     pub checkpoint_seconds: f64,
     /// Checkpoints kept.
     pub keep_checkpoints: usize,
@@ -141,7 +141,7 @@ impl Default for RunConfig {
             listen: "0.0.0.0:7070".into(),
             wire: "f32".into(),
             checkpoint_every: 0,
-            checkpoint_seconds: 0.0,
+            checkpoint_seconds: 600.0,
             keep_checkpoints: 3,
             threads: None,
             out: "runs/train".into(),
@@ -295,7 +295,7 @@ pub struct RunFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     checkpoint_every: Option<u64>,
-    /// Also checkpoint every this many seconds, 0 = off [default: 0].
+    /// Also checkpoint every this many seconds, 0 = off [default: 600].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     checkpoint_seconds: Option<f64>,
@@ -589,6 +589,13 @@ mod tests {
         let mut f = flags_from(args);
         f.config = Some(p);
         f.resolve()
+    }
+
+    #[test]
+    fn runs_checkpoint_every_ten_minutes_unless_told_otherwise() {
+        // A `kill -9` after an hour of training must not lose the hour.
+        assert_eq!(with_file("", &[]).unwrap().checkpoint_seconds, 600.0);
+        assert_eq!(with_file("", &["--checkpoint-seconds", "0"]).unwrap().checkpoint_seconds, 0.0);
     }
 
     #[test]

@@ -254,6 +254,7 @@ impl SimArgs {
             join_ramp: self.join_ramp.unwrap_or(0.0),
             target: self.target,
             stop_at_target: self.stop_at_target,
+            faults: Vec::new(),
         };
         if self.stop_at_target && self.target.is_none() {
             bail!("--stop-at-target needs --target ACCURACY (e.g. 0.95)");

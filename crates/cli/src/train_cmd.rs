@@ -162,6 +162,8 @@ fn worker_options(cfg: &RunConfig, index: u32, server: &str) -> Result<WorkerOpt
     let mut wo = WorkerOptions::new(index, format!("http://{server}"));
     wo.connect_timeout = Duration::from_secs_f64(cfg.connect_timeout);
     wo.heartbeat_every = Duration::from_secs_f64((cfg.worker_timeout / 4.0).max(0.05));
+    // A server silent for three of its worker time-outs is frozen or cut off.
+    wo.rpc_timeout = Duration::from_secs_f64((3.0 * cfg.worker_timeout).max(1.0));
     wo.delay = cfg.delay_sampler()?;
     wo.seed = cfg.seed;
     wo.token = cfg.token()?;

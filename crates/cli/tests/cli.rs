@@ -128,3 +128,39 @@ fn bad_values_get_messages_that_say_what_to_do() {
     let t = text(&quorum(&["sim", "--model", "mlp", "--data", "/nonexistent"]));
     assert!(t.contains("fetch-data.sh"), "{t}");
 }
+
+#[test]
+fn the_deadline_policy_finishes_when_its_timeout_passes_with_fewer_than_min_gradients() {
+    // Once the timeout has passed with fewer than `min` gradients in, the step closes on the
+    // push that brings the min-th: virtual time must go on (it used to stop at the deadline).
+    let dir = tmp("deadline");
+    let out = dir.join("run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quorum"))
+        .args(["sim", "--workers", "4", "--policy", "deadline", "--deadline-timeout", "0.5"])
+        .args(["--deadline-min", "3", "--steps", "20", "--timing-only", "--out", out.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("quorum sim with the deadline policy did not finish within 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(status.success());
+    let events = std::fs::read_to_string(out.join("events.jsonl")).unwrap();
+    let applied: Vec<serde_json::Value> = events
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["event"] == "step_applied")
+        .collect();
+    assert_eq!(applied.len(), 20);
+    assert!(applied.iter().all(|e| e["contributors"].as_array().unwrap().len() >= 3));
+    let _ = std::fs::remove_dir_all(&dir);
+}

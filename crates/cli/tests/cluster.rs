@@ -423,3 +423,47 @@ fn a_diverging_run_stops_with_a_clear_error_and_restarts_keep_the_best_attempt()
         assert!(s["final_validation_loss"].as_f64().is_some(), "{s}");
     }
 }
+
+#[test]
+fn workers_of_a_frozen_server_say_so_keep_trying_and_carry_on_after_it_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("ps");
+    let common = ["--workers", "2", "--backups", "0", "--steps", "1500", "--delay", "const:0.002", "--lr", "0.2"];
+    let mut args: Vec<&str> = common.to_vec();
+    // Workers take a server silent for 3 worker time-outs (3 s) for lost.
+    args.extend(["--worker-timeout", "1"]);
+    let (mut ps, addr) = start_ps(&args, &run);
+    let logs: Vec<_> = (0..2).map(|i| dir.path().join(format!("worker{i}.log"))).collect();
+    let mut workers: Vec<Proc> = (0..2)
+        .map(|i| {
+            let log = std::fs::File::create(&logs[i as usize]).unwrap();
+            Proc(
+                quorum()
+                    .args(["worker", "--model", "synthetic", "--ps", &addr, "--index", &i.to_string()])
+                    .args(&args)
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    wait_for_steps(&run, 20_000, Duration::from_secs(60));
+    // SIGSTOP: the connections stay open but the server answers nothing (a half-open link).
+    let pid = ps.0.id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    // The fault lasts 6 s: longer than the workers' 3 s wait for an answer.
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    assert!(wait(&mut ps, Duration::from_secs(120)).success());
+    for w in &mut workers {
+        assert!(wait(w, Duration::from_secs(30)).success(), "a worker gave up on the frozen server");
+    }
+    for log in &logs {
+        let said = std::fs::read_to_string(log).unwrap();
+        assert!(said.contains("the server is frozen or cut off"), "the worker did not say so: {said}");
+    }
+    let s = json(&run.join("summary.json"));
+    assert_eq!(s["steps"], 1500);
+    assert!(s["stop_reason"].is_null(), "{s}");
+}

@@ -29,8 +29,8 @@ fn apply(c: &mut Criterion) {
     let layout = ParamLayout::from_shapes([("w", vec![N])]).unwrap();
     let cfg = ServerConfig::new(2, Policy::Sync { aggregate: 2, backups: 0 }, 0.01);
     let mut server = Server::new(cfg, layout, vec![0.0; N]).unwrap();
-    server.handle(Duration::ZERO, WorkerId(0), ToServer::Join).unwrap();
-    server.handle(Duration::ZERO, WorkerId(1), ToServer::Join).unwrap();
+    server.handle(Duration::ZERO, WorkerId(0), ToServer::Join { session: 0 }).unwrap();
+    server.handle(Duration::ZERO, WorkerId(1), ToServer::Join { session: 1 }).unwrap();
     let grad = vec![0.001f32; N];
     let mut step = 0;
     g.bench_function("server_push_pair_and_close", |b| {

@@ -62,6 +62,20 @@ pub enum ProtocolError {
         /// The value there.
         value: f32,
     },
+    /// Another live process already holds this worker index.
+    #[error("worker index {worker} is held by another live process (two workers started with the same --index, or a restarted worker whose old session has not yet timed out); a restarted worker gets in once the old one has been silent for {:.0} s, otherwise give each worker its own index", .timeout.as_secs_f64())]
+    IndexInUse {
+        /// The index asked for.
+        worker: WorkerId,
+        /// How long silence takes to free the index (the worker time-out).
+        timeout: std::time::Duration,
+    },
+    /// A message for a worker index from a process that is not the one that joined as it.
+    #[error("a message for worker {worker} came from a process that did not join as it (another process holds worker {worker}'s session); each worker must use its own index")]
+    WrongSession {
+        /// The index the message claimed.
+        worker: WorkerId,
+    },
     /// The server has stopped and takes no more input.
     #[error("the server has stopped and accepts no more messages")]
     Stopped,

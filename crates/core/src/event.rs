@@ -76,6 +76,16 @@ pub enum Event {
         /// When.
         time: f64,
     },
+    /// A worker sent again a gradient the server had already accepted (its reply was lost,
+    /// or it restarted mid-step): answered "already accepted", applied only once.
+    GradientRepeated {
+        /// Who sent it.
+        worker: WorkerId,
+        /// The step it was tagged with.
+        step: Step,
+        /// When.
+        time: f64,
+    },
     /// The optimizer was applied: parameters moved from `step` to `step + 1`.
     StepApplied {
         /// The step that closed.
@@ -132,6 +142,7 @@ impl Event {
             | Event::WorkerLeft { time, .. }
             | Event::GradientAccepted { time, .. }
             | Event::GradientDropped { time, .. }
+            | Event::GradientRepeated { time, .. }
             | Event::StepApplied { time, .. }
             | Event::Stalled { time, .. }
             | Event::AggregateLowered { time, .. }

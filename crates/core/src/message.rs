@@ -9,7 +9,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ToServer {
     /// The worker is ready; the server answers with the current parameters.
-    Join,
+    ///
+    /// `session` names the process: a worker draws it once when it starts and keeps it
+    /// across reconnects. While a session of that index is alive, a join from another
+    /// session is refused ([`crate::ProtocolError::IndexInUse`]), and every later message
+    /// must come from the session that joined ([`crate::Server::check_session`]).
+    Join {
+        /// The joining process's session id.
+        session: u64,
+    },
     /// A gradient computed on the parameters of `step`.
     Push {
         /// The step of the parameters the gradient was computed on.

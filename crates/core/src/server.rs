@@ -204,6 +204,11 @@ struct Slot {
     sent_at: Duration,
     /// Last step it pushed (duplicate detection in async).
     last_push: Option<Step>,
+    /// Last step whose gradient from it was accepted: a re-push of that step (its reply was
+    /// lost, or it restarted mid-step) is answered "already accepted" and applied once.
+    accepted: Option<Step>,
+    /// The session that holds this index (see [`ToServer::Join`]).
+    session: Option<u64>,
 }
 
 /// How many past step-opening times are remembered to time late arrivals.
@@ -230,6 +235,9 @@ pub struct Server {
     open_times: VecDeque<(Step, Duration)>,
     slots: Vec<Slot>,
     stall_since: Option<Duration>,
+    /// Deadline policy: the open step's time-out has passed (a tick saw it), so the step
+    /// closes as soon as `min` gradients are in, and the deadline is no longer a wake-up.
+    deadline_passed: bool,
     stopped: bool,
 }
 
@@ -272,6 +280,7 @@ impl Server {
             opened_at: Duration::ZERO,
             open_times: VecDeque::new(),
             stall_since: None,
+            deadline_passed: false,
             stopped: false,
         })
     }
@@ -369,7 +378,11 @@ impl Server {
         let mut best: Option<Duration> = None;
         let mut consider = |t: Duration| best = Some(best.map_or(t, |b| b.min(t)));
         if let Policy::Deadline { timeout, .. } = self.cfg.policy {
-            consider(self.opened_at + timeout);
+            // Once passed, the deadline is no wake-up: the step then closes on the push that
+            // brings `min` gradients (a past instant would be re-scheduled at "now" forever).
+            if !self.deadline_passed {
+                consider(self.opened_at + timeout);
+            }
         }
         if let Some(wt) = self.cfg.liveness.worker_timeout {
             for s in self.slots.iter().filter(|s| s.alive) {
@@ -391,7 +404,7 @@ impl Server {
             return Err(ProtocolError::UnknownWorker { worker: from, workers: self.cfg.workers });
         }
         match msg {
-            ToServer::Join => Ok(self.on_join(now, from)),
+            ToServer::Join { session } => self.on_join(now, from, session),
             ToServer::Heartbeat => {
                 self.require_joined(from)?;
                 Ok(self.touch(now, from))
@@ -425,11 +438,22 @@ impl Server {
             return Err(ProtocolError::UnknownWorker { worker: from, workers: self.cfg.workers });
         }
         self.require_joined(from)?;
+        if self.slots[from.index()].accepted == Some(step) {
+            // Sent again after a lost reply or a restart mid-step: the server already holds it.
+            let mut out = self.touch(now, from);
+            out.events.push(Event::GradientRepeated { worker: from, step, time: secs(now) });
+            return Ok(out);
+        }
         let late = !matches!(self.cfg.policy, Policy::Async { .. }) && step < self.step;
         if !late {
             self.validate_push(from, step, gradient)?;
         }
         let mut out = self.touch(now, from);
+        if self.stopped {
+            // Hearing from a worker fired the stall check, which stopped the run: stopping is
+            // final, so this gradient closes nothing.
+            return Ok(out);
+        }
         out.extend(match self.cfg.policy {
             Policy::Async { max_staleness } => self.push_async(now, from, step, gradient, loss, max_staleness),
             Policy::Sync { .. } | Policy::Deadline { .. } => self.push_sync(now, from, step, gradient, loss),
@@ -455,11 +479,25 @@ impl Server {
                 }
             }
         }
+        if let Policy::Deadline { timeout, .. } = self.cfg.policy {
+            self.deadline_passed |= now >= self.opened_at + timeout;
+        }
         if self.should_close(now) {
             out.extend(self.close(now));
         }
         out.extend(self.check_stall(now));
         out
+    }
+
+    /// Checks that `session` holds worker `w`'s index: every message after a join must come
+    /// from the session that joined, so no other process can speak as `w`.
+    pub fn check_session(&self, w: WorkerId, session: u64) -> Result<(), ProtocolError> {
+        let slot =
+            self.slots.get(w.index()).ok_or(ProtocolError::UnknownWorker { worker: w, workers: self.cfg.workers })?;
+        match slot.session {
+            Some(s) if s != session => Err(ProtocolError::WrongSession { worker: w }),
+            _ => Ok(()),
+        }
     }
 
     fn require_joined(&self, w: WorkerId) -> Result<(), ProtocolError> {
@@ -505,8 +543,21 @@ impl Server {
         out
     }
 
-    fn on_join(&mut self, now: Duration, w: WorkerId) -> Outputs {
+    fn on_join(&mut self, now: Duration, w: WorkerId, session: u64) -> Result<Outputs, ProtocolError> {
         let slot = &mut self.slots[w.index()];
+        let other_live_session = slot.alive && slot.session.is_some_and(|s| s != session);
+        if other_live_session && self.cfg.liveness.worker_timeout.is_some() {
+            // Another process holds the index and is alive: refuse, rather than let two
+            // processes (or an impostor) speak as one worker. A restarted worker gets back
+            // in once the old session times out.
+            return Err(ProtocolError::IndexInUse {
+                worker: w,
+                timeout: self.cfg.liveness.worker_timeout.unwrap_or_default(),
+            });
+        }
+        // `accepted` stays: a restarted process that holds the index now may send again the
+        // gradient its predecessor was accepted for (it was killed before the reply).
+        slot.session = Some(session);
         slot.joined = true;
         let mut out = Outputs::default();
         if slot.alive {
@@ -517,7 +568,7 @@ impl Server {
         }
         self.slots[w.index()].sent_at = now;
         out.actions.push(Action::SendParams { to: w, step: self.step });
-        out
+        Ok(out)
     }
 
     fn on_leave(&mut self, now: Duration, w: WorkerId) -> Outputs {
@@ -563,6 +614,7 @@ impl Server {
         }
         self.contributors.push(from);
         self.contributed[from.index()] = true;
+        self.slots[from.index()].accepted = Some(step);
         if let Some(l) = loss.filter(|l| l.is_finite()) {
             self.loss_sum += l as f64;
             self.loss_count += 1;
@@ -615,6 +667,7 @@ impl Server {
             });
             self.contributors.push(from);
             self.contributed[from.index()] = true;
+            self.slots[from.index()].accepted = Some(step);
             if let Some(l) = loss.filter(|l| l.is_finite()) {
                 self.loss_sum += l as f64;
                 self.loss_count += 1;
@@ -692,6 +745,7 @@ impl Server {
         self.open_times.push_back((self.step, self.opened_at));
         self.step += 1;
         self.opened_at = now;
+        self.deadline_passed = false;
         if self.cfg.max_steps.is_some_and(|m| self.step >= m) {
             self.stopped = true;
             out.actions.push(Action::Stop { reason: StopReason::Finished { steps: self.step } });

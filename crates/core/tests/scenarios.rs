@@ -8,7 +8,8 @@
 //!   min, timeout, max_staleness, params, lr, optimizer (sgd), clip, worker_timeout,
 //!   stall_timeout, on_stall (stop|lower), max_steps
 //! - `at T wK join|heartbeat|leave`, `at T wK push STEP v1,v2,... [loss]`, `at T tick`
-//! - `state`: prints step, parameters and live workers.
+//! - `at T wK join SESSION` joins as another process (by default the session is K).
+//! - `state`: prints step, parameters and live workers; `wakeup`: the next time a tick is due.
 
 use quorum_core::*;
 use std::collections::BTreeMap;
@@ -69,6 +70,7 @@ fn run(text: &str) -> String {
                 server = Some(Server::new(cfg, layout, vec![0.0; n]).unwrap());
             }
             Some("state") => lines.push(state(server.as_ref().unwrap())),
+            Some("wakeup") => lines.push(format!("  wakeup {:?}", server.as_ref().unwrap().next_wakeup())),
             Some("at") => {
                 let s = server.as_mut().expect("config first");
                 let now = Duration::from_secs_f64(words[1].parse().unwrap());
@@ -78,7 +80,10 @@ fn run(text: &str) -> String {
                 }
                 let worker = WorkerId(words[2].trim_start_matches('w').parse().unwrap());
                 let msg = match words[3] {
-                    "join" => ToServer::Join,
+                    // `join` speaks as session = the worker's index; `join 7` as session 7.
+                    "join" => {
+                        ToServer::Join { session: words.get(4).map_or(u64::from(worker.0), |v| v.parse().unwrap()) }
+                    }
                     "heartbeat" => ToServer::Heartbeat,
                     "leave" => ToServer::Leave,
                     "push" => ToServer::Push {

@@ -46,13 +46,14 @@ fn transport(c: &mut Criterion) {
             .await
             .unwrap();
         let mut client = ParameterServerClient::new(ch.clone()).max_decoding_message_size(8 << 20);
-        client.join(JoinRequest { worker: 0, num_params: PARAMS as u64 }).await.unwrap();
+        client.join(JoinRequest { worker: 0, num_params: PARAMS as u64, session: 1 }).await.unwrap();
         (client, ch)
     });
     // The worker's own encoding: the gradient buffer becomes the chunks' bytes. The pieces
     // share one buffer, so a clone per push copies no bytes (as raw TCP below sends bytes
     // that already exist).
-    let head = GradientChunk { worker: 0, step: 0, total: PARAMS as u64, loss: f32::NAN, ..Default::default() };
+    let head =
+        GradientChunk { worker: 0, step: 0, total: PARAMS as u64, loss: f32::NAN, session: 1, ..Default::default() };
     let data = Encoding::F32.encode_chunks(grad.clone());
     let frames = quorum_net::raw::push_frames(&head, data.clone());
     let messages: Vec<GradientChunk> = data

@@ -42,7 +42,10 @@ async fn worker(addr: String, w: u32, params: usize, gradient: Vec<bytes::Bytes>
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let mut client = ParameterServerClient::new(channel.clone());
     let mut channel = channel;
-    let join = client.join(JoinRequest { worker: w, num_params: params as u64 }).await?.into_inner();
+    let join = client
+        .join(JoinRequest { worker: w, num_params: params as u64, session: u64::from(w) + 1 })
+        .await?
+        .into_inner();
     let (mut min_step, mut pushes) = (join.step, 0);
     if join.stop {
         return Ok(0);
@@ -57,7 +60,14 @@ async fn worker(addr: String, w: u32, params: usize, gradient: Vec<bytes::Bytes>
             step = Some(chunk.step);
         }
         let Some(step) = step else { return Ok(pushes) };
-        let head = GradientChunk { worker: w, step, total: params as u64, loss: f32::NAN, ..Default::default() };
+        let head = GradientChunk {
+            worker: w,
+            step,
+            total: params as u64,
+            loss: f32::NAN,
+            session: u64::from(w) + 1,
+            ..Default::default()
+        };
         // As quorum's workers push: the shared gradient's bytes are not copied.
         let reply = quorum_net::raw::push(&mut channel, quorum_net::raw::push_frames(&head, gradient.clone())).await?;
         pushes += 1;

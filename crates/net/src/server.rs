@@ -205,8 +205,22 @@ struct Timing {
 }
 
 enum Command {
-    Message { worker: WorkerId, msg: ToServer, reply: Reply },
-    Push { worker: WorkerId, step: u64, gradient: Vec<f32>, loss: Option<f32>, timing: Timing, reply: PushAnswer },
+    /// `session`: the sender's session, checked before anything but a join.
+    Message {
+        worker: WorkerId,
+        session: u64,
+        msg: ToServer,
+        reply: Reply,
+    },
+    Push {
+        worker: WorkerId,
+        session: u64,
+        step: u64,
+        gradient: Vec<f32>,
+        loss: Option<f32>,
+        timing: Timing,
+        reply: PushAnswer,
+    },
     StopSeen(WorkerId),
 }
 
@@ -281,6 +295,8 @@ struct Service {
     chunk_timeout: Duration,
     /// Whether workers should check for, and report empty, gradients whose step has closed.
     late_notices: bool,
+    /// The heartbeat interval workers are told (a quarter of the worker time-out).
+    heartbeat: Option<Duration>,
 }
 
 fn status(e: ProtocolError) -> Status {
@@ -291,6 +307,9 @@ fn status(e: ProtocolError) -> Status {
             Status::aborted(format!("{e} (the server may have restarted: join again)"))
         }
         ProtocolError::UnknownWorker { .. } => Status::failed_precondition(e.to_string()),
+        // The index is held by a live process: a restarted worker waits for it to time out.
+        ProtocolError::IndexInUse { .. } => Status::already_exists(e.to_string()),
+        ProtocolError::WrongSession { .. } => Status::permission_denied(e.to_string()),
         _ => Status::invalid_argument(e.to_string()),
     }
 }
@@ -300,9 +319,14 @@ fn shutting_down<T>(_: T) -> Status {
 }
 
 impl Service {
-    async fn send(&self, worker: WorkerId, msg: ToServer) -> Result<Result<Vec<Event>, ProtocolError>, Status> {
+    async fn send(
+        &self,
+        worker: WorkerId,
+        session: u64,
+        msg: ToServer,
+    ) -> Result<Result<Vec<Event>, ProtocolError>, Status> {
         let (reply, rx) = oneshot::channel();
-        self.commands.send(Command::Message { worker, msg, reply }).await.map_err(shutting_down)?;
+        self.commands.send(Command::Message { worker, session, msg, reply }).await.map_err(shutting_down)?;
         rx.await.map_err(shutting_down)
     }
 
@@ -329,7 +353,15 @@ impl Service {
             Timing { compute: head.compute_seconds, transfer: head.pull_seconds + first_at.elapsed().as_secs_f64() };
         let loss = (!head.loss.is_nan()).then_some(head.loss);
         let (reply, rx) = oneshot::channel();
-        let push = Command::Push { worker: WorkerId(head.worker), step: head.step, gradient, loss, timing, reply };
+        let push = Command::Push {
+            worker: WorkerId(head.worker),
+            session: head.session,
+            step: head.step,
+            gradient,
+            loss,
+            timing,
+            reply,
+        };
         let answer = match self.commands.send(push).await {
             Ok(()) => rx.await.ok(),
             Err(_) => None,
@@ -383,6 +415,7 @@ impl Service {
             .iter()
             .find_map(|e| match e {
                 Event::GradientAccepted { worker: w, .. } if w.0 == worker => Some("accepted"),
+                Event::GradientRepeated { worker: w, .. } if w.0 == worker => Some("already_accepted"),
                 Event::GradientDropped { worker: w, reason, .. } if w.0 == worker => Some(match reason {
                     DropReason::Late => "late",
                     DropReason::TooStale { .. } => "too_stale",
@@ -466,7 +499,7 @@ impl ParameterServer for Service {
                 r.worker, r.num_params, self.num_params
             )));
         }
-        match self.send(WorkerId(r.worker), ToServer::Join).await? {
+        match self.send(WorkerId(r.worker), r.session, ToServer::Join { session: r.session }).await? {
             Ok(_) | Err(ProtocolError::Stopped) => {}
             Err(e) => return Err(status(e)),
         }
@@ -478,6 +511,7 @@ impl ParameterServer for Service {
             stop: p.stop,
             bf16: self.encoding == Encoding::Bf16,
             late_notices: self.late_notices,
+            heartbeat_ms: self.heartbeat.map_or(0, |d| d.as_millis().max(1) as u64),
         }))
     }
 
@@ -493,9 +527,19 @@ impl ParameterServer for Service {
         Err(Status::internal("pushes are received by the server's own Push route"))
     }
 
+    async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<LeaveReply>, Status> {
+        let r = req.into_inner();
+        match self.send(WorkerId(r.worker), r.session, ToServer::Leave).await? {
+            Ok(_) | Err(ProtocolError::Stopped) => {}
+            Err(e) => return Err(status(e)),
+        }
+        eprintln!("worker {} left: {}", WorkerId(r.worker), r.reason);
+        Ok(Response::new(LeaveReply {}))
+    }
+
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
-        let w = req.into_inner().worker;
-        match self.send(WorkerId(w), ToServer::Heartbeat).await? {
+        let HeartbeatRequest { worker: w, session } = req.into_inner();
+        match self.send(WorkerId(w), session, ToServer::Heartbeat).await? {
             Ok(_) | Err(ProtocolError::Stopped) => {}
             Err(e) => return Err(status(e)),
         }
@@ -1015,6 +1059,7 @@ pub async fn run_server(
             opts.config.policy,
             quorum_core::Policy::Async { .. } | quorum_core::Policy::Sync { backups: 0, .. }
         ),
+        heartbeat: opts.config.liveness.worker_timeout.map(|t| t / 4),
     };
     let service = Arc::new(service);
     let token = crate::auth::CheckToken(opts.token.clone());
@@ -1101,12 +1146,21 @@ pub async fn run_server(
                             Answer::Push(reply, gradient).send(Err(ProtocolError::Stopped));
                             continue;
                         }
-                        Command::Message { worker, msg, reply } => {
-                            (worker, server.handle(now, worker, msg), Answer::Message(reply))
+                        Command::Message { worker, session, msg, reply } => {
+                            let result = match msg {
+                                ToServer::Join { .. } => server.handle(now, worker, msg),
+                                msg => server.check_session(worker, session).and_then(|()| server.handle(now, worker, msg)),
+                            };
+                            (worker, result, Answer::Message(reply))
                         }
-                        Command::Push { worker, step, gradient, loss, timing, reply } => {
-                            rec.timing(worker, timing);
-                            (worker, server.push(now, worker, step, &gradient, loss), Answer::Push(reply, gradient))
+                        Command::Push { worker, session, step, gradient, loss, timing, reply } => {
+                            let result = server
+                                .check_session(worker, session)
+                                .and_then(|()| server.push(now, worker, step, &gradient, loss));
+                            if result.is_ok() {
+                                rec.timing(worker, timing);
+                            }
+                            (worker, result, Answer::Push(reply, gradient))
                         }
                         Command::StopSeen(_) => unreachable!("handled above"),
                     };
@@ -1189,7 +1243,8 @@ pub async fn run_server(
         for a in out.actions {
             match a {
                 Action::SendParams { step, .. } | Action::BroadcastParams { step } => {
-                    if pub_tx.borrow().step != step {
+                    // Once stopping, "stop" stays published: nothing reopens the run.
+                    if stopped_at.is_none() && pub_tx.borrow().step != step {
                         pub_tx.send_replace(Published::new(step, server.params(), opts.encoding, false));
                     }
                 }

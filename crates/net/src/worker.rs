@@ -24,8 +24,13 @@ pub struct WorkerOptions {
     pub server: String,
     /// Give up (re)connecting after this long.
     pub connect_timeout: Duration,
-    /// Send a heartbeat this often while computing, so a long gradient is not mistaken for death.
+    /// Send a heartbeat this often while computing, so a long gradient is not mistaken for
+    /// death (at most; a server that asks for more often, in its join reply, gets that).
     pub heartbeat_every: Duration,
+    /// The longest wait for an answer to a join, heartbeat or push (and for a pull's answer
+    /// once the server has said the step is open); a server silent for this long is taken
+    /// for lost (frozen, or cut off): the worker says so, reconnects and joins again.
+    pub rpc_timeout: Duration,
     /// Injected straggling: extra seconds slept before each gradient.
     pub delay: Option<DelaySampler>,
     /// Seed of the delay stream.
@@ -45,6 +50,7 @@ impl WorkerOptions {
             server: server.into(),
             connect_timeout: Duration::from_secs(60),
             heartbeat_every: Duration::from_secs(2),
+            rpc_timeout: Duration::from_secs(30),
             delay: None,
             seed: 1,
             token: None,
@@ -94,6 +100,14 @@ pub enum WorkerError {
     /// A TLS file could not be used.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// The gradient code panicked.
+    #[error("worker {worker}: the gradient code panicked ({message}); the server was told this worker left")]
+    Panicked {
+        /// This worker.
+        worker: u32,
+        /// The panic's message.
+        message: String,
+    },
     /// The gradient computation failed.
     #[error("worker {worker}: {source}")]
     Compute {
@@ -123,7 +137,13 @@ fn endpoint(opts: &WorkerOptions) -> Result<(tonic::transport::Endpoint, String)
     if let Some(tls) = opts.tls.client(&host)? {
         ep = ep.tls_config(tls).map_err(|e| invalid(format!("TLS set-up: {e}")))?;
     }
+    // Keep-alive pings find a dead peer (a frozen server, a black-holed link) when no RPC is
+    // waiting; RPCs have their own, shorter, deadlines.
     let ep = ep
+        .connect_timeout(opts.rpc_timeout)
+        .http2_keep_alive_interval(opts.rpc_timeout)
+        .keep_alive_timeout(2 * opts.rpc_timeout)
+        .keep_alive_while_idle(true)
         .initial_stream_window_size(crate::wire::STREAM_WINDOW)
         .initial_connection_window_size(crate::wire::CONNECTION_WINDOW)
         .max_frame_size(crate::wire::FRAME);
@@ -135,13 +155,14 @@ async fn connect(opts: &WorkerOptions) -> Result<(Client, Channel_), WorkerError
     let mut backoff = Duration::from_millis(50);
     let (ep, addr) = endpoint(opts)?;
     loop {
-        let err = match ep.connect().await {
-            Ok(ch) => {
+        let err = match tokio::time::timeout(opts.rpc_timeout, ep.connect()).await {
+            Err(_) => format!("no answer within {:.0} s", opts.rpc_timeout.as_secs_f64()),
+            Ok(Ok(ch)) => {
                 let ch = InterceptedService::new(ch, AddToken(opts.token.clone()));
                 return Ok((ParameterServerClient::new(ch.clone()).max_decoding_message_size(8 << 20), ch));
             }
             // The transport error's source says why (refused, TLS handshake, ...).
-            Err(e) => std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| format!("{e}: {s}")),
+            Ok(Err(e)) => std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| format!("{e}: {s}")),
         };
         if start.elapsed() >= opts.connect_timeout {
             return Err(WorkerError::Unreachable { addr, secs: start.elapsed().as_secs_f64(), last: err });
@@ -201,12 +222,35 @@ fn lost_or_refused(worker: u32, s: tonic::Status) -> Result<SessionEnd, WorkerEr
     // An HTTP/2 error is the link, not the server's answer (e.g. plain text against TLS).
     let link = s.message().starts_with("h2 protocol error");
     match s.code() {
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Aborted => {
-            Ok(SessionEnd::Lost { why: s.message().to_string(), joined: true })
-        }
+        tonic::Code::Unavailable
+        | tonic::Code::Unknown
+        | tonic::Code::Cancelled
+        | tonic::Code::Aborted
+        | tonic::Code::DeadlineExceeded => Ok(SessionEnd::Lost { why: s.message().to_string(), joined: true }),
         _ if link => Ok(SessionEnd::Lost { why: s.message().to_string(), joined: true }),
         _ => Err(WorkerError::Refused { worker, message: s.message().to_string() }),
     }
+}
+
+/// Waits at most `limit` for an RPC's answer; silence is a lost link (DEADLINE_EXCEEDED).
+async fn within<T>(
+    limit: Duration,
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(r) => r,
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "no answer to a {what} within {:.0} s: the server is frozen or cut off",
+            limit.as_secs_f64()
+        ))),
+    }
+}
+
+/// A session id for this process: random, so no other process can guess it.
+fn new_session() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(std::process::id()) | 1
 }
 
 macro_rules! rpc {
@@ -228,11 +272,24 @@ pub async fn run_worker(
     rng.set_stream(opts.index as u64 + 1);
     let mut source = Some(source);
     let mut draws = 0;
+    let session_id = new_session();
     // Since when connections open but never get as far as a join (bounded by connect_timeout).
     let mut failing_since: Option<Instant> = None;
     loop {
         let (mut client, mut channel) = connect(&opts).await?;
-        match session(&opts, &mut client, &mut channel, &mut source, &mut rng, &mut draws, &mut report).await? {
+        let ended =
+            session(&opts, session_id, &mut client, &mut channel, &mut source, &mut rng, &mut draws, &mut report).await;
+        let ended = match ended {
+            Err(WorkerError::Panicked { worker, message }) => {
+                // Tell the server now, so no step waits for this worker's time-out.
+                let why = format!("the gradient code panicked: {message}");
+                let leave = LeaveRequest { worker, session: session_id, reason: why };
+                let _ = within(opts.rpc_timeout, "leave", client.leave(leave)).await;
+                return Err(WorkerError::Panicked { worker, message });
+            }
+            other => other?,
+        };
+        match ended {
             SessionEnd::Stopped => return Ok(report),
             SessionEnd::Lost { why, joined } => {
                 if joined {
@@ -240,7 +297,16 @@ pub async fn run_worker(
                     report.reconnects += 1;
                     eprintln!("worker {}: lost the parameter server ({why}); reconnecting", opts.index);
                 } else {
+                    // A live process holds this index: a duplicate, or this worker's previous
+                    // incarnation not yet timed out. Wait for it, within the connect time-out.
+                    let in_use = why.contains("held by another live process");
+                    if in_use && failing_since.is_none() {
+                        eprintln!("worker {}: {why}; waiting", opts.index);
+                    }
                     let since = *failing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= opts.connect_timeout && in_use {
+                        return Err(WorkerError::Refused { worker: opts.index, message: why });
+                    }
                     if since.elapsed() >= opts.connect_timeout {
                         return Err(WorkerError::Unreachable {
                             addr: opts.server.clone(),
@@ -251,15 +317,17 @@ pub async fn run_worker(
                             ),
                         });
                     }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tokio::time::sleep(Duration::from_millis(if in_use { 500 } else { 200 })).await;
                 }
             }
         }
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn session(
     opts: &WorkerOptions,
+    session_id: u64,
     client: &mut Client,
     channel: &mut Channel_,
     source: &mut Option<Box<dyn GradientSource + Send>>,
@@ -269,8 +337,13 @@ async fn session(
 ) -> Result<SessionEnd, WorkerError> {
     let w = opts.index;
     let num_params = source.as_ref().expect("source present between computations").layout().len();
-    let join = match client.join(JoinRequest { worker: w, num_params: num_params as u64 }).await {
+    let join_request = JoinRequest { worker: w, num_params: num_params as u64, session: session_id };
+    let join = match within(opts.rpc_timeout, "join", client.join(join_request)).await {
         Ok(r) => r.into_inner(),
+        // Not joined: wait (within the connect time-out) for the index to be free.
+        Err(s) if s.code() == tonic::Code::AlreadyExists => {
+            return Ok(SessionEnd::Lost { why: s.message().to_string(), joined: false })
+        }
         Err(s) => {
             return lost_or_refused(w, s).map(|end| match end {
                 SessionEnd::Lost { why, .. } => SessionEnd::Lost { why, joined: false },
@@ -282,6 +355,12 @@ async fn session(
         return Ok(SessionEnd::Stopped);
     }
     let enc = Encoding::from_flag(join.bf16);
+    // The server's interval wins when it is shorter: it declares workers gone by its own clock.
+    let heartbeat_every = match join.heartbeat_ms {
+        0 => opts.heartbeat_every,
+        ms => opts.heartbeat_every.min(Duration::from_millis(ms)),
+    };
+    let beat_request = HeartbeatRequest { worker: w, session: session_id };
     let mut min_step = join.step;
     // A second handle on the same connection, for heartbeats while a pull is in flight.
     let mut beat = client.clone();
@@ -304,8 +383,9 @@ async fn session(
                     let r = r.unwrap_or_else(|e| Err(tonic::Status::unknown(format!("pull task failed: {e}"))));
                     break rpc!(w, r);
                 }
-                _ = tokio::time::sleep(opts.heartbeat_every) => {
-                    let _ = beat.heartbeat(HeartbeatRequest { worker: w }).await;
+                _ = tokio::time::sleep(heartbeat_every) => {
+                    // A silent server (frozen, cut off) ends the session; a refusal too.
+                    rpc!(w, within(opts.rpc_timeout, "heartbeat", beat.heartbeat(beat_request)).await);
                 }
             }
         };
@@ -322,7 +402,7 @@ async fn session(
             let parts: Vec<&[u8]> = data.parts().collect();
             asm.push_parts(c.offset, c.total, &parts, Encoding::from_flag(c.bf16), num_params)
                 .map_err(|e| WorkerError::Refused { worker: w, message: format!("malformed parameters: {e}") })?;
-            next = rpc!(w, replies.next_chunk(crate::raw::PARAMS_DATA).await);
+            next = rpc!(w, within(opts.rpc_timeout, "pull", replies.next_chunk(crate::raw::PARAMS_DATA)).await);
         }
         // Waiting for the step to open is not transfer: time from the first chunk.
         let pull_seconds = first_chunk.map_or(t_pull.elapsed(), |t| t.elapsed()).as_secs_f64();
@@ -348,9 +428,23 @@ async fn session(
         // Heartbeats while the gradient is computed, so a slow gradient is not taken for death.
         let (src, result, params) = loop {
             tokio::select! {
-                done = &mut task => break done.expect("gradient task panicked"),
-                _ = tokio::time::sleep(opts.heartbeat_every) => {
-                    let _ = client.heartbeat(HeartbeatRequest { worker: w }).await;
+                done = &mut task => match done {
+                    Ok(done) => break done,
+                    Err(e) => {
+                        let message = match e.try_into_panic() {
+                            Ok(p) => p
+                                .downcast_ref::<&str>()
+                                .map(|m| m.to_string())
+                                .or_else(|| p.downcast_ref::<String>().cloned())
+                                .unwrap_or_else(|| "no message".into()),
+                            Err(e) => e.to_string(),
+                        };
+                        return Err(WorkerError::Panicked { worker: w, message });
+                    }
+                },
+                _ = tokio::time::sleep(heartbeat_every) => {
+                    // Failures here are noticed by the push that follows.
+                    let _ = within(opts.rpc_timeout, "heartbeat", client.heartbeat(beat_request)).await;
                 }
             }
         };
@@ -372,6 +466,7 @@ async fn session(
             bf16,
             compute_seconds,
             pull_seconds,
+            session: session_id,
         };
         // Ask for the next parameters now: the server streams them the moment the step
         // closes, without waiting for this push's reply and a new request.
@@ -382,7 +477,7 @@ async fn session(
         // server's step; a few bytes against a gradient's megabytes).
         let mut closed = false;
         if join.late_notices {
-            if let Ok(r) = client.heartbeat(HeartbeatRequest { worker: w }).await {
+            if let Ok(r) = within(opts.rpc_timeout, "heartbeat", client.heartbeat(beat_request)).await {
                 if r.get_ref().stop {
                     return Ok(SessionEnd::Stopped);
                 }
@@ -392,7 +487,7 @@ async fn session(
         report.sent += 1;
         if closed {
             let notice = crate::raw::push_frames(&GradientChunk { total: 0, ..head.clone() }, vec![Bytes::new()]);
-            match crate::raw::push(channel, notice).await {
+            match within(opts.rpc_timeout, "push", crate::raw::push(channel, notice)).await {
                 Ok(r) if r.outcome == "late" || r.stop => {
                     report.unsent_late += u64::from(r.outcome == "late");
                     reply = Some(r);
@@ -404,7 +499,10 @@ async fn session(
         }
         let pushed = match reply {
             Some(r) => Ok(r),
-            None => crate::raw::push(channel, crate::raw::push_frames(&head, enc.encode_chunks(grad))).await,
+            None => {
+                let frames = crate::raw::push_frames(&head, enc.encode_chunks(grad));
+                within(opts.rpc_timeout, "push", crate::raw::push(channel, frames)).await
+            }
         };
         let reply = match pushed {
             Ok(r) => r,
@@ -420,7 +518,8 @@ async fn session(
             }
         };
         match reply.outcome.as_str() {
-            "accepted" => report.accepted += 1,
+            // "already_accepted": a re-push after a lost reply; the server holds it once.
+            "accepted" | "already_accepted" => report.accepted += 1,
             "stopped" => return Ok(SessionEnd::Stopped),
             _ => report.dropped += 1,
         }

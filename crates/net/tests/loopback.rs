@@ -203,21 +203,259 @@ async fn a_restarted_server_resumes_from_its_checkpoint_and_workers_reconnect() 
     }
 }
 
+/// A gradient source that tells the test after each gradient it computed.
+#[derive(Clone)]
+struct Signalling {
+    inner: LeastSquares,
+    done: std::sync::mpsc::Sender<u64>,
+}
+
+impl GradientSource for Signalling {
+    fn layout(&self) -> &quorum_core::ParamLayout {
+        self.inner.layout()
+    }
+    fn init_params(&self, seed: u64) -> Vec<f32> {
+        self.inner.init_params(seed)
+    }
+    fn batch_size(&self) -> usize {
+        self.inner.batch_size()
+    }
+    fn gradient(
+        &mut self,
+        params: &[f32],
+        batch: quorum_compute::BatchId,
+        out: &mut Vec<f32>,
+    ) -> Result<f32, quorum_compute::ComputeError> {
+        let r = self.inner.gradient(params, batch, out);
+        let _ = self.done.send(batch.step);
+        r
+    }
+    fn evaluate(&mut self, params: &[f32]) -> Result<quorum_compute::Evaluation, quorum_compute::ComputeError> {
+        self.inner.evaluate(params)
+    }
+}
+
+fn events_of(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("events.jsonl")).unwrap();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_backup_worker_mid_run_does_not_stop_training() {
-    let (opts, src) = options(3, Policy::Sync { aggregate: 2, backups: 1 }, 300, None);
+    let dir = tempfile::tempdir().unwrap();
+    let (opts, src) = options(3, Policy::Sync { aggregate: 2, backups: 1 }, 300, Some(dir.path().to_path_buf()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
-    let victim = worker(0, addr, &src);
-    let others: Vec<_> = (1..3).map(|i| worker(i, addr, &src)).collect();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The victim is the fastest worker, so it contributes until it dies.
+    let (done, computed) = std::sync::mpsc::channel();
+    let victim_src = Signalling { inner: src.clone(), done };
+    let mut wo = WorkerOptions::new(0, format!("http://{addr}"));
+    wo.connect_timeout = Duration::from_secs(5);
+    let victim = tokio::spawn(run_worker(wo, Box::new(victim_src) as Box<dyn GradientSource + Send>));
+    let others: Vec<_> = (1..3)
+        .map(|i| {
+            let mut wo = WorkerOptions::new(i, format!("http://{addr}"));
+            wo.delay = Some("const:0.005".parse::<quorum_sim::DelayModel>().unwrap().sampler().unwrap());
+            tokio::spawn(run_worker(wo, Box::new(src.clone()) as Box<dyn GradientSource + Send>))
+        })
+        .collect();
+    // Kill it once it has computed its 20th gradient (waiting on that, not on a sleep).
+    let killed_after = tokio::task::spawn_blocking(move || computed.iter().nth(19).unwrap()).await.unwrap();
     victim.abort();
     let summary = tokio::time::timeout(Duration::from_secs(60), server).await.expect("finishes").unwrap().unwrap();
     assert_eq!(summary.steps, 300);
     for w in others {
         w.await.unwrap().unwrap();
     }
+    // The victim contributed before the kill, never after it was declared gone, and steps
+    // went on closing without it.
+    let events = events_of(dir.path());
+    let is_victim = |e: &serde_json::Value| e["worker"] == 0;
+    let gone = events
+        .iter()
+        .position(|e| e["event"] == "worker_left" && is_victim(e))
+        .expect("the killed worker is declared gone");
+    let before = events[..gone].iter().filter(|e| e["event"] == "gradient_accepted" && is_victim(e)).count();
+    assert!(before >= 5, "the victim contributed only {before} gradients before it died");
+    assert!(events[gone..].iter().all(|e| !(e["event"] == "gradient_accepted" && is_victim(e))));
+    let applied: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "step_applied").collect();
+    assert!(applied.iter().any(|e| e["step"].as_u64().unwrap() > killed_after + 50), "the kill was not mid-run");
+    for e in &applied {
+        let c = e["contributors"].as_array().unwrap();
+        assert!(c.len() == 2 && c[0] != c[1], "{e}");
+    }
+}
+
+/// A TCP relay between a worker and the server that can swallow the server's answers and
+/// then cut the link: a push the server read whose reply never reaches the worker.
+struct Relay {
+    addr: std::net::SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    async fn start(server: std::net::SocketAddr) -> Relay {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let armed = cut.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let armed = armed.clone();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let upstream = tokio::net::TcpStream::connect(server).await.unwrap();
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut ur, mut uw) = upstream.into_split();
+                    let up = tokio::spawn(async move { tokio::io::copy(&mut cr, &mut uw).await });
+                    let mut buf = vec![0u8; 1 << 16];
+                    loop {
+                        let n = match ur.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        // Armed: the server's answer is lost, then so is the link.
+                        if armed.swap(false, Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            break;
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    up.abort();
+                });
+            }
+        });
+        Relay { addr, cut }
+    }
+}
+
+/// Signals on the worker's gradient for `step`: the relay is armed just before that push.
+#[derive(Clone)]
+struct ArmAt {
+    inner: LeastSquares,
+    step: u64,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl GradientSource for ArmAt {
+    fn layout(&self) -> &quorum_core::ParamLayout {
+        self.inner.layout()
+    }
+    fn init_params(&self, seed: u64) -> Vec<f32> {
+        self.inner.init_params(seed)
+    }
+    fn batch_size(&self) -> usize {
+        self.inner.batch_size()
+    }
+    fn gradient(
+        &mut self,
+        params: &[f32],
+        batch: quorum_compute::BatchId,
+        out: &mut Vec<f32>,
+    ) -> Result<f32, quorum_compute::ComputeError> {
+        if batch.step == self.step && !self.cut.load(std::sync::atomic::Ordering::SeqCst) {
+            self.step = u64::MAX;
+            self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.inner.gradient(params, batch, out)
+    }
+    fn evaluate(&mut self, params: &[f32]) -> Result<quorum_compute::Evaluation, quorum_compute::ComputeError> {
+        self.inner.evaluate(params)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_whose_reply_was_lost_is_sent_again_and_answered_already_accepted() {
+    // N = 2 of 2: the step cannot close while worker 1 is slow, so worker 0's second push
+    // of the same step finds it open.
+    let dir = tempfile::tempdir().unwrap();
+    let (opts, src) = options(2, Policy::Sync { aggregate: 2, backups: 0 }, 10, Some(dir.path().to_path_buf()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let relay = Relay::start(addr).await;
+    let mut wo = WorkerOptions::new(0, format!("http://{}", relay.addr));
+    wo.connect_timeout = Duration::from_secs(10);
+    let cutter = ArmAt { inner: src.clone(), step: 3, cut: relay.cut.clone() };
+    let w0 = tokio::spawn(run_worker(wo, Box::new(cutter) as Box<dyn GradientSource + Send>));
+    let mut wo = WorkerOptions::new(1, format!("http://{addr}"));
+    wo.delay = Some("const:0.4".parse::<quorum_sim::DelayModel>().unwrap().sampler().unwrap());
+    let w1 = tokio::spawn(run_worker(wo, Box::new(src.clone()) as Box<dyn GradientSource + Send>));
+    let summary = tokio::time::timeout(Duration::from_secs(60), server).await.expect("finishes").unwrap().unwrap();
+    assert_eq!(summary.steps, 10);
+    let r0 = w0.await.unwrap().expect("the worker whose reply was lost carries on");
+    w1.await.unwrap().unwrap();
+    assert!(r0.reconnects >= 1, "the link was not cut: {r0:?}");
+    assert_eq!(summary.rejected, 0);
+    let events = events_of(dir.path());
+    let repeated: Vec<_> = events.iter().filter(|e| e["event"] == "gradient_repeated").collect();
+    assert_eq!(repeated.len(), 1, "{repeated:?}");
+    assert_eq!((repeated[0]["worker"].as_u64(), repeated[0]["step"].as_u64()), (Some(0), Some(3)));
+    // Applied once: each step has both workers exactly once.
+    for e in events.iter().filter(|e| e["event"] == "step_applied") {
+        assert_eq!(e["contributors"], serde_json::json!([0, 1]), "{e}");
+    }
+    assert_eq!(summary.accepted, 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_live_process_per_worker_index_and_a_restarted_worker_gets_back_in() {
+    use quorum_net::proto::parameter_server_client::ParameterServerClient;
+    use quorum_net::proto::{GradientChunk, HeartbeatRequest, JoinRequest};
+    let (opts, _) = options(2, Policy::Sync { aggregate: 2, backups: 0 }, 1, None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let mut client = ParameterServerClient::connect(format!("http://{addr}")).await.unwrap();
+    let join = |worker: u32, session: u64| JoinRequest { worker, num_params: 64, session };
+    let push = |worker: u32, session: u64| {
+        let data = quorum_net::wire::encode(&[0.5; 64]).into();
+        let chunk = GradientChunk { worker, step: 0, total: 64, data, loss: f32::NAN, session, ..Default::default() };
+        tokio_stream::iter(vec![chunk])
+    };
+    let reply = client.join(join(0, 11)).await.unwrap().into_inner();
+    // The server says how often to beat: a quarter of its 2 s worker time-out.
+    assert_eq!(reply.heartbeat_ms, 500);
+    assert_eq!(client.push(push(0, 11)).await.unwrap().into_inner().outcome, "accepted");
+
+    // Another process with the same token cannot speak as worker 0 while it lives...
+    let e = client.push(push(0, 99)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let e = client.heartbeat(HeartbeatRequest { worker: 0, session: 99 }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // ...nor join as it: a duplicate --index is refused, naming the index.
+    let e = client.join(join(0, 99)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    assert!(e.message().contains("worker index w0 is held by another live process"), "{}", e.message());
+
+    // Worker 0 is killed (it sends nothing more). Its restarted process gets in once the
+    // old session has been silent for the worker time-out, and its gradient for the step
+    // it had already contributed to is answered "already accepted", not refused.
+    let waited = std::time::Instant::now();
+    loop {
+        match client.join(join(0, 12)).await {
+            Ok(_) => break,
+            Err(e) if e.code() == tonic::Code::AlreadyExists => {
+                assert!(waited.elapsed() < Duration::from_secs(10), "the restarted worker never got back in");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(waited.elapsed() >= Duration::from_millis(1500), "the old session was still alive");
+    assert_eq!(client.push(push(0, 12)).await.unwrap().into_inner().outcome, "already_accepted");
+    // The old process, should it wake, is fenced out.
+    let e = client.push(push(0, 11)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    client.join(join(1, 21)).await.unwrap();
+    let r = client.push(push(1, 21)).await.unwrap().into_inner();
+    assert_eq!((r.outcome.as_str(), r.step, r.stop), ("accepted", 1, true));
+    let summary = server.await.unwrap().unwrap();
+    assert_eq!((summary.steps, summary.accepted), (1, 2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -398,7 +636,7 @@ async fn pushes_frozen_mid_stream_are_abandoned_and_do_not_block_the_other_worke
     // Worker 2 starts more pushes than the server reassembles at once (at most 8), each
     // sending half of the gradient and then nothing, holding its stream open.
     let mut frozen = ParameterServerClient::connect(format!("http://{addr}")).await.unwrap();
-    frozen.join(JoinRequest { worker: 2, num_params: 64 }).await.unwrap();
+    frozen.join(JoinRequest { worker: 2, num_params: 64, session: 7 }).await.unwrap();
     let half = GradientChunk {
         worker: 2,
         step: 0,
@@ -406,6 +644,7 @@ async fn pushes_frozen_mid_stream_are_abandoned_and_do_not_block_the_other_worke
         total: 64,
         data: quorum_net::wire::encode(&[0.0; 32]).into(),
         loss: f32::NAN,
+        session: 7,
         ..Default::default()
     };
     let pushes: Vec<_> = (0..10)
@@ -464,7 +703,7 @@ async fn any_grpc_client_can_push_and_the_push_route_checks_the_token_and_the_sh
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
 
     let mut client = ParameterServerClient::with_interceptor(channel, AddToken(Some(secret)));
-    client.join(JoinRequest { worker: 0, num_params: 64 }).await.unwrap();
+    client.join(JoinRequest { worker: 0, num_params: 64, session: 0 }).await.unwrap();
     let mut params = Vec::new();
     let mut stream = client.pull(PullRequest { worker: 0, min_step: 0 }).await.unwrap().into_inner();
     while let Some(c) = stream.next().await {

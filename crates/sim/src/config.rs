@@ -62,6 +62,9 @@ pub struct SimConfig {
     /// End the run once `target` is reached (for experiments that only ask how long it takes).
     #[serde(default)]
     pub stop_at_target: bool,
+    /// Crashes, freezes and slow links to inject (see [`crate::fault`]).
+    #[serde(default)]
+    pub faults: Vec<crate::fault::Fault>,
 }
 
 fn yes() -> bool {
@@ -87,6 +90,7 @@ impl SimConfig {
             join_ramp: 0.0,
             target: None,
             stop_at_target: false,
+            faults: Vec::new(),
         }
     }
 
@@ -101,6 +105,9 @@ impl SimConfig {
         }
         if self.network.latency < 0.0 || self.network.bandwidth.is_some_and(|b| b <= 0.0) {
             return Err(ConfigError::invalid("network latency must be >= 0 and bandwidth > 0"));
+        }
+        for f in &self.faults {
+            f.validate(self.server.workers).map_err(ConfigError::invalid)?;
         }
         if !(self.join_ramp.is_finite() && self.join_ramp >= 0.0) {
             return Err(ConfigError::invalid("join_ramp must be a finite number of seconds >= 0"));

@@ -29,13 +29,57 @@ pub enum SimError {
     /// The core rejected a simulated message: a bug in the simulator, never expected.
     #[error("protocol violation inside the simulator (a bug): {0}")]
     Protocol(#[from] quorum_core::ProtocolError),
+    /// Nothing more can happen, yet the server has neither finished nor stopped: a real
+    /// cluster would wait forever here.
+    #[error("the cluster would wait forever at {at:.3} virtual seconds (step {step}): nothing is left to happen and the server has not stopped; set a stall timeout")]
+    Hang {
+        /// Virtual seconds.
+        at: f64,
+        /// The server's step.
+        step: Step,
+    },
+    /// Virtual time stopped: too many events at one instant.
+    #[error("virtual time stopped at {at:.3} s: {events} events at the same instant (a wake-up re-scheduled at \"now\" forever)")]
+    Stuck {
+        /// Virtual seconds.
+        at: f64,
+        /// Events seen at that instant.
+        events: u64,
+    },
 }
 
+/// Events at one virtual instant past which the clock is taken to have stopped.
+const EVENTS_AT_ONE_INSTANT: u64 = 10_000_000;
+
+/// `life`: the worker process an event is for (its incarnation); a crash ends a life, and
+/// what was on the way to it is lost.
 enum SimEvent {
-    ToServer { from: WorkerId, msg: ToServer },
-    Params { to: WorkerId, step: Step, params: Arc<Vec<f32>> },
-    ComputeDone { worker: WorkerId, step: Step, seconds: f64 },
+    /// `session`: the sending process's, checked as the networked server checks it.
+    ToServer {
+        from: WorkerId,
+        session: u64,
+        msg: ToServer,
+    },
+    Params {
+        to: WorkerId,
+        life: u32,
+        step: Step,
+        params: Arc<Vec<f32>>,
+    },
+    ComputeDone {
+        worker: WorkerId,
+        life: u32,
+        step: Step,
+        seconds: f64,
+    },
     Tick,
+    Fault(usize),
+    Restart(WorkerId),
+    Thaw(WorkerId),
+    Beat {
+        worker: WorkerId,
+        life: u32,
+    },
 }
 
 struct SimWorker {
@@ -48,6 +92,22 @@ struct SimWorker {
     draws: u64,
     stats: WorkerStats,
     compute_times: Vec<f64>,
+    /// Its process: bumped by each crash.
+    life: u32,
+    /// Dead (crashed, not restarted yet).
+    down: bool,
+    /// Its process has joined (a restarted one waits for its join to be accepted).
+    joined: bool,
+    /// Frozen until then.
+    frozen_until: Duration,
+    /// Its link is this much slower until then.
+    slow: Option<(f64, Duration)>,
+}
+
+impl SimWorker {
+    fn session(&self, id: WorkerId) -> u64 {
+        (u64::from(self.life) << 32) | u64::from(id.0)
+    }
 }
 
 struct Engine<'a> {
@@ -101,6 +161,11 @@ pub fn simulate<'a>(
                 draws: 0,
                 stats: WorkerStats { worker: i, ..Default::default() },
                 compute_times: Vec::new(),
+                life: 0,
+                down: false,
+                joined: true,
+                frozen_until: Duration::ZERO,
+                slow: None,
             }
         })
         .collect();
@@ -166,12 +231,121 @@ impl Engine<'_> {
         let spread = self.cfg.join_ramp / f64::from(self.cfg.server.workers.saturating_sub(1).max(1));
         for i in 0..self.cfg.server.workers {
             let join_at = at(Duration::ZERO, first + spread * f64::from(i));
-            self.queue.push(join_at, SimEvent::ToServer { from: WorkerId(i), msg: ToServer::Join });
+            self.queue.push(
+                join_at,
+                SimEvent::ToServer {
+                    from: WorkerId(i),
+                    session: u64::from(i),
+                    msg: ToServer::Join { session: u64::from(i) },
+                },
+            );
+            if let Some(beat) = self.beat_every() {
+                self.queue.push(join_at + beat, SimEvent::Beat { worker: WorkerId(i), life: 0 });
+            }
+        }
+        for (i, f) in self.cfg.faults.iter().enumerate() {
+            self.queue.push(at(Duration::ZERO, f.at), SimEvent::Fault(i));
+        }
+        let mut instant = (Duration::ZERO, 0u64);
+        let liveness = &self.cfg.server.liveness;
+        let quiet_limit = liveness.worker_timeout.unwrap_or_default()
+            + liveness.stall_timeout.unwrap_or_default()
+            + Duration::from_secs(60);
+        let mut last_news = Duration::ZERO;
+        enum Kind {
+            Quiet,
+            News,
         }
         while let Some((now, ev)) = self.queue.pop() {
+            let ev_kind = match ev {
+                SimEvent::Beat { .. } | SimEvent::Tick | SimEvent::ToServer { msg: ToServer::Heartbeat, .. } => {
+                    Kind::Quiet
+                }
+                _ => Kind::News,
+            };
+            if instant.0 == now {
+                instant.1 += 1;
+                if instant.1 > EVENTS_AT_ONE_INSTANT {
+                    return Err(SimError::Stuck { at: now.as_secs_f64(), events: instant.1 });
+                }
+            } else {
+                instant = (now, 1);
+            }
+            // A frozen worker handles nothing until it thaws.
+            let frozen = |w: WorkerId, workers: &[SimWorker]| workers[w.index()].frozen_until > now;
             match ev {
-                SimEvent::ToServer { from, msg } => {
-                    let out = match self.server.handle(now, from, msg) {
+                SimEvent::Params { to, .. } | SimEvent::ComputeDone { worker: to, .. } if frozen(to, &self.workers) => {
+                    let until = self.workers[to.index()].frozen_until;
+                    self.queue.push(until, ev);
+                }
+                SimEvent::Fault(i) => self.inject(now, i),
+                SimEvent::Restart(id) => {
+                    let w = &mut self.workers[id.index()];
+                    w.sm = Worker::new(id, self.cfg.on_newer);
+                    (w.down, w.joined, w.latest, w.computing_on) = (false, false, None, None);
+                    let session = w.session(id);
+                    self.send_to_server(now, id, ToServer::Join { session });
+                    if let Some(beat) = self.beat_every() {
+                        let life = self.workers[id.index()].life;
+                        self.queue.push(now + beat, SimEvent::Beat { worker: id, life });
+                    }
+                }
+                SimEvent::Thaw(id) => {
+                    // Back from a freeze: join again (the same session), as a real worker
+                    // whose link timed out does, to learn the newest step.
+                    let w = &self.workers[id.index()];
+                    if !w.down && w.frozen_until <= now {
+                        let session = w.session(id);
+                        self.send_to_server(now, id, ToServer::Join { session });
+                    }
+                }
+                SimEvent::Beat { worker, life } => {
+                    let w = &self.workers[worker.index()];
+                    if w.life == life && !w.down && !w.sm.is_stopped() {
+                        let joined = w.joined;
+                        let next = w.frozen_until.max(now) + self.beat_every().unwrap_or(Duration::from_secs(1));
+                        if w.frozen_until <= now && joined {
+                            self.send_to_server(now, worker, ToServer::Heartbeat);
+                        }
+                        self.queue.push(next, SimEvent::Beat { worker, life });
+                    }
+                }
+                SimEvent::ToServer { from, session, msg } => {
+                    let (is_join, is_beat) = (matches!(msg, ToServer::Join { .. }), matches!(msg, ToServer::Heartbeat));
+                    let handled = match msg {
+                        ToServer::Join { .. } => self.server.handle(now, from, msg),
+                        msg => {
+                            self.server.check_session(from, session).and_then(|()| self.server.handle(now, from, msg))
+                        }
+                    };
+                    if is_join && handled.is_ok() && self.workers[from.index()].session(from) == session {
+                        self.workers[from.index()].joined = true;
+                    }
+                    let out = match handled {
+                        // A heartbeat sent before the join arrived says nothing.
+                        Err(quorum_core::ProtocolError::NotJoined { .. }) if is_beat => continue,
+                        // Under faults the server refuses what a real one would (a restarted
+                        // worker whose old session still looks alive, a message of a dead
+                        // life): recorded, and a refused join is tried again.
+                        Err(e)
+                            if !self.cfg.faults.is_empty()
+                                && !matches!(e, quorum_core::ProtocolError::NonFinite { .. }) =>
+                        {
+                            let rejected =
+                                Event::Rejected { worker: from, reason: e.to_string(), time: now.as_secs_f64() };
+                            if self.cfg.record_events {
+                                self.report.events.push(rejected);
+                            }
+                            if is_join && !self.workers[from.index()].down {
+                                let session = self.workers[from.index()].session(from);
+                                let retry = self.beat_every().unwrap_or(Duration::from_millis(500));
+                                self.queue.push(
+                                    now + retry,
+                                    SimEvent::ToServer { from, session, msg: ToServer::Join { session } },
+                                );
+                            }
+                            continue;
+                        }
                         // A diverged model sends non-finite gradients, which the server's own
                         // validation refuses; when divergence is watched for, that ends the run.
                         Err(quorum_core::ProtocolError::NonFinite { .. }) if self.cfg.divergence_loss.is_some() => {
@@ -182,14 +356,20 @@ impl Engine<'_> {
                     };
                     self.carry_out(now, out)?;
                 }
-                SimEvent::Params { to, step, params } => {
+                SimEvent::Params { to, life, step, params } => {
                     let w = &mut self.workers[to.index()];
+                    if w.life != life || w.down || !w.joined {
+                        continue;
+                    }
                     w.latest = Some((step, params));
                     let acts = w.sm.on_params(step);
                     self.worker_actions(now, to, acts)?;
                 }
-                SimEvent::ComputeDone { worker, step, seconds } => {
+                SimEvent::ComputeDone { worker, life, step, seconds } => {
                     let w = &mut self.workers[worker.index()];
+                    if w.life != life || w.down {
+                        continue;
+                    }
                     if w.sm.computing() == Some(step) {
                         w.compute_times.push(seconds);
                     }
@@ -206,6 +386,23 @@ impl Engine<'_> {
             }
             if self.done {
                 break;
+            }
+            // Nothing but heartbeats and time-outs for longer than any time-out could take to
+            // end the run: a real server would wait forever.
+            if !matches!(ev_kind, Kind::Quiet) {
+                last_news = now;
+            }
+            let nothing_left = self.queue.all(|e| {
+                matches!(
+                    e,
+                    SimEvent::Beat { .. } | SimEvent::Tick | SimEvent::ToServer { msg: ToServer::Heartbeat, .. }
+                )
+            });
+            if !self.cfg.faults.is_empty()
+                && !self.server.is_stopped()
+                && (nothing_left && now > last_news + quiet_limit)
+            {
+                return Err(SimError::Hang { at: now.as_secs_f64(), step: self.server.step() });
             }
             if let Some(t) = self.server.next_wakeup() {
                 if self.tick_at.is_none_or(|s| t < s) {
@@ -230,8 +427,57 @@ impl Engine<'_> {
 
     fn send_params(&mut self, now: Duration, to: WorkerId, step: Step) {
         let params = self.params_of(step);
-        let arrive = at(now, self.cfg.network.delay(self.bytes));
-        self.queue.push(arrive, SimEvent::Params { to, step, params });
+        let arrive = at(now, self.link_delay(now, to, self.bytes));
+        let life = self.workers[to.index()].life;
+        self.queue.push(arrive, SimEvent::Params { to, life, step, params });
+    }
+
+    /// A message's delay on `w`'s link: the network's, times a slow link's factor.
+    fn link_delay(&self, now: Duration, w: WorkerId, bytes: usize) -> f64 {
+        let base = self.cfg.network.delay(bytes);
+        match self.workers[w.index()].slow {
+            Some((factor, until)) if until > now => base * factor,
+            _ => base,
+        }
+    }
+
+    /// A small message from a worker (join, heartbeat).
+    fn send_to_server(&mut self, now: Duration, from: WorkerId, msg: ToServer) {
+        let arrive = at(now, self.link_delay(now, from, 0));
+        let session = self.workers[from.index()].session(from);
+        self.queue.push(arrive, SimEvent::ToServer { from, session, msg });
+    }
+
+    /// How often workers heartbeat: a quarter of the server's worker time-out, as the real
+    /// server tells its workers; none without a time-out.
+    fn beat_every(&self) -> Option<Duration> {
+        self.cfg.server.liveness.worker_timeout.map(|t| t / 4)
+    }
+
+    fn inject(&mut self, now: Duration, i: usize) {
+        let f = &self.cfg.faults[i];
+        let id = WorkerId(f.worker);
+        let w = &mut self.workers[id.index()];
+        match f.kind {
+            crate::fault::FaultKind::Crash { restart_after } => {
+                if w.down {
+                    return;
+                }
+                w.down = true;
+                w.life += 1;
+                if let Some(r) = restart_after {
+                    self.queue.push(at(now, r), SimEvent::Restart(id));
+                }
+            }
+            crate::fault::FaultKind::Freeze { seconds } => {
+                let until = at(now, seconds).max(w.frozen_until);
+                w.frozen_until = until;
+                self.queue.push(until, SimEvent::Thaw(id));
+            }
+            crate::fault::FaultKind::SlowLink { factor, seconds } => {
+                w.slow = Some((factor, at(now, seconds)));
+            }
+        }
     }
 
     fn carry_out(&mut self, now: Duration, out: quorum_core::Outputs) -> Result<(), SimError> {
@@ -249,7 +495,7 @@ impl Engine<'_> {
                         self.send_params(now, w, step);
                     }
                 }
-                // `max_steps` reached (the simulator injects no faults, so no stall stops).
+                // `max_steps` reached, or a stall stopped the run.
                 Action::Stop { .. } => self.done = true,
             }
         }
@@ -344,7 +590,8 @@ impl Engine<'_> {
                     w.computing_on = w.latest.as_ref().map(|(_, p)| p.clone());
                     let seconds = self.delay.sample(id.0, w.draws, &mut w.rng);
                     w.draws += 1;
-                    self.queue.push(at(now, seconds), SimEvent::ComputeDone { worker: id, step, seconds });
+                    let life = w.life;
+                    self.queue.push(at(now, seconds), SimEvent::ComputeDone { worker: id, life, step, seconds });
                 }
                 WorkerAction::Cancel { .. } | WorkerAction::Discard { .. } => {
                     self.workers[id.index()].stats.abandoned += 1;
@@ -369,9 +616,12 @@ impl Engine<'_> {
                             return Ok(());
                         }
                     }
-                    let arrive = at(now, self.cfg.network.delay(self.bytes));
-                    self.queue
-                        .push(arrive, SimEvent::ToServer { from: id, msg: ToServer::Push { step, gradient, loss } });
+                    let session = self.workers[id.index()].session(id);
+                    let arrive = at(now, self.link_delay(now, id, self.bytes));
+                    self.queue.push(
+                        arrive,
+                        SimEvent::ToServer { from: id, session, msg: ToServer::Push { step, gradient, loss } },
+                    );
                 }
             }
         }

@@ -12,6 +12,7 @@
 pub mod config;
 pub mod delay;
 pub mod engine;
+pub mod fault;
 pub mod queue;
 pub mod report;
 pub mod sweep;
@@ -19,5 +20,6 @@ pub mod sweep;
 pub use config::{EvalOn, SimConfig};
 pub use delay::{DelayModel, DelaySampler, NetworkModel};
 pub use engine::{simulate, SimError};
+pub use fault::{check_invariants, Fault, FaultKind};
 pub use report::{Arrival, MetricRow, Restart, SimReport, Summary, WorkerStats};
 pub use sweep::{sweep_backups, SweepRow};

@@ -54,6 +54,11 @@ impl<T> EventQueue<T> {
         self.heap.len()
     }
 
+    /// Whether every waiting item satisfies `pred` (O(items)).
+    pub fn all(&self, pred: impl Fn(&T) -> bool) -> bool {
+        self.slab.iter().flatten().all(pred)
+    }
+
     /// True when nothing waits.
     pub fn is_empty(&self) -> bool {
         self.heap.is_empty()

@@ -1,0 +1,107 @@
+//! Faults as inputs: a seeded, deterministic schedule of worker crashes, freezes and slow
+//! links (as raft-rs's test network drops, isolates and recovers), and the invariants every
+//! run must keep whatever the faults.
+
+use quorum_core::{Event, Step, WorkerId};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+
+/// One fault, hitting one worker at a virtual time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    /// Virtual seconds since the start.
+    pub at: f64,
+    /// The worker hit.
+    pub worker: u32,
+    /// What happens to it.
+    pub kind: FaultKind,
+}
+
+/// What a fault does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum FaultKind {
+    /// The process dies (`kill -9`): its computation and everything on the way to it are
+    /// lost, messages it already sent still arrive. With `restart_after`, a new process (a
+    /// new session) starts that many seconds later and joins again.
+    Crash {
+        /// Seconds until the restart; `None`: it stays dead.
+        restart_after: Option<f64>,
+    },
+    /// The process is frozen (SIGSTOP) for `seconds`: it computes, answers and sends
+    /// nothing, then carries on where it was.
+    Freeze {
+        /// How long.
+        seconds: f64,
+    },
+    /// Its link is `factor` times slower, both ways, for `seconds`.
+    SlowLink {
+        /// Slow-down of every message to or from it.
+        factor: f64,
+        /// How long.
+        seconds: f64,
+    },
+}
+
+impl Fault {
+    /// Checks the numbers.
+    pub fn validate(&self, workers: u32) -> Result<(), String> {
+        let ok = |x: f64| x.is_finite() && x >= 0.0;
+        if self.worker >= workers || !ok(self.at) {
+            return Err(format!("fault {self:?}: worker must be below {workers} and `at` >= 0"));
+        }
+        let fine = match &self.kind {
+            FaultKind::Crash { restart_after } => restart_after.is_none_or(ok),
+            FaultKind::Freeze { seconds } => ok(*seconds),
+            FaultKind::SlowLink { factor, seconds } => ok(*seconds) && factor.is_finite() && *factor >= 1.0,
+        };
+        if fine {
+            Ok(())
+        } else {
+            Err(format!("fault {self:?}: durations must be finite and >= 0, a slow-down factor >= 1"))
+        }
+    }
+}
+
+/// The whole-run invariants, read from a run's events: every step applied once, in order,
+/// with as many distinct contributors as the step needed (N, or the lowered N the events
+/// announce; a step that the lowering itself closes keeps every gradient already in), each of which had a gradient accepted for that step. Returns what broke.
+pub fn check_invariants(events: &[Event], aggregate: u32) -> Result<(), String> {
+    let mut next: Step = 0;
+    let mut n = aggregate;
+    let mut lowered_now = false;
+    let mut accepted: BTreeSet<(Step, WorkerId)> = BTreeSet::new();
+    for e in events {
+        match e {
+            Event::AggregateLowered { to, .. } => {
+                // A step closed by lowering N closes with every gradient already in.
+                lowered_now = *to < n;
+                n = *to;
+            }
+            Event::GradientAccepted { worker, step, .. } if !accepted.insert((*step, *worker)) => {
+                return Err(format!("worker {worker} had two gradients accepted for step {step}"));
+            }
+            Event::StepApplied { step, contributors, .. } => {
+                if *step != next {
+                    return Err(format!("step {step} applied when step {next} was due"));
+                }
+                let distinct: BTreeSet<_> = contributors.iter().collect();
+                let count_ok = contributors.len() == n as usize || (lowered_now && contributors.len() > n as usize);
+                lowered_now = false;
+                if distinct.len() != contributors.len() || !count_ok {
+                    return Err(format!(
+                        "step {step} applied with contributors {contributors:?}, needing {n} distinct"
+                    ));
+                }
+                if let Some(w) = contributors.iter().find(|w| !accepted.contains(&(*step, **w))) {
+                    return Err(format!("step {step} counts worker {w}, whose gradient was never accepted"));
+                }
+                accepted.retain(|(s, _)| *s > *step);
+                next += 1;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
