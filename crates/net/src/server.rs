@@ -530,10 +530,10 @@ impl ParameterServer for Service {
     async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<LeaveReply>, Status> {
         let r = req.into_inner();
         match self.send(WorkerId(r.worker), r.session, ToServer::Leave).await? {
-            Ok(_) | Err(ProtocolError::Stopped) => {}
+            Ok(_) => eprintln!("worker {} left: {}", WorkerId(r.worker), r.reason),
+            Err(ProtocolError::Stopped) => {}
             Err(e) => return Err(status(e)),
         }
-        eprintln!("worker {} left: {}", WorkerId(r.worker), r.reason);
         Ok(Response::new(LeaveReply {}))
     }
 

@@ -720,3 +720,57 @@ async fn any_grpc_client_can_push_and_the_push_route_checks_the_token_and_the_sh
     let summary = server.await.unwrap().unwrap();
     assert_eq!((summary.steps, summary.accepted), (1, 1));
 }
+
+/// A gradient source whose code panics at `step`.
+#[derive(Clone)]
+struct PanicsAt {
+    inner: LeastSquares,
+    step: u64,
+}
+
+impl GradientSource for PanicsAt {
+    fn layout(&self) -> &quorum_core::ParamLayout {
+        self.inner.layout()
+    }
+    fn init_params(&self, seed: u64) -> Vec<f32> {
+        self.inner.init_params(seed)
+    }
+    fn batch_size(&self) -> usize {
+        self.inner.batch_size()
+    }
+    fn gradient(
+        &mut self,
+        params: &[f32],
+        batch: quorum_compute::BatchId,
+        out: &mut Vec<f32>,
+    ) -> Result<f32, quorum_compute::ComputeError> {
+        assert!(batch.step < self.step, "index out of bounds in the user's model");
+        self.inner.gradient(params, batch, out)
+    }
+    fn evaluate(&mut self, params: &[f32]) -> Result<quorum_compute::Evaluation, quorum_compute::ComputeError> {
+        self.inner.evaluate(params)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_gradient_code_is_an_error_naming_the_worker_and_the_server_is_told_it_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let (opts, src) = options(3, Policy::Sync { aggregate: 2, backups: 1 }, 400, Some(dir.path().to_path_buf()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let broken = PanicsAt { inner: src.clone(), step: 1 };
+    let others: Vec<_> = (0..2).map(|i| worker(i, addr, &src)).collect();
+    let mut wo = WorkerOptions::new(2, format!("http://{addr}"));
+    wo.connect_timeout = Duration::from_secs(5);
+    let err = run_worker(wo, Box::new(broken) as Box<dyn GradientSource + Send>).await.unwrap_err().to_string();
+    assert!(err.contains("worker 2: the gradient code panicked (index out of bounds in the user's model)"), "{err}");
+    let summary = tokio::time::timeout(Duration::from_secs(60), server).await.expect("finishes").unwrap().unwrap();
+    assert_eq!(summary.steps, 400);
+    for w in others {
+        w.await.unwrap().unwrap();
+    }
+    // Told at once ("left"), not found out after the worker time-out.
+    let left = events_of(dir.path()).into_iter().find(|e| e["event"] == "worker_left" && e["worker"] == 2).unwrap();
+    assert_eq!(left["reason"], "left", "{left}");
+}
