@@ -136,12 +136,17 @@ fn spawn_ps(cmd: &mut Command) -> (Child, String) {
 }
 
 fn start_worker(args: &[&str], addr: &str, index: u32) -> Proc {
+    start_worker_to(args, addr, index, Stdio::null())
+}
+
+/// A `quorum worker` whose standard error goes to `stderr` (a log the test reads).
+fn start_worker_to(args: &[&str], addr: &str, index: u32, stderr: impl Into<Stdio>) -> Proc {
     Proc(
         quorum()
             .args(["worker", "--model", "synthetic", "--ps", addr, "--index", &index.to_string()])
             .args(args)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap(),
     )
@@ -434,20 +439,8 @@ fn workers_of_a_frozen_server_say_so_keep_trying_and_carry_on_after_it_resumes()
     args.extend(["--worker-timeout", "1"]);
     let (mut ps, addr) = start_ps(&args, &run);
     let logs: Vec<_> = (0..2).map(|i| dir.path().join(format!("worker{i}.log"))).collect();
-    let mut workers: Vec<Proc> = (0..2)
-        .map(|i| {
-            let log = std::fs::File::create(&logs[i as usize]).unwrap();
-            Proc(
-                quorum()
-                    .args(["worker", "--model", "synthetic", "--ps", &addr, "--index", &i.to_string()])
-                    .args(&args)
-                    .stdout(Stdio::null())
-                    .stderr(log)
-                    .spawn()
-                    .unwrap(),
-            )
-        })
-        .collect();
+    let mut workers: Vec<Proc> =
+        (0..2).map(|i| start_worker_to(&args, &addr, i, std::fs::File::create(&logs[i as usize]).unwrap())).collect();
     wait_for_steps(&run, 20_000, Duration::from_secs(60));
     // SIGSTOP: the connections stay open but the server answers nothing (a half-open link).
     let pid = ps.0.id().to_string();

@@ -12,188 +12,16 @@ use crate::event::{DropReason, Event, LeaveReason};
 use crate::ids::{Step, WorkerId};
 use crate::layout::ParamLayout;
 use crate::message::ToServer;
-use crate::optim::{Optimizer, OptimizerConfig};
+use crate::optim::Optimizer;
 use crate::policy::Policy;
-use crate::schedule::LrSchedule;
-use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+
+mod config;
+mod output;
+
+pub use config::{Liveness, OnStall, ServerConfig};
+pub use output::{Action, Outputs, ServerSnapshot, StopReason};
 use std::time::Duration;
-
-/// What to do when fewer workers are alive than a step needs for longer than the stall timeout.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnStall {
-    /// Stop the run (the driver checkpoints and exits with an error naming the missing workers).
-    #[default]
-    Stop,
-    /// Lower N to the number of live workers and go on; N returns when workers come back.
-    LowerAggregate,
-}
-
-/// Liveness rules: how long silence means "gone", and how long a stall may last.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Liveness {
-    /// A worker not heard from for this long is declared gone.
-    #[serde(default, with = "opt_secs")]
-    pub worker_timeout: Option<Duration>,
-    /// Fewer than N live workers for this long triggers `on_stall`.
-    #[serde(default, with = "opt_secs")]
-    pub stall_timeout: Option<Duration>,
-    /// What a stall leads to.
-    #[serde(default)]
-    pub on_stall: OnStall,
-}
-
-/// Everything the server state machine needs to know.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServerConfig {
-    /// Workers in the cluster, ids `0..workers`.
-    pub workers: u32,
-    /// Aggregation policy.
-    pub policy: Policy,
-    /// Optimizer applied to each update.
-    #[serde(default)]
-    pub optimizer: OptimizerConfig,
-    /// Learning rate schedule.
-    pub schedule: LrSchedule,
-    /// Clip the averaged gradient to this global norm.
-    #[serde(default)]
-    pub clip_norm: Option<f32>,
-    /// Keep an exponential moving average of the parameters with this α.
-    #[serde(default)]
-    pub ema_decay: Option<f32>,
-    /// Liveness rules.
-    #[serde(default)]
-    pub liveness: Liveness,
-    /// Stop after this many updates.
-    #[serde(default)]
-    pub max_steps: Option<Step>,
-}
-
-impl ServerConfig {
-    /// A plain configuration: SGD at a constant rate, no clipping, no EMA.
-    pub fn new(workers: u32, policy: Policy, lr: f32) -> Self {
-        ServerConfig {
-            workers,
-            policy,
-            optimizer: OptimizerConfig::Sgd,
-            schedule: LrSchedule::constant(lr),
-            clip_norm: None,
-            ema_decay: None,
-            liveness: Liveness::default(),
-            max_steps: None,
-        }
-    }
-
-    /// Checks every value.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        self.policy.validate(self.workers)?;
-        self.optimizer.validate()?;
-        self.schedule.validate()?;
-        if let Some(c) = self.clip_norm {
-            if !(c > 0.0 && c.is_finite()) {
-                return Err(ConfigError::invalid(format!("clip_norm must be positive, got {c}")));
-            }
-        }
-        if let Some(a) = self.ema_decay {
-            if !(0.0..1.0).contains(&a) {
-                return Err(ConfigError::invalid(format!("ema_decay must be in [0, 1), got {a}")));
-            }
-        }
-        Ok(())
-    }
-
-    /// The N the learning rate is scaled by: sync's aggregate, deadline's worker count, 1 for async.
-    fn nominal_aggregate(&self) -> u32 {
-        match self.policy {
-            Policy::Sync { aggregate, .. } => aggregate,
-            Policy::Deadline { .. } => self.workers,
-            Policy::Async { .. } => 1,
-        }
-    }
-}
-
-/// Why the server stopped.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
-pub enum StopReason {
-    /// `max_steps` updates were applied.
-    Finished {
-        /// Updates applied.
-        steps: Step,
-    },
-    /// Too few workers stayed alive for longer than the stall timeout.
-    TooFewWorkers {
-        /// Workers alive.
-        live: u32,
-        /// Gradients a step needs.
-        needed: u32,
-        /// Workers not alive.
-        missing: Vec<WorkerId>,
-    },
-}
-
-/// Something the driver must do.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum Action {
-    /// Send the current parameters (of `step`) to one worker.
-    SendParams {
-        /// Recipient.
-        to: WorkerId,
-        /// The parameters' step.
-        step: Step,
-    },
-    /// Send the current parameters (of `step`) to every live worker.
-    BroadcastParams {
-        /// The parameters' step.
-        step: Step,
-    },
-    /// Training is over: tell every worker to stop.
-    Stop {
-        /// Why.
-        reason: StopReason,
-    },
-}
-
-/// The result of one input.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Outputs {
-    /// What the driver must do, in order.
-    pub actions: Vec<Action>,
-    /// What happened, in order.
-    pub events: Vec<Event>,
-}
-
-impl Outputs {
-    /// True when nothing happened.
-    pub fn is_empty(&self) -> bool {
-        self.actions.is_empty() && self.events.is_empty()
-    }
-
-    fn extend(&mut self, other: Outputs) {
-        self.actions.extend(other.actions);
-        self.events.extend(other.events);
-    }
-}
-
-/// The server's durable state, for checkpoints.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ServerSnapshot {
-    /// Current step.
-    pub step: Step,
-    /// Parameters.
-    pub params: Vec<f32>,
-    /// Parameter EMA, if kept.
-    pub ema: Option<Vec<f32>>,
-    /// Optimizer slots by name.
-    pub optimizer_slots: Vec<(String, Vec<f32>)>,
-    /// Optimizer updates so far.
-    pub optimizer_updates: u64,
-    /// Current N (may have been lowered after a stall).
-    pub aggregate: u32,
-}
 
 #[derive(Debug, Clone, Default)]
 struct Slot {
@@ -487,6 +315,21 @@ impl Server {
         }
         out.extend(self.check_stall(now));
         out
+    }
+
+    /// [`Server::handle`] for a message from the process `session`: every message but a join
+    /// must come from the session that joined as `from` ([`Server::check_session`]).
+    pub fn handle_from(
+        &mut self,
+        now: Duration,
+        from: WorkerId,
+        session: u64,
+        msg: ToServer,
+    ) -> Result<Outputs, ProtocolError> {
+        if !matches!(msg, ToServer::Join { .. }) {
+            self.check_session(from, session)?;
+        }
+        self.handle(now, from, msg)
     }
 
     /// Checks that `session` holds worker `w`'s index: every message after a join must come
@@ -819,26 +662,5 @@ impl Server {
             }
         }
         out
-    }
-}
-
-mod opt_secs {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_some(&d.as_secs_f64()),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        Option::<f64>::deserialize(d)?
-            .map(|v| {
-                Duration::try_from_secs_f64(v)
-                    .map_err(|_| serde::de::Error::custom(format!("{v} is not a valid number of seconds")))
-            })
-            .transpose()
     }
 }

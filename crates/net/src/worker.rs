@@ -138,9 +138,8 @@ fn endpoint(opts: &WorkerOptions) -> Result<(tonic::transport::Endpoint, String)
         ep = ep.tls_config(tls).map_err(|e| invalid(format!("TLS set-up: {e}")))?;
     }
     // Keep-alive pings find a dead peer (a frozen server, a black-holed link) when no RPC is
-    // waiting; RPCs have their own, shorter, deadlines.
+    // waiting; RPCs (and `connect`, handshakes included) have their own, shorter, deadlines.
     let ep = ep
-        .connect_timeout(opts.rpc_timeout)
         .http2_keep_alive_interval(opts.rpc_timeout)
         .keep_alive_timeout(2 * opts.rpc_timeout)
         .keep_alive_while_idle(true)
@@ -215,6 +214,9 @@ enum SessionEnd {
     /// The connection broke: reconnect and join again. `joined`: the session got as far as
     /// a successful join (else the link never worked, e.g. a TLS handshake the server refused).
     Lost { why: String, joined: bool },
+    /// The join was refused because a live process holds this index (a duplicate, or this
+    /// worker's previous incarnation not yet timed out): wait and join again.
+    IndexHeld { why: String },
 }
 
 /// A broken link (the server died or restarts) as opposed to a refusal.
@@ -291,34 +293,35 @@ pub async fn run_worker(
         };
         match ended {
             SessionEnd::Stopped => return Ok(report),
-            SessionEnd::Lost { why, joined } => {
-                if joined {
-                    failing_since = None;
-                    report.reconnects += 1;
-                    eprintln!("worker {}: lost the parameter server ({why}); reconnecting", opts.index);
-                } else {
-                    // A live process holds this index: a duplicate, or this worker's previous
-                    // incarnation not yet timed out. Wait for it, within the connect time-out.
-                    let in_use = why.contains("held by another live process");
-                    if in_use && failing_since.is_none() {
-                        eprintln!("worker {}: {why}; waiting", opts.index);
-                    }
-                    let since = *failing_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() >= opts.connect_timeout && in_use {
-                        return Err(WorkerError::Refused { worker: opts.index, message: why });
-                    }
-                    if since.elapsed() >= opts.connect_timeout {
-                        return Err(WorkerError::Unreachable {
-                            addr: opts.server.clone(),
-                            secs: since.elapsed().as_secs_f64(),
-                            last: format!(
-                                "connected, but every join failed: {why}; if the server uses TLS, check this \
-                                 worker's tls-ca (and tls-cert/tls-key when it requires client certificates)"
-                            ),
-                        });
-                    }
-                    tokio::time::sleep(Duration::from_millis(if in_use { 500 } else { 200 })).await;
+            SessionEnd::Lost { why, joined: true } => {
+                failing_since = None;
+                report.reconnects += 1;
+                eprintln!("worker {}: lost the parameter server ({why}); reconnecting", opts.index);
+            }
+            // Waiting for a live process to give up this index, within the connect time-out.
+            SessionEnd::IndexHeld { why } => {
+                if failing_since.is_none() {
+                    eprintln!("worker {}: {why}; waiting", opts.index);
                 }
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= opts.connect_timeout {
+                    return Err(WorkerError::Refused { worker: opts.index, message: why });
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            SessionEnd::Lost { why, joined: false } => {
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= opts.connect_timeout {
+                    return Err(WorkerError::Unreachable {
+                        addr: opts.server.clone(),
+                        secs: since.elapsed().as_secs_f64(),
+                        last: format!(
+                            "connected, but every join failed: {why}; if the server uses TLS, check this \
+                                 worker's tls-ca (and tls-cert/tls-key when it requires client certificates)"
+                        ),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     }
@@ -342,7 +345,7 @@ async fn session(
         Ok(r) => r.into_inner(),
         // Not joined: wait (within the connect time-out) for the index to be free.
         Err(s) if s.code() == tonic::Code::AlreadyExists => {
-            return Ok(SessionEnd::Lost { why: s.message().to_string(), joined: false })
+            return Ok(SessionEnd::IndexHeld { why: s.message().to_string() })
         }
         Err(s) => {
             return lost_or_refused(w, s).map(|end| match end {

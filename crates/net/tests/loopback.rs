@@ -203,14 +203,21 @@ async fn a_restarted_server_resumes_from_its_checkpoint_and_workers_reconnect() 
     }
 }
 
-/// A gradient source that tells the test after each gradient it computed.
+/// The synthetic model with a hook the test runs before each gradient (to signal, arm a
+/// fault, or panic as broken user code would).
 #[derive(Clone)]
-struct Signalling {
+struct Hooked {
     inner: LeastSquares,
-    done: std::sync::mpsc::Sender<u64>,
+    before: std::sync::Arc<dyn Fn(quorum_compute::BatchId) + Send + Sync>,
 }
 
-impl GradientSource for Signalling {
+impl Hooked {
+    fn new(inner: &LeastSquares, before: impl Fn(quorum_compute::BatchId) + Send + Sync + 'static) -> Self {
+        Hooked { inner: inner.clone(), before: std::sync::Arc::new(before) }
+    }
+}
+
+impl GradientSource for Hooked {
     fn layout(&self) -> &quorum_core::ParamLayout {
         self.inner.layout()
     }
@@ -226,9 +233,8 @@ impl GradientSource for Signalling {
         batch: quorum_compute::BatchId,
         out: &mut Vec<f32>,
     ) -> Result<f32, quorum_compute::ComputeError> {
-        let r = self.inner.gradient(params, batch, out);
-        let _ = self.done.send(batch.step);
-        r
+        (self.before)(batch);
+        self.inner.gradient(params, batch, out)
     }
     fn evaluate(&mut self, params: &[f32]) -> Result<quorum_compute::Evaluation, quorum_compute::ComputeError> {
         self.inner.evaluate(params)
@@ -243,13 +249,17 @@ fn events_of(dir: &std::path::Path) -> Vec<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_backup_worker_mid_run_does_not_stop_training() {
     let dir = tempfile::tempdir().unwrap();
-    let (opts, src) = options(3, Policy::Sync { aggregate: 2, backups: 1 }, 300, Some(dir.path().to_path_buf()));
+    let (opts, src) = options(3, Policy::Sync { aggregate: 2, backups: 1 }, 1000, Some(dir.path().to_path_buf()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    // 1,000 steps of at least 5 ms outlast the 2 s worker time-out after the kill.
     // The victim is the fastest worker, so it contributes until it dies.
     let (done, computed) = std::sync::mpsc::channel();
-    let victim_src = Signalling { inner: src.clone(), done };
+    let done = std::sync::Mutex::new(done);
+    let victim_src = Hooked::new(&src, move |batch| {
+        let _ = done.lock().unwrap().send(batch.step);
+    });
     let mut wo = WorkerOptions::new(0, format!("http://{addr}"));
     wo.connect_timeout = Duration::from_secs(5);
     let victim = tokio::spawn(run_worker(wo, Box::new(victim_src) as Box<dyn GradientSource + Send>));
@@ -264,21 +274,29 @@ async fn killing_a_backup_worker_mid_run_does_not_stop_training() {
     let killed_after = tokio::task::spawn_blocking(move || computed.iter().nth(19).unwrap()).await.unwrap();
     victim.abort();
     let summary = tokio::time::timeout(Duration::from_secs(60), server).await.expect("finishes").unwrap().unwrap();
-    assert_eq!(summary.steps, 300);
+    assert_eq!(summary.steps, 1000);
     for w in others {
         w.await.unwrap().unwrap();
     }
-    // The victim contributed before the kill, never after it was declared gone, and steps
+    // The victim contributed before the kill and never after it (one more push may be on its
+    // way while the test aborts it: step `killed_after + 1` at most), it was declared gone,
+    // and steps
     // went on closing without it.
     let events = events_of(dir.path());
-    let is_victim = |e: &serde_json::Value| e["worker"] == 0;
-    let gone = events
+    let victim_steps: Vec<u64> = events
         .iter()
-        .position(|e| e["event"] == "worker_left" && is_victim(e))
-        .expect("the killed worker is declared gone");
-    let before = events[..gone].iter().filter(|e| e["event"] == "gradient_accepted" && is_victim(e)).count();
-    assert!(before >= 5, "the victim contributed only {before} gradients before it died");
-    assert!(events[gone..].iter().all(|e| !(e["event"] == "gradient_accepted" && is_victim(e))));
+        .filter(|e| e["event"] == "gradient_accepted" && e["worker"] == 0)
+        .map(|e| e["step"].as_u64().unwrap())
+        .collect();
+    assert!(victim_steps.len() >= 5, "the victim contributed only {} gradients before it died", victim_steps.len());
+    assert!(
+        victim_steps.iter().all(|&s| s <= killed_after + 1),
+        "the victim contributed after it died: {victim_steps:?}"
+    );
+    assert!(
+        events.iter().any(|e| e["event"] == "worker_left" && e["worker"] == 0),
+        "the killed worker is declared gone"
+    );
     let applied: Vec<&serde_json::Value> = events.iter().filter(|e| e["event"] == "step_applied").collect();
     assert!(applied.iter().any(|e| e["step"].as_u64().unwrap() > killed_after + 50), "the kill was not mid-run");
     for e in &applied {
@@ -333,41 +351,6 @@ impl Relay {
     }
 }
 
-/// Signals on the worker's gradient for `step`: the relay is armed just before that push.
-#[derive(Clone)]
-struct ArmAt {
-    inner: LeastSquares,
-    step: u64,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl GradientSource for ArmAt {
-    fn layout(&self) -> &quorum_core::ParamLayout {
-        self.inner.layout()
-    }
-    fn init_params(&self, seed: u64) -> Vec<f32> {
-        self.inner.init_params(seed)
-    }
-    fn batch_size(&self) -> usize {
-        self.inner.batch_size()
-    }
-    fn gradient(
-        &mut self,
-        params: &[f32],
-        batch: quorum_compute::BatchId,
-        out: &mut Vec<f32>,
-    ) -> Result<f32, quorum_compute::ComputeError> {
-        if batch.step == self.step && !self.cut.load(std::sync::atomic::Ordering::SeqCst) {
-            self.step = u64::MAX;
-            self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-        self.inner.gradient(params, batch, out)
-    }
-    fn evaluate(&mut self, params: &[f32]) -> Result<quorum_compute::Evaluation, quorum_compute::ComputeError> {
-        self.inner.evaluate(params)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_whose_reply_was_lost_is_sent_again_and_answered_already_accepted() {
     // N = 2 of 2: the step cannot close while worker 1 is slow, so worker 0's second push
@@ -380,7 +363,14 @@ async fn a_push_whose_reply_was_lost_is_sent_again_and_answered_already_accepted
     let relay = Relay::start(addr).await;
     let mut wo = WorkerOptions::new(0, format!("http://{}", relay.addr));
     wo.connect_timeout = Duration::from_secs(10);
-    let cutter = ArmAt { inner: src.clone(), step: 3, cut: relay.cut.clone() };
+    // Armed once, as the gradient of step 3 is computed: that push's answer is lost.
+    let (cut, armed) = (relay.cut.clone(), std::sync::atomic::AtomicBool::new(false));
+    let cutter = Hooked::new(&src, move |batch| {
+        use std::sync::atomic::Ordering::SeqCst;
+        if batch.step == 3 && !armed.swap(true, SeqCst) {
+            cut.store(true, SeqCst);
+        }
+    });
     let w0 = tokio::spawn(run_worker(wo, Box::new(cutter) as Box<dyn GradientSource + Send>));
     let mut wo = WorkerOptions::new(1, format!("http://{addr}"));
     wo.delay = Some("const:0.4".parse::<quorum_sim::DelayModel>().unwrap().sampler().unwrap());
@@ -721,37 +711,6 @@ async fn any_grpc_client_can_push_and_the_push_route_checks_the_token_and_the_sh
     assert_eq!((summary.steps, summary.accepted), (1, 1));
 }
 
-/// A gradient source whose code panics at `step`.
-#[derive(Clone)]
-struct PanicsAt {
-    inner: LeastSquares,
-    step: u64,
-}
-
-impl GradientSource for PanicsAt {
-    fn layout(&self) -> &quorum_core::ParamLayout {
-        self.inner.layout()
-    }
-    fn init_params(&self, seed: u64) -> Vec<f32> {
-        self.inner.init_params(seed)
-    }
-    fn batch_size(&self) -> usize {
-        self.inner.batch_size()
-    }
-    fn gradient(
-        &mut self,
-        params: &[f32],
-        batch: quorum_compute::BatchId,
-        out: &mut Vec<f32>,
-    ) -> Result<f32, quorum_compute::ComputeError> {
-        assert!(batch.step < self.step, "index out of bounds in the user's model");
-        self.inner.gradient(params, batch, out)
-    }
-    fn evaluate(&mut self, params: &[f32]) -> Result<quorum_compute::Evaluation, quorum_compute::ComputeError> {
-        self.inner.evaluate(params)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_in_gradient_code_is_an_error_naming_the_worker_and_the_server_is_told_it_left() {
     let dir = tempfile::tempdir().unwrap();
@@ -759,7 +718,7 @@ async fn a_panic_in_gradient_code_is_an_error_naming_the_worker_and_the_server_i
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
-    let broken = PanicsAt { inner: src.clone(), step: 1 };
+    let broken = Hooked::new(&src, |batch| assert!(batch.step < 1, "index out of bounds in the user's model"));
     let others: Vec<_> = (0..2).map(|i| worker(i, addr, &src)).collect();
     let mut wo = WorkerOptions::new(2, format!("http://{addr}"));
     wo.connect_timeout = Duration::from_secs(5);

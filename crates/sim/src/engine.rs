@@ -82,6 +82,13 @@ enum SimEvent {
     },
 }
 
+impl SimEvent {
+    /// Heartbeats and time-outs: events that by themselves move no training forward.
+    fn is_quiet(&self) -> bool {
+        matches!(self, SimEvent::Beat { .. } | SimEvent::Tick | SimEvent::ToServer { msg: ToServer::Heartbeat, .. })
+    }
+}
+
 struct SimWorker {
     sm: Worker,
     /// Newest parameters received.
@@ -252,17 +259,10 @@ impl Engine<'_> {
             + liveness.stall_timeout.unwrap_or_default()
             + Duration::from_secs(60);
         let mut last_news = Duration::ZERO;
-        enum Kind {
-            Quiet,
-            News,
-        }
         while let Some((now, ev)) = self.queue.pop() {
-            let ev_kind = match ev {
-                SimEvent::Beat { .. } | SimEvent::Tick | SimEvent::ToServer { msg: ToServer::Heartbeat, .. } => {
-                    Kind::Quiet
-                }
-                _ => Kind::News,
-            };
+            if !ev.is_quiet() {
+                last_news = now;
+            }
             if instant.0 == now {
                 instant.1 += 1;
                 if instant.1 > EVENTS_AT_ONE_INSTANT {
@@ -312,12 +312,7 @@ impl Engine<'_> {
                 }
                 SimEvent::ToServer { from, session, msg } => {
                     let (is_join, is_beat) = (matches!(msg, ToServer::Join { .. }), matches!(msg, ToServer::Heartbeat));
-                    let handled = match msg {
-                        ToServer::Join { .. } => self.server.handle(now, from, msg),
-                        msg => {
-                            self.server.check_session(from, session).and_then(|()| self.server.handle(now, from, msg))
-                        }
-                    };
+                    let handled = self.server.handle_from(now, from, session, msg);
                     if is_join && handled.is_ok() && self.workers[from.index()].session(from) == session {
                         self.workers[from.index()].joined = true;
                     }
@@ -388,19 +383,12 @@ impl Engine<'_> {
                 break;
             }
             // Nothing but heartbeats and time-outs for longer than any time-out could take to
-            // end the run: a real server would wait forever.
-            if !matches!(ev_kind, Kind::Quiet) {
-                last_news = now;
-            }
-            let nothing_left = self.queue.all(|e| {
-                matches!(
-                    e,
-                    SimEvent::Beat { .. } | SimEvent::Tick | SimEvent::ToServer { msg: ToServer::Heartbeat, .. }
-                )
-            });
+            // end the run, and nothing else to come: a real server would wait forever. (The
+            // scan of the queue runs only once the cheap tests say so.)
             if !self.cfg.faults.is_empty()
+                && now > last_news + quiet_limit
                 && !self.server.is_stopped()
-                && (nothing_left && now > last_news + quiet_limit)
+                && self.queue.all(SimEvent::is_quiet)
             {
                 return Err(SimError::Hang { at: now.as_secs_f64(), step: self.server.step() });
             }

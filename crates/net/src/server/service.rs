@@ -1,0 +1,473 @@
+//! The gRPC side: handlers that only translate wire messages into commands for the loop,
+//! push reassembly into kept buffers, and the routes that serve pushes and pulls without
+//! codec copies.
+
+use crate::proto::parameter_server_server::{ParameterServer, ParameterServerServer};
+use crate::proto::*;
+use crate::wire::{Assembler, Encoding, CHUNK_VALUES};
+use quorum_core::{DropReason, Event, ProtocolError, ToServer, WorkerId};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::Stream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Response, Status, Streaming};
+
+#[derive(Clone)]
+pub(super) struct Published {
+    pub(super) step: u64,
+    /// The pull's response body: the parameters encoded in wire chunks, each behind its
+    /// message prefix ([`crate::raw::chunk_frames`]); built once per step, shared by every pull.
+    pub(super) frames: Arc<Vec<bytes::Bytes>>,
+    pub(super) stop: bool,
+}
+
+impl Published {
+    pub(super) fn new(step: u64, params: &[f32], enc: Encoding, stop: bool) -> Self {
+        let chunks = enc.encode_chunks(params.to_vec());
+        let mut frames = Vec::with_capacity(2 * chunks.len());
+        for (i, data) in chunks.into_iter().enumerate() {
+            let fields = ParamsChunk {
+                step,
+                offset: (i * CHUNK_VALUES) as u64,
+                total: params.len() as u64,
+                data: Default::default(),
+                stop: false,
+                bf16: enc == Encoding::Bf16,
+            };
+            frames.extend(crate::raw::chunk_frames(&fields, crate::raw::PARAMS_DATA, data));
+        }
+        Published { step, frames: Arc::new(frames), stop }
+    }
+
+    pub(super) fn stopped(step: u64) -> Self {
+        let chunk = ParamsChunk { step, offset: 0, total: 0, data: Default::default(), stop: true, bf16: false };
+        Published { step, frames: Arc::new(vec![crate::raw::message_frame(&chunk)]), stop: true }
+    }
+}
+
+pub(super) type Reply = oneshot::Sender<Result<Vec<Event>, ProtocolError>>;
+
+/// The answer to a push, with the receive buffer handed back for the next push.
+pub(super) type PushAnswer = oneshot::Sender<(Result<Vec<Event>, ProtocolError>, Vec<f32>)>;
+
+/// Seconds a worker reports with a gradient: computing it, and moving bytes for it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Timing {
+    pub(super) compute: f64,
+    pub(super) transfer: f64,
+}
+
+pub(super) enum Command {
+    /// `session`: the sender's session, checked before anything but a join.
+    Message {
+        worker: WorkerId,
+        session: u64,
+        msg: ToServer,
+        reply: Reply,
+    },
+    Push {
+        worker: WorkerId,
+        session: u64,
+        step: u64,
+        gradient: Vec<f32>,
+        loss: Option<f32>,
+        timing: Timing,
+        reply: PushAnswer,
+    },
+    StopSeen(WorkerId),
+}
+
+/// Where the loop sends a command's result.
+pub(super) enum Answer {
+    Message(Reply),
+    Push(PushAnswer, Vec<f32>),
+}
+
+impl Answer {
+    pub(super) fn send(self, r: Result<Vec<Event>, ProtocolError>) {
+        // A requester that went away needs no answer.
+        match self {
+            Answer::Message(tx) => drop(tx.send(r)),
+            Answer::Push(tx, buffer) => drop(tx.send((r, buffer))),
+        }
+    }
+}
+
+/// Receive buffers for pushed gradients, and a bound on how many pushes are reassembled at
+/// once: gradients in flight cost the server `permits` model-sized buffers however many
+/// workers there are (a push waiting for a permit holds only its HTTP/2 stream window).
+/// Kept buffers are reused, so a push neither allocates nor page-faults a fresh one.
+pub(super) struct GradientBuffers {
+    pub(super) free: std::sync::Mutex<Vec<Vec<f32>>>,
+    pub(super) permits: tokio::sync::Semaphore,
+}
+
+impl GradientBuffers {
+    pub(super) fn new(permits: usize) -> Self {
+        GradientBuffers { free: Default::default(), permits: tokio::sync::Semaphore::new(permits) }
+    }
+
+    pub(super) fn take(&self) -> Vec<f32> {
+        self.free.lock().expect("buffer pool lock").pop().unwrap_or_default()
+    }
+
+    pub(super) fn give_back(&self, buffer: Vec<f32>) {
+        self.free.lock().expect("buffer pool lock").push(buffer);
+    }
+}
+
+/// Pushes reassembled at once: enough to keep every core decoding, few enough that memory
+/// does not grow with the number of workers.
+pub(super) fn push_permits() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8)
+}
+
+/// The next chunk of a push (its fields and data pieces), waiting at most `idle` for it: a
+/// worker frozen mid-push must not keep its receive buffer (and permit) forever.
+pub(super) async fn next_chunk(
+    push: &mut crate::raw::Messages<tonic::body::Body>,
+    idle: Duration,
+) -> Result<Option<(GradientChunk, crate::raw::Segments)>, Status> {
+    match tokio::time::timeout(idle, push.next_chunk(crate::raw::GRADIENT_DATA)).await {
+        Ok(chunk) => chunk,
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "no chunk of the pushed gradient for {:.0} s: push abandoned",
+            idle.as_secs_f64()
+        ))),
+    }
+}
+
+pub(super) struct Service {
+    pub(super) commands: mpsc::Sender<Command>,
+    pub(super) published: watch::Receiver<Published>,
+    pub(super) num_params: usize,
+    pub(super) workers: u32,
+    pub(super) encoding: Encoding,
+    pub(super) buffers: Arc<GradientBuffers>,
+    /// A push whose next chunk takes longer than this is abandoned.
+    pub(super) chunk_timeout: Duration,
+    /// Whether workers should check for, and report empty, gradients whose step has closed.
+    pub(super) late_notices: bool,
+    /// The heartbeat interval workers are told (a quarter of the worker time-out).
+    pub(super) heartbeat: Option<Duration>,
+}
+
+pub(super) fn status(e: ProtocolError) -> Status {
+    match e {
+        // A worker that is not joined here, or ahead of this server's step, is talking to a
+        // restarted server (its channel reconnected on its own): "aborted" makes it join again.
+        ProtocolError::NotJoined { .. } | ProtocolError::FutureStep { .. } => {
+            Status::aborted(format!("{e} (the server may have restarted: join again)"))
+        }
+        ProtocolError::UnknownWorker { .. } => Status::failed_precondition(e.to_string()),
+        // The index is held by a live process: a restarted worker waits for it to time out.
+        ProtocolError::IndexInUse { .. } => Status::already_exists(e.to_string()),
+        ProtocolError::WrongSession { .. } => Status::permission_denied(e.to_string()),
+        _ => Status::invalid_argument(e.to_string()),
+    }
+}
+
+pub(super) fn shutting_down<T>(_: T) -> Status {
+    Status::unavailable("the parameter server is shutting down")
+}
+
+impl Service {
+    pub(super) async fn send(
+        &self,
+        worker: WorkerId,
+        session: u64,
+        msg: ToServer,
+    ) -> Result<Result<Vec<Event>, ProtocolError>, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.commands.send(Command::Message { worker, session, msg, reply }).await.map_err(shutting_down)?;
+        rx.await.map_err(shutting_down)
+    }
+
+    /// Reassembles a pushed gradient into a kept buffer (waiting for a permit) and hands it
+    /// to the loop; the buffer comes back with the answer.
+    pub(super) async fn receive_push(
+        &self,
+        body: tonic::body::Body,
+    ) -> Result<(GradientChunk, Result<Vec<Event>, ProtocolError>), Status> {
+        let idle = self.chunk_timeout;
+        // Wait for a permit before reading anything, so a waiting push holds no more than its
+        // HTTP/2 stream window.
+        let _permit = self.buffers.permits.acquire().await.map_err(shutting_down)?;
+        let mut push = crate::raw::Messages::new(body, tonic::Code::InvalidArgument);
+        let mut next = next_chunk(&mut push, idle).await?;
+        let first_at = Instant::now();
+        let mut asm = PushAssembler::with_buffer(self.num_params, self.buffers.take());
+        while let Some((chunk, data)) = next {
+            asm.add(chunk, &data).map_err(Status::invalid_argument)?;
+            next = next_chunk(&mut push, idle).await?;
+        }
+        let (head, gradient) = asm.finish().map_err(Status::invalid_argument)?;
+        let timing =
+            Timing { compute: head.compute_seconds, transfer: head.pull_seconds + first_at.elapsed().as_secs_f64() };
+        let loss = (!head.loss.is_nan()).then_some(head.loss);
+        let (reply, rx) = oneshot::channel();
+        let push = Command::Push {
+            worker: WorkerId(head.worker),
+            session: head.session,
+            step: head.step,
+            gradient,
+            loss,
+            timing,
+            reply,
+        };
+        let answer = match self.commands.send(push).await {
+            Ok(()) => rx.await.ok(),
+            Err(_) => None,
+        };
+        let Some((result, buffer)) = answer else {
+            // The loop has ended. After a stop that is an answer ("stop"), not a broken link:
+            // the worker may have heard "stop" through its next pull while this push was on the way.
+            if self.published.borrow().stop {
+                return Ok((head, Err(ProtocolError::Stopped)));
+            }
+            return Err(shutting_down(()));
+        };
+        self.buffers.give_back(buffer);
+        Ok((head, result))
+    }
+}
+
+impl Service {
+    /// `ParameterServer.Pull`: waits for parameters of at least the asked step, then streams
+    /// the step's shared pieces ([`Published::frames`]), not copied per worker.
+    pub(super) async fn pull_http(&self, body: tonic::body::Body) -> Result<Vec<bytes::Bytes>, Status> {
+        let r: PullRequest = crate::raw::read_request(body, self.chunk_timeout).await?;
+        let mut rx = self.published.clone();
+        let p = loop {
+            let p = rx.borrow_and_update().clone();
+            if p.stop || p.step >= r.min_step {
+                break p;
+            }
+            rx.changed().await.map_err(shutting_down)?;
+        };
+        if p.stop {
+            let _ = self.commands.send(Command::StopSeen(WorkerId(r.worker))).await;
+        }
+        Ok(p.frames.to_vec())
+    }
+
+    /// `ParameterServer.Push`, read from the HTTP/2 body without tonic's codec copies
+    /// ([`crate::raw`]); same messages, same statuses.
+    pub(super) async fn push_http(&self, body: tonic::body::Body) -> Result<PushReply, Status> {
+        let (head, result) = self.receive_push(body).await?;
+        let (worker, step) = (head.worker, head.step);
+        let events = match result {
+            Ok(ev) => ev,
+            Err(ProtocolError::Stopped) => {
+                let _ = self.commands.send(Command::StopSeen(WorkerId(worker))).await;
+                return Ok(PushReply { outcome: "stopped".into(), step, stop: true });
+            }
+            Err(e) => return Err(status(e)),
+        };
+        let outcome = events
+            .iter()
+            .find_map(|e| match e {
+                Event::GradientAccepted { worker: w, .. } if w.0 == worker => Some("accepted"),
+                Event::GradientRepeated { worker: w, .. } if w.0 == worker => Some("already_accepted"),
+                Event::GradientDropped { worker: w, reason, .. } if w.0 == worker => Some(match reason {
+                    DropReason::Late => "late",
+                    DropReason::TooStale { .. } => "too_stale",
+                }),
+                _ => None,
+            })
+            .unwrap_or("accepted");
+        let p = self.published.borrow().clone();
+        if p.stop {
+            let _ = self.commands.send(Command::StopSeen(WorkerId(worker))).await;
+        }
+        Ok(PushReply { outcome: outcome.into(), step: p.step, stop: p.stop })
+    }
+}
+
+/// The gRPC service as served: `Push` and `Pull` by [`Service::push_http`] and
+/// [`Service::pull_http`] (no codec copies, [`crate::raw`]), `Join` and `Heartbeat` by
+/// tonic's generated server; the token checked on all of them.
+#[derive(Clone)]
+pub(super) struct Routes {
+    pub(super) generated: InterceptedService<ParameterServerServer<Service>, crate::auth::CheckToken>,
+    pub(super) service: Arc<Service>,
+    pub(super) token: crate::auth::CheckToken,
+}
+
+impl tonic::server::NamedService for Routes {
+    const NAME: &'static str = <ParameterServerServer<Service> as tonic::server::NamedService>::NAME;
+}
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Routes {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        tonic::codegen::Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.generated, cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let pull = match req.uri().path() {
+            crate::raw::PULL_PATH => true,
+            crate::raw::PUSH_PATH => false,
+            _ => {
+                let answer = self.generated.call(req);
+                return Box::pin(async move { answer.await.map(|r| r.map(tonic::body::Body::new)) });
+            }
+        };
+        use tonic::service::Interceptor;
+        let auth = Request::from_parts(
+            tonic::metadata::MetadataMap::from_headers(req.headers().clone()),
+            Default::default(),
+            (),
+        );
+        if let Err(s) = self.token.call(auth) {
+            return Box::pin(std::future::ready(Ok(s.into_http())));
+        }
+        let service = self.service.clone();
+        Box::pin(async move {
+            let answer = if pull {
+                service.pull_http(req.into_body()).await
+            } else {
+                service.push_http(req.into_body()).await.map(|reply| vec![crate::raw::message_frame(&reply)])
+            };
+            Ok(match answer {
+                Ok(pieces) => crate::raw::response(pieces),
+                Err(s) => s.into_http(),
+            })
+        })
+    }
+}
+
+pub(super) type ChunkStream = Pin<Box<dyn Stream<Item = Result<ParamsChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ParameterServer for Service {
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
+        let r = req.into_inner();
+        if r.num_params as usize != self.num_params {
+            return Err(Status::failed_precondition(format!(
+                "worker {} has a model of {} parameters but the server's has {}; start every process with the same model config",
+                r.worker, r.num_params, self.num_params
+            )));
+        }
+        match self.send(WorkerId(r.worker), r.session, ToServer::Join { session: r.session }).await? {
+            Ok(_) | Err(ProtocolError::Stopped) => {}
+            Err(e) => return Err(status(e)),
+        }
+        let p = self.published.borrow().clone();
+        Ok(Response::new(JoinReply {
+            step: p.step,
+            num_params: self.num_params as u64,
+            workers: self.workers,
+            stop: p.stop,
+            bf16: self.encoding == Encoding::Bf16,
+            late_notices: self.late_notices,
+            heartbeat_ms: self.heartbeat.map_or(0, |d| d.as_millis().max(1) as u64),
+        }))
+    }
+
+    type PullStream = ChunkStream;
+
+    async fn pull(&self, _: Request<PullRequest>) -> Result<Response<ChunkStream>, Status> {
+        // `Routes` answers every request for this path itself (see `Service::pull_http`).
+        Err(Status::internal("pulls are answered by the server's own Pull route"))
+    }
+
+    async fn push(&self, _: Request<Streaming<GradientChunk>>) -> Result<Response<PushReply>, Status> {
+        // `Routes` answers every request for this path itself (see `Service::push_http`).
+        Err(Status::internal("pushes are received by the server's own Push route"))
+    }
+
+    async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<LeaveReply>, Status> {
+        let r = req.into_inner();
+        match self.send(WorkerId(r.worker), r.session, ToServer::Leave).await? {
+            Ok(_) => eprintln!("worker {} left: {}", WorkerId(r.worker), r.reason),
+            Err(ProtocolError::Stopped) => {}
+            Err(e) => return Err(status(e)),
+        }
+        Ok(Response::new(LeaveReply {}))
+    }
+
+    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
+        let HeartbeatRequest { worker: w, session } = req.into_inner();
+        match self.send(WorkerId(w), session, ToServer::Heartbeat).await? {
+            Ok(_) | Err(ProtocolError::Stopped) => {}
+            Err(e) => return Err(status(e)),
+        }
+        let p = self.published.borrow().clone();
+        if p.stop {
+            let _ = self.commands.send(Command::StopSeen(WorkerId(w))).await;
+        }
+        Ok(Response::new(HeartbeatReply { step: p.step, stop: p.stop }))
+    }
+}
+
+/// Reassembles one pushed gradient from its stream of chunks, checking everything a
+/// worker could get wrong (offsets, totals, lengths, mixed senders) before anything reaches
+/// the protocol loop. Synchronous and free of I/O, so the fuzz target drives exactly this.
+#[derive(Debug)]
+pub struct PushAssembler {
+    pub(super) asm: Assembler,
+    pub(super) head: Option<GradientChunk>,
+    pub(super) num_params: usize,
+}
+
+impl PushAssembler {
+    /// For a model of `num_params` parameters.
+    pub fn new(num_params: usize) -> Self {
+        Self::with_buffer(num_params, Vec::new())
+    }
+
+    /// Reassembles into `buffer` (its capacity reused).
+    pub fn with_buffer(num_params: usize, buffer: Vec<f32>) -> Self {
+        PushAssembler { asm: Assembler::with_buffer(buffer), head: None, num_params }
+    }
+
+    /// Adds the next chunk: its fields (as [`crate::raw::parse_gradient_chunk`] gives them,
+    /// `data` empty) and its data bytes, in the pieces they arrived in.
+    pub fn add(&mut self, c: GradientChunk, data: &crate::raw::Segments) -> Result<(), String> {
+        let worker = c.worker;
+        let malformed = |e: String| format!("malformed gradient from worker {worker}: {e}");
+        let parts: Vec<&[u8]> = data.parts().collect();
+        let enc = Encoding::from_flag(c.bf16);
+        self.asm.push_parts(c.offset, c.total, &parts, enc, self.num_params).map_err(malformed)?;
+        match &self.head {
+            None => self.head = Some(GradientChunk { data: bytes::Bytes::new(), ..c }),
+            Some(h) if h.worker != c.worker || h.step != c.step => {
+                return Err(malformed(format!(
+                    "the stream mixes worker/step ({}, {}) and ({}, {})",
+                    h.worker, h.step, c.worker, c.step
+                )));
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
+    /// The first chunk (worker, step, loss, timings; without data) and the gradient.
+    pub fn finish(self) -> Result<(GradientChunk, Vec<f32>), String> {
+        let head = self.head.ok_or_else(|| "empty gradient stream".to_string())?;
+        let worker = head.worker;
+        let gradient = self.asm.finish().map_err(|e| format!("malformed gradient from worker {worker}: {e}"))?;
+        Ok((head, gradient))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_talking_to_a_restarted_server_is_told_to_join_again_not_refused() {
+        let w = WorkerId(1);
+        assert_eq!(status(ProtocolError::NotJoined { worker: w }).code(), tonic::Code::Aborted);
+        assert_eq!(status(ProtocolError::FutureStep { worker: w, step: 9, current: 3 }).code(), tonic::Code::Aborted);
+        // A worker index the server does not have is a configuration error: refused.
+        let unknown = ProtocolError::UnknownWorker { worker: WorkerId(7), workers: 2 };
+        assert_eq!(status(unknown).code(), tonic::Code::FailedPrecondition);
+    }
+}
