@@ -74,6 +74,7 @@ pub async fn run_server(
             quorum_core::Policy::Async { .. } | quorum_core::Policy::Sync { backups: 0, .. }
         ),
         heartbeat: opts.config.liveness.worker_timeout.map(|t| t / 4),
+        certificates_name_workers: opts.tls.ca.is_some(),
     };
     let service = Arc::new(service);
     let token = crate::auth::CheckToken(opts.token.clone());

@@ -5,7 +5,10 @@
 //!   certificate for mutual TLS);
 //! - `ca`: the authority that signed the *other* side. On a worker it is what the server's
 //!   certificate must chain to; on the server, setting it turns on mutual TLS: every worker
-//!   must present a certificate signed by it, or the handshake fails before any RPC.
+//!   must present a certificate signed by it, or the handshake fails before any RPC, and
+//!   that certificate must name the worker index it joins as: a DNS name `worker-K` among
+//!   its subject alternative names ([`names_worker`]), so one worker's certificate cannot
+//!   join as another.
 
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -101,6 +104,20 @@ impl TlsFiles {
         }
         Ok(Some(cfg))
     }
+}
+
+/// The DNS name a client certificate must carry to join as worker `index` under mutual TLS.
+pub fn worker_name(index: u32) -> String {
+    format!("worker-{index}")
+}
+
+/// Whether the (DER) certificate names worker `index` ([`worker_name`] among its subject
+/// alternative names). The chain was already verified during the handshake.
+pub fn names_worker(cert: &[u8], index: u32) -> bool {
+    let der = rustls_pki_types::CertificateDer::from(cert);
+    let Ok(cert) = webpki::EndEntityCert::try_from(&der) else { return false };
+    let Ok(name) = rustls_pki_types::ServerName::try_from(worker_name(index)) else { return false };
+    cert.verify_is_valid_for_subject_name(&name).is_ok()
 }
 
 #[cfg(test)]

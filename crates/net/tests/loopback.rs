@@ -520,8 +520,9 @@ async fn workers_without_the_right_join_token_are_refused_and_nothing_is_applied
     assert_eq!(server.await.unwrap().unwrap().steps, 5);
 }
 
-/// PEM files of a throw-away PKI: a CA, a server certificate for 127.0.0.1 and a client
-/// certificate signed by it, and a client certificate from another CA.
+/// PEM files of a throw-away PKI: a CA, a server certificate for 127.0.0.1, client
+/// certificates signed by it (one naming no worker, one for worker-0, one for worker-1),
+/// and a client certificate from another CA.
 struct Pki {
     dir: tempfile::TempDir,
 }
@@ -551,6 +552,8 @@ impl Pki {
         for (name, (cert, key)) in [
             ("server", leaf(vec!["127.0.0.1".into(), "localhost".into()], ExtendedKeyUsagePurpose::ServerAuth, &good)),
             ("client", leaf(vec!["worker".into()], ExtendedKeyUsagePurpose::ClientAuth, &good)),
+            ("worker0", leaf(vec!["worker-0".into()], ExtendedKeyUsagePurpose::ClientAuth, &good)),
+            ("worker1", leaf(vec!["worker-1".into()], ExtendedKeyUsagePurpose::ClientAuth, &good)),
             ("rogue", leaf(vec!["worker".into()], ExtendedKeyUsagePurpose::ClientAuth, &rogue)),
         ] {
             write(&format!("{name}.pem"), cert.pem());
@@ -570,7 +573,7 @@ impl Pki {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mutual_tls_admits_only_workers_with_a_certificate_from_the_servers_ca() {
+async fn mutual_tls_admits_only_workers_with_a_certificate_from_the_servers_ca_naming_their_index() {
     let pki = Pki::new();
     let (mut opts, src) = options(1, Policy::Sync { aggregate: 1, backups: 0 }, 5, None);
     opts.tls = pki.files(Some("server"), Some("ca"));
@@ -592,24 +595,29 @@ async fn mutual_tls_admits_only_workers_with_a_certificate_from_the_servers_ca()
         ("plain text", pki.files(None, None)),
         ("no client certificate", pki.files(None, Some("ca"))),
         ("a certificate from another CA", pki.files(Some("rogue"), Some("ca"))),
-        ("a worker that distrusts the server", pki.files(Some("client"), Some("rogue-ca"))),
+        ("a worker that distrusts the server", pki.files(Some("worker0"), Some("rogue-ca"))),
     ] {
         let err = attempt(tls).await.expect_err(what).to_string();
         eprintln!("{what}: {err}");
         assert!(err.contains("cannot reach the parameter server"), "{what}: {err}");
     }
+    // Certificates from the right CA that do not name worker 0 are refused at the join.
+    for (what, cert) in [("a certificate naming no worker", "client"), ("worker 1's certificate", "worker1")] {
+        let err = attempt(pki.files(Some(cert), Some("ca"))).await.expect_err(what).to_string();
+        assert!(err.contains("does not name worker index 0") && err.contains("worker-0"), "{what}: {err}");
+    }
     stop_tx.send(()).unwrap();
     let summary = server.await.unwrap().unwrap();
     assert_eq!((summary.steps, summary.accepted), (0, 0), "nothing was applied");
 
-    // A worker with a certificate from the server's CA trains.
+    // A worker with its own certificate from the server's CA trains.
     let (mut opts, _) = options(1, Policy::Sync { aggregate: 1, backups: 0 }, 5, None);
     opts.tls = pki.files(Some("server"), Some("ca"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
     let mut wo = WorkerOptions::new(0, format!("http://{addr}"));
-    wo.tls = pki.files(Some("client"), Some("ca"));
+    wo.tls = pki.files(Some("worker0"), Some("ca"));
     run_worker(wo, Box::new(src.clone())).await.unwrap();
     assert_eq!(server.await.unwrap().unwrap().steps, 5);
 }

@@ -150,6 +150,8 @@ pub(super) struct Service {
     pub(super) chunk_timeout: Duration,
     /// Whether workers should check for, and report empty, gradients whose step has closed.
     pub(super) late_notices: bool,
+    /// Mutual TLS: a worker's certificate must name the index it joins as.
+    pub(super) certificates_name_workers: bool,
     /// The heartbeat interval workers are told (a quarter of the worker time-out).
     pub(super) heartbeat: Option<Duration>,
 }
@@ -347,6 +349,17 @@ pub(super) type ChunkStream = Pin<Box<dyn Stream<Item = Result<ParamsChunk, Stat
 #[tonic::async_trait]
 impl ParameterServer for Service {
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinReply>, Status> {
+        if self.certificates_name_workers {
+            let index = req.get_ref().worker;
+            let certs = req.peer_certs();
+            if !certs.as_deref().and_then(|c| c.first()).is_some_and(|c| crate::tls::names_worker(c, index)) {
+                return Err(Status::permission_denied(format!(
+                    "this worker's certificate does not name worker index {index}: under mutual TLS each worker \
+                     needs a certificate of its own with the DNS name {} among its subject alternative names",
+                    crate::tls::worker_name(index)
+                )));
+            }
+        }
         let r = req.into_inner();
         if r.num_params as usize != self.num_params {
             return Err(Status::failed_precondition(format!(
