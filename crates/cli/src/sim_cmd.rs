@@ -141,6 +141,18 @@ pub struct SimArgs {
     #[arg(long)]
     #[serde(default)]
     stop_at_target: bool,
+    /// Seconds of silence after which a worker is declared gone (workers heartbeat every
+    /// quarter of it); default: never.
+    #[arg(long)]
+    worker_timeout: Option<f64>,
+    /// Seconds with fewer than N live workers before the run stops (or N is lowered).
+    #[arg(long)]
+    stall_timeout: Option<f64>,
+    /// A fault to inject (repeatable): crash:W@T, crash:W@T+RESTART, freeze:W@T+SECONDS,
+    /// slow:W@T+SECONDS*FACTOR (worker W at T virtual seconds).
+    #[arg(long = "fault")]
+    #[serde(default)]
+    fault: Vec<String>,
     /// Directory for summary.json, events.jsonl, arrivals.csv, metrics.csv, workers.csv.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -187,7 +199,10 @@ impl SimArgs {
             self, file, model, dataset, data, validation, epochs, optimizer, lr_decay, warmup, ema, clip, eval_every,
             eval_on
         );
-        merge!(self, file, join_ramp, divergence_loss, restarts, target);
+        merge!(self, file, join_ramp, divergence_loss, restarts, target, worker_timeout, stall_timeout);
+        if self.fault.is_empty() {
+            self.fault = std::mem::take(&mut file.fault);
+        }
         self.stop_at_target |= file.stop_at_target;
         self.scale_lr |= file.scale_lr;
         self.timing_only |= file.timing_only;
@@ -227,6 +242,15 @@ impl SimArgs {
         server.schedule.scale_by_aggregate = self.scale_lr;
         server.ema_decay = self.ema;
         server.clip_norm = self.clip;
+        let secs = |v: Option<f64>, what: &str| -> Result<Option<Duration>> {
+            v.map(|v| {
+                Duration::try_from_secs_f64(v)
+                    .with_context(|| format!("--{what} must be a non-negative number of seconds"))
+            })
+            .transpose()
+        };
+        server.liveness.worker_timeout = secs(self.worker_timeout, "worker-timeout")?;
+        server.liveness.stall_timeout = secs(self.stall_timeout, "stall-timeout")?;
         let on_newer = match self.on_newer.as_deref().unwrap_or("abandon") {
             "abandon" => OnNewerParams::Abandon,
             "finish_and_send" => OnNewerParams::FinishAndSend,
@@ -254,7 +278,7 @@ impl SimArgs {
             join_ramp: self.join_ramp.unwrap_or(0.0),
             target: self.target,
             stop_at_target: self.stop_at_target,
-            faults: Vec::new(),
+            faults: self.fault.iter().map(|f| f.parse()).collect::<Result<_, String>>().map_err(anyhow::Error::msg)?,
         };
         if self.stop_at_target && self.target.is_none() {
             bail!("--stop-at-target needs --target ACCURACY (e.g. 0.95)");

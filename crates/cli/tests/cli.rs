@@ -164,3 +164,45 @@ fn the_deadline_policy_finishes_when_its_timeout_passes_with_fewer_than_min_grad
     assert!(applied.iter().all(|e| e["contributors"].as_array().unwrap().len() >= 3));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn sim_injects_the_faults_it_is_given_and_the_run_still_applies_every_step() {
+    let dir = tmp("faults");
+    let out = dir.join("run");
+    let o = quorum(&[
+        "sim",
+        "--workers",
+        "4",
+        "--backups",
+        "1",
+        "--delay",
+        "exp:0.5",
+        "--steps",
+        "100",
+        "--timing-only",
+        "--worker-timeout",
+        "2",
+        "--stall-timeout",
+        "10",
+        "--fault",
+        "crash:1@5+1",
+        "--fault",
+        "freeze:2@8+4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let events: Vec<serde_json::Value> = std::fs::read_to_string(out.join("events.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let left = |w: u64| events.iter().any(|e| e["event"] == "worker_left" && e["worker"] == w);
+    assert!(left(1) && left(2), "the crashed and the frozen worker are declared gone");
+    let applied = events.iter().filter(|e| e["event"] == "step_applied").count();
+    assert_eq!(applied, 100);
+    let bad = quorum(&["sim", "--workers", "2", "--timing-only", "--fault", "melt:1@2"]);
+    assert!(!bad.status.success());
+    assert!(text(&bad).contains("bad fault `melt:1@2`: use crash:W@T"), "{}", text(&bad));
+    let _ = std::fs::remove_dir_all(&dir);
+}

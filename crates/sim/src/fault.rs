@@ -64,6 +64,40 @@ impl Fault {
     }
 }
 
+impl std::str::FromStr for Fault {
+    type Err = String;
+
+    /// `crash:W@T` (dies for good), `crash:W@T+R` (restarts R seconds later),
+    /// `freeze:W@T+S` (SIGSTOP for S seconds), `slow:W@T+S*F` (link F times slower for S
+    /// seconds): worker W, at T virtual seconds.
+    fn from_str(spec: &str) -> Result<Self, String> {
+        let usage = || {
+            format!(
+                "bad fault `{spec}`: use crash:W@T, crash:W@T+RESTART, freeze:W@T+SECONDS or slow:W@T+SECONDS*FACTOR"
+            )
+        };
+        let num = |v: &str| v.trim().parse::<f64>().map_err(|_| usage());
+        let (kind, rest) = spec.split_once(':').ok_or_else(usage)?;
+        let (worker, when) = rest.split_once('@').ok_or_else(usage)?;
+        let worker = worker.trim().parse::<u32>().map_err(|_| usage())?;
+        let (at, after) = match when.split_once('+') {
+            Some((at, after)) => (num(at)?, Some(after)),
+            None => (num(when)?, None),
+        };
+        let kind = match (kind, after) {
+            ("crash", None) => FaultKind::Crash { restart_after: None },
+            ("crash", Some(r)) => FaultKind::Crash { restart_after: Some(num(r)?) },
+            ("freeze", Some(s)) => FaultKind::Freeze { seconds: num(s)? },
+            ("slow", Some(sf)) => {
+                let (s, f) = sf.split_once('*').ok_or_else(usage)?;
+                FaultKind::SlowLink { factor: num(f)?, seconds: num(s)? }
+            }
+            _ => return Err(usage()),
+        };
+        Ok(Fault { at, worker, kind })
+    }
+}
+
 /// The whole-run invariants, read from a run's events: every step applied once, in order,
 /// with as many distinct contributors as the step needed (N, or the lowered N the events
 /// announce; a step that the lowering itself closes keeps every gradient already in), each of which had a gradient accepted for that step. Returns what broke.
@@ -104,4 +138,24 @@ pub fn check_invariants(events: &[Event], aggregate: u32) -> Result<(), String> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_strings_parse_and_bad_ones_say_what_is_expected() {
+        let f: Fault = "crash:3@10+2.5".parse().unwrap();
+        assert_eq!(f, Fault { at: 10.0, worker: 3, kind: FaultKind::Crash { restart_after: Some(2.5) } });
+        assert_eq!("crash:0@1".parse::<Fault>().unwrap().kind, FaultKind::Crash { restart_after: None });
+        assert_eq!("freeze:1@4+6".parse::<Fault>().unwrap().kind, FaultKind::Freeze { seconds: 6.0 });
+        assert_eq!(
+            "slow:2@0+30*10".parse::<Fault>().unwrap().kind,
+            FaultKind::SlowLink { factor: 10.0, seconds: 30.0 }
+        );
+        for bad in ["crash", "freeze:1@4", "slow:1@2+3", "melt:1@2", "crash:x@1"] {
+            assert!(bad.parse::<Fault>().unwrap_err().contains("use crash:W@T"), "{bad}");
+        }
+    }
 }
