@@ -18,6 +18,8 @@ RATE=${RATE:-1gbit}
 DELAY=${DELAY:-5ms}
 OUT=${OUT:-runs/badnet}
 mkdir -p "$OUT"
+# The server listens on a non-loopback address, so it insists on a join token.
+export QUORUM_TOKEN=${QUORUM_TOKEN:-$(head -c 24 /dev/urandom | base64)}
 PS_NS=quorum-ps-$$ W_NS=quorum-w-$$
 cleanup() { ip netns del "$PS_NS" 2>/dev/null || true; ip netns del "$W_NS" 2>/dev/null || true; }
 trap cleanup EXIT
