@@ -162,6 +162,14 @@ async fn a_restarted_server_resumes_from_its_checkpoint_and_workers_reconnect() 
     // First life: stopped by a shutdown signal after a while.
     let (mut opts, src) = options(2, Policy::Sync { aggregate: 2, backups: 0 }, 100_000, None);
     opts.checkpoint = Some(ckpt.clone());
+    // Stopped mid-run: once 25 steps are applied (told by the progress callback, not hoped
+    // for after a sleep).
+    let (progressed, mid_run) = std::sync::mpsc::channel();
+    opts.progress = Some(Box::new(move |p: &quorum_net::server::Progress| {
+        if p.step == 25 {
+            let _ = progressed.send(());
+        }
+    }));
     let (layout, cfg) = (opts.layout.clone(), opts.config.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -170,13 +178,13 @@ async fn a_restarted_server_resumes_from_its_checkpoint_and_workers_reconnect() 
         let _ = stop_rx.await;
     }));
     let workers: Vec<_> = (0..2).map(|i| worker(i, addr, &src)).collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::spawn_blocking(move || mid_run.recv().unwrap()).await.unwrap();
     stop_tx.send(()).unwrap();
 
     let first = server.await.unwrap().unwrap();
 
     assert_eq!(first.stop_reason.as_deref(), Some("interrupted"));
-    assert!(first.steps > 0);
+    assert!(first.steps >= 25);
     for w in workers {
         w.await.unwrap().unwrap();
     }
