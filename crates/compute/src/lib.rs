@@ -5,6 +5,8 @@
 //! MNIST, Fashion-MNIST and CIFAR-10; deterministic batch selection; and a synthetic
 //! least-squares source with a known optimum for fast tests and simulations.
 
+#![deny(missing_docs)]
+
 pub mod batch;
 #[cfg(feature = "models")]
 pub mod classifier;

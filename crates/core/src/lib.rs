@@ -10,6 +10,8 @@
 //! driver carries out. Two drivers use this crate: the deterministic simulator
 //! (`quorum-sim`) and the gRPC server (`quorum-net`).
 
+#![deny(missing_docs)]
+
 pub mod clip;
 pub mod ema;
 pub mod error;

@@ -8,6 +8,8 @@
 //! ([`raw`]).
 //! The server writes checkpoints ([`checkpoint`]) and TensorBoard scalars ([`tensorboard`]).
 
+#![deny(missing_docs)]
+
 pub mod auth;
 pub mod checkpoint;
 pub mod raw;

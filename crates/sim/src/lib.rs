@@ -9,6 +9,8 @@
 //! at the parameters it read, while time stays virtual; without one (timing-only) no
 //! numbers move and thousands of workers simulate in seconds.
 
+#![deny(missing_docs)]
+
 pub mod config;
 pub mod delay;
 pub mod engine;
