@@ -6,14 +6,14 @@
 //!
 //! Input: byte 0 picks the model size (1..=64 parameters), byte 1 how the rest is cut into
 //! HTTP/2 frames; the rest is the push's body as it arrives on the wire (gRPC-framed
-//! `GradientChunk` messages), read as the server reads it (`raw::MessageReader`,
-//! `raw::parse_gradient_chunk`).
+//! `GradientChunk` messages), read as the server reads it (`framing::MessageReader`,
+//! `framing::parse_gradient_chunk`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use bytes::Bytes;
 use quorum_core::{ParamLayout, Policy, Server, ServerConfig, ToServer, WorkerId};
-use quorum_net::raw::{parse_gradient_chunk, MessageReader};
+use quorum_net::framing::{parse_gradient_chunk, MessageReader};
 use quorum_net::server::PushAssembler;
 use std::time::Duration;
 

@@ -469,7 +469,7 @@ impl RunConfig {
         match &self.delay {
             Some(d) => {
                 let m: DelayModel = d.parse().map_err(anyhow::Error::msg).context("delay")?;
-                Ok(Some(m.sampler().map_err(anyhow::Error::msg)?))
+                Ok(Some(m.sampler()?))
             }
             None => Ok(None),
         }

@@ -11,6 +11,7 @@ pub mod batch;
 #[cfg(feature = "models")]
 pub mod classifier;
 pub mod data;
+pub mod delay;
 #[cfg(feature = "models")]
 pub mod model;
 pub mod source;
@@ -20,6 +21,7 @@ pub use batch::BatchPlan;
 #[cfg(feature = "models")]
 pub use classifier::Classifier;
 pub use data::{Dataset, DatasetName};
+pub use delay::{DelayError, DelayModel, DelaySampler};
 #[cfg(feature = "models")]
 pub use model::ModelSpec;
 pub use source::{BatchId, ComputeError, Evaluation, GradientSource};

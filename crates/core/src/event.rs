@@ -114,8 +114,9 @@ pub enum Event {
         /// When.
         time: f64,
     },
-    /// The server lowered the number of gradients per step after a stall (if configured).
-    AggregateLowered {
+    /// The server changed the number of gradients per step: lowered to the live workers
+    /// after a stall (`on_stall = lower_aggregate`), raised back as workers return.
+    AggregateChanged {
         /// Old N.
         from: u32,
         /// New N.
@@ -145,7 +146,7 @@ impl Event {
             | Event::GradientRepeated { time, .. }
             | Event::StepApplied { time, .. }
             | Event::Stalled { time, .. }
-            | Event::AggregateLowered { time, .. }
+            | Event::AggregateChanged { time, .. }
             | Event::Rejected { time, .. } => *time,
         }
     }

@@ -63,6 +63,13 @@ impl Policy {
         }
     }
 
+    /// Whether a step can close without some live worker's gradient, so that workers should
+    /// check whether their step closed while they computed and, if so, send a late notice
+    /// instead of the gradient (sync with backups, deadline; not plain sync, not async).
+    pub fn late_notices(&self) -> bool {
+        !matches!(self, Policy::Async { .. } | Policy::Sync { backups: 0, .. })
+    }
+
     /// Checks the policy against the number of workers in the cluster.
     pub fn validate(&self, workers: u32) -> Result<(), ConfigError> {
         if workers == 0 {

@@ -612,7 +612,7 @@ impl Server {
         // Workers came back after N was lowered: raise it again, as far as they allow.
         if self.aggregate < configured && live > self.aggregate {
             let to = live.min(configured);
-            out.events.push(Event::AggregateLowered { from: self.aggregate, to, time: secs(now) });
+            out.events.push(Event::AggregateChanged { from: self.aggregate, to, time: secs(now) });
             self.aggregate = to;
         }
         let missing = || -> Vec<WorkerId> {
@@ -647,7 +647,7 @@ impl Server {
         }
         match self.cfg.liveness.on_stall {
             OnStall::LowerAggregate if live >= 1 => {
-                out.events.push(Event::AggregateLowered { from: self.aggregate, to: live, time: secs(now) });
+                out.events.push(Event::AggregateChanged { from: self.aggregate, to: live, time: secs(now) });
                 self.aggregate = live;
                 self.stall_since = None;
                 if self.should_close(now) {

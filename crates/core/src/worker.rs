@@ -1,7 +1,17 @@
-//! The worker's state machine: always compute on the newest parameters it has.
+//! The worker's rule, the one both drivers run: the simulator's virtual workers and the
+//! networked worker (`quorum worker`, the Python package) alike.
 //!
-//! The driver tells it when parameters arrive and when a computation finishes; it answers
-//! with [`WorkerAction`]s (start computing on step t, cancel, push the result, discard it).
+//! A worker always computes on the newest parameters it holds. The driver tells it when
+//! parameters arrive ([`Worker::on_params`]), when it hears that the server has moved on
+//! without getting the parameters yet ([`Worker::on_news`]: a heartbeat's reply), and when a
+//! computation finishes ([`Worker::on_computed`]); it answers with [`WorkerAction`]s.
+//!
+//! What happens to a computation that newer parameters have overtaken is
+//! [`OnNewerParams`]. The default, [`OnNewerParams::FinishAndSend`], is what a networked
+//! worker can do: a gradient computation on the CPU or GPU cannot be stopped half-way, so it
+//! finishes, and the overtaken gradient goes to the server as a *late notice* (the step and
+//! the worker, without the values the server would drop unread) when the server accepts
+//! notices, or in full when it does not.
 
 use crate::ids::{Step, WorkerId};
 use serde::{Deserialize, Serialize};
@@ -10,13 +20,42 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnNewerParams {
-    /// Stop computing at once and start on the newer parameters.
-    #[default]
+    /// Stop computing at once and start on the newer parameters. Only the simulator can do
+    /// this (it shows what cancelling a computation half-way would be worth).
     Abandon,
-    /// Finish, push anyway (the server drops it as late: the paper's behaviour), then start anew.
+    /// Finish, report it to the server (a late notice, or the gradient in full: the paper's
+    /// behaviour, the server drops it as late), then start on the newest parameters. What a
+    /// networked worker does.
+    #[default]
     FinishAndSend,
-    /// Finish, throw the result away without sending it, then start anew.
+    /// Finish, throw the result away without telling the server, then start anew.
     FinishAndDiscard,
+}
+
+impl OnNewerParams {
+    /// Every choice, as written in a configuration.
+    pub const NAMES: [&'static str; 3] = ["abandon", "finish_and_send", "finish_and_discard"];
+
+    /// Its configuration name.
+    pub fn name(self) -> &'static str {
+        match self {
+            OnNewerParams::Abandon => Self::NAMES[0],
+            OnNewerParams::FinishAndSend => Self::NAMES[1],
+            OnNewerParams::FinishAndDiscard => Self::NAMES[2],
+        }
+    }
+}
+
+impl std::str::FromStr for OnNewerParams {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "abandon" => Ok(OnNewerParams::Abandon),
+            "finish_and_send" => Ok(OnNewerParams::FinishAndSend),
+            "finish_and_discard" => Ok(OnNewerParams::FinishAndDiscard),
+            other => Err(format!("unknown on_newer {other:?}: expected one of {}", Self::NAMES.join(", "))),
+        }
+    }
 }
 
 /// Something the driver must do for the worker.
@@ -37,10 +76,23 @@ pub enum WorkerAction {
         /// The gradient's tag.
         step: Step,
     },
+    /// Tell the server the gradient of `step` is done but late, without its values (the
+    /// server counts it as dropped, as it would the full gradient, and reads nothing).
+    NotifyLate {
+        /// The overtaken step.
+        step: Step,
+    },
     /// Throw away the finished gradient of `step`.
     Discard {
         /// The overtaken step.
         step: Step,
+    },
+    /// The worker is idle: it needs parameters newer than `step` (a networked worker asks
+    /// for them; the simulated server sends them when the step closes, which is the same
+    /// long-poll in virtual time).
+    AwaitParams {
+        /// The newest step it computed on.
+        after: Step,
     },
 }
 
@@ -49,15 +101,20 @@ pub enum WorkerAction {
 pub struct Worker {
     id: WorkerId,
     on_newer: OnNewerParams,
+    late_notices: bool,
+    /// The newest parameters it holds.
     newest: Option<Step>,
+    /// The newest step it heard of (its parameters or only news of them).
+    heard: Option<Step>,
     computing: Option<Step>,
     stopped: bool,
 }
 
 impl Worker {
-    /// A worker that has no parameters yet.
-    pub fn new(id: WorkerId, on_newer: OnNewerParams) -> Self {
-        Worker { id, on_newer, newest: None, computing: None, stopped: false }
+    /// A worker that has no parameters yet. `late_notices`: the server accepts late notices
+    /// ([`crate::Policy::late_notices`]); without them an overtaken gradient is sent in full.
+    pub fn new(id: WorkerId, on_newer: OnNewerParams, late_notices: bool) -> Self {
+        Worker { id, on_newer, late_notices, newest: None, heard: None, computing: None, stopped: false }
     }
 
     /// Its id.
@@ -70,9 +127,14 @@ impl Worker {
         self.computing
     }
 
-    /// The newest parameters it has seen.
+    /// The newest parameters it has.
     pub fn newest(&self) -> Option<Step> {
         self.newest
+    }
+
+    /// Whether it reports overtaken gradients as late notices.
+    pub fn late_notices(&self) -> bool {
+        self.late_notices
     }
 
     /// Whether it was told to stop.
@@ -86,6 +148,7 @@ impl Worker {
             return Vec::new();
         }
         self.newest = Some(step);
+        self.heard = self.heard.max(Some(step));
         match self.computing {
             None => {
                 self.computing = Some(step);
@@ -99,24 +162,32 @@ impl Worker {
         }
     }
 
+    /// The server is at `step` (a heartbeat's reply), its parameters not fetched yet.
+    pub fn on_news(&mut self, step: Step) {
+        self.heard = self.heard.max(Some(step));
+    }
+
     /// The computation on `step` finished. A result the worker already abandoned is ignored.
     pub fn on_computed(&mut self, step: Step) -> Vec<WorkerAction> {
         if self.stopped || self.computing != Some(step) {
             return Vec::new();
         }
         self.computing = None;
-        let newest = self.newest.unwrap_or(step);
-        let mut actions = Vec::with_capacity(2);
-        if newest == step || self.on_newer == OnNewerParams::FinishAndSend {
-            actions.push(WorkerAction::Push { step });
-        } else {
-            actions.push(WorkerAction::Discard { step });
+        let overtaken = self.heard.is_some_and(|h| h > step);
+        let report = match self.on_newer {
+            _ if !overtaken => WorkerAction::Push { step },
+            OnNewerParams::FinishAndSend if self.late_notices => WorkerAction::NotifyLate { step },
+            OnNewerParams::FinishAndSend => WorkerAction::Push { step },
+            // Abandon gets here only when it heard of, but does not hold, newer parameters.
+            OnNewerParams::FinishAndDiscard | OnNewerParams::Abandon => WorkerAction::Discard { step },
+        };
+        match self.newest {
+            Some(newest) if newest > step => {
+                self.computing = Some(newest);
+                vec![report, WorkerAction::Compute { step: newest }]
+            }
+            _ => vec![WorkerAction::AwaitParams { after: step }, report],
         }
-        if newest > step {
-            self.computing = Some(newest);
-            actions.push(WorkerAction::Compute { step: newest });
-        }
-        actions
     }
 
     /// Training is over.
@@ -133,24 +204,24 @@ mod tests {
 
     #[test]
     fn computes_on_first_params_and_pushes_when_done() {
-        let mut w = Worker::new(WorkerId(0), OnNewerParams::Abandon);
+        let mut w = Worker::new(WorkerId(0), OnNewerParams::Abandon, true);
         assert_eq!(w.on_params(0), vec![Compute { step: 0 }]);
-        assert_eq!(w.on_computed(0), vec![Push { step: 0 }]);
+        assert_eq!(w.on_computed(0), vec![AwaitParams { after: 0 }, Push { step: 0 }]);
         assert_eq!(w.computing(), None);
     }
 
     #[test]
     fn abandon_switches_to_newer_params_at_once_and_ignores_the_old_result() {
-        let mut w = Worker::new(WorkerId(1), OnNewerParams::Abandon);
+        let mut w = Worker::new(WorkerId(1), OnNewerParams::Abandon, true);
         w.on_params(3);
         assert_eq!(w.on_params(4), vec![Cancel { step: 3 }, Compute { step: 4 }]);
         assert_eq!(w.on_computed(3), vec![]);
-        assert_eq!(w.on_computed(4), vec![Push { step: 4 }]);
+        assert_eq!(w.on_computed(4), vec![AwaitParams { after: 4 }, Push { step: 4 }]);
     }
 
     #[test]
-    fn finish_and_send_pushes_the_late_gradient_then_computes_on_the_newest() {
-        let mut w = Worker::new(WorkerId(1), OnNewerParams::FinishAndSend);
+    fn finish_and_send_without_late_notices_pushes_the_late_gradient_then_computes_on_the_newest() {
+        let mut w = Worker::new(WorkerId(1), OnNewerParams::FinishAndSend, false);
         w.on_params(3);
         assert_eq!(w.on_params(4), vec![]);
         assert_eq!(w.on_params(5), vec![]);
@@ -158,8 +229,42 @@ mod tests {
     }
 
     #[test]
+    fn finish_and_send_with_late_notices_sends_a_notice_instead_of_the_overtaken_gradient() {
+        let mut w = Worker::new(WorkerId(1), OnNewerParams::default(), true);
+        w.on_params(3);
+        w.on_params(4);
+        assert_eq!(w.on_computed(3), vec![NotifyLate { step: 3 }, Compute { step: 4 }]);
+        assert_eq!(w.on_computed(4), vec![AwaitParams { after: 4 }, Push { step: 4 }]);
+    }
+
+    #[test]
+    fn news_of_a_closed_step_without_its_parameters_makes_the_result_late_and_the_worker_ask_for_newer() {
+        let mut w = Worker::new(WorkerId(2), OnNewerParams::FinishAndSend, true);
+        w.on_params(3);
+        w.on_news(5);
+        assert_eq!(w.on_computed(3), vec![AwaitParams { after: 3 }, NotifyLate { step: 3 }]);
+        assert_eq!(w.on_params(5), vec![Compute { step: 5 }]);
+    }
+
+    #[test]
+    fn news_of_the_workers_own_step_changes_nothing() {
+        let mut w = Worker::new(WorkerId(2), OnNewerParams::FinishAndSend, true);
+        w.on_params(3);
+        w.on_news(3);
+        assert_eq!(w.on_computed(3), vec![AwaitParams { after: 3 }, Push { step: 3 }]);
+    }
+
+    #[test]
+    fn on_newer_names_read_back() {
+        for name in OnNewerParams::NAMES {
+            assert_eq!(name.parse::<OnNewerParams>().unwrap().name(), name);
+        }
+        assert!("abandn".parse::<OnNewerParams>().unwrap_err().contains("finish_and_send"));
+    }
+
+    #[test]
     fn finish_and_discard_never_sends_an_overtaken_gradient() {
-        let mut w = Worker::new(WorkerId(1), OnNewerParams::FinishAndDiscard);
+        let mut w = Worker::new(WorkerId(1), OnNewerParams::FinishAndDiscard, true);
         w.on_params(3);
         w.on_params(4);
         assert_eq!(w.on_computed(3), vec![Discard { step: 3 }, Compute { step: 4 }]);
@@ -167,7 +272,7 @@ mod tests {
 
     #[test]
     fn old_or_repeated_params_are_ignored() {
-        let mut w = Worker::new(WorkerId(0), OnNewerParams::Abandon);
+        let mut w = Worker::new(WorkerId(0), OnNewerParams::Abandon, true);
         w.on_params(5);
         assert_eq!(w.on_params(5), vec![]);
         assert_eq!(w.on_params(2), vec![]);
@@ -175,7 +280,7 @@ mod tests {
 
     #[test]
     fn stop_cancels_the_running_computation() {
-        let mut w = Worker::new(WorkerId(0), OnNewerParams::Abandon);
+        let mut w = Worker::new(WorkerId(0), OnNewerParams::Abandon, true);
         w.on_params(0);
         assert_eq!(w.on_stop(), vec![Cancel { step: 0 }]);
         assert_eq!(w.on_params(1), vec![]);

@@ -3,7 +3,7 @@
 //!
 //! gRPC: a real parameter server (the crate's `run_server`); one client joins and pushes a
 //! 10M-parameter f32 gradient (40 MB) in the worker's chunking, through HTTP/2 with the
-//! server's window settings: `grpc` as the worker sends it (`quorum_net::raw::push`, the
+//! server's window settings: `grpc` as the worker sends it (`quorum_net::framing::push`, the
 //! gradient's bytes not copied), `grpc_generated_client` through tonic's generated client
 //! (which copies each message into its encode buffer), to the same server. Each push is for a step the client already contributed to, so
 //! the server reassembles and checks it in full and then refuses it as a duplicate — the
@@ -13,9 +13,9 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use quorum_core::{ParamLayout, Policy, ServerConfig};
+use quorum_net::encoding::Encoding;
 use quorum_net::proto::parameter_server_client::ParameterServerClient;
 use quorum_net::proto::{GradientChunk, JoinRequest};
-use quorum_net::wire::Encoding;
 use quorum_net::{run_server, ServerOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -39,9 +39,9 @@ fn transport(c: &mut Criterion) {
         tokio::spawn(run_server(listener, opts, std::future::pending()));
         let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .unwrap()
-            .initial_stream_window_size(quorum_net::wire::STREAM_WINDOW)
-            .initial_connection_window_size(quorum_net::wire::CONNECTION_WINDOW)
-            .max_frame_size(quorum_net::wire::FRAME)
+            .initial_stream_window_size(quorum_net::framing::STREAM_WINDOW)
+            .initial_connection_window_size(quorum_net::framing::CONNECTION_WINDOW)
+            .max_frame_size(quorum_net::framing::FRAME)
             .connect()
             .await
             .unwrap();
@@ -55,17 +55,21 @@ fn transport(c: &mut Criterion) {
     let head =
         GradientChunk { worker: 0, step: 0, total: PARAMS as u64, loss: f32::NAN, session: 1, ..Default::default() };
     let data = Encoding::F32.encode_chunks(grad.clone());
-    let frames = quorum_net::raw::push_frames(&head, data.clone());
+    let frames = quorum_net::framing::push_frames(&head, data.clone());
     let messages: Vec<GradientChunk> = data
         .into_iter()
         .enumerate()
-        .map(|(i, data)| GradientChunk { offset: (i * quorum_net::wire::CHUNK_VALUES) as u64, data, ..head.clone() })
+        .map(|(i, data)| GradientChunk {
+            offset: (i * quorum_net::encoding::CHUNK_VALUES) as u64,
+            data,
+            ..head.clone()
+        })
         .collect();
     // The first push is accepted (the step waits for a second worker); later ones are duplicates.
-    rt.block_on(quorum_net::raw::push(&mut channel, frames.clone())).unwrap();
+    rt.block_on(quorum_net::framing::push(&mut channel, frames.clone())).unwrap();
     g.bench_function("grpc", |b| {
         b.iter(|| {
-            let r = rt.block_on(quorum_net::raw::push(&mut channel, frames.clone()));
+            let r = rt.block_on(quorum_net::framing::push(&mut channel, frames.clone()));
             assert!(r.is_err_and(|s| s.message().contains("second gradient")));
         })
     });

@@ -6,9 +6,9 @@
 //!
 //! Usage: cargo run --release -p quorum-net --example fake_workers -- ADDR WORKERS PARAMS
 
+use quorum_net::encoding::Encoding;
 use quorum_net::proto::parameter_server_client::ParameterServerClient;
 use quorum_net::proto::{GradientChunk, JoinRequest, ParamsChunk, PullRequest};
-use quorum_net::wire::Encoding;
 
 #[tokio::main]
 async fn main() {
@@ -34,9 +34,9 @@ async fn worker(addr: String, w: u32, params: usize, gradient: Vec<bytes::Bytes>
     let channel = tonic::transport::Endpoint::from_shared(addr)
         .expect("address")
         // The same HTTP/2 settings as quorum's workers.
-        .initial_stream_window_size(quorum_net::wire::STREAM_WINDOW)
-        .initial_connection_window_size(quorum_net::wire::CONNECTION_WINDOW)
-        .max_frame_size(quorum_net::wire::FRAME)
+        .initial_stream_window_size(quorum_net::framing::STREAM_WINDOW)
+        .initial_connection_window_size(quorum_net::framing::CONNECTION_WINDOW)
+        .max_frame_size(quorum_net::framing::FRAME)
         .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
@@ -51,9 +51,9 @@ async fn worker(addr: String, w: u32, params: usize, gradient: Vec<bytes::Bytes>
         return Ok(0);
     }
     loop {
-        let mut stream = quorum_net::raw::pull(&mut channel, &PullRequest { worker: w, min_step }).await?;
+        let mut stream = quorum_net::framing::pull(&mut channel, &PullRequest { worker: w, min_step }).await?;
         let mut step = None;
-        while let Some((chunk, _)) = stream.next_chunk::<ParamsChunk>(quorum_net::raw::PARAMS_DATA).await? {
+        while let Some((chunk, _)) = stream.next_chunk::<ParamsChunk>(quorum_net::framing::PARAMS_DATA).await? {
             if chunk.stop {
                 return Ok(pushes);
             }
@@ -69,7 +69,8 @@ async fn worker(addr: String, w: u32, params: usize, gradient: Vec<bytes::Bytes>
             ..Default::default()
         };
         // As quorum's workers push: the shared gradient's bytes are not copied.
-        let reply = quorum_net::raw::push(&mut channel, quorum_net::raw::push_frames(&head, gradient.clone())).await?;
+        let reply =
+            quorum_net::framing::push(&mut channel, quorum_net::framing::push_frames(&head, gradient.clone())).await?;
         pushes += 1;
         if reply.stop {
             break;

@@ -115,7 +115,7 @@ pub fn save(
     let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut add = |prefix: &str, flat: &[f32]| {
         for t in layout.tensors() {
-            named.push((format!("{prefix}/{}", t.name), t.shape.clone(), crate::wire::encode(&flat[t.range()])));
+            named.push((format!("{prefix}/{}", t.name), t.shape.clone(), crate::encoding::encode(&flat[t.range()])));
         }
     };
     add("params", &snap.params);
@@ -240,7 +240,7 @@ pub fn load(
                     reason: format!("{name} is {:?} {:?}, expected F32 {:?}", view.dtype(), view.shape(), t.shape),
                 });
             }
-            crate::wire::Encoding::F32.decode_into(view.data(), &mut flat).expect("an F32 view holds whole values");
+            crate::encoding::Encoding::F32.decode_into(view.data(), &mut flat).expect("an F32 view holds whole values");
         }
         Ok(Some(flat))
     };

@@ -3,20 +3,20 @@
 //! The gRPC driver of the quorum protocol core. The handlers only convert wire messages to
 //! core types and hand them to one loop ([`server::run_server`]) that owns the
 //! [`quorum_core::Server`] state machine and carries out its actions. Parameters and
-//! gradients travel as raw little-endian `f32` (or `bf16`) bytes in chunks ([`wire`]); push
+//! gradients travel as raw little-endian `f32` (or `bf16`) bytes in chunks ([`encoding`]); push
 //! and pull are read and written without tonic's codec copies, as the same gRPC messages
-//! ([`raw`]).
+//! ([`framing`]).
 //! The server writes checkpoints ([`checkpoint`]) and TensorBoard scalars ([`tensorboard`]).
 
 #![deny(missing_docs)]
 
 pub mod auth;
 pub mod checkpoint;
-pub mod raw;
+pub mod encoding;
+pub mod framing;
 pub mod server;
 pub mod tensorboard;
 pub mod tls;
-pub mod wire;
 pub mod worker;
 
 /// Generated gRPC code for `proto/quorum.proto`.
@@ -31,6 +31,6 @@ pub(crate) mod proto_tb {
     tonic::include_proto!("tensorboard");
 }
 
+pub use encoding::Encoding;
 pub use server::{run_server, ServerOptions, TrainSummary};
-pub use wire::Encoding;
 pub use worker::{run_worker, WorkerOptions};

@@ -1,8 +1,8 @@
 //! The parameter server: gRPC handlers that translate, and one loop that owns the state machine.
 
 use crate::checkpoint;
+use crate::framing::{CONNECTION_WINDOW, FRAME, STREAM_WINDOW};
 use crate::proto::parameter_server_server::ParameterServerServer;
-use crate::wire::{CONNECTION_WINDOW, FRAME, STREAM_WINDOW};
 use quorum_compute::Evaluation;
 use quorum_core::server::StopReason;
 use quorum_core::{Action, Event, ProtocolError, Server, WorkerId};
@@ -69,10 +69,7 @@ pub async fn run_server(
         buffers: Arc::new(GradientBuffers::new(push_permits())),
         chunk_timeout: opts.config.liveness.worker_timeout.unwrap_or(Duration::from_secs(30)),
         // Only when a step can close without some worker's gradient (not sync without backups).
-        late_notices: !matches!(
-            opts.config.policy,
-            quorum_core::Policy::Async { .. } | quorum_core::Policy::Sync { backups: 0, .. }
-        ),
+        late_notices: opts.config.policy.late_notices(),
         heartbeat: opts.config.liveness.worker_timeout.map(|t| t / 4),
         certificates_name_workers: opts.tls.ca.is_some(),
     };

@@ -2,13 +2,13 @@
 //! If the server goes away (a restart), it reconnects with backoff and joins again.
 
 use crate::auth::AddToken;
+use crate::encoding::{Assembler, Encoding};
 use crate::proto::parameter_server_client::ParameterServerClient;
 use crate::proto::*;
-use crate::wire::{Assembler, Encoding};
 use bytes::Bytes;
+use quorum_compute::DelaySampler;
 use quorum_compute::{BatchId, GradientSource};
-use quorum_core::WorkerId;
-use quorum_sim::DelaySampler;
+use quorum_core::{OnNewerParams, Worker, WorkerAction, WorkerId};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::time::{Duration, Instant};
@@ -122,7 +122,7 @@ pub enum WorkerError {
 type Channel_ = InterceptedService<Channel, AddToken>;
 
 /// Calls as tonic generates them (join, pull, heartbeat); pushes go over the same channel
-/// through [`crate::raw::push`].
+/// through [`crate::framing::push`].
 type Client = ParameterServerClient<Channel_>;
 
 /// The endpoint to dial: the address, upgraded to TLS when the options carry TLS files.
@@ -143,9 +143,9 @@ fn endpoint(opts: &WorkerOptions) -> Result<(tonic::transport::Endpoint, String)
         .http2_keep_alive_interval(opts.rpc_timeout)
         .keep_alive_timeout(2 * opts.rpc_timeout)
         .keep_alive_while_idle(true)
-        .initial_stream_window_size(crate::wire::STREAM_WINDOW)
-        .initial_connection_window_size(crate::wire::CONNECTION_WINDOW)
-        .max_frame_size(crate::wire::FRAME);
+        .initial_stream_window_size(crate::framing::STREAM_WINDOW)
+        .initial_connection_window_size(crate::framing::CONNECTION_WINDOW)
+        .max_frame_size(crate::framing::FRAME);
     Ok((ep, addr))
 }
 
@@ -174,11 +174,11 @@ async fn connect(opts: &WorkerOptions) -> Result<(Client, Channel_), WorkerError
 /// A pull running on its own task: the request and the wait for the first chunk.
 struct PullTask(tokio::task::JoinHandle<Result<PullStart, tonic::Status>>);
 
-/// A pull's response, read without codec copies ([`crate::raw`]).
-type Replies = crate::raw::Messages<<Channel_ as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody>;
+/// A pull's response, read without codec copies ([`crate::framing`]).
+type Replies = crate::framing::Messages<<Channel_ as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody>;
 
 /// A parameter chunk's fields and its bytes as they arrived.
-type ParamsPiece = (ParamsChunk, crate::raw::Segments);
+type ParamsPiece = (ParamsChunk, crate::framing::Segments);
 
 type PullStart = (Replies, Result<Option<ParamsPiece>, tonic::Status>);
 
@@ -186,8 +186,8 @@ impl PullTask {
     fn start(channel: &Channel_, worker: u32, min_step: u64) -> Self {
         let mut channel = channel.clone();
         PullTask(tokio::spawn(async move {
-            let mut replies = crate::raw::pull(&mut channel, &PullRequest { worker, min_step }).await?;
-            let first = replies.next_chunk(crate::raw::PARAMS_DATA).await;
+            let mut replies = crate::framing::pull(&mut channel, &PullRequest { worker, min_step }).await?;
+            let first = replies.next_chunk(crate::framing::PARAMS_DATA).await;
             Ok((replies, first))
         }))
     }
@@ -255,15 +255,6 @@ fn new_session() -> u64 {
     std::collections::hash_map::RandomState::new().hash_one(std::process::id()) | 1
 }
 
-macro_rules! rpc {
-    ($w:expr, $e:expr) => {
-        match $e {
-            Ok(v) => v,
-            Err(s) => return lost_or_refused($w, s),
-        }
-    };
-}
-
 /// Runs one worker until the server says stop.
 pub async fn run_worker(
     opts: WorkerOptions,
@@ -279,8 +270,8 @@ pub async fn run_worker(
     let mut failing_since: Option<Instant> = None;
     loop {
         let (mut client, mut channel) = connect(&opts).await?;
-        let ended =
-            session(&opts, session_id, &mut client, &mut channel, &mut source, &mut rng, &mut draws, &mut report).await;
+        let local = Local { source: &mut source, rng: &mut rng, draws: &mut draws, report: &mut report };
+        let ended = session(&opts, session_id, &mut client, &mut channel, local).await;
         let ended = match ended {
             Err(WorkerError::Panicked { worker, message }) => {
                 // Tell the server now, so no step waits for this worker's time-out.
@@ -327,19 +318,89 @@ pub async fn run_worker(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Why a session's step loop left: a session end, or a failure of the worker itself.
+enum Exit {
+    End(SessionEnd),
+    Fail(WorkerError),
+}
+
+impl From<WorkerError> for Exit {
+    fn from(e: WorkerError) -> Self {
+        Exit::Fail(e)
+    }
+}
+
+impl From<Result<SessionEnd, WorkerError>> for Exit {
+    fn from(r: Result<SessionEnd, WorkerError>) -> Self {
+        r.map_or_else(Exit::Fail, Exit::End)
+    }
+}
+
+/// An RPC's answer, or out of the step loop: a lost link or a refusal.
+macro_rules! rpc {
+    ($w:expr, $e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(s) => return Err(Exit::from(lost_or_refused($w, s))),
+        }
+    };
+}
+
+/// The worker's own state across sessions: its gradient code, the straggling it injects,
+/// and what it reports.
+struct Local<'a> {
+    source: &'a mut Option<Box<dyn GradientSource + Send>>,
+    rng: &'a mut ChaCha8Rng,
+    draws: &'a mut u64,
+    report: &'a mut WorkerReport,
+}
+
+/// Parameters pulled for a step.
+struct Pulled {
+    step: u64,
+    params: Vec<f32>,
+    /// Seconds from the first chunk to the last (waiting for the step to open is not transfer).
+    seconds: f64,
+}
+
+/// A gradient computed on a step's parameters.
+struct Computed {
+    step: u64,
+    grad: Vec<f32>,
+    loss: f32,
+    seconds: f64,
+    pull_seconds: f64,
+}
+
+/// One joined session with the server: the links, what the join said, and the worker rule
+/// ([`quorum_core::Worker`], the same rule the simulator's workers follow).
+struct Session<'a> {
+    opts: &'a WorkerOptions,
+    id: u64,
+    client: Client,
+    /// A second handle on the same connection, for heartbeats while a pull is in flight.
+    beat: Client,
+    channel: Channel_,
+    enc: Encoding,
+    heartbeat_every: Duration,
+    num_params: usize,
+    rule: Worker,
+    /// The next step's pull, asked for as soon as the rule says the worker waits for it (before
+    /// the gradient is pushed), so the server streams the parameters the moment the step closes.
+    pending: Option<PullTask>,
+    /// The parameters' buffer, reused from step to step.
+    params_buffer: Vec<f32>,
+}
+
 async fn session(
     opts: &WorkerOptions,
     session_id: u64,
     client: &mut Client,
     channel: &mut Channel_,
-    source: &mut Option<Box<dyn GradientSource + Send>>,
-    rng: &mut ChaCha8Rng,
-    draws: &mut u64,
-    report: &mut WorkerReport,
+    local: Local<'_>,
 ) -> Result<SessionEnd, WorkerError> {
     let w = opts.index;
-    let num_params = source.as_ref().expect("source present between computations").layout().len();
+    let num_params = local.source.as_ref().expect("source present between computations").layout().len();
     let join_request = JoinRequest { worker: w, num_params: num_params as u64, session: session_id };
     let join = match within(opts.rpc_timeout, "join", client.join(join_request)).await {
         Ok(r) => r.into_inner(),
@@ -357,78 +418,153 @@ async fn session(
     if join.stop {
         return Ok(SessionEnd::Stopped);
     }
-    let enc = Encoding::from_flag(join.bf16);
-    // The server's interval wins when it is shorter: it declares workers gone by its own clock.
-    let heartbeat_every = match join.heartbeat_ms {
-        0 => opts.heartbeat_every,
-        ms => opts.heartbeat_every.min(Duration::from_millis(ms)),
+    let mut s = Session {
+        opts,
+        id: session_id,
+        client: client.clone(),
+        beat: client.clone(),
+        channel: channel.clone(),
+        enc: Encoding::from_flag(join.bf16),
+        // The server's interval wins when it is shorter: it declares workers gone by its own clock.
+        heartbeat_every: match join.heartbeat_ms {
+            0 => opts.heartbeat_every,
+            ms => opts.heartbeat_every.min(Duration::from_millis(ms)),
+        },
+        num_params,
+        // A computation cannot be stopped half-way: an overtaken gradient is finished and
+        // sent (as a late notice where the server takes them).
+        rule: Worker::new(WorkerId(w), OnNewerParams::FinishAndSend, join.late_notices),
+        pending: None,
+        params_buffer: Vec::new(),
     };
-    let beat_request = HeartbeatRequest { worker: w, session: session_id };
-    let mut min_step = join.step;
-    // A second handle on the same connection, for heartbeats while a pull is in flight.
-    let mut beat = client.clone();
-    // The parameters' buffer, reused from step to step.
-    let mut params_buffer = Vec::new();
-    // The next step's pull, asked for while the gradient is pushed.
-    let mut pending: Option<PullTask> = None;
-    loop {
-        // Pull the newest parameters (at least `min_step`).
-        // The pull waits until the step opens, which takes as long as the slowest of the N
-        // gradients (or the stall timeout): heartbeat meanwhile, so waiting is not taken for death.
+    match s.steps(join.step, local).await {
+        Ok(never) => match never {},
+        Err(Exit::End(end)) => Ok(end),
+        Err(Exit::Fail(e)) => Err(e),
+    }
+}
+
+impl Session<'_> {
+    fn heartbeat_request(&self) -> HeartbeatRequest {
+        HeartbeatRequest { worker: self.opts.index, session: self.id }
+    }
+
+    /// Pull, compute, report, for ever: the rule says what follows each input.
+    async fn steps(&mut self, first: u64, mut local: Local<'_>) -> Result<std::convert::Infallible, Exit> {
+        let mut min_step = first;
+        loop {
+            let pulled = self.pull(min_step).await?;
+            min_step = pulled.step + 1;
+            if !self.rule.on_params(pulled.step).contains(&WorkerAction::Compute { step: pulled.step }) {
+                // Not newer than what it computed on (a server restored from an older
+                // checkpoint): wait for newer ones.
+                self.params_buffer = pulled.params;
+                continue;
+            }
+            let done = self.compute(pulled, &mut local).await?;
+            // Has the step closed while this gradient was computed? Worth asking only where a
+            // step can close without this worker: a heartbeat's reply says the server's step
+            // (a few bytes against a gradient's megabytes).
+            if self.rule.late_notices() {
+                if let Ok(r) =
+                    within(self.opts.rpc_timeout, "heartbeat", self.client.heartbeat(self.heartbeat_request())).await
+                {
+                    if r.get_ref().stop {
+                        return Err(Exit::End(SessionEnd::Stopped));
+                    }
+                    self.rule.on_news(r.get_ref().step);
+                }
+            }
+            let step = done.step;
+            let mut done = Some(done);
+            for action in self.rule.on_computed(step) {
+                match action {
+                    WorkerAction::AwaitParams { after } => {
+                        min_step = after + 1;
+                        self.pending = Some(PullTask::start(&self.channel, self.opts.index, min_step));
+                    }
+                    WorkerAction::Push { .. } | WorkerAction::NotifyLate { .. } => {
+                        let notice = matches!(action, WorkerAction::NotifyLate { .. });
+                        let done = done.take().expect("the rule reports a computation once");
+                        self.push(done, local.report, notice).await?
+                    }
+                    WorkerAction::Discard { .. } => {}
+                    // A networked worker fetches parameters only between computations, so it
+                    // never holds newer ones to switch to mid-computation.
+                    WorkerAction::Compute { .. } | WorkerAction::Cancel { .. } => {
+                        unreachable!("a networked worker holds no parameters newer than those it computed on")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Pulls the newest parameters (at least `min_step`). The pull waits until the step
+    /// opens, which takes as long as the slowest of the N gradients (or the stall timeout):
+    /// heartbeat meanwhile, so waiting is not taken for death.
+    async fn pull(&mut self, min_step: u64) -> Result<Pulled, Exit> {
+        let w = self.opts.index;
         let t_pull = Instant::now();
-        let mut pull = match pending.take() {
+        let mut pull = match self.pending.take() {
             Some(p) => p,
-            None => PullTask::start(channel, w, min_step),
+            None => PullTask::start(&self.channel, w, min_step),
         };
+        let beat = self.heartbeat_request();
         let (mut replies, first) = loop {
             tokio::select! {
                 r = &mut pull.0 => {
                     let r = r.unwrap_or_else(|e| Err(tonic::Status::unknown(format!("pull task failed: {e}"))));
                     break rpc!(w, r);
                 }
-                _ = tokio::time::sleep(heartbeat_every) => {
+                _ = tokio::time::sleep(self.heartbeat_every) => {
                     // A silent server (frozen, cut off) ends the session; a refusal too.
-                    rpc!(w, within(opts.rpc_timeout, "heartbeat", beat.heartbeat(beat_request)).await);
+                    rpc!(w, within(self.opts.rpc_timeout, "heartbeat", self.beat.heartbeat(beat)).await);
                 }
             }
         };
-        let mut asm = Assembler::with_buffer(std::mem::take(&mut params_buffer));
+        let mut asm = Assembler::with_buffer(std::mem::take(&mut self.params_buffer));
         let mut step = None;
         let mut first_chunk = None;
         let mut next = rpc!(w, first);
+        let malformed = |e| WorkerError::Refused { worker: w, message: format!("malformed parameters: {e}") };
         while let Some((c, data)) = next {
             first_chunk.get_or_insert_with(Instant::now);
             if c.stop {
-                return Ok(SessionEnd::Stopped);
+                return Err(Exit::End(SessionEnd::Stopped));
             }
             step = Some(c.step);
             let parts: Vec<&[u8]> = data.parts().collect();
-            asm.push_parts(c.offset, c.total, &parts, Encoding::from_flag(c.bf16), num_params)
-                .map_err(|e| WorkerError::Refused { worker: w, message: format!("malformed parameters: {e}") })?;
-            next = rpc!(w, within(opts.rpc_timeout, "pull", replies.next_chunk(crate::raw::PARAMS_DATA)).await);
+            asm.push_parts(c.offset, c.total, &parts, Encoding::from_flag(c.bf16), self.num_params)
+                .map_err(malformed)?;
+            next =
+                rpc!(w, within(self.opts.rpc_timeout, "pull", replies.next_chunk(crate::framing::PARAMS_DATA)).await);
         }
-        // Waiting for the step to open is not transfer: time from the first chunk.
-        let pull_seconds = first_chunk.map_or(t_pull.elapsed(), |t| t.elapsed()).as_secs_f64();
+        let seconds = first_chunk.map_or(t_pull.elapsed(), |t| t.elapsed()).as_secs_f64();
         let Some(step) = step else {
-            return Ok(SessionEnd::Lost { why: "empty parameter stream".into(), joined: true });
+            return Err(Exit::End(SessionEnd::Lost { why: "empty parameter stream".into(), joined: true }));
         };
-        let params = asm
-            .finish()
-            .map_err(|e| WorkerError::Refused { worker: w, message: format!("malformed parameters: {e}") })?;
+        let params = asm.finish().map_err(malformed)?;
+        Ok(Pulled { step, params, seconds })
+    }
 
-        if let Some(d) = &opts.delay {
-            let secs = d.sample(w, *draws, rng);
-            *draws += 1;
+    /// Sleeps the injected delay, then computes the gradient on a blocking thread, with
+    /// heartbeats meanwhile so a slow gradient is not taken for death.
+    async fn compute(&mut self, pulled: Pulled, local: &mut Local<'_>) -> Result<Computed, Exit> {
+        let w = self.opts.index;
+        if let Some(d) = &self.opts.delay {
+            let secs = d.sample(w, *local.draws, local.rng);
+            *local.draws += 1;
             tokio::time::sleep(Duration::from_secs_f64(secs)).await;
         }
-        let mut src = source.take().expect("source is returned after every computation");
+        let Pulled { step, params, seconds: pull_seconds } = pulled;
+        let mut src = local.source.take().expect("source is returned after every computation");
         let t0 = Instant::now();
         let mut task = tokio::task::spawn_blocking(move || {
             let mut grad = Vec::new();
             let r = src.gradient(&params, BatchId { worker: WorkerId(w), step }, &mut grad).map(|loss| (loss, grad));
             (src, r, params)
         });
-        // Heartbeats while the gradient is computed, so a slow gradient is not taken for death.
+        let beat = self.heartbeat_request();
         let (src, result, params) = loop {
             tokio::select! {
                 done = &mut task => match done {
@@ -442,69 +578,57 @@ async fn session(
                                 .unwrap_or_else(|| "no message".into()),
                             Err(e) => e.to_string(),
                         };
-                        return Err(WorkerError::Panicked { worker: w, message });
+                        return Err(Exit::Fail(WorkerError::Panicked { worker: w, message }));
                     }
                 },
-                _ = tokio::time::sleep(heartbeat_every) => {
+                _ = tokio::time::sleep(self.heartbeat_every) => {
                     // Failures here are noticed by the push that follows.
-                    let _ = within(opts.rpc_timeout, "heartbeat", client.heartbeat(beat_request)).await;
+                    let _ = within(self.opts.rpc_timeout, "heartbeat", self.client.heartbeat(beat)).await;
                 }
             }
         };
-        let compute_seconds = t0.elapsed().as_secs_f64();
-        report.compute_seconds += compute_seconds;
-        *source = Some(src);
-        params_buffer = params;
+        let seconds = t0.elapsed().as_secs_f64();
+        local.report.compute_seconds += seconds;
+        *local.source = Some(src);
+        self.params_buffer = params;
         let (loss, grad) = result.map_err(|source| WorkerError::Compute { worker: w, source })?;
+        Ok(Computed { step, grad, loss, seconds, pull_seconds })
+    }
 
-        let total = grad.len() as u64;
-        let bf16 = enc == Encoding::Bf16;
+    /// Sends the gradient, or with `notice` a late notice (no values; if the server does not
+    /// answer "late", e.g. a restarted server that reopened the step, the gradient in full).
+    async fn push(&mut self, done: Computed, report: &mut WorkerReport, notice: bool) -> Result<(), Exit> {
+        let w = self.opts.index;
         let head = GradientChunk {
             worker: w,
-            step,
+            step: done.step,
             offset: 0,
-            total,
+            total: done.grad.len() as u64,
             data: Default::default(),
-            loss,
-            bf16,
-            compute_seconds,
-            pull_seconds,
-            session: session_id,
+            loss: done.loss,
+            bf16: self.enc == Encoding::Bf16,
+            compute_seconds: done.seconds,
+            pull_seconds: done.pull_seconds,
+            session: self.id,
         };
-        // Ask for the next parameters now: the server streams them the moment the step
-        // closes, without waiting for this push's reply and a new request.
-        pending = Some(PullTask::start(channel, w, step + 1));
-        let mut reply = None;
-        // Has the step closed while this gradient was computed? Then the server would drop it
-        // unread: report it late without sending its values (a heartbeat's reply says the
-        // server's step; a few bytes against a gradient's megabytes).
-        let mut closed = false;
-        if join.late_notices {
-            if let Ok(r) = within(opts.rpc_timeout, "heartbeat", client.heartbeat(beat_request)).await {
-                if r.get_ref().stop {
-                    return Ok(SessionEnd::Stopped);
-                }
-                closed = r.get_ref().step > step;
-            }
-        }
         report.sent += 1;
-        if closed {
-            let notice = crate::raw::push_frames(&GradientChunk { total: 0, ..head.clone() }, vec![Bytes::new()]);
-            match within(opts.rpc_timeout, "push", crate::raw::push(channel, notice)).await {
-                Ok(r) if r.outcome == "late" || r.stop => {
-                    report.unsent_late += u64::from(r.outcome == "late");
+        let mut reply = None;
+        if notice {
+            let frames = crate::framing::push_frames(&GradientChunk { total: 0, ..head.clone() }, vec![Bytes::new()]);
+            match within(self.opts.rpc_timeout, "push", crate::framing::push(&mut self.channel, frames)).await {
+                Ok(r) if r.outcome() == PushOutcome::Late || r.stop => {
+                    report.unsent_late += u64::from(r.outcome() == PushOutcome::Late);
                     reply = Some(r);
                 }
-                // Anything else (a restarted server that reopened the step refuses an empty
-                // gradient, a broken link): send the gradient in full below.
+                // Anything else: send the gradient in full below.
                 _ => {}
             }
         }
         let pushed = match reply {
             Some(r) => Ok(r),
             None => {
-                let frames = crate::raw::push_frames(&head, enc.encode_chunks(grad));
-                within(opts.rpc_timeout, "push", crate::raw::push(channel, frames)).await
+                let frames = crate::framing::push_frames(&head, self.enc.encode_chunks(done.grad));
+                within(self.opts.rpc_timeout, "push", crate::framing::push(&mut self.channel, frames)).await
             }
         };
         let reply = match pushed {
@@ -512,23 +636,23 @@ async fn session(
             Err(s) => {
                 // The server may have ended the run and gone while this push was on the way,
                 // having told this worker "stop" through the next step's pull.
-                if let Some(p) = pending.take() {
+                if let Some(p) = self.pending.take() {
                     if p.said_stop().await {
-                        return Ok(SessionEnd::Stopped);
+                        return Err(Exit::End(SessionEnd::Stopped));
                     }
                 }
-                return lost_or_refused(w, s);
+                return Err(Exit::from(lost_or_refused(w, s)));
             }
         };
-        match reply.outcome.as_str() {
-            // "already_accepted": a re-push after a lost reply; the server holds it once.
-            "accepted" | "already_accepted" => report.accepted += 1,
-            "stopped" => return Ok(SessionEnd::Stopped),
-            _ => report.dropped += 1,
+        match reply.outcome() {
+            // A re-push after a lost reply: the server holds it once.
+            PushOutcome::Accepted | PushOutcome::AlreadyAccepted => report.accepted += 1,
+            PushOutcome::Stopped => return Err(Exit::End(SessionEnd::Stopped)),
+            PushOutcome::Late | PushOutcome::TooStale | PushOutcome::Unspecified => report.dropped += 1,
         }
         if reply.stop {
-            return Ok(SessionEnd::Stopped);
+            return Err(Exit::End(SessionEnd::Stopped));
         }
-        min_step = step + 1;
+        Ok(())
     }
 }

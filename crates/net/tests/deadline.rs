@@ -37,7 +37,7 @@ async fn after_its_timeout_a_deadline_step_closes_on_the_min_th_gradient_without
         .map(|i| {
             let mut wo = WorkerOptions::new(i, format!("http://{addr}"));
             let delay = if i == 3 { "const:0.4" } else { "const:0.1" };
-            wo.delay = Some(delay.parse::<quorum_sim::DelayModel>().unwrap().sampler().unwrap());
+            wo.delay = Some(delay.parse::<quorum_compute::DelayModel>().unwrap().sampler().unwrap());
             tokio::spawn(run_worker(wo, Box::new(src.clone()) as Box<dyn GradientSource + Send>))
         })
         .collect();

@@ -2,6 +2,7 @@
 
 use quorum_compute::{GradientSource, LeastSquares};
 use quorum_core::{Policy, ServerConfig};
+use quorum_net::proto::PushOutcome;
 use quorum_net::{run_server, run_worker, ServerOptions, WorkerOptions};
 use std::time::Duration;
 
@@ -111,7 +112,7 @@ async fn a_straggler_that_knows_its_step_closed_reports_its_gradient_late_withou
     let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
     let start = |i: u32, delay: &str| {
         let mut wo = WorkerOptions::new(i, format!("http://{addr}"));
-        wo.delay = Some(delay.parse::<quorum_sim::DelayModel>().unwrap().sampler().unwrap());
+        wo.delay = Some(delay.parse::<quorum_compute::DelayModel>().unwrap().sampler().unwrap());
         tokio::spawn(run_worker(wo, Box::new(src.clone()) as Box<dyn GradientSource + Send>))
     };
     let fast = [start(0, "const:0.02"), start(1, "const:0.02")];
@@ -274,7 +275,7 @@ async fn killing_a_backup_worker_mid_run_does_not_stop_training() {
     let others: Vec<_> = (1..3)
         .map(|i| {
             let mut wo = WorkerOptions::new(i, format!("http://{addr}"));
-            wo.delay = Some("const:0.005".parse::<quorum_sim::DelayModel>().unwrap().sampler().unwrap());
+            wo.delay = Some("const:0.005".parse::<quorum_compute::DelayModel>().unwrap().sampler().unwrap());
             tokio::spawn(run_worker(wo, Box::new(src.clone()) as Box<dyn GradientSource + Send>))
         })
         .collect();
@@ -381,7 +382,7 @@ async fn a_push_whose_reply_was_lost_is_sent_again_and_answered_already_accepted
     });
     let w0 = tokio::spawn(run_worker(wo, Box::new(cutter) as Box<dyn GradientSource + Send>));
     let mut wo = WorkerOptions::new(1, format!("http://{addr}"));
-    wo.delay = Some("const:0.4".parse::<quorum_sim::DelayModel>().unwrap().sampler().unwrap());
+    wo.delay = Some("const:0.4".parse::<quorum_compute::DelayModel>().unwrap().sampler().unwrap());
     let w1 = tokio::spawn(run_worker(wo, Box::new(src.clone()) as Box<dyn GradientSource + Send>));
     let summary = tokio::time::timeout(Duration::from_secs(60), server).await.expect("finishes").unwrap().unwrap();
     assert_eq!(summary.steps, 10);
@@ -411,14 +412,14 @@ async fn one_live_process_per_worker_index_and_a_restarted_worker_gets_back_in()
     let mut client = ParameterServerClient::connect(format!("http://{addr}")).await.unwrap();
     let join = |worker: u32, session: u64| JoinRequest { worker, num_params: 64, session };
     let push = |worker: u32, session: u64| {
-        let data = quorum_net::wire::encode(&[0.5; 64]).into();
+        let data = quorum_net::encoding::encode(&[0.5; 64]).into();
         let chunk = GradientChunk { worker, step: 0, total: 64, data, loss: f32::NAN, session, ..Default::default() };
         tokio_stream::iter(vec![chunk])
     };
     let reply = client.join(join(0, 11)).await.unwrap().into_inner();
     // The server says how often to beat: a quarter of its 2 s worker time-out.
     assert_eq!(reply.heartbeat_ms, 500);
-    assert_eq!(client.push(push(0, 11)).await.unwrap().into_inner().outcome, "accepted");
+    assert_eq!(client.push(push(0, 11)).await.unwrap().into_inner().outcome(), PushOutcome::Accepted);
 
     // Another process with the same token cannot speak as worker 0 while it lives...
     let e = client.push(push(0, 99)).await.unwrap_err();
@@ -445,13 +446,13 @@ async fn one_live_process_per_worker_index_and_a_restarted_worker_gets_back_in()
         }
     }
     assert!(waited.elapsed() >= Duration::from_millis(1500), "the old session was still alive");
-    assert_eq!(client.push(push(0, 12)).await.unwrap().into_inner().outcome, "already_accepted");
+    assert_eq!(client.push(push(0, 12)).await.unwrap().into_inner().outcome(), PushOutcome::AlreadyAccepted);
     // The old process, should it wake, is fenced out.
     let e = client.push(push(0, 11)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     client.join(join(1, 21)).await.unwrap();
     let r = client.push(push(1, 21)).await.unwrap().into_inner();
-    assert_eq!((r.outcome.as_str(), r.step, r.stop), ("accepted", 1, true));
+    assert_eq!((r.outcome(), r.step, r.stop), (PushOutcome::Accepted, 1, true));
     let summary = server.await.unwrap().unwrap();
     assert_eq!((summary.steps, summary.accepted), (1, 2));
 }
@@ -648,7 +649,7 @@ async fn pushes_frozen_mid_stream_are_abandoned_and_do_not_block_the_other_worke
         step: 0,
         offset: 0,
         total: 64,
-        data: quorum_net::wire::encode(&[0.0; 32]).into(),
+        data: quorum_net::encoding::encode(&[0.0; 32]).into(),
         loss: f32::NAN,
         session: 7,
         ..Default::default()
@@ -696,7 +697,7 @@ async fn any_grpc_client_can_push_and_the_push_route_checks_the_token_and_the_sh
         step: 0,
         offset,
         total: 64,
-        data: quorum_net::wire::encode(values).into(),
+        data: quorum_net::encoding::encode(values).into(),
         loss: 0.25,
         ..Default::default()
     };
@@ -722,7 +723,7 @@ async fn any_grpc_client_can_push_and_the_push_route_checks_the_token_and_the_sh
     assert_eq!(short.code(), tonic::Code::InvalidArgument);
     assert!(short.message().contains("stream ended after 40 of 64 values"), "{}", short.message());
     let reply = client.push(tokio_stream::iter(gradient)).await.unwrap().into_inner();
-    assert_eq!((reply.outcome.as_str(), reply.step, reply.stop), ("accepted", 1, true));
+    assert_eq!((reply.outcome(), reply.step, reply.stop), (PushOutcome::Accepted, 1, true));
     let summary = server.await.unwrap().unwrap();
     assert_eq!((summary.steps, summary.accepted), (1, 1));
 }

@@ -1,6 +1,7 @@
 //! Simulation configuration.
 
-use crate::delay::{DelayModel, NetworkModel};
+use crate::network::NetworkModel;
+use quorum_compute::DelayModel;
 use quorum_core::{ConfigError, OnNewerParams, Policy, ServerConfig};
 use serde::{Deserialize, Serialize};
 

@@ -2,9 +2,9 @@
 //! virtual clock.
 
 use crate::config::{EvalOn, SimConfig};
-use crate::delay::DelaySampler;
 use crate::queue::EventQueue;
-use crate::report::{quantile, Arrival, MetricRow, SimReport, Summary, WorkerStats};
+use crate::report::{Arrival, MetricRow, SimReport, Summary, WorkerStats};
+use quorum_compute::delay::{quantile, DelaySampler};
 use quorum_compute::{BatchId, GradientSource};
 use quorum_core::{Action, ConfigError, Event, ParamLayout, Server, Step, ToServer, Worker, WorkerAction, WorkerId};
 use rand::SeedableRng;
@@ -22,7 +22,7 @@ pub enum SimError {
     Config(#[from] ConfigError),
     /// The delay model could not be prepared (e.g. a missing replay file).
     #[error("delay model: {0}")]
-    Delay(String),
+    Delay(#[from] quorum_compute::DelayError),
     /// The gradient source failed.
     #[error("gradient computation failed: {0}")]
     Compute(#[from] quorum_compute::ComputeError),
@@ -161,7 +161,7 @@ pub fn simulate<'a>(
             let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
             rng.set_stream(i as u64 + 1);
             SimWorker {
-                sm: Worker::new(WorkerId(i), cfg.on_newer),
+                sm: Worker::new(WorkerId(i), cfg.on_newer, cfg.server.policy.late_notices()),
                 latest: None,
                 computing_on: None,
                 rng,
@@ -206,7 +206,7 @@ pub fn simulate<'a>(
         server,
         workers,
         queue: EventQueue::default(),
-        delay: cfg.delay.sampler().map_err(SimError::Delay)?,
+        delay: cfg.delay.sampler()?,
         tick_at: None,
         published: None,
         bytes,
@@ -281,7 +281,7 @@ impl Engine<'_> {
                 SimEvent::Fault(i) => self.inject(now, i),
                 SimEvent::Restart(id) => {
                     let w = &mut self.workers[id.index()];
-                    w.sm = Worker::new(id, self.cfg.on_newer);
+                    w.sm = Worker::new(id, self.cfg.on_newer, self.cfg.server.policy.late_notices());
                     (w.down, w.joined, w.latest, w.computing_on) = (false, false, None, None);
                     let session = w.session(id);
                     self.send_to_server(now, id, ToServer::Join { session });
@@ -583,6 +583,24 @@ impl Engine<'_> {
                 }
                 WorkerAction::Cancel { .. } | WorkerAction::Discard { .. } => {
                     self.workers[id.index()].stats.abandoned += 1;
+                }
+                // The server sends new parameters to every live worker when a step closes:
+                // the networked worker's long-poll pull, in virtual time.
+                WorkerAction::AwaitParams { .. } => {}
+                // A late notice: the step and the worker, no values (so no gradient math).
+                WorkerAction::NotifyLate { step } => {
+                    let w = &mut self.workers[id.index()];
+                    w.stats.sent += 1;
+                    let session = w.session(id);
+                    let arrive = at(now, self.link_delay(now, id, 0));
+                    self.queue.push(
+                        arrive,
+                        SimEvent::ToServer {
+                            from: id,
+                            session,
+                            msg: ToServer::Push { step, gradient: Vec::new(), loss: None },
+                        },
+                    );
                 }
                 WorkerAction::Push { step } => {
                     let w = &mut self.workers[id.index()];

@@ -108,7 +108,7 @@ pub fn check_invariants(events: &[Event], aggregate: u32) -> Result<(), String> 
     let mut accepted: BTreeSet<(Step, WorkerId)> = BTreeSet::new();
     for e in events {
         match e {
-            Event::AggregateLowered { to, .. } => {
+            Event::AggregateChanged { to, .. } => {
                 // A step closed by lowering N closes with every gradient already in.
                 lowered_now = *to < n;
                 n = *to;

@@ -12,16 +12,17 @@
 #![deny(missing_docs)]
 
 pub mod config;
-pub mod delay;
 pub mod engine;
 pub mod fault;
+pub mod network;
 pub mod queue;
 pub mod report;
 pub mod sweep;
 
 pub use config::{EvalOn, SimConfig};
-pub use delay::{DelayModel, DelaySampler, NetworkModel};
 pub use engine::{simulate, SimError};
 pub use fault::{check_invariants, Fault, FaultKind};
+pub use network::NetworkModel;
+pub use quorum_compute::delay::{quantile, DelayError, DelayModel, DelaySampler};
 pub use report::{Arrival, MetricRow, Restart, SimReport, Summary, WorkerStats};
 pub use sweep::{sweep_backups, SweepRow};

@@ -229,14 +229,3 @@ impl SimReport {
         sum.iter().zip(&count).map(|(s, &c)| if c == 0 { f64::NAN } else { s / c as f64 }).collect()
     }
 }
-
-/// The q-quantile (0..=1) of `v` by nearest rank; NaN for an empty slice.
-pub fn quantile(v: &[f64], q: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let idx = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1;
-    s[idx]
-}

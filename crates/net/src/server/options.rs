@@ -1,7 +1,7 @@
 //! What `run_server` is given (options, checkpoint and progress settings) and what it
 //! reports (the run's summary).
 
-use crate::wire::Encoding;
+use crate::encoding::Encoding;
 use quorum_compute::GradientSource;
 use quorum_core::{ParamLayout, ServerConfig, ServerSnapshot};
 use serde::Serialize;

@@ -42,11 +42,11 @@ pub(super) fn mean(v: &[f64]) -> f64 {
 }
 
 pub(super) fn p50(v: &[f64]) -> f64 {
-    quorum_sim::report::quantile(v, 0.5)
+    quorum_compute::delay::quantile(v, 0.5)
 }
 
 pub(super) fn p99(v: &[f64]) -> f64 {
-    quorum_sim::report::quantile(v, 0.99)
+    quorum_compute::delay::quantile(v, 0.99)
 }
 
 /// Everything the run records, fed by the loop's events.

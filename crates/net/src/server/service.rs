@@ -2,9 +2,9 @@
 //! push reassembly into kept buffers, and the routes that serve pushes and pulls without
 //! codec copies.
 
+use crate::encoding::{Assembler, Encoding, CHUNK_VALUES};
 use crate::proto::parameter_server_server::{ParameterServer, ParameterServerServer};
 use crate::proto::*;
-use crate::wire::{Assembler, Encoding, CHUNK_VALUES};
 use quorum_core::{DropReason, Event, ProtocolError, ToServer, WorkerId};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 pub(super) struct Published {
     pub(super) step: u64,
     /// The pull's response body: the parameters encoded in wire chunks, each behind its
-    /// message prefix ([`crate::raw::chunk_frames`]); built once per step, shared by every pull.
+    /// message prefix ([`crate::framing::chunk_frames`]); built once per step, shared by every pull.
     pub(super) frames: Arc<Vec<bytes::Bytes>>,
     pub(super) stop: bool,
 }
@@ -36,14 +36,14 @@ impl Published {
                 stop: false,
                 bf16: enc == Encoding::Bf16,
             };
-            frames.extend(crate::raw::chunk_frames(&fields, crate::raw::PARAMS_DATA, data));
+            frames.extend(crate::framing::chunk_frames(&fields, crate::framing::PARAMS_DATA, data));
         }
         Published { step, frames: Arc::new(frames), stop }
     }
 
     pub(super) fn stopped(step: u64) -> Self {
         let chunk = ParamsChunk { step, offset: 0, total: 0, data: Default::default(), stop: true, bf16: false };
-        Published { step, frames: Arc::new(vec![crate::raw::message_frame(&chunk)]), stop: true }
+        Published { step, frames: Arc::new(vec![crate::framing::message_frame(&chunk)]), stop: true }
     }
 }
 
@@ -127,10 +127,10 @@ pub(super) fn push_permits() -> usize {
 /// The next chunk of a push (its fields and data pieces), waiting at most `idle` for it: a
 /// worker frozen mid-push must not keep its receive buffer (and permit) forever.
 pub(super) async fn next_chunk(
-    push: &mut crate::raw::Messages<tonic::body::Body>,
+    push: &mut crate::framing::Messages<tonic::body::Body>,
     idle: Duration,
-) -> Result<Option<(GradientChunk, crate::raw::Segments)>, Status> {
-    match tokio::time::timeout(idle, push.next_chunk(crate::raw::GRADIENT_DATA)).await {
+) -> Result<Option<(GradientChunk, crate::framing::Segments)>, Status> {
+    match tokio::time::timeout(idle, push.next_chunk(crate::framing::GRADIENT_DATA)).await {
         Ok(chunk) => chunk,
         Err(_) => Err(Status::deadline_exceeded(format!(
             "no chunk of the pushed gradient for {:.0} s: push abandoned",
@@ -197,7 +197,7 @@ impl Service {
         // Wait for a permit before reading anything, so a waiting push holds no more than its
         // HTTP/2 stream window.
         let _permit = self.buffers.permits.acquire().await.map_err(shutting_down)?;
-        let mut push = crate::raw::Messages::new(body, tonic::Code::InvalidArgument);
+        let mut push = crate::framing::Messages::new(body, tonic::Code::InvalidArgument);
         let mut next = next_chunk(&mut push, idle).await?;
         let first_at = Instant::now();
         let mut asm = PushAssembler::with_buffer(self.num_params, self.buffers.take());
@@ -240,7 +240,7 @@ impl Service {
     /// `ParameterServer.Pull`: waits for parameters of at least the asked step, then streams
     /// the step's shared pieces ([`Published::frames`]), not copied per worker.
     pub(super) async fn pull_http(&self, body: tonic::body::Body) -> Result<Vec<bytes::Bytes>, Status> {
-        let r: PullRequest = crate::raw::read_request(body, self.chunk_timeout).await?;
+        let r: PullRequest = crate::framing::read_request(body, self.chunk_timeout).await?;
         let mut rx = self.published.clone();
         let p = loop {
             let p = rx.borrow_and_update().clone();
@@ -256,7 +256,7 @@ impl Service {
     }
 
     /// `ParameterServer.Push`, read from the HTTP/2 body without tonic's codec copies
-    /// ([`crate::raw`]); same messages, same statuses.
+    /// ([`crate::framing`]); same messages, same statuses.
     pub(super) async fn push_http(&self, body: tonic::body::Body) -> Result<PushReply, Status> {
         let (head, result) = self.receive_push(body).await?;
         let (worker, step) = (head.worker, head.step);
@@ -264,22 +264,22 @@ impl Service {
             Ok(ev) => ev,
             Err(ProtocolError::Stopped) => {
                 let _ = self.commands.send(Command::StopSeen(WorkerId(worker))).await;
-                return Ok(PushReply { outcome: "stopped".into(), step, stop: true });
+                return Ok(PushReply { outcome: PushOutcome::Stopped.into(), step, stop: true });
             }
             Err(e) => return Err(status(e)),
         };
         let outcome = events
             .iter()
             .find_map(|e| match e {
-                Event::GradientAccepted { worker: w, .. } if w.0 == worker => Some("accepted"),
-                Event::GradientRepeated { worker: w, .. } if w.0 == worker => Some("already_accepted"),
+                Event::GradientAccepted { worker: w, .. } if w.0 == worker => Some(PushOutcome::Accepted),
+                Event::GradientRepeated { worker: w, .. } if w.0 == worker => Some(PushOutcome::AlreadyAccepted),
                 Event::GradientDropped { worker: w, reason, .. } if w.0 == worker => Some(match reason {
-                    DropReason::Late => "late",
-                    DropReason::TooStale { .. } => "too_stale",
+                    DropReason::Late => PushOutcome::Late,
+                    DropReason::TooStale { .. } => PushOutcome::TooStale,
                 }),
                 _ => None,
             })
-            .unwrap_or("accepted");
+            .unwrap_or(PushOutcome::Accepted);
         let p = self.published.borrow().clone();
         if p.stop {
             let _ = self.commands.send(Command::StopSeen(WorkerId(worker))).await;
@@ -289,7 +289,7 @@ impl Service {
 }
 
 /// The gRPC service as served: `Push` and `Pull` by [`Service::push_http`] and
-/// [`Service::pull_http`] (no codec copies, [`crate::raw`]), `Join` and `Heartbeat` by
+/// [`Service::pull_http`] (no codec copies, [`crate::framing`]), `Join` and `Heartbeat` by
 /// tonic's generated server; the token checked on all of them.
 #[derive(Clone)]
 pub(super) struct Routes {
@@ -313,8 +313,8 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Routes {
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         let pull = match req.uri().path() {
-            crate::raw::PULL_PATH => true,
-            crate::raw::PUSH_PATH => false,
+            crate::framing::PULL_PATH => true,
+            crate::framing::PUSH_PATH => false,
             _ => {
                 let answer = self.generated.call(req);
                 return Box::pin(async move { answer.await.map(|r| r.map(tonic::body::Body::new)) });
@@ -334,10 +334,10 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Routes {
             let answer = if pull {
                 service.pull_http(req.into_body()).await
             } else {
-                service.push_http(req.into_body()).await.map(|reply| vec![crate::raw::message_frame(&reply)])
+                service.push_http(req.into_body()).await.map(|reply| vec![crate::framing::message_frame(&reply)])
             };
             Ok(match answer {
-                Ok(pieces) => crate::raw::response(pieces),
+                Ok(pieces) => crate::framing::response(pieces),
                 Err(s) => s.into_http(),
             })
         })
@@ -440,9 +440,9 @@ impl PushAssembler {
         PushAssembler { asm: Assembler::with_buffer(buffer), head: None, num_params }
     }
 
-    /// Adds the next chunk: its fields (as [`crate::raw::parse_gradient_chunk`] gives them,
+    /// Adds the next chunk: its fields (as [`crate::framing::parse_gradient_chunk`] gives them,
     /// `data` empty) and its data bytes, in the pieces they arrived in.
-    pub fn add(&mut self, c: GradientChunk, data: &crate::raw::Segments) -> Result<(), String> {
+    pub fn add(&mut self, c: GradientChunk, data: &crate::framing::Segments) -> Result<(), String> {
         let worker = c.worker;
         let malformed = |e: String| format!("malformed gradient from worker {worker}: {e}");
         let parts: Vec<&[u8]> = data.parts().collect();

@@ -70,7 +70,7 @@ pub struct SimArgs {
     #[arg(long)]
     batch: Option<usize>,
     /// What a worker does when newer parameters arrive mid-computation:
-    /// abandon | finish_and_send | finish_and_discard.
+    /// finish_and_send (default; what a real worker does) | abandon | finish_and_discard.
     #[arg(long)]
     on_newer: Option<String>,
     /// Sweep b over a range (e.g. 0..10) with N = budget − b; prints a table.
@@ -251,11 +251,9 @@ impl SimArgs {
         };
         server.liveness.worker_timeout = secs(self.worker_timeout, "worker-timeout")?;
         server.liveness.stall_timeout = secs(self.stall_timeout, "stall-timeout")?;
-        let on_newer = match self.on_newer.as_deref().unwrap_or("abandon") {
-            "abandon" => OnNewerParams::Abandon,
-            "finish_and_send" => OnNewerParams::FinishAndSend,
-            "finish_and_discard" => OnNewerParams::FinishAndDiscard,
-            other => bail!("unknown --on-newer `{other}`: use abandon, finish_and_send or finish_and_discard"),
+        let on_newer = match self.on_newer.as_deref() {
+            None => OnNewerParams::default(),
+            Some(name) => name.parse::<OnNewerParams>().map_err(|e| anyhow::anyhow!("--on-newer: {e}"))?,
         };
         let cfg = SimConfig {
             server,

@@ -1,4 +1,6 @@
-//! Delay models: how long a worker takes to compute one gradient.
+//! Delay models: how long a worker takes to compute one gradient. The simulator draws its
+//! virtual compute times from them, and a real worker sleeps for them to inject straggling
+//! (`--delay`), so both sit here, below either driver.
 //!
 //! Written as strings on the command line (`paper`, `exp:0.5`, `slow:2,4,const:1`) and as
 //! the same strings in TOML configs.
@@ -12,6 +14,23 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
+
+/// A delay model could not be made ready (a replay file that cannot be read or has the
+/// wrong columns).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DelayError(String);
+
+/// The q-quantile (0..=1) of `v` by nearest rank; NaN for an empty slice.
+pub fn quantile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let idx = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1;
+    s[idx]
+}
 
 /// A distribution of per-gradient compute times, in seconds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,11 +152,13 @@ impl DelayModel {
     }
 
     /// Resolves files (replay) into a ready sampler.
-    pub fn sampler(&self) -> Result<DelaySampler, String> {
+    pub fn sampler(&self) -> Result<DelaySampler, DelayError> {
         Ok(match self {
-            DelayModel::Replay(path) => {
-                DelaySampler { model: self.clone(), replay: Some(Arc::new(load_replay(path)?)), base: None }
-            }
+            DelayModel::Replay(path) => DelaySampler {
+                model: self.clone(),
+                replay: Some(Arc::new(load_replay(path).map_err(DelayError)?)),
+                base: None,
+            },
             DelayModel::SlowWorkers(_, _, base) => {
                 DelaySampler { model: self.clone(), replay: None, base: Some(Box::new(base.sampler()?)) }
             }
@@ -232,31 +253,6 @@ impl DelaySampler {
     }
 }
 
-/// Message delay: a fixed latency plus size over bandwidth.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NetworkModel {
-    /// One-way latency in seconds.
-    #[serde(default)]
-    pub latency: f64,
-    /// Bytes per second; `None` is infinite bandwidth.
-    #[serde(default)]
-    pub bandwidth: Option<f64>,
-}
-
-impl Default for NetworkModel {
-    fn default() -> Self {
-        NetworkModel { latency: 0.0, bandwidth: None }
-    }
-}
-
-impl NetworkModel {
-    /// Seconds for a message of `bytes` to arrive.
-    pub fn delay(&self, bytes: usize) -> f64 {
-        self.latency + self.bandwidth.map_or(0.0, |bw| bytes as f64 / bw)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,13 +297,7 @@ mod tests {
         assert_eq!(s.sample(1, 0, &mut rng), 5.0);
         assert_eq!(s.sample(2, 1, &mut rng), 2.0, "worker 2 replays recorded worker 0");
         std::fs::write(&path, "w,s\n0,1\n").unwrap();
-        let e = DelayModel::Replay(path).sampler().unwrap_err();
+        let e = DelayModel::Replay(path).sampler().unwrap_err().to_string();
         assert!(e.contains("needs columns `worker,seconds`"), "{e}");
-    }
-
-    #[test]
-    fn network_delay_is_latency_plus_size_over_bandwidth() {
-        let n = NetworkModel { latency: 0.001, bandwidth: Some(1e9) };
-        assert!((n.delay(4_000_000) - 0.005).abs() < 1e-12);
     }
 }

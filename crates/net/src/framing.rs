@@ -1,4 +1,5 @@
-//! Push and pull without tonic's codec copies, still gRPC on the wire.
+//! gRPC framing by hand: push and pull without tonic's codec copies, still gRPC on the
+//! wire, and the HTTP/2 settings both ends use.
 //!
 //! tonic copies every message twice on its way: the sender's codec encodes it into a fresh
 //! buffer, and the receiver's `Streaming` gathers HTTP/2 frames into another buffer before
@@ -27,6 +28,18 @@ use prost::Message;
 use std::collections::VecDeque;
 use tonic::body::Body;
 use tonic::{Code, Status};
+
+/// HTTP/2 flow-control window of one stream, bytes: how far a sender may run ahead of the
+/// receiver, and so what one waiting push or pull can hold in buffers. HTTP/2's 64 KiB
+/// default would make every megabyte wait for window updates; much more costs memory per
+/// connection (a server with N workers holds up to N windows) for no speed on loopback.
+pub const STREAM_WINDOW: u32 = 2 << 20;
+
+/// HTTP/2 flow-control window of one connection, bytes.
+pub const CONNECTION_WINDOW: u32 = 2 * STREAM_WINDOW;
+
+/// HTTP/2 frame size, bytes (the default 16 KiB cuts a 1 MiB chunk into 64 frames).
+pub const FRAME: u32 = 1 << 20;
 
 /// The HTTP/2 path of `ParameterServer.Push`.
 pub const PUSH_PATH: &str = "/quorum.v1.ParameterServer/Push";
@@ -148,7 +161,7 @@ pub fn push_frames(head: &GradientChunk, data: Vec<Bytes>) -> Vec<Bytes> {
     let mut frames = Vec::with_capacity(2 * data.len());
     for (i, d) in data.into_iter().enumerate() {
         let fields =
-            GradientChunk { offset: (i * crate::wire::CHUNK_VALUES) as u64, data: Bytes::new(), ..head.clone() };
+            GradientChunk { offset: (i * crate::encoding::CHUNK_VALUES) as u64, data: Bytes::new(), ..head.clone() };
         frames.extend(chunk_frames(&fields, GRADIENT_DATA, d));
     }
     frames
@@ -446,7 +459,7 @@ mod tests {
             let got = parse_all(&wire, &cuts).unwrap();
             assert_eq!(got.len(), 3);
             for (i, (h, d)) in got.iter().enumerate() {
-                let want = GradientChunk { offset: (i * crate::wire::CHUNK_VALUES) as u64, ..head() };
+                let want = GradientChunk { offset: (i * crate::encoding::CHUNK_VALUES) as u64, ..head() };
                 assert_eq!(h, &want);
                 assert_eq!(d[..], data[i][..]);
             }

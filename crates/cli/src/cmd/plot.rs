@@ -231,7 +231,7 @@ fn histogram<DB: DrawingBackend>(
 ) -> Result<()> {
     // The range ends at the largest 99th percentile, so one huge outlier cannot squash the
     // rest into one bin; values beyond land in the last bin.
-    let hi = runs.iter().map(|(_, v)| quorum_sim::report::quantile(v, 0.99)).fold(0.0, f64::max) * 1.05;
+    let hi = runs.iter().map(|(_, v)| quorum_sim::quantile(v, 0.99)).fold(0.0, f64::max) * 1.05;
     let bins = 40usize;
     let width = if hi > 0.0 { hi / bins as f64 } else { 1.0 };
     let mut series = Vec::new();

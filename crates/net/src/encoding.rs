@@ -1,22 +1,11 @@
-//! Values on the wire: raw little-endian `f32` bytes, or `bf16` (half the bytes), in chunks.
+//! How values are encoded on the wire: raw little-endian `f32` bytes, or `bf16` (half the
+//! bytes), in chunks; and their reassembly from chunks.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Values per chunk: 1 MiB of `f32`, far below gRPC's 4 MiB default message limit.
 pub const CHUNK_VALUES: usize = 256 * 1024;
-
-/// HTTP/2 flow-control window of one stream, bytes: how far a sender may run ahead of the
-/// receiver, and so what one waiting push or pull can hold in buffers. HTTP/2's 64 KiB
-/// default would make every megabyte wait for window updates; much more costs memory per
-/// connection (a server with N workers holds up to N windows) for no speed on loopback.
-pub const STREAM_WINDOW: u32 = 2 << 20;
-
-/// HTTP/2 flow-control window of one connection, bytes.
-pub const CONNECTION_WINDOW: u32 = 2 * STREAM_WINDOW;
-
-/// HTTP/2 frame size, bytes (the default 16 KiB cuts a 1 MiB chunk into 64 frames).
-pub const FRAME: u32 = 1 << 20;
 
 /// How parameters and gradients are encoded on the wire.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,224 @@
+//! What the commands that run a cluster share (`train`, `ps`, `worker`, `node`): resolving
+//! the configuration, the server's and a worker's options, the progress line, the summary.
+
+use crate::run_config::{RunConfig, RunFlags};
+use crate::topology::Topology;
+use anyhow::{bail, Context, Result};
+use quorum_compute::GradientSource;
+use quorum_net::checkpoint::{self, CheckpointError};
+use quorum_net::server::{CheckpointOptions, Progress};
+use quorum_net::worker::WorkerReport;
+use quorum_net::{ServerOptions, TrainSummary, WorkerOptions};
+use std::io::Write;
+use std::time::Duration;
+
+/// The live status line: rewritten in place on a terminal, one line every 5 s otherwise.
+pub(crate) fn progress_printer() -> impl FnMut(&Progress) + Send {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    let every = if tty { 0.25 } else { 5.0 };
+    let mut last = f64::NEG_INFINITY;
+    move |p: &Progress| {
+        if p.seconds - last < every {
+            return;
+        }
+        last = p.seconds;
+        let acc = p.accuracy.map_or("-".into(), |a| format!("{:.2}%", 100.0 * a));
+        let loss = p.loss.map_or("-".into(), |l| format!("{l:.4}"));
+        let slow = p.slowest.map_or("-".into(), |(w, s)| format!("w{w} ({:.0} ms)", 1000.0 * s));
+        let line = format!(
+            "step {:>6} | {:>7.0} ex/s | loss {loss} | test acc {acc} | dropped {} | slowest {slow}",
+            p.step, p.examples_per_second, p.dropped
+        );
+        if tty {
+            eprint!("\r{line}   ");
+        } else {
+            eprintln!("{line}");
+        }
+        let _ = std::io::stderr().flush();
+    }
+}
+
+/// Resolves the flags; `None` when `--print-config` printed it.
+pub(crate) fn resolve(flags: &RunFlags) -> Result<Option<RunConfig>> {
+    let cfg = flags.resolve()?;
+    if flags.print_config {
+        print!("{}", cfg.to_toml()?);
+        return Ok(None);
+    }
+    if let Some(n) = cfg.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global().context("setting threads")?;
+    }
+    Ok(Some(cfg))
+}
+
+/// Everything the parameter server needs, with `evaluator` and, for `--resume`, the newest
+/// valid checkpoint restored.
+pub(crate) fn server_options(
+    cfg: &RunConfig,
+    evaluator: Box<dyn GradientSource + Send>,
+    resume: bool,
+    progress: bool,
+) -> Result<ServerOptions> {
+    let steps = cfg.total_steps(cfg.train_examples(&*evaluator))?;
+    let server_cfg = cfg.server_config(steps)?;
+    let layout = evaluator.layout().clone();
+    let init = evaluator.init_params(cfg.seed);
+    let ckpt_dir = cfg.out.join("checkpoints");
+    let mut opts = ServerOptions::new(server_cfg, layout, init);
+    if resume {
+        match checkpoint::load_latest(&ckpt_dir, &opts.layout, &opts.config) {
+            Ok((meta, snap, skipped)) => {
+                for s in skipped {
+                    eprintln!("warning: skipped checkpoint: {s}");
+                }
+                if meta.step >= steps {
+                    bail!(
+                        "the newest checkpoint (step {}) already completes this run of {steps} steps; \
+                         raise `steps` or `epochs` to train further",
+                        meta.step
+                    );
+                }
+                println!("resuming from step {} ({})", meta.step, ckpt_dir.display());
+                opts.restore = Some(snap);
+            }
+            Err(CheckpointError::NoneUsable { skipped, .. }) if skipped.is_empty() => {
+                bail!(
+                    "nothing to resume: no checkpoint in {}; run without --resume to start afresh",
+                    ckpt_dir.display()
+                )
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    opts.out = Some(cfg.out.clone());
+    opts.evaluator = Some(evaluator);
+    opts.eval_every = (cfg.eval_every > 0).then_some(cfg.eval_every);
+    opts.batch = cfg.batch as u64;
+    opts.encoding = cfg.encoding()?;
+    opts.checkpoint = Some(CheckpointOptions {
+        dir: ckpt_dir,
+        every_steps: (cfg.checkpoint_every > 0).then_some(cfg.checkpoint_every),
+        every_seconds: (cfg.checkpoint_seconds > 0.0).then_some(cfg.checkpoint_seconds),
+        keep: cfg.keep_checkpoints,
+    });
+    opts.run_config = Some(cfg.to_toml()?);
+    opts.token = cfg.token()?;
+    opts.tls = cfg.tls();
+    opts.divergence_loss = Some(cfg.divergence_loss.map_or(f32::INFINITY, |l| l as f32));
+    if progress {
+        opts.progress = Some(Box::new(progress_printer()));
+    }
+    cfg.write_to(&cfg.out)?;
+    Ok(opts)
+}
+
+pub(crate) fn worker_options(cfg: &RunConfig, index: u32, server: &str) -> Result<WorkerOptions> {
+    let mut wo = WorkerOptions::new(index, format!("http://{server}"));
+    wo.connect_timeout = Duration::from_secs_f64(cfg.connect_timeout);
+    wo.heartbeat_every = Duration::from_secs_f64((cfg.worker_timeout / 4.0).max(0.05));
+    // A server silent for three of its worker time-outs is frozen or cut off.
+    wo.rpc_timeout = Duration::from_secs_f64((3.0 * cfg.worker_timeout).max(1.0));
+    wo.delay = cfg.delay_sampler()?;
+    wo.seed = cfg.seed;
+    wo.token = cfg.token()?;
+    wo.tls = cfg.tls();
+    Ok(wo)
+}
+
+/// Ctrl-C or SIGTERM.
+pub(crate) async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+pub(crate) fn print_summary(cfg: &RunConfig, s: &TrainSummary) -> Result<()> {
+    println!(
+        "  steps                 {}{}",
+        s.steps,
+        if s.start_step > 0 { format!(" (resumed at {})", s.start_step) } else { String::new() }
+    );
+    println!("  wall time             {:.2} s ({:.1} steps/s)", s.wall_seconds, s.steps_per_second);
+    println!("  gradients             {} accepted, {} dropped, {} rejected", s.accepted, s.dropped, s.rejected);
+    if let Some(acc) = s.final_test_accuracy {
+        println!("  final test accuracy   {:.2}%", 100.0 * acc);
+    } else if let Some(l) = s.final_test_loss {
+        println!("  final test loss       {l:.5}");
+    }
+    if let Some(c) = &s.checkpoint {
+        println!("  checkpoint            {}", c.display());
+    }
+    println!(
+        "  wrote {}/{{summary.json,events.jsonl,metrics.csv,arrivals.csv,workers.csv,config.toml,tensorboard/}}",
+        cfg.out.display()
+    );
+    stopped_early(s)
+}
+
+/// The error for a run that stopped before its last step.
+pub(crate) fn stopped_early(s: &TrainSummary) -> Result<()> {
+    let Some(reason) = &s.stop_reason else { return Ok(()) };
+    if s.diverged {
+        bail!(
+            "{reason}, at step {}; random restarts (restarts = 3) run new attempts and keep the one with \
+             the best validation accuracy",
+            s.steps
+        );
+    }
+    match &s.checkpoint {
+        Some(c) => {
+            bail!("training stopped early at step {}: {reason}; saved {}; continue with --resume", s.steps, c.display())
+        }
+        None => bail!("training stopped early at step {}: {reason}", s.steps),
+    }
+}
+
+pub(crate) fn print_worker(i: u32, r: &WorkerReport) {
+    println!(
+        "  w{i}: {} gradients sent, {} used, {} dropped{}, {:.1} s computing{}",
+        r.sent,
+        r.accepted,
+        r.dropped,
+        if r.unsent_late > 0 { format!(" ({} known late, not sent)", r.unsent_late) } else { String::new() },
+        r.compute_seconds,
+        if r.reconnects > 0 { format!(", {} reconnects", r.reconnects) } else { String::new() }
+    );
+}
+
+pub(crate) fn check_workers(cfg: &RunConfig, t: &Topology) -> Result<()> {
+    if t.workers != cfg.workers {
+        bail!(
+            "{} describes {} workers but the configuration says workers = {}; make them agree",
+            t.source,
+            t.workers,
+            cfg.workers
+        );
+    }
+    Ok(())
+}
+
+/// The cluster spec names the server's port: listen on it on every interface.
+pub(crate) fn all_interfaces(t: &Topology) -> String {
+    format!("0.0.0.0:{}", crate::run_config::port_of(&t.ps).unwrap_or(7070))
+}

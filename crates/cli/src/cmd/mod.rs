@@ -1,0 +1,8 @@
+//! One file per command, as `quorum <command>` names them.
+
+pub mod node;
+pub mod plot;
+pub mod ps;
+pub mod sim;
+pub mod train;
+pub mod worker;

@@ -1,0 +1,31 @@
+//! `quorum node`: whatever role `TF_CONFIG` or Slurm gives this process.
+
+use super::{ps::serve, worker::work};
+use crate::cluster::{all_interfaces, check_workers, resolve};
+use crate::run_config::RunFlags;
+use crate::topology::{self, Role};
+use anyhow::{Context, Result};
+use clap::Args;
+
+/// Flags of `quorum node`.
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    flags: RunFlags,
+    /// (Parameter server) continue from the newest valid checkpoint.
+    #[arg(long)]
+    resume: bool,
+}
+
+/// Runs `quorum node`: the role `TF_CONFIG` or Slurm gives this process.
+pub fn node(a: NodeArgs) -> Result<()> {
+    let Some(cfg) = resolve(&a.flags)? else { return Ok(()) };
+    let t = topology::from_env(cfg.listen_port())?
+        .context("quorum node needs TF_CONFIG or Slurm variables (SLURM_PROCID, ...); use `quorum ps` / `quorum worker` otherwise")?;
+    println!("{t}");
+    check_workers(&cfg, &t)?;
+    match t.role {
+        Role::Ps => serve(&cfg, &all_interfaces(&t), a.resume),
+        Role::Worker(i) => work(&cfg, i, &t.ps),
+    }
+}
