@@ -460,3 +460,74 @@ fn workers_of_a_frozen_server_say_so_keep_trying_and_carry_on_after_it_resumes()
     assert_eq!(s["steps"], 1500);
     assert!(s["stop_reason"].is_null(), "{s}");
 }
+
+/// `(header, rows)` of a CSV file as maps from column to cell.
+fn csv_rows(path: &Path) -> (String, Vec<std::collections::BTreeMap<String, String>>) {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut lines = text.lines();
+    let header = lines.next().unwrap().to_string();
+    let cols: Vec<&str> = header.split(',').collect();
+    let rows =
+        lines.map(|l| cols.iter().map(|c| c.to_string()).zip(l.split(',').map(String::from)).collect()).collect();
+    (header, rows)
+}
+
+#[test]
+fn the_simulator_and_a_real_cluster_keep_the_same_record_of_the_same_scenario() {
+    // Worker 0 is 8x slower than the other two; N = 2, b = 1. Whatever drives the rule, w0
+    // never contributes: it finishes its overtaken gradients and reports them late (the
+    // one worker rule), ranked 3rd among its step's arrivals, and its compute time says it
+    // is the slow one.
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = [
+        "--model",
+        "synthetic:16",
+        "--workers",
+        "3",
+        "--backups",
+        "1",
+        "--steps",
+        "40",
+        "--delay",
+        "slow:1,8,const:0.03",
+    ];
+    let sim = dir.path().join("sim");
+    let o = quorum().arg("sim").args(scenario).args(["--out", sim.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let real = dir.path().join("real");
+    let o = quorum().arg("train").args(scenario).args(["--out", real.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+
+    let (sim_h, sim_w) = csv_rows(&sim.join("workers.csv"));
+    let (real_h, real_w) = csv_rows(&real.join("workers.csv"));
+    assert_eq!(sim_h, real_h, "workers.csv has the same columns");
+    for (who, w) in [("sim", &sim_w), ("real", &real_w)] {
+        let n = |i: usize, c: &str| w[i][c].parse::<f64>().unwrap_or_else(|_| panic!("{who} w{i} {c}: {:?}", w[i][c]));
+        assert_eq!(n(0, "accepted"), 0.0, "{who}: the slow worker never counts");
+        assert!(n(0, "dropped") >= 2.0, "{who}: the slow worker reports its late gradients");
+        for i in 0..3 {
+            assert_eq!(
+                n(i, "sent"),
+                n(i, "accepted") + n(i, "dropped"),
+                "{who} w{i}: every push is accepted or dropped"
+            );
+            assert_eq!(n(i, "abandoned"), 0.0, "{who} w{i}: a worker finishes what it starts");
+        }
+        assert!(n(1, "accepted") + n(2, "accepted") == 80.0, "{who}: w1 and w2 make every step");
+        assert!(n(0, "mean_compute_seconds") > 4.0 * n(1, "mean_compute_seconds"), "{who}: w0 is the slow one");
+        assert!(n(0, "mean_transfer_seconds") >= 0.0, "{who}: transfer is measured");
+    }
+
+    let (sim_h, sim_a) = csv_rows(&sim.join("arrivals.csv"));
+    let (real_h, real_a) = csv_rows(&real.join("arrivals.csv"));
+    assert_eq!(sim_h, real_h);
+    for (who, a) in [("sim", &sim_a), ("real", &real_a)] {
+        for r in a {
+            let (k, worker, accepted) = (&r["k"], &r["worker"], &r["accepted"]);
+            match worker.as_str() {
+                "0" => assert_eq!((k.as_str(), accepted.as_str()), ("3", "false"), "{who}: {r:?}"),
+                _ => assert!(["1", "2"].contains(&k.as_str()) && accepted == "true", "{who}: {r:?}"),
+            }
+        }
+    }
+}

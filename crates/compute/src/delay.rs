@@ -21,17 +21,6 @@ use std::sync::Arc;
 #[error("{0}")]
 pub struct DelayError(String);
 
-/// The q-quantile (0..=1) of `v` by nearest rank; NaN for an empty slice.
-pub fn quantile(v: &[f64], q: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let idx = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1;
-    s[idx]
-}
-
 /// A distribution of per-gradient compute times, in seconds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]

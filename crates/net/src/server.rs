@@ -188,11 +188,7 @@ pub async fn run_server(
                                 pub_tx.send_replace(Published::stopped(server.step()));
                             }
                             if e != ProtocolError::Stopped {
-                                rec.rejected += 1;
-                                if let Some(w) = rec.workers.get_mut(worker.index()) {
-                                    w.rejected += 1;
-                                }
-                                rec.log(&Event::Rejected { worker, reason: e.to_string(), time: now.as_secs_f64() })?;
+                                rec.event(&Event::Rejected { worker, reason: e.to_string(), time: now.as_secs_f64() })?;
                             }
                             answer.send(Err(e));
                         }
@@ -236,15 +232,15 @@ pub async fn run_server(
                 rec.evaluation(s, ev)?;
             }
             if let Some(cb) = opts.progress.as_mut() {
-                let (seconds, dropped) = (rec.last_step_at, rec.dropped);
+                let (seconds, dropped) = (rec.run.last_step_at, rec.run.dropped);
                 cb(&Progress {
                     step: done,
                     seconds,
-                    examples_per_second: rec.examples as f64 / seconds.max(1e-9),
-                    loss: rec.rows.last().and_then(|r| r.3),
+                    examples_per_second: rec.run.examples as f64 / seconds.max(1e-9),
+                    loss: rec.run.updates.last().and_then(|u| u.loss),
                     accuracy: rec.evals.values().last().and_then(|e| e.accuracy),
                     dropped,
-                    slowest: rec.slowest(),
+                    slowest: rec.run.slowest(),
                 });
             }
         }
@@ -299,11 +295,11 @@ pub async fn run_server(
     let summary = TrainSummary {
         steps: server.step(),
         start_step,
-        wall_seconds: rec.last_step_at,
-        steps_per_second: if rec.last_step_at > 0.0 { run_steps as f64 / rec.last_step_at } else { 0.0 },
-        dropped: rec.dropped,
-        accepted: rec.accepted,
-        rejected: rec.rejected,
+        wall_seconds: rec.run.last_step_at,
+        steps_per_second: if rec.run.last_step_at > 0.0 { run_steps as f64 / rec.run.last_step_at } else { 0.0 },
+        dropped: rec.run.dropped,
+        accepted: rec.run.accepted,
+        rejected: rec.run.rejected,
         policy: cfg.policy.name().into(),
         workers: cfg.workers,
         backups: cfg.policy.backups(),

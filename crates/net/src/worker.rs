@@ -551,6 +551,9 @@ impl Session<'_> {
     /// heartbeats meanwhile so a slow gradient is not taken for death.
     async fn compute(&mut self, pulled: Pulled, local: &mut Local<'_>) -> Result<Computed, Exit> {
         let w = self.opts.index;
+        // The injected delay stands for a slower machine: it counts in the compute time the
+        // push reports (workers.csv, the slowest worker), as the simulator counts it.
+        let started = Instant::now();
         if let Some(d) = &self.opts.delay {
             let secs = d.sample(w, *local.draws, local.rng);
             *local.draws += 1;
@@ -587,8 +590,8 @@ impl Session<'_> {
                 }
             }
         };
-        let seconds = t0.elapsed().as_secs_f64();
-        local.report.compute_seconds += seconds;
+        local.report.compute_seconds += t0.elapsed().as_secs_f64();
+        let seconds = started.elapsed().as_secs_f64();
         *local.source = Some(src);
         self.params_buffer = params;
         let (loss, grad) = result.map_err(|source| WorkerError::Compute { worker: w, source })?;

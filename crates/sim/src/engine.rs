@@ -3,13 +3,13 @@
 
 use crate::config::{EvalOn, SimConfig};
 use crate::queue::EventQueue;
-use crate::report::{Arrival, MetricRow, SimReport, Summary, WorkerStats};
-use quorum_compute::delay::{quantile, DelaySampler};
+use crate::report::{MetricRow, SimReport, Summary};
+use quorum_compute::delay::DelaySampler;
 use quorum_compute::{BatchId, GradientSource};
 use quorum_core::{Action, ConfigError, Event, ParamLayout, Server, Step, ToServer, Worker, WorkerAction, WorkerId};
+use quorum_record::{quantile, RunRecord};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
@@ -60,11 +60,13 @@ enum SimEvent {
         session: u64,
         msg: ToServer,
     },
+    /// `transfer`: the seconds the message took (the worker's pull, in `workers.csv`).
     Params {
         to: WorkerId,
         life: u32,
         step: Step,
         params: Arc<Vec<f32>>,
+        transfer: f64,
     },
     ComputeDone {
         worker: WorkerId,
@@ -91,14 +93,14 @@ impl SimEvent {
 
 struct SimWorker {
     sm: Worker,
-    /// Newest parameters received.
-    latest: Option<(Step, Arc<Vec<f32>>)>,
-    /// Parameters of the computation in progress.
-    computing_on: Option<Arc<Vec<f32>>>,
+    /// Newest parameters received, and the seconds they took to arrive.
+    latest: Option<(Step, Arc<Vec<f32>>, f64)>,
+    /// Parameters of the computation in progress, and the seconds they took to arrive.
+    computing_on: Option<(Arc<Vec<f32>>, f64)>,
+    /// Seconds the last finished computation took.
+    computed_seconds: f64,
     rng: ChaCha8Rng,
     draws: u64,
-    stats: WorkerStats,
-    compute_times: Vec<f64>,
     /// Its process: bumped by each crash.
     life: u32,
     /// Dead (crashed, not restarted yet).
@@ -128,12 +130,10 @@ struct Engine<'a> {
     /// Parameters published for the current step, shared by every message that carries them.
     published: Option<(Step, Arc<Vec<f32>>)>,
     bytes: usize,
-    batch: u64,
     report: SimReport,
-    late_per_step: BTreeMap<Step, u32>,
-    staleness_sum: u64,
+    /// The run record, the same as the networked server keeps.
+    record: RunRecord,
     grad: Vec<f32>,
-    last_step_at: f64,
     done: bool,
 }
 
@@ -166,8 +166,7 @@ pub fn simulate<'a>(
                 computing_on: None,
                 rng,
                 draws: 0,
-                stats: WorkerStats { worker: i, ..Default::default() },
-                compute_times: Vec::new(),
+                computed_seconds: 0.0,
                 life: 0,
                 down: false,
                 joined: true,
@@ -210,7 +209,6 @@ pub fn simulate<'a>(
         tick_at: None,
         published: None,
         bytes,
-        batch,
         report: SimReport {
             summary,
             events: Vec::new(),
@@ -222,10 +220,8 @@ pub fn simulate<'a>(
             final_eval_params: Vec::new(),
             restarts: Vec::new(),
         },
-        late_per_step: BTreeMap::new(),
-        staleness_sum: 0,
+        record: RunRecord::new(cfg.server.workers, batch, cfg.record_arrivals),
         grad: Vec::new(),
-        last_step_at: 0.0,
         done: false,
     };
     engine.run()?;
@@ -351,12 +347,12 @@ impl Engine<'_> {
                     };
                     self.carry_out(now, out)?;
                 }
-                SimEvent::Params { to, life, step, params } => {
+                SimEvent::Params { to, life, step, params, transfer } => {
                     let w = &mut self.workers[to.index()];
                     if w.life != life || w.down || !w.joined {
                         continue;
                     }
-                    w.latest = Some((step, params));
+                    w.latest = Some((step, params, transfer));
                     let acts = w.sm.on_params(step);
                     self.worker_actions(now, to, acts)?;
                 }
@@ -366,7 +362,7 @@ impl Engine<'_> {
                         continue;
                     }
                     if w.sm.computing() == Some(step) {
-                        w.compute_times.push(seconds);
+                        w.computed_seconds = seconds;
                     }
                     let acts = w.sm.on_computed(step);
                     self.worker_actions(now, worker, acts)?;
@@ -415,9 +411,9 @@ impl Engine<'_> {
 
     fn send_params(&mut self, now: Duration, to: WorkerId, step: Step) {
         let params = self.params_of(step);
-        let arrive = at(now, self.link_delay(now, to, self.bytes));
+        let transfer = self.link_delay(now, to, self.bytes);
         let life = self.workers[to.index()].life;
-        self.queue.push(arrive, SimEvent::Params { to, life, step, params });
+        self.queue.push(at(now, transfer), SimEvent::Params { to, life, step, params, transfer });
     }
 
     /// A message's delay on `w`'s link: the network's, times a slow link's factor.
@@ -490,82 +486,47 @@ impl Engine<'_> {
         Ok(())
     }
 
-    /// `k` is the arrival rank: accepted gradients carry it; late ones rank after the N accepted.
-    fn record_arrival(&mut self, step: Step, worker: WorkerId, k: Option<u32>, seconds: f64, accepted: bool) {
-        let k = match k {
-            Some(k) => k,
-            None => {
-                let late = self.late_per_step.entry(step).or_insert(0);
-                *late += 1;
-                let k = self.server.config().policy.aggregate_hint() + *late;
-                if self.late_per_step.len() > 4096 {
-                    self.late_per_step.pop_first();
-                }
-                k
-            }
-        };
-        if self.cfg.record_arrivals {
-            self.report.arrivals.push(Arrival { step, k, worker: worker.0, seconds, accepted });
-        }
-    }
-
+    /// Feeds the run record; on an update, the metrics row (with an evaluation when due) and
+    /// the stop conditions (divergence, the target reached).
     fn observe(&mut self, now: Duration, e: &Event) -> Result<(), SimError> {
-        match e {
-            Event::GradientAccepted { worker, step, k, since_open, staleness, .. } => {
-                self.workers[worker.index()].stats.accepted += 1;
-                self.report.summary.accepted += 1;
-                self.staleness_sum += staleness;
-                self.record_arrival(*step, *worker, Some(*k), *since_open, true);
+        let Some(done_steps) = self.record.observe(e) else { return Ok(()) };
+        let loss = self.record.updates.last().and_then(|u| u.loss);
+        let mut row = MetricRow {
+            step: done_steps,
+            virtual_seconds: now.as_secs_f64(),
+            examples: self.record.examples,
+            train_loss: loss,
+            test_loss: None,
+            test_accuracy: None,
+        };
+        if let Some(l) = loss {
+            if self.cfg.divergence_loss.is_some_and(|d| !l.is_finite() || l > d) {
+                self.report.summary.diverged = true;
+                self.done = true;
             }
-            Event::GradientDropped { worker, step, since_open, .. } => {
-                self.workers[worker.index()].stats.dropped += 1;
-                self.report.summary.dropped += 1;
-                self.record_arrival(*step, *worker, None, *since_open, false);
-            }
-            Event::StepApplied { step, contributors, duration, loss, .. } => {
-                self.report.step_seconds.push(*duration);
-                self.last_step_at = now.as_secs_f64();
-                self.report.summary.examples += contributors.len() as u64 * self.batch;
-                let done_steps = step + 1;
-                let mut row = MetricRow {
-                    step: done_steps,
-                    virtual_seconds: now.as_secs_f64(),
-                    examples: self.report.summary.examples,
-                    train_loss: *loss,
-                    test_loss: None,
-                    test_accuracy: None,
-                };
-                if let Some(l) = loss {
-                    if self.cfg.divergence_loss.is_some_and(|d| !l.is_finite() || *l > d) {
-                        self.report.summary.diverged = true;
-                        self.done = true;
-                    }
-                }
-                let due = self.cfg.eval_every.is_some_and(|k| done_steps % k == 0) || done_steps == self.cfg.steps;
-                if due {
-                    let params: Vec<f32> = match (self.cfg.eval_on, self.server.ema()) {
-                        (EvalOn::Ema, Some(e)) => e.to_vec(),
-                        _ => self.server.params().to_vec(),
-                    };
-                    if let Some(src) = self.source.as_mut() {
-                        let ev = src.evaluate(&params)?;
-                        row.test_loss = Some(ev.loss);
-                        row.test_accuracy = ev.accuracy;
-                        let reached = self.cfg.target.is_some_and(|t| ev.accuracy.is_some_and(|a| a >= t));
-                        let s = &mut self.report.summary;
-                        if reached && s.target_step.is_none() {
-                            s.target_step = Some(done_steps);
-                            s.target_seconds = Some(row.virtual_seconds);
-                            s.target_examples = Some(row.examples);
-                            self.done |= self.cfg.stop_at_target;
-                        }
-                    }
-                }
-                if self.source.is_some() {
-                    self.report.metrics.push(row);
+        }
+        let due = self.cfg.eval_every.is_some_and(|k| done_steps % k == 0) || done_steps == self.cfg.steps;
+        if due {
+            let params: Vec<f32> = match (self.cfg.eval_on, self.server.ema()) {
+                (EvalOn::Ema, Some(e)) => e.to_vec(),
+                _ => self.server.params().to_vec(),
+            };
+            if let Some(src) = self.source.as_mut() {
+                let ev = src.evaluate(&params)?;
+                row.test_loss = Some(ev.loss);
+                row.test_accuracy = ev.accuracy;
+                let reached = self.cfg.target.is_some_and(|t| ev.accuracy.is_some_and(|a| a >= t));
+                let s = &mut self.report.summary;
+                if reached && s.target_step.is_none() {
+                    s.target_step = Some(done_steps);
+                    s.target_seconds = Some(row.virtual_seconds);
+                    s.target_examples = Some(row.examples);
+                    self.done |= self.cfg.stop_at_target;
                 }
             }
-            _ => {}
+        }
+        if self.source.is_some() {
+            self.report.metrics.push(row);
         }
         Ok(())
     }
@@ -575,23 +536,20 @@ impl Engine<'_> {
             match a {
                 WorkerAction::Compute { step } => {
                     let w = &mut self.workers[id.index()];
-                    w.computing_on = w.latest.as_ref().map(|(_, p)| p.clone());
+                    w.computing_on = w.latest.as_ref().map(|(_, p, transfer)| (p.clone(), *transfer));
                     let seconds = self.delay.sample(id.0, w.draws, &mut w.rng);
                     w.draws += 1;
                     let life = w.life;
                     self.queue.push(at(now, seconds), SimEvent::ComputeDone { worker: id, life, step, seconds });
                 }
-                WorkerAction::Cancel { .. } | WorkerAction::Discard { .. } => {
-                    self.workers[id.index()].stats.abandoned += 1;
-                }
+                WorkerAction::Cancel { .. } | WorkerAction::Discard { .. } => self.record.abandoned(id),
                 // The server sends new parameters to every live worker when a step closes:
                 // the networked worker's long-poll pull, in virtual time.
                 WorkerAction::AwaitParams { .. } => {}
                 // A late notice: the step and the worker, no values (so no gradient math).
                 WorkerAction::NotifyLate { step } => {
-                    let w = &mut self.workers[id.index()];
-                    w.stats.sent += 1;
-                    let session = w.session(id);
+                    self.record_push(id);
+                    let session = self.workers[id.index()].session(id);
                     let arrive = at(now, self.link_delay(now, id, 0));
                     self.queue.push(
                         arrive,
@@ -603,11 +561,11 @@ impl Engine<'_> {
                     );
                 }
                 WorkerAction::Push { step } => {
-                    let w = &mut self.workers[id.index()];
-                    w.stats.sent += 1;
+                    self.record_push(id);
+                    let w = &self.workers[id.index()];
                     let (gradient, loss) = match self.source.as_mut() {
                         Some(src) => {
-                            let params = w.computing_on.as_ref().expect("a computation has parameters");
+                            let (params, _) = w.computing_on.as_ref().expect("a computation has parameters");
                             let loss = src.gradient(params, BatchId { worker: id, step }, &mut self.grad)?;
                             (self.grad.clone(), Some(loss))
                         }
@@ -634,15 +592,27 @@ impl Engine<'_> {
         Ok(())
     }
 
+    /// A push (or late notice) leaves `id`: its timing goes to the record, as a networked
+    /// push's does.
+    fn record_push(&mut self, id: WorkerId) {
+        let w = &self.workers[id.index()];
+        let transfer = w.computing_on.as_ref().map_or(0.0, |(_, t)| *t);
+        self.record.pushed(id, w.computed_seconds, transfer);
+    }
+
     fn finish(mut self) -> Result<SimReport, SimError> {
+        let record = std::mem::replace(&mut self.record, RunRecord::new(0, 0, false));
         let s = &mut self.report.summary;
         s.steps = self.server.step();
-        s.virtual_seconds = self.last_step_at;
-        let n = self.report.step_seconds.len().max(1) as f64;
-        s.mean_step_seconds = self.report.step_seconds.iter().sum::<f64>() / n;
-        s.p50_step_seconds = quantile(&self.report.step_seconds, 0.5);
-        s.p99_step_seconds = quantile(&self.report.step_seconds, 0.99);
-        s.mean_staleness = if s.accepted == 0 { 0.0 } else { self.staleness_sum as f64 / s.accepted as f64 };
+        s.virtual_seconds = record.last_step_at;
+        s.accepted = record.accepted;
+        s.dropped = record.dropped;
+        s.examples = record.examples;
+        s.mean_staleness = record.mean_staleness();
+        let n = record.step_seconds.len().max(1) as f64;
+        s.mean_step_seconds = record.step_seconds.iter().sum::<f64>() / n;
+        s.p50_step_seconds = quantile(&record.step_seconds, 0.5);
+        s.p99_step_seconds = quantile(&record.step_seconds, 0.99);
         let losses: Vec<f32> = self.report.metrics.iter().filter_map(|m| m.train_loss).collect();
         let tail = (losses.len() / 10).max(1).min(losses.len());
         if tail > 0 {
@@ -657,17 +627,9 @@ impl Engine<'_> {
             (EvalOn::Ema, Some(e)) => e.to_vec(),
             _ => self.report.final_params.clone(),
         };
-        self.report.workers = self
-            .workers
-            .into_iter()
-            .map(|mut w| {
-                let t = &w.compute_times;
-                w.stats.mean_compute_seconds = if t.is_empty() { 0.0 } else { t.iter().sum::<f64>() / t.len() as f64 };
-                w.stats.p50_compute_seconds = quantile(t, 0.5);
-                w.stats.p99_compute_seconds = quantile(t, 0.99);
-                w.stats
-            })
-            .collect();
+        self.report.step_seconds = record.step_seconds;
+        self.report.arrivals = record.arrivals;
+        self.report.workers = record.workers;
         Ok(self.report)
     }
 }

@@ -1,24 +1,10 @@
 //! What a simulated run produces, and how it is written to a run directory.
 
 use quorum_core::{Event, Step};
+pub use quorum_record::{Arrival, WorkerStats};
 use serde::Serialize;
 use std::io::{BufWriter, Write};
 use std::path::Path;
-
-/// The k-th gradient tagged with `step` reached the server `seconds` after the step opened.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct Arrival {
-    /// The gradient's tag.
-    pub step: Step,
-    /// Arrival rank among gradients of that step, from 1.
-    pub k: u32,
-    /// Who sent it.
-    pub worker: u32,
-    /// Seconds since the step opened.
-    pub seconds: f64,
-    /// Whether it was averaged (false: dropped as late).
-    pub accepted: bool,
-}
 
 /// One row of `metrics.csv`: written after every update.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -35,27 +21,6 @@ pub struct MetricRow {
     pub test_loss: Option<f32>,
     /// Test accuracy, on evaluation steps (classification only).
     pub test_accuracy: Option<f32>,
-}
-
-/// Per-worker counters.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct WorkerStats {
-    /// The worker.
-    pub worker: u32,
-    /// Gradients pushed.
-    pub sent: u64,
-    /// Gradients used.
-    pub accepted: u64,
-    /// Gradients dropped (late or too stale).
-    pub dropped: u64,
-    /// Computations abandoned for newer parameters.
-    pub abandoned: u64,
-    /// Mean compute time, seconds.
-    pub mean_compute_seconds: f64,
-    /// Median compute time.
-    pub p50_compute_seconds: f64,
-    /// 99th percentile compute time.
-    pub p99_compute_seconds: f64,
 }
 
 /// `summary.json`.
@@ -184,12 +149,8 @@ impl SimReport {
         w.flush()?;
 
         let p = dir.join("arrivals.csv");
-        let mut w = BufWriter::new(std::fs::File::create(&p).map_err(|e| io_err(&p, e))?);
-        writeln!(w, "step,k,worker,seconds,accepted")?;
-        for a in &self.arrivals {
-            writeln!(w, "{},{},{},{},{}", a.step, a.k, a.worker, a.seconds, a.accepted)?;
-        }
-        w.flush()?;
+        let w = BufWriter::new(std::fs::File::create(&p).map_err(|e| io_err(&p, e))?);
+        quorum_record::arrivals::write(w, &[], &self.arrivals).map_err(|e| io_err(&p, e))?;
 
         let p = dir.join("metrics.csv");
         let mut w = BufWriter::new(std::fs::File::create(&p).map_err(|e| io_err(&p, e))?);
@@ -209,11 +170,8 @@ impl SimReport {
         w.flush()?;
 
         let p = dir.join("workers.csv");
-        let mut w = csv::Writer::from_path(&p).map_err(|e| io_err(&p, e))?;
-        for s in &self.workers {
-            w.serialize(s).map_err(|e| io_err(&p, e))?;
-        }
-        w.flush()?;
+        let w = BufWriter::new(std::fs::File::create(&p).map_err(|e| io_err(&p, e))?);
+        quorum_record::workers::write(w, &self.workers).map_err(|e| io_err(&p, e))?;
         Ok(())
     }
 

@@ -307,8 +307,14 @@ pub fn run(args: SimArgs) -> Result<()> {
         let r = simulate(&cfg, None)?;
         print_summary(&cfg, &r);
         r
-    } else if model == "synthetic" {
-        let mut src = LeastSquares::new(args.dim.unwrap_or(32), args.batch.unwrap_or(32), 0.1, cfg.seed);
+    } else if let Some(dim) = model.strip_prefix("synthetic") {
+        // `synthetic:DIM`, as `quorum train` names it, or `synthetic` with --dim.
+        let dim = match dim.strip_prefix(':') {
+            Some(d) => d.parse().with_context(|| format!("bad dimension in model `{model}`"))?,
+            None if dim.is_empty() => args.dim.unwrap_or(32),
+            None => bail!("unknown model `{model}`: use synthetic[:DIM], mlp, mlp:W1,W2,..., cnn or cnn:C1,C2,C3,C4"),
+        };
+        let mut src = LeastSquares::new(dim, args.batch.unwrap_or(32), 0.1, cfg.seed);
         let r = attempts(&args, &cfg, &mut src)?;
         print_summary(&cfg, &r);
         println!("  distance to optimum   {:.5}", src.distance(&r.final_params));
@@ -458,7 +464,7 @@ fn print_summary(cfg: &SimConfig, r: &SimReport) {
             w.worker,
             wasted,
             w.accepted + wasted,
-            w.mean_compute_seconds
+            w.mean_compute().unwrap_or(f64::NAN)
         );
     }
     if let Some(l) = s.final_test_loss {

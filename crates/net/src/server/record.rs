@@ -7,47 +7,11 @@ use super::TrainSummary;
 use crate::tensorboard::EventWriter;
 use quorum_compute::Evaluation;
 use quorum_core::{Event, WorkerId};
-use std::collections::{BTreeMap, HashMap};
+use quorum_record::RunRecord;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::SystemTime;
-
-/// Per-worker counters and timing samples (workers.csv).
-#[derive(Default, Clone)]
-pub(super) struct WorkerStats {
-    pub(super) sent: u64,
-    pub(super) accepted: u64,
-    pub(super) dropped: u64,
-    pub(super) rejected: u64,
-    pub(super) wait_sum: f64,
-    pub(super) compute: Vec<f64>,
-    pub(super) transfer: Vec<f64>,
-    /// Running sums of `compute` and `transfer`, so the live "slowest worker" costs O(workers).
-    pub(super) compute_sum: f64,
-    pub(super) transfer_sum: f64,
-}
-
-/// A statistic of a worker's samples as a CSV cell: empty when there are none (a worker that
-/// never sent), not a made-up 0 or NaN.
-pub(super) fn cell(v: &[f64], stat: impl Fn(&[f64]) -> f64) -> String {
-    if v.is_empty() {
-        String::new()
-    } else {
-        stat(v).to_string()
-    }
-}
-
-pub(super) fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len() as f64
-}
-
-pub(super) fn p50(v: &[f64]) -> f64 {
-    quorum_compute::delay::quantile(v, 0.5)
-}
-
-pub(super) fn p99(v: &[f64]) -> f64 {
-    quorum_compute::delay::quantile(v, 0.99)
-}
 
 /// Everything the run records, fed by the loop's events.
 pub(super) struct Recorder {
@@ -55,25 +19,16 @@ pub(super) struct Recorder {
     pub(super) events: Option<std::io::BufWriter<std::fs::File>>,
     pub(super) tensorboard: Option<EventWriter>,
     pub(super) started_unix: f64,
-    pub(super) batch: u64,
-    /// (step, seconds, examples, train loss) per update.
-    pub(super) rows: Vec<(u64, f64, u64, Option<f32>)>,
-    /// (step, k, worker, seconds since the step opened, accepted).
-    pub(super) arrivals: Vec<(u64, u32, u32, f64, bool)>,
-    pub(super) arrivals_per_step: HashMap<u64, u32>,
     pub(super) evals: BTreeMap<u64, Evaluation>,
-    pub(super) workers: Vec<WorkerStats>,
-    pub(super) accepted: u64,
-    pub(super) dropped: u64,
-    pub(super) rejected: u64,
-    pub(super) examples: u64,
-    pub(super) last_step_at: f64,
+    /// Counters, arrivals, updates and per-worker statistics: the record the simulator
+    /// keeps too.
+    pub(super) run: RunRecord,
     /// What a resumed run keeps of the run before it.
     pub(super) earlier: Earlier,
 }
 
 pub(super) const METRICS_HEADER: &str = "step,seconds,examples,train_loss,test_loss,test_accuracy";
-pub(super) const ARRIVALS_HEADER: &str = "step,k,worker,seconds,accepted";
+pub(super) const ARRIVALS_HEADER: &str = quorum_record::arrivals::HEADER;
 
 /// The records of the run a resumed run continues, up to the checkpointed step: the new
 /// run's files continue them rather than replace them.
@@ -148,13 +103,13 @@ impl Earlier {
                 }
             }
             let (t0, ex0) = (earlier.seconds, earlier.examples);
-            for (s, secs, ex, loss) in replay.rows.iter().filter(|r| r.0 > rows_up_to && r.0 <= step) {
-                let loss = loss.map(|l| l.to_string()).unwrap_or_default();
-                earlier.metrics.push(format!("{s},{},{},{loss},,", t0 + secs, ex0 + ex));
-                (earlier.seconds, earlier.examples) = (t0 + secs, ex0 + ex);
+            for u in replay.run.updates.iter().filter(|u| u.step > rows_up_to && u.step <= step) {
+                let loss = u.loss.map(|l| l.to_string()).unwrap_or_default();
+                earlier.metrics.push(format!("{},{},{},{loss},,", u.step, t0 + u.seconds, ex0 + u.examples));
+                (earlier.seconds, earlier.examples) = (t0 + u.seconds, ex0 + u.examples);
             }
-            for (s, k, w, secs, acc) in replay.arrivals.iter().filter(|a| a.0 >= rows_up_to && a.0 < step) {
-                earlier.arrivals.push(format!("{s},{k},{w},{secs},{acc}"));
+            for a in replay.run.arrivals.iter().filter(|a| a.step >= rows_up_to && a.step < step) {
+                earlier.arrivals.push(a.line());
             }
         }
         // Written back now, so a later crash of the resumed run loses only its own records
@@ -199,17 +154,8 @@ impl Recorder {
             events,
             tensorboard,
             started_unix,
-            batch,
-            rows: Vec::new(),
-            arrivals: Vec::new(),
-            arrivals_per_step: HashMap::new(),
             evals: BTreeMap::new(),
-            workers: vec![WorkerStats::default(); workers as usize],
-            accepted: 0,
-            dropped: 0,
-            rejected: 0,
-            examples: 0,
-            last_step_at: 0.0,
+            run: RunRecord::new(workers, batch, true),
             earlier,
         })
     }
@@ -230,19 +176,7 @@ impl Recorder {
     }
 
     pub(super) fn timing(&mut self, worker: WorkerId, t: Timing) {
-        if let Some(w) = self.workers.get_mut(worker.index()) {
-            w.sent += 1;
-            w.compute.push(t.compute);
-            w.transfer.push(t.transfer);
-            w.compute_sum += t.compute;
-            w.transfer_sum += t.transfer;
-        }
-    }
-
-    pub(super) fn arrival(&mut self, step: u64, worker: WorkerId, since_open: f64, accepted: bool) {
-        let k = self.arrivals_per_step.entry(step).or_insert(0);
-        *k += 1;
-        self.arrivals.push((step, *k, worker.0, since_open, accepted));
+        self.run.pushed(worker, t.compute, t.transfer);
     }
 
     pub(super) fn evaluation(&mut self, step: u64, e: Evaluation) -> std::io::Result<()> {
@@ -251,58 +185,26 @@ impl Recorder {
             if let Some(a) = e.accuracy {
                 v.push(("test/accuracy", a));
             }
-            tb.scalars(self.started_unix + self.last_step_at, step, &v)?;
+            tb.scalars(self.started_unix + self.run.last_step_at, step, &v)?;
         }
         self.evals.insert(step, e);
         Ok(())
     }
 
-    /// The worker with the highest mean compute + transfer time.
-    pub(super) fn slowest(&self) -> Option<(u32, f64)> {
-        self.workers
-            .iter()
-            .enumerate()
-            .filter(|(_, w)| !w.compute.is_empty())
-            .map(|(i, w)| (i as u32, (w.compute_sum + w.transfer_sum) / w.compute.len() as f64))
-            .max_by(|a, b| a.1.total_cmp(&b.1))
-    }
-
     /// Records one event; returns the step just completed when it is a `StepApplied`.
     pub(super) fn event(&mut self, e: &Event) -> std::io::Result<Option<u64>> {
         self.log(e)?;
-        match e {
-            Event::GradientAccepted { worker, step, since_open, .. } => {
-                self.accepted += 1;
-                self.workers[worker.index()].accepted += 1;
-                self.workers[worker.index()].wait_sum += since_open;
-                self.arrival(*step, *worker, *since_open, true);
+        let done = self.run.observe(e);
+        if let (Some(done), Some(tb), Event::StepApplied { loss, time, duration, .. }) =
+            (done, self.tensorboard.as_mut(), e)
+        {
+            let mut v = vec![("train/step_seconds", *duration as f32), ("train/dropped", self.run.dropped as f32)];
+            if let Some(l) = loss {
+                v.push(("train/loss", *l));
             }
-            Event::GradientDropped { worker, step, since_open, .. } => {
-                self.dropped += 1;
-                self.workers[worker.index()].dropped += 1;
-                self.arrival(*step, *worker, *since_open, false);
-            }
-            Event::StepApplied { step, contributors, loss, time, duration, .. } => {
-                self.examples += contributors.len() as u64 * self.batch;
-                self.last_step_at = *time;
-                let done = step + 1;
-                self.rows.push((done, *time, self.examples, *loss));
-                // Late gradients of steps long closed are rare; forget counters of old steps.
-                if done.is_multiple_of(256) {
-                    self.arrivals_per_step.retain(|s, _| s + 64 >= done);
-                }
-                if let Some(tb) = self.tensorboard.as_mut() {
-                    let mut v = vec![("train/step_seconds", *duration as f32), ("train/dropped", self.dropped as f32)];
-                    if let Some(l) = loss {
-                        v.push(("train/loss", *l));
-                    }
-                    tb.scalars(self.started_unix + time, done, &v)?;
-                }
-                return Ok(Some(done));
-            }
-            _ => {}
+            tb.scalars(self.started_unix + time, done, &v)?;
         }
-        Ok(None)
+        Ok(done)
     }
 
     pub(super) fn write_files(&mut self, summary: &TrainSummary) -> std::io::Result<()> {
@@ -321,53 +223,24 @@ impl Recorder {
         }
         // A resumed run continues the earlier run's clock and example count.
         let (t0, ex0) = (self.earlier.seconds, self.earlier.examples);
-        for (step, secs, ex, loss) in &self.rows {
-            let e = self.evals.get(step);
+        for u in &self.run.updates {
+            let e = self.evals.get(&u.step);
             writeln!(
                 m,
-                "{step},{},{},{},{},{}",
-                secs + t0,
-                ex + ex0,
-                opt(*loss),
+                "{},{},{},{},{},{}",
+                u.step,
+                u.seconds + t0,
+                u.examples + ex0,
+                opt(u.loss),
                 opt(e.map(|e| e.loss)),
                 opt(e.and_then(|e| e.accuracy))
             )?;
         }
         m.flush()?;
-        let mut a = std::io::BufWriter::new(std::fs::File::create(dir.join("arrivals.csv"))?);
-        writeln!(a, "{ARRIVALS_HEADER}")?;
-        for row in &self.earlier.arrivals {
-            writeln!(a, "{row}")?;
-        }
-        for (step, k, w, secs, acc) in &self.arrivals {
-            writeln!(a, "{step},{k},{w},{secs},{acc}")?;
-        }
-        a.flush()?;
-        let mut w = std::io::BufWriter::new(std::fs::File::create(dir.join("workers.csv"))?);
-        writeln!(
-            w,
-            "worker,sent,accepted,dropped,rejected,mean_wait_seconds,mean_compute_seconds,p50_compute_seconds,\
-             p99_compute_seconds,mean_transfer_seconds,p50_transfer_seconds,p99_transfer_seconds"
-        )?;
-        for (i, s) in self.workers.iter().enumerate() {
-            let wait = if s.accepted > 0 { (s.wait_sum / s.accepted as f64).to_string() } else { String::new() };
-            let (c, t) = (&s.compute, &s.transfer);
-            writeln!(
-                w,
-                "{i},{},{},{},{},{wait},{},{},{},{},{},{}",
-                s.sent,
-                s.accepted,
-                s.dropped,
-                s.rejected,
-                cell(c, mean),
-                cell(c, p50),
-                cell(c, p99),
-                cell(t, mean),
-                cell(t, p50),
-                cell(t, p99)
-            )?;
-        }
-        w.flush()?;
+        let a = std::io::BufWriter::new(std::fs::File::create(dir.join("arrivals.csv"))?);
+        quorum_record::arrivals::write(a, &self.earlier.arrivals, &self.run.arrivals)?;
+        let w = std::io::BufWriter::new(std::fs::File::create(dir.join("workers.csv"))?);
+        quorum_record::workers::write(w, &self.run.workers)?;
         std::fs::write(
             dir.join("summary.json"),
             serde_json::to_string_pretty(summary).map_err(std::io::Error::other)? + "\n",
