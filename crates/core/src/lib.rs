@@ -13,6 +13,7 @@
 #![deny(missing_docs)]
 
 pub mod clip;
+pub mod divergence;
 pub mod ema;
 pub mod error;
 pub mod event;
@@ -25,6 +26,7 @@ pub mod schedule;
 pub mod server;
 pub mod worker;
 
+pub use divergence::diverged;
 pub use error::{ConfigError, ProtocolError};
 pub use event::{DropReason, Event, LeaveReason};
 pub use ids::{Step, WorkerId};

@@ -208,8 +208,9 @@ pub async fn run_server(
         }
         let Some(out) = outputs else { continue };
         for e in &out.events {
-            if let (Event::StepApplied { step, loss: Some(l), .. }, Some(limit)) = (e, opts.divergence_loss) {
-                if (!l.is_finite() || *l > limit) && stopped_at.is_none() {
+            if let Event::StepApplied { step, loss: Some(l), .. } = e {
+                if quorum_core::diverged(*l, opts.divergence_loss) && stopped_at.is_none() {
+                    let limit = opts.divergence_loss.unwrap_or(f32::INFINITY);
                     diverged = true;
                     stop_reason = Some(format!("training diverged (mean loss {l} at step {step}, above {limit})"));
                     stopped_at = Some(Instant::now());

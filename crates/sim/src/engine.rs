@@ -500,7 +500,7 @@ impl Engine<'_> {
             test_accuracy: None,
         };
         if let Some(l) = loss {
-            if self.cfg.divergence_loss.is_some_and(|d| !l.is_finite() || l > d) {
+            if quorum_core::diverged(l, self.cfg.divergence_loss) {
                 self.report.summary.diverged = true;
                 self.done = true;
             }
@@ -571,15 +571,8 @@ impl Engine<'_> {
                         }
                         None => (Vec::new(), None),
                     };
-                    // A loss above the limit ends a watched run here; non-finite gradients are
-                    // caught by the server's validation when they arrive.
-                    if let Some(limit) = self.cfg.divergence_loss {
-                        if loss.is_some_and(|l| !l.is_finite() || l > limit) {
-                            self.report.summary.diverged = true;
-                            self.done = true;
-                            return Ok(());
-                        }
-                    }
+                    // Divergence is judged where the server judges it (`quorum_core::diverged`):
+                    // the applied step's loss, and non-finite gradients refused on arrival.
                     let session = self.workers[id.index()].session(id);
                     let arrive = at(now, self.link_delay(now, id, self.bytes));
                     self.queue.push(
