@@ -1,0 +1,274 @@
+//! The loop's state, in raft-rs's `RawNode` shape: the loop in [`super::run_server`] only
+//! selects on its inputs and hands each to [`Driver::on_command`], [`Driver::on_tick`] or
+//! [`Driver::begin_stop`]; what the core decides goes through [`Driver::carry_out`]; every
+//! way out goes through [`Driver::begin_stop`] and ends in [`Driver::finish`].
+
+use super::checkpointer::Checkpointer;
+use super::evaluator::Evaluator;
+use super::record::Recorder;
+use super::service::{Answer, Command, Published};
+use super::{NetError, Progress, ServerOptions, TrainSummary};
+use quorum_core::server::StopReason;
+use quorum_core::{Action, Event, Outputs, ProtocolError, Server, WorkerId};
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// How long a stopping server waits for its workers to hear "stop" before it exits.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the run stops.
+pub(super) enum StopCause {
+    /// The shutdown future resolved (Ctrl-C, SIGTERM).
+    Interrupted,
+    /// The loss or a gradient left the finite range (the message says how).
+    Diverged(String),
+    /// The core stopped: the last step was applied, or too few workers are alive.
+    Core(StopReason),
+}
+
+/// A run that is stopping: since when, and why (`None`: it finished).
+struct Stopping {
+    since: Instant,
+    reason: Option<String>,
+    diverged: bool,
+}
+
+/// Everything the loop owns: the core's state machine and what carries out its decisions.
+pub(super) struct Driver {
+    server: Server,
+    opts: ServerOptions,
+    start: Instant,
+    start_step: u64,
+    published: watch::Sender<Published>,
+    rec: Recorder,
+    checkpointer: Option<Checkpointer>,
+    evaluator: Evaluator,
+    stopping: Option<Stopping>,
+    /// Workers that have heard "stop".
+    acks: BTreeSet<WorkerId>,
+}
+
+impl Driver {
+    /// `opts.evaluator` moves to the evaluation thread; `opts.checkpoint` starts the
+    /// checkpoint thread.
+    pub(super) fn new(
+        server: Server,
+        mut opts: ServerOptions,
+        start: Instant,
+        published: watch::Sender<Published>,
+    ) -> Result<Self, NetError> {
+        let start_step = server.step();
+        let resumed_at = (start_step > 0).then_some(start_step);
+        let rec = Recorder::new(opts.out.clone(), opts.config.workers, opts.batch, resumed_at)?;
+        let checkpointer = opts
+            .checkpoint
+            .clone()
+            .map(|c| Checkpointer::start(c, opts.layout.clone(), opts.config.clone(), opts.run_config.clone()));
+        let evaluator = Evaluator::start(opts.evaluator.take());
+        Ok(Driver {
+            server,
+            opts,
+            start,
+            start_step,
+            published,
+            rec,
+            checkpointer,
+            evaluator,
+            stopping: None,
+            acks: BTreeSet::new(),
+        })
+    }
+
+    /// Whether the run is stopping.
+    pub(super) fn is_stopping(&self) -> bool {
+        self.stopping.is_some()
+    }
+
+    /// A stopping run may exit once every live worker heard "stop", or after a grace period
+    /// (so connected workers exit 0 rather than on a dead link).
+    pub(super) fn may_exit(&self) -> bool {
+        self.stopping
+            .as_ref()
+            .is_some_and(|s| self.acks.len() >= self.server.live_workers().len() || s.since.elapsed() > STOP_GRACE)
+    }
+
+    /// When the loop should call [`Driver::on_tick`] if nothing else happens.
+    pub(super) fn next_tick(&self) -> Instant {
+        if self.is_stopping() {
+            return Instant::now() + Duration::from_millis(100);
+        }
+        let wake = self.server.next_wakeup().map(|d| self.start + d);
+        wake.unwrap_or_else(|| Instant::now() + Duration::from_millis(200))
+    }
+
+    /// A command from the gRPC handlers: answered here; the core's outputs returned.
+    pub(super) fn on_command(&mut self, cmd: Command) -> Result<Option<Outputs>, NetError> {
+        let now = self.start.elapsed();
+        let (worker, result, answer) = match cmd {
+            Command::StopSeen(w) => {
+                self.acks.insert(w);
+                return Ok(None);
+            }
+            // Stopping: nothing more is applied, so the final checkpoint is the state at the stop.
+            Command::Message { reply, .. } if self.is_stopping() => {
+                Answer::Message(reply).send(Err(ProtocolError::Stopped));
+                return Ok(None);
+            }
+            Command::Push { reply, gradient, .. } if self.is_stopping() => {
+                Answer::Push(reply, gradient).send(Err(ProtocolError::Stopped));
+                return Ok(None);
+            }
+            Command::Message { worker, session, msg, reply } => {
+                (worker, self.server.handle_from(now, worker, session, msg), Answer::Message(reply))
+            }
+            Command::Push { worker, session, step, gradient, loss, timing, reply } => {
+                let server = &mut self.server;
+                let result = server
+                    .check_session(worker, session)
+                    .and_then(|()| server.push(now, worker, step, &gradient, loss));
+                if result.is_ok() {
+                    self.rec.timing(worker, timing);
+                }
+                (worker, result, Answer::Push(reply, gradient))
+            }
+        };
+        match result {
+            Ok(out) => {
+                answer.send(Ok(out.events.clone()));
+                Ok(Some(out))
+            }
+            Err(e) => {
+                if matches!(e, ProtocolError::NonFinite { .. }) && self.opts.divergence_loss.is_some() {
+                    self.begin_stop(StopCause::Diverged(format!("training diverged ({e})")));
+                }
+                if e != ProtocolError::Stopped {
+                    self.rec.event(&Event::Rejected { worker, reason: e.to_string(), time: now.as_secs_f64() })?;
+                }
+                answer.send(Err(e));
+                Ok(None)
+            }
+        }
+    }
+
+    /// Time passed: the core's time-outs (a stopping run ticks nothing).
+    pub(super) fn on_tick(&mut self) -> Option<Outputs> {
+        (!self.is_stopping()).then(|| self.server.tick(self.start.elapsed()))
+    }
+
+    /// Carries out what the core decided: records its events (with divergence, evaluation,
+    /// checkpoints and the progress line on each update) and publishes parameters or stop.
+    pub(super) fn carry_out(&mut self, out: Outputs) -> Result<(), NetError> {
+        for e in &out.events {
+            self.on_event(e)?;
+        }
+        for a in out.actions {
+            match a {
+                Action::SendParams { step, .. } | Action::BroadcastParams { step } => {
+                    // Once stopping, "stop" stays published: nothing reopens the run.
+                    if !self.is_stopping() && self.published.borrow().step != step {
+                        let p = Published::new(step, self.server.params(), self.opts.encoding, false);
+                        self.published.send_replace(p);
+                    }
+                }
+                Action::Stop { reason } => self.begin_stop(StopCause::Core(reason)),
+            }
+        }
+        Ok(())
+    }
+
+    fn on_event(&mut self, e: &Event) -> Result<(), NetError> {
+        if let Event::StepApplied { step, loss: Some(l), .. } = e {
+            if quorum_core::diverged(*l, self.opts.divergence_loss) {
+                let limit = self.opts.divergence_loss.unwrap_or(f32::INFINITY);
+                self.begin_stop(StopCause::Diverged(format!(
+                    "training diverged (mean loss {l} at step {step}, above {limit})"
+                )));
+            }
+        }
+        let Some(done) = self.rec.event(e)? else { return Ok(()) };
+        if self.opts.eval_every.is_some_and(|k| k > 0 && done.is_multiple_of(k)) {
+            self.evaluator.request(done, self.server.ema().unwrap_or(self.server.params()));
+        }
+        if let Some(c) = self.checkpointer.as_mut() {
+            if c.due(done) && !self.server.is_stopped() {
+                c.request(self.server.snapshot());
+                // The log reaches at least the checkpoint, so a resumed run can rebuild its
+                // records from it even after SIGKILL.
+                self.rec.flush_events()?;
+            }
+        }
+        self.evaluator.drain_into(&mut self.rec)?;
+        if let Some(cb) = self.opts.progress.as_mut() {
+            let run = &self.rec.run;
+            cb(&Progress {
+                step: done,
+                seconds: run.last_step_at,
+                examples_per_second: run.examples as f64 / run.last_step_at.max(1e-9),
+                loss: run.updates.last().and_then(|u| u.loss),
+                accuracy: self.rec.evals.values().last().and_then(|e| e.accuracy),
+                dropped: run.dropped,
+                slowest: run.slowest(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Every way out: publishes "stop" (pulls answer it, pushes are refused) and remembers
+    /// why. The first cause wins; stopping is final.
+    pub(super) fn begin_stop(&mut self, cause: StopCause) {
+        if self.is_stopping() {
+            return;
+        }
+        let (reason, diverged) = match cause {
+            StopCause::Interrupted => (Some("interrupted".to_string()), false),
+            StopCause::Diverged(why) => (Some(why), true),
+            StopCause::Core(StopReason::TooFewWorkers { live, needed, missing }) => {
+                let names: Vec<String> = missing.iter().map(|w| w.to_string()).collect();
+                let why = format!(
+                    "only {live} of the {needed} workers a step needs are alive; missing: {}",
+                    names.join(", ")
+                );
+                (Some(why), false)
+            }
+            StopCause::Core(_) => (None, false),
+        };
+        self.stopping = Some(Stopping { since: Instant::now(), reason, diverged });
+        self.published.send_replace(Published::stopped(self.server.step()));
+    }
+
+    /// After the loop: the final checkpoint and evaluation, the run directory, the summary.
+    pub(super) fn finish(self) -> Result<TrainSummary, NetError> {
+        let Driver { server, opts, start_step, mut rec, checkpointer, evaluator, stopping, .. } = self;
+        let checkpoint = checkpointer.map(|c| c.finish(server.snapshot())).unwrap_or_default();
+        let (stop_reason, diverged) = stopping.map_or((None, false), |s| (s.reason, s.diverged));
+        let final_params = server.ema().unwrap_or(server.params());
+        let validation = evaluator.finish(server.step(), final_params, !diverged, &mut rec)?;
+        let last_eval = rec.evals.get(&server.step()).copied();
+        let cfg = &opts.config;
+        let run = &rec.run;
+        let run_steps = server.step() - start_step;
+        let summary = TrainSummary {
+            steps: server.step(),
+            start_step,
+            wall_seconds: run.last_step_at,
+            steps_per_second: if run.last_step_at > 0.0 { run_steps as f64 / run.last_step_at } else { 0.0 },
+            dropped: run.dropped,
+            accepted: run.accepted,
+            rejected: run.rejected,
+            policy: cfg.policy.name().into(),
+            workers: cfg.workers,
+            backups: cfg.policy.backups(),
+            final_test_accuracy: last_eval.and_then(|e| e.accuracy),
+            final_test_loss: last_eval.map(|e| e.loss),
+            stop_reason,
+            diverged,
+            final_validation_accuracy: validation.and_then(|e| e.accuracy),
+            final_validation_loss: validation.map(|e| e.loss),
+            checkpoint,
+            started_unix: rec.started_unix,
+        };
+        rec.write_files(&summary)?;
+        Ok(summary)
+    }
+}
