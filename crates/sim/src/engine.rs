@@ -48,6 +48,13 @@ pub enum SimError {
     },
 }
 
+/// What the loop does after an event: go on, skip the end-of-event checks, or end the run.
+enum Flow {
+    Next,
+    Skip,
+    End,
+}
+
 /// Events at one virtual instant past which the clock is taken to have stopped.
 const EVENTS_AT_ONE_INSTANT: u64 = 10_000_000;
 
@@ -275,78 +282,14 @@ impl Engine<'_> {
                     self.queue.push(until, ev);
                 }
                 SimEvent::Fault(i) => self.inject(now, i),
-                SimEvent::Restart(id) => {
-                    let w = &mut self.workers[id.index()];
-                    w.sm = Worker::new(id, self.cfg.on_newer, self.cfg.server.policy.late_notices());
-                    (w.down, w.joined, w.latest, w.computing_on) = (false, false, None, None);
-                    let session = w.session(id);
-                    self.send_to_server(now, id, ToServer::Join { session });
-                    if let Some(beat) = self.beat_every() {
-                        let life = self.workers[id.index()].life;
-                        self.queue.push(now + beat, SimEvent::Beat { worker: id, life });
-                    }
-                }
-                SimEvent::Thaw(id) => {
-                    // Back from a freeze: join again (the same session), as a real worker
-                    // whose link timed out does, to learn the newest step.
-                    let w = &self.workers[id.index()];
-                    if !w.down && w.frozen_until <= now {
-                        let session = w.session(id);
-                        self.send_to_server(now, id, ToServer::Join { session });
-                    }
-                }
-                SimEvent::Beat { worker, life } => {
-                    let w = &self.workers[worker.index()];
-                    if w.life == life && !w.down && !w.sm.is_stopped() {
-                        let joined = w.joined;
-                        let next = w.frozen_until.max(now) + self.beat_every().unwrap_or(Duration::from_secs(1));
-                        if w.frozen_until <= now && joined {
-                            self.send_to_server(now, worker, ToServer::Heartbeat);
-                        }
-                        self.queue.push(next, SimEvent::Beat { worker, life });
-                    }
-                }
-                SimEvent::ToServer { from, session, msg } => {
-                    let (is_join, is_beat) = (matches!(msg, ToServer::Join { .. }), matches!(msg, ToServer::Heartbeat));
-                    let handled = self.server.handle_from(now, from, session, msg);
-                    if is_join && handled.is_ok() && self.workers[from.index()].session(from) == session {
-                        self.workers[from.index()].joined = true;
-                    }
-                    let out = match handled {
-                        // A heartbeat sent before the join arrived says nothing.
-                        Err(quorum_core::ProtocolError::NotJoined { .. }) if is_beat => continue,
-                        // Under faults the server refuses what a real one would (a restarted
-                        // worker whose old session still looks alive, a message of a dead
-                        // life): recorded, and a refused join is tried again.
-                        Err(e)
-                            if !self.cfg.faults.is_empty()
-                                && !matches!(e, quorum_core::ProtocolError::NonFinite { .. }) =>
-                        {
-                            let rejected =
-                                Event::Rejected { worker: from, reason: e.to_string(), time: now.as_secs_f64() };
-                            if self.cfg.record_events {
-                                self.report.events.push(rejected);
-                            }
-                            if is_join && !self.workers[from.index()].down {
-                                let session = self.workers[from.index()].session(from);
-                                let retry = self.beat_every().unwrap_or(Duration::from_millis(500));
-                                self.queue.push(
-                                    now + retry,
-                                    SimEvent::ToServer { from, session, msg: ToServer::Join { session } },
-                                );
-                            }
-                            continue;
-                        }
-                        // A diverged model sends non-finite gradients, which the server's own
-                        // validation refuses; when divergence is watched for, that ends the run.
-                        Err(quorum_core::ProtocolError::NonFinite { .. }) if self.cfg.divergence_loss.is_some() => {
-                            self.report.summary.diverged = true;
-                            break;
-                        }
-                        other => other?,
-                    };
-                    self.carry_out(now, out)?;
-                }
+                SimEvent::Restart(id) => self.restart(now, id),
+                SimEvent::Thaw(id) => self.thaw(now, id),
+                SimEvent::Beat { worker, life } => self.beat(now, worker, life),
+                SimEvent::ToServer { from, session, msg } => match self.on_to_server(now, from, session, msg)? {
+                    Flow::Next => {}
+                    Flow::Skip => continue,
+                    Flow::End => break,
+                },
                 SimEvent::Params { to, life, step, params, transfer } => {
                     let w = &mut self.workers[to.index()];
                     if w.life != life || w.down || !w.joined {
@@ -396,6 +339,80 @@ impl Engine<'_> {
             }
         }
         Ok(())
+    }
+
+    /// A crashed worker's new process starts: a fresh worker rule, a join in a new session.
+    fn restart(&mut self, now: Duration, id: WorkerId) {
+        let w = &mut self.workers[id.index()];
+        w.sm = Worker::new(id, self.cfg.on_newer, self.cfg.server.policy.late_notices());
+        (w.down, w.joined, w.latest, w.computing_on) = (false, false, None, None);
+        let session = w.session(id);
+        self.send_to_server(now, id, ToServer::Join { session });
+        if let Some(beat) = self.beat_every() {
+            let life = self.workers[id.index()].life;
+            self.queue.push(now + beat, SimEvent::Beat { worker: id, life });
+        }
+    }
+
+    /// Back from a freeze: join again (the same session), as a real worker whose link timed
+    /// out does, to learn the newest step.
+    fn thaw(&mut self, now: Duration, id: WorkerId) {
+        let w = &self.workers[id.index()];
+        if !w.down && w.frozen_until <= now {
+            let session = w.session(id);
+            self.send_to_server(now, id, ToServer::Join { session });
+        }
+    }
+
+    /// A live, joined, unfrozen worker heartbeats, and schedules its next beat.
+    fn beat(&mut self, now: Duration, worker: WorkerId, life: u32) {
+        let w = &self.workers[worker.index()];
+        if w.life == life && !w.down && !w.sm.is_stopped() {
+            let joined = w.joined;
+            let next = w.frozen_until.max(now) + self.beat_every().unwrap_or(Duration::from_secs(1));
+            if w.frozen_until <= now && joined {
+                self.send_to_server(now, worker, ToServer::Heartbeat);
+            }
+            self.queue.push(next, SimEvent::Beat { worker, life });
+        }
+    }
+
+    /// A message reaches the server.
+    fn on_to_server(&mut self, now: Duration, from: WorkerId, session: u64, msg: ToServer) -> Result<Flow, SimError> {
+        let (is_join, is_beat) = (matches!(msg, ToServer::Join { .. }), matches!(msg, ToServer::Heartbeat));
+        let handled = self.server.handle_from(now, from, session, msg);
+        if is_join && handled.is_ok() && self.workers[from.index()].session(from) == session {
+            self.workers[from.index()].joined = true;
+        }
+        let out = match handled {
+            // A heartbeat sent before the join arrived says nothing.
+            Err(quorum_core::ProtocolError::NotJoined { .. }) if is_beat => return Ok(Flow::Skip),
+            // Under faults the server refuses what a real one would (a restarted
+            // worker whose old session still looks alive, a message of a dead
+            // life): recorded, and a refused join is tried again.
+            Err(e) if !self.cfg.faults.is_empty() && !matches!(e, quorum_core::ProtocolError::NonFinite { .. }) => {
+                let rejected = Event::Rejected { worker: from, reason: e.to_string(), time: now.as_secs_f64() };
+                self.record.observe(&rejected);
+                if self.cfg.record_events {
+                    self.report.events.push(rejected);
+                }
+                if is_join && !self.workers[from.index()].down {
+                    let session = self.workers[from.index()].session(from);
+                    let retry = self.beat_every().unwrap_or(Duration::from_millis(500));
+                    self.queue.push(now + retry, SimEvent::ToServer { from, session, msg: ToServer::Join { session } });
+                }
+                return Ok(Flow::Skip);
+            }
+            // A diverged model sends non-finite gradients, which the server's own
+            // validation refuses; when divergence is watched for, that ends the run.
+            Err(quorum_core::ProtocolError::NonFinite { .. }) if self.cfg.divergence_loss.is_some() => {
+                self.report.summary.diverged = true;
+                return Ok(Flow::End);
+            }
+            other => other?,
+        };
+        self.carry_out(now, out)?;
+        Ok(Flow::Next)
     }
 
     fn params_of(&mut self, step: Step) -> Arc<Vec<f32>> {
