@@ -33,7 +33,21 @@ enum Command {
     Node(Box<cmd::node::NodeArgs>),
 }
 
+/// Log lines from the libraries (a lost server, a worker that left, a failed checkpoint) go
+/// to stderr through `tracing`: `RUST_LOG` chooses what (default: `info`).
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
 fn main() {
+    init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sim(args) => cmd::sim::run(*args),

@@ -339,7 +339,7 @@ mod tests {
     fn real_mnist_files_load_when_present() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist");
         if !dir.exists() {
-            eprintln!("skipping: {} not installed (scripts/fetch-data.sh)", dir.display());
+            tracing::warn!("skipping: {} not installed (scripts/fetch-data.sh)", dir.display());
             return;
         }
         let (train, test) = load(DatasetName::Mnist, &dir).unwrap();

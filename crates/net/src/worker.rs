@@ -287,12 +287,12 @@ pub async fn run_worker(
             SessionEnd::Lost { why, joined: true } => {
                 failing_since = None;
                 report.reconnects += 1;
-                eprintln!("worker {}: lost the parameter server ({why}); reconnecting", opts.index);
+                tracing::warn!("worker {}: lost the parameter server ({why}); reconnecting", opts.index);
             }
             // Waiting for a live process to give up this index, within the connect time-out.
             SessionEnd::IndexHeld { why } => {
                 if failing_since.is_none() {
-                    eprintln!("worker {}: {why}; waiting", opts.index);
+                    tracing::warn!("worker {}: {why}; waiting", opts.index);
                 }
                 let since = *failing_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= opts.connect_timeout {

@@ -32,7 +32,7 @@ impl Checkpointer {
                 }
                 match checkpoint::save(&dir, &snap, &layout, &cfg, run_config.as_deref(), keep) {
                     Ok(p) => last = Some(p),
-                    Err(e) => eprintln!("warning: checkpoint at step {} failed: {e}", snap.step),
+                    Err(e) => tracing::warn!("checkpoint at step {} failed: {e}", snap.step),
                 }
             }
             last

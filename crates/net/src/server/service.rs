@@ -398,7 +398,7 @@ impl ParameterServer for Service {
     async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<LeaveReply>, Status> {
         let r = req.into_inner();
         match self.send(WorkerId(r.worker), r.session, ToServer::Leave).await? {
-            Ok(_) => eprintln!("worker {} left: {}", WorkerId(r.worker), r.reason),
+            Ok(_) => tracing::info!("worker {} left: {}", WorkerId(r.worker), r.reason),
             Err(ProtocolError::Stopped) => {}
             Err(e) => return Err(status(e)),
         }
