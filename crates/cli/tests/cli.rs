@@ -211,3 +211,38 @@ fn sim_injects_the_faults_it_is_given_and_the_run_still_applies_every_step() {
     assert!(text(&bad).contains("bad fault `melt:1@2`: use crash:W@T"), "{}", text(&bad));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_config_toml_a_sim_writes_reads_back_and_reruns_the_same_simulation() {
+    let dir = tmp("sim-config");
+    let first = dir.join("first");
+    let o = quorum(&[
+        "sim",
+        "--workers",
+        "12",
+        "--backups",
+        "2",
+        "--delay",
+        "exp:1",
+        "--steps",
+        "30",
+        "--seed",
+        "7",
+        "--timing-only",
+        "--fault",
+        "crash:3@5+2",
+        "--worker-timeout",
+        "2",
+        "--out",
+        first.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let again = dir.join("again");
+    let config = first.join("config.toml");
+    let o = quorum(&["sim", "--config", config.to_str().unwrap(), "--out", again.to_str().unwrap()]);
+    assert!(o.status.success(), "the written config.toml must read back: {}", text(&o));
+    for f in ["summary.json", "arrivals.csv", "workers.csv"] {
+        let (a, b) = (std::fs::read_to_string(first.join(f)).unwrap(), std::fs::read_to_string(again.join(f)).unwrap());
+        assert_eq!(a, b, "{f} differs between the run and its rerun from config.toml");
+    }
+}

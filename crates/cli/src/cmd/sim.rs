@@ -6,13 +6,14 @@ use clap::Args;
 use quorum_compute::{GradientSource, LeastSquares};
 use quorum_core::{OnNewerParams, OptimizerConfig, Policy, ServerConfig};
 use quorum_sim::{simulate, sweep_backups, DelayModel, EvalOn, NetworkModel, Restart, SimConfig, SimReport};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
 
 /// Flags of `quorum sim`. Every flag can also be a key of the `--config` TOML file
-/// (same name, e.g. `workers = 100`, `delay = "paper"`); flags win over the file.
-#[derive(Args, Deserialize, Default, Debug)]
+/// (same name, e.g. `workers = 100`, `delay = "paper"`); flags win over the file. A run's
+/// `config.toml` is these settings (file and flags merged), so it reads back with `--config`.
+#[derive(Args, Deserialize, Serialize, Default, Debug)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct SimArgs {
     /// TOML file with any of these settings.
@@ -351,7 +352,7 @@ pub fn run(args: SimArgs) -> Result<()> {
         if !report.restarts.is_empty() {
             quorum_sim::report::write_restarts(&dir.join("restarts.csv"), &report.restarts)?;
         }
-        std::fs::write(dir.join("config.toml"), toml::to_string(&cfg).context("serialising config")?)?;
+        std::fs::write(dir.join("config.toml"), toml::to_string(&args).context("serialising config")?)?;
         println!(
             "  wrote {}/{{summary.json,events.jsonl,arrivals.csv,metrics.csv,workers.csv,config.toml}}",
             dir.display()
