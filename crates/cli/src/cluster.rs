@@ -9,16 +9,21 @@ use quorum_net::checkpoint::{self, CheckpointError};
 use quorum_net::server::{CheckpointOptions, Progress};
 use quorum_net::worker::WorkerReport;
 use quorum_net::{ServerOptions, TrainSummary, WorkerOptions};
-use std::io::Write;
 use std::time::Duration;
 
-/// The live status line: rewritten in place on a terminal, one line every 5 s otherwise.
+/// The live status line, for people: on a terminal an `indicatif` line rewritten in place;
+/// otherwise (a log file, a pipe) no status line, but a `tracing` info line every 30 s so a
+/// long unattended run still shows it is alive.
 pub(crate) fn progress_printer() -> impl FnMut(&Progress) + Send {
     use std::io::IsTerminal;
-    let tty = std::io::stderr().is_terminal();
-    let every = if tty { 0.25 } else { 5.0 };
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(indicatif::ProgressStyle::with_template("{msg}").expect("a valid template"));
+        bar
+    });
     let mut last = f64::NEG_INFINITY;
     move |p: &Progress| {
+        let every = if bar.is_some() { 0.25 } else { 30.0 };
         if p.seconds - last < every {
             return;
         }
@@ -30,12 +35,10 @@ pub(crate) fn progress_printer() -> impl FnMut(&Progress) + Send {
             "step {:>6} | {:>7.0} ex/s | loss {loss} | test acc {acc} | dropped {} | slowest {slow}",
             p.step, p.examples_per_second, p.dropped
         );
-        if tty {
-            eprint!("\r{line}   ");
-        } else {
-            eprintln!("{line}");
+        match &bar {
+            Some(bar) => bar.set_message(line),
+            None => tracing::info!("{line}"),
         }
-        let _ = std::io::stderr().flush();
     }
 }
 

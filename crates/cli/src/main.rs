@@ -36,11 +36,13 @@ enum Command {
 /// Log lines from the libraries (a lost server, a worker that left, a failed checkpoint) go
 /// to stderr through `tracing`: `RUST_LOG` chooses what (default: `info`).
 fn init_logging() {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .without_time()
         .try_init();
