@@ -159,6 +159,57 @@ pub struct Assembler {
     total: Option<u64>,
 }
 
+/// A chunked stream of values that does not add up: names what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChunkError {
+    /// More values announced than the model has.
+    #[error("announced {total} values, more than the model's {limit}")]
+    TooMany {
+        /// Announced.
+        total: u64,
+        /// The model's.
+        limit: usize,
+    },
+    /// A chunk announces another total than the chunks before it.
+    #[error("chunk announces {total} values, earlier chunks {earlier}")]
+    TotalChanged {
+        /// This chunk's.
+        total: u64,
+        /// The earlier chunks'.
+        earlier: u64,
+    },
+    /// A chunk does not start where the values so far end.
+    #[error("chunk at offset {offset}, expected {expected}")]
+    Gap {
+        /// Where it starts.
+        offset: u64,
+        /// Where it should.
+        expected: u64,
+    },
+    /// The chunks hold more values than announced.
+    #[error("chunks hold more than the announced {total} values")]
+    Overflow {
+        /// Announced.
+        total: u64,
+    },
+    /// A chunk's bytes are not a whole number of values.
+    #[error("chunk of {bytes} bytes is not whole {encoding:?} values")]
+    NotWhole {
+        /// Its length.
+        bytes: usize,
+        /// The encoding.
+        encoding: Encoding,
+    },
+    /// The stream ended early.
+    #[error("stream ended after {got} of {total} values")]
+    Short {
+        /// Values received.
+        got: usize,
+        /// Announced.
+        total: u64,
+    },
+}
+
 impl Assembler {
     /// Reassembles into `buffer` (cleared; its capacity is reused, so a server that keeps
     /// its buffers does not allocate, and page-fault, a fresh one per gradient).
@@ -168,7 +219,14 @@ impl Assembler {
     }
 
     /// Adds one chunk; `limit` is the largest total accepted.
-    pub fn push(&mut self, offset: u64, total: u64, data: &[u8], enc: Encoding, limit: usize) -> Result<(), String> {
+    pub fn push(
+        &mut self,
+        offset: u64,
+        total: u64,
+        data: &[u8],
+        enc: Encoding,
+        limit: usize,
+    ) -> Result<(), ChunkError> {
         self.push_parts(offset, total, &[data], enc, limit)
     }
 
@@ -180,35 +238,34 @@ impl Assembler {
         parts: &[&[u8]],
         enc: Encoding,
         limit: usize,
-    ) -> Result<(), String> {
+    ) -> Result<(), ChunkError> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         match self.total {
             None => {
                 if total as usize > limit {
-                    return Err(format!("announced {total} values, more than the model's {limit}"));
+                    return Err(ChunkError::TooMany { total, limit });
                 }
                 self.total = Some(total);
                 self.values.reserve_exact(total as usize);
             }
-            Some(t) if t != total => return Err(format!("chunk announces {total} values, earlier chunks {t}")),
+            Some(earlier) if earlier != total => return Err(ChunkError::TotalChanged { total, earlier }),
             Some(_) => {}
         }
         if offset != self.values.len() as u64 {
-            return Err(format!("chunk at offset {offset}, expected {}", self.values.len()));
+            return Err(ChunkError::Gap { offset, expected: self.values.len() as u64 });
         }
         if (len / enc.width().max(1)) as u64 > total - offset {
-            return Err(format!("chunks hold more than the announced {total} values"));
+            return Err(ChunkError::Overflow { total });
         }
-        enc.decode_parts_into(parts, &mut self.values)
-            .ok_or_else(|| format!("chunk of {len} bytes is not whole {enc:?} values"))?;
+        enc.decode_parts_into(parts, &mut self.values).ok_or(ChunkError::NotWhole { bytes: len, encoding: enc })?;
         Ok(())
     }
 
     /// The buffer, once complete.
-    pub fn finish(self) -> Result<Vec<f32>, String> {
+    pub fn finish(self) -> Result<Vec<f32>, ChunkError> {
         let total = self.total.unwrap_or(0);
         if self.values.len() as u64 != total {
-            return Err(format!("stream ended after {} of {total} values", self.values.len()));
+            return Err(ChunkError::Short { got: self.values.len(), total });
         }
         Ok(self.values)
     }
@@ -286,19 +343,19 @@ mod tests {
     fn malformed_streams_are_rejected_with_a_reason() {
         let f = Encoding::F32;
         let mut a = Assembler::default();
-        assert!(a.push(0, 10, &[0, 0, 0], f, 10).unwrap_err().contains("not whole"));
+        assert!(a.push(0, 10, &[0, 0, 0], f, 10).unwrap_err().to_string().contains("not whole"));
         let mut a = Assembler::default();
-        assert!(a.push(0, 10, &[0, 0, 0], Encoding::Bf16, 10).unwrap_err().contains("not whole"));
+        assert!(a.push(0, 10, &[0, 0, 0], Encoding::Bf16, 10).unwrap_err().to_string().contains("not whole"));
         let mut a = Assembler::default();
-        assert!(a.push(0, 11, &[], f, 10).unwrap_err().contains("more than the model"));
+        assert!(a.push(0, 11, &[], f, 10).unwrap_err().to_string().contains("more than the model"));
         let mut a = Assembler::default();
         a.push(0, 4, &encode(&[1.0, 2.0]), f, 10).unwrap();
-        assert!(a.push(3, 4, &encode(&[1.0]), f, 10).unwrap_err().contains("expected 2"));
+        assert!(a.push(3, 4, &encode(&[1.0]), f, 10).unwrap_err().to_string().contains("expected 2"));
         let mut a = Assembler::default();
         a.push(0, 2, &encode(&[1.0, 2.0]), f, 10).unwrap();
-        assert!(a.push(2, 2, &encode(&[1.0]), f, 10).unwrap_err().contains("more than the announced"));
+        assert!(a.push(2, 2, &encode(&[1.0]), f, 10).unwrap_err().to_string().contains("more than the announced"));
         let mut a = Assembler::default();
         a.push(0, 4, &encode(&[1.0, 2.0]), f, 10).unwrap();
-        assert!(a.finish().unwrap_err().contains("2 of 4"));
+        assert!(a.finish().unwrap_err().to_string().contains("2 of 4"));
     }
 }

@@ -202,10 +202,10 @@ impl Service {
         let first_at = Instant::now();
         let mut asm = PushAssembler::with_buffer(self.num_params, self.buffers.take());
         while let Some((chunk, data)) = next {
-            asm.add(chunk, &data).map_err(Status::invalid_argument)?;
+            asm.add(chunk, &data).map_err(|e| Status::invalid_argument(e.to_string()))?;
             next = next_chunk(&mut push, idle).await?;
         }
-        let (head, gradient) = asm.finish().map_err(Status::invalid_argument)?;
+        let (head, gradient) = asm.finish().map_err(|e| Status::invalid_argument(e.to_string()))?;
         let timing =
             Timing { compute: head.compute_seconds, transfer: head.pull_seconds + first_at.elapsed().as_secs_f64() };
         let loss = (!head.loss.is_nan()).then_some(head.loss);
@@ -419,6 +419,36 @@ impl ParameterServer for Service {
     }
 }
 
+/// A push whose chunks do not make one gradient.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MalformedPush {
+    /// The chunks' values do not add up.
+    #[error("malformed gradient from worker {worker}: {source}")]
+    Chunks {
+        /// The sender.
+        worker: u32,
+        /// What is wrong.
+        source: crate::encoding::ChunkError,
+    },
+    /// The chunks name different workers or steps.
+    #[error(
+        "malformed gradient from worker {worker}: the stream mixes worker/step ({first_worker}, {first_step}) and ({worker}, {step})"
+    )]
+    Mixed {
+        /// The first chunk's worker.
+        first_worker: u32,
+        /// The first chunk's step.
+        first_step: u64,
+        /// This chunk's worker.
+        worker: u32,
+        /// This chunk's step.
+        step: u64,
+    },
+    /// No chunk at all.
+    #[error("empty gradient stream")]
+    Empty,
+}
+
 /// Reassembles one pushed gradient from its stream of chunks, checking everything a
 /// worker could get wrong (offsets, totals, lengths, mixed senders) before anything reaches
 /// the protocol loop. Synchronous and free of I/O, so the fuzz target drives exactly this.
@@ -442,19 +472,17 @@ impl PushAssembler {
 
     /// Adds the next chunk: its fields (as [`crate::framing::parse_gradient_chunk`] gives them,
     /// `data` empty) and its data bytes, in the pieces they arrived in.
-    pub fn add(&mut self, c: GradientChunk, data: &crate::framing::Segments) -> Result<(), String> {
+    pub fn add(&mut self, c: GradientChunk, data: &crate::framing::Segments) -> Result<(), MalformedPush> {
         let worker = c.worker;
-        let malformed = |e: String| format!("malformed gradient from worker {worker}: {e}");
         let parts: Vec<&[u8]> = data.parts().collect();
         let enc = Encoding::from_flag(c.bf16);
-        self.asm.push_parts(c.offset, c.total, &parts, enc, self.num_params).map_err(malformed)?;
+        self.asm
+            .push_parts(c.offset, c.total, &parts, enc, self.num_params)
+            .map_err(|source| MalformedPush::Chunks { worker, source })?;
         match &self.head {
             None => self.head = Some(GradientChunk { data: bytes::Bytes::new(), ..c }),
             Some(h) if h.worker != c.worker || h.step != c.step => {
-                return Err(malformed(format!(
-                    "the stream mixes worker/step ({}, {}) and ({}, {})",
-                    h.worker, h.step, c.worker, c.step
-                )));
+                return Err(MalformedPush::Mixed { first_worker: h.worker, first_step: h.step, worker, step: c.step });
             }
             Some(_) => {}
         }
@@ -462,10 +490,10 @@ impl PushAssembler {
     }
 
     /// The first chunk (worker, step, loss, timings; without data) and the gradient.
-    pub fn finish(self) -> Result<(GradientChunk, Vec<f32>), String> {
-        let head = self.head.ok_or_else(|| "empty gradient stream".to_string())?;
+    pub fn finish(self) -> Result<(GradientChunk, Vec<f32>), MalformedPush> {
+        let head = self.head.ok_or(MalformedPush::Empty)?;
         let worker = head.worker;
-        let gradient = self.asm.finish().map_err(|e| format!("malformed gradient from worker {worker}: {e}"))?;
+        let gradient = self.asm.finish().map_err(|source| MalformedPush::Chunks { worker, source })?;
         Ok((head, gradient))
     }
 }
