@@ -13,6 +13,20 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// The aggregation rule by name (its numbers are their own keys: backups, max-staleness,
+/// deadline-min, deadline-timeout).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyKind {
+    /// Sync with `backups` backup workers (plain sync with 0).
+    #[default]
+    Sync,
+    /// Every gradient applied on arrival.
+    Async,
+    /// Close a step at a time-out once `deadline-min` gradients are in.
+    Deadline,
+}
+
 /// Every setting of a run, resolved (defaults filled in). Serialised as the run's `config.toml`
 /// and printed by `--print-config`; the same file can be passed back as `--config`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -23,7 +37,7 @@ pub struct RunConfig {
     /// Backup workers b (sync policy).
     pub backups: u32,
     /// sync | async | deadline.
-    pub policy: String,
+    pub policy: PolicyKind,
     /// Async: drop gradients more than this many updates old.
     pub max_staleness: Option<u64>,
     /// Deadline: fewest gradients a step may close with.
@@ -68,19 +82,20 @@ pub struct RunConfig {
     /// Seed of initial weights, batches and injected delays.
     pub seed: u64,
     /// Injected straggling before each gradient: a delay model as in `quorum sim --delay`.
-    pub delay: Option<String>,
+    pub delay: Option<DelayModel>,
     /// Declare a worker gone after this many seconds without a message from it.
     pub worker_timeout: f64,
     /// When fewer than N workers are alive for this many seconds: `on-stall`.
     pub stall_timeout: f64,
-    /// stop (checkpoint and exit naming the missing workers) | lower (go on with fewer).
-    pub on_stall: String,
+    /// stop (checkpoint and exit naming the missing workers) | lower_aggregate (go on with
+    /// fewer; `lower` is read as the same).
+    pub on_stall: OnStall,
     /// Seconds a worker keeps trying to reach the server before giving up.
     pub connect_timeout: f64,
     /// Address `quorum ps` listens on.
     pub listen: String,
     /// f32 | bf16: how parameters and gradients travel.
-    pub wire: String,
+    pub wire: Encoding,
     /// Checkpoint every this many steps (0: only at the end and on Ctrl-C / SIGTERM).
     pub checkpoint_every: u64,
     /// Also checkpoint every this many seconds (0: off; default 600, as TensorFlow's).
@@ -111,7 +126,7 @@ impl Default for RunConfig {
         RunConfig {
             workers: 4,
             backups: 1,
-            policy: "sync".into(),
+            policy: PolicyKind::Sync,
             max_staleness: None,
             deadline_min: None,
             deadline_timeout: None,
@@ -136,10 +151,10 @@ impl Default for RunConfig {
             delay: None,
             worker_timeout: 10.0,
             stall_timeout: 30.0,
-            on_stall: "stop".into(),
+            on_stall: OnStall::Stop,
             connect_timeout: 60.0,
             listen: "0.0.0.0:7070".into(),
-            wire: "f32".into(),
+            wire: Encoding::F32,
             checkpoint_every: 0,
             checkpoint_seconds: 600.0,
             keep_checkpoints: 3,
@@ -370,7 +385,6 @@ impl RunConfig {
         self.policy()?;
         self.model_kind()?;
         self.encoding()?;
-        self.on_stall()?;
         self.delay_sampler()?;
         self.server_config(1)?;
         for (key, v) in [
@@ -390,8 +404,8 @@ impl RunConfig {
 
     /// The aggregation policy.
     pub fn policy(&self) -> Result<Policy> {
-        Ok(match self.policy.as_str() {
-            "sync" => {
+        Ok(match self.policy {
+            PolicyKind::Sync => {
                 if self.backups >= self.workers {
                     bail!(
                         "backups ({}) must be smaller than workers ({}): N = workers - backups must be at least 1",
@@ -401,15 +415,14 @@ impl RunConfig {
                 }
                 Policy::Sync { aggregate: self.workers - self.backups, backups: self.backups }
             }
-            "async" => Policy::Async { max_staleness: self.max_staleness },
-            "deadline" => {
+            PolicyKind::Async => Policy::Async { max_staleness: self.max_staleness },
+            PolicyKind::Deadline => {
                 let t = self.deadline_timeout.context("policy deadline needs deadline-timeout (seconds)")?;
                 Policy::Deadline {
                     min: self.deadline_min.unwrap_or(1),
                     timeout: Duration::try_from_secs_f64(t).context("deadline-timeout must be non-negative seconds")?,
                 }
             }
-            other => bail!("unknown policy `{other}`: use sync, async or deadline"),
         })
     }
 
@@ -453,24 +466,13 @@ impl RunConfig {
 
     /// The wire encoding.
     pub fn encoding(&self) -> Result<Encoding> {
-        self.wire.parse().map_err(anyhow::Error::msg)
-    }
-
-    fn on_stall(&self) -> Result<OnStall> {
-        match self.on_stall.as_str() {
-            "stop" => Ok(OnStall::Stop),
-            "lower" => Ok(OnStall::LowerAggregate),
-            other => bail!("unknown on-stall `{other}`: use stop or lower"),
-        }
+        Ok(self.wire)
     }
 
     /// The injected-delay sampler, if any.
     pub fn delay_sampler(&self) -> Result<Option<DelaySampler>> {
         match &self.delay {
-            Some(d) => {
-                let m: DelayModel = d.parse().map_err(anyhow::Error::msg).context("delay")?;
-                Ok(Some(m.sampler()?))
-            }
+            Some(m) => Ok(Some(m.sampler().context("delay")?)),
             None => Ok(None),
         }
     }
@@ -524,7 +526,7 @@ impl RunConfig {
         cfg.max_steps = Some(steps);
         cfg.liveness.worker_timeout = Some(Duration::from_secs_f64(self.worker_timeout));
         cfg.liveness.stall_timeout = Some(Duration::from_secs_f64(self.stall_timeout));
-        cfg.liveness.on_stall = self.on_stall()?;
+        cfg.liveness.on_stall = self.on_stall;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -544,7 +546,8 @@ impl RunConfig {
             Ok(Policy::Sync { aggregate, backups }) => format!("sync N={aggregate} b={backups}"),
             Ok(Policy::Async { max_staleness: Some(m) }) => format!("async (max staleness {m})"),
             Ok(Policy::Deadline { min, timeout }) => format!("deadline min={min} timeout={}s", timeout.as_secs_f64()),
-            _ => self.policy.clone(),
+            Ok(Policy::Async { max_staleness: None }) => "async".into(),
+            Err(e) => format!("invalid policy: {e}"),
         }
     }
 
@@ -634,11 +637,11 @@ mod tests {
         let cases = [
             ("workers = 0\n", "workers must be at least 1"),
             ("workers = 3\nbackups = 3\n", "backups (3) must be smaller than workers (3)"),
-            ("policy = \"fast\"\n", "unknown policy `fast`"),
+            ("policy = \"fast\"\n", "unknown variant `fast`, expected one of `sync`, `async`, `deadline`"),
             ("model = \"resnet\"\n", "resnet"),
             ("dataset = \"imagenet\"\n", "imagenet"),
-            ("wire = \"fp8\"\n", "unknown wire encoding `fp8`"),
-            ("on-stall = \"panic\"\n", "unknown on-stall `panic`"),
+            ("wire = \"fp8\"\n", "unknown variant `fp8`, expected `f32` or `bf16`"),
+            ("on-stall = \"panic\"\n", "unknown variant `panic`, expected one of `stop`, `lower`, `lower_aggregate`"),
             ("policy = \"deadline\"\n", "needs deadline-timeout"),
             ("delay = \"weibull:1\"\n", "weibull"),
             ("optimizer = \"lbfgs\"\n", "unknown optimizer `lbfgs`"),

@@ -17,6 +17,7 @@ pub enum OnStall {
     #[default]
     Stop,
     /// Lower N to the number of live workers and go on; N returns when workers come back.
+    #[serde(alias = "lower")]
     LowerAggregate,
 }
 
