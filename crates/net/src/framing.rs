@@ -167,6 +167,31 @@ pub fn push_frames(head: &GradientChunk, data: Vec<Bytes>) -> Vec<Bytes> {
     frames
 }
 
+/// A gRPC message stream that is not what a quorum peer sends.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// gRPC compression, which quorum does not use.
+    #[error("a compressed message: send gradients uncompressed")]
+    Compressed,
+    /// A message longer than [`MAX_MESSAGE`].
+    #[error("a message of {0} bytes, more than the {MAX_MESSAGE} accepted")]
+    TooLong(usize),
+    /// A field runs past the end of its message.
+    #[error("not a {0}: a field is cut off")]
+    CutOff(&'static str),
+    /// The bytes are not protobuf, or not this message.
+    #[error("not a {message}: {error}")]
+    Decode {
+        /// The message expected.
+        message: &'static str,
+        /// What protobuf found.
+        error: prost::DecodeError,
+    },
+    /// Protobuf groups, which no quorum message has.
+    #[error("not a {0}: protobuf groups are not part of it")]
+    Group(&'static str),
+}
+
 /// Cuts a stream of HTTP/2 data frames into gRPC messages, without copying.
 #[derive(Debug, Default)]
 pub struct MessageReader {
@@ -182,7 +207,7 @@ impl MessageReader {
     }
 
     /// The next complete message, if its bytes are all in.
-    pub fn next_message(&mut self) -> Result<Option<Segments>, String> {
+    pub fn next_message(&mut self) -> Result<Option<Segments>, FrameError> {
         let want = match self.want {
             Some(n) => n,
             None => {
@@ -192,10 +217,10 @@ impl MessageReader {
                 let compressed = self.buffered.get_u8();
                 let n = self.buffered.get_u32() as usize;
                 if compressed != 0 {
-                    return Err("a compressed message: send gradients uncompressed".into());
+                    return Err(FrameError::Compressed);
                 }
                 if n > MAX_MESSAGE {
-                    return Err(format!("a message of {n} bytes, more than the {MAX_MESSAGE} accepted"));
+                    return Err(FrameError::TooLong(n));
                 }
                 self.want = Some(n);
                 n
@@ -215,16 +240,16 @@ impl MessageReader {
 }
 
 /// Parses one `GradientChunk` message without copying its data ([`parse_chunk`]).
-pub fn parse_gradient_chunk(msg: Segments) -> Result<(GradientChunk, Segments), String> {
+pub fn parse_gradient_chunk(msg: Segments) -> Result<(GradientChunk, Segments), FrameError> {
     parse_chunk(msg, GRADIENT_DATA)
 }
 
 /// Parses one chunk message: its fields (in any order, unknown ones skipped, as protobuf
 /// allows) decoded by prost, and the bytes of field `data_field` left where they arrived.
-pub fn parse_chunk<M: Message + Default>(mut msg: Segments, data_field: u32) -> Result<(M, Segments), String> {
+pub fn parse_chunk<M: Message + Default>(mut msg: Segments, data_field: u32) -> Result<(M, Segments), FrameError> {
     let name = std::any::type_name::<M>().rsplit("::").next().unwrap_or("message");
-    let cut = || format!("not a {name}: a field is cut off");
-    let bad = |e: prost::DecodeError| format!("not a {name}: {e}");
+    let cut = || FrameError::CutOff(name);
+    let bad = |error: prost::DecodeError| FrameError::Decode { message: name, error };
     // Every field but the data, re-encoded for prost: a few dozen bytes.
     let mut fields = Vec::new();
     let mut data = Segments::default();
@@ -262,7 +287,7 @@ pub fn parse_chunk<M: Message + Default>(mut msg: Segments, data_field: u32) -> 
                 }
             }
             WireType::StartGroup | WireType::EndGroup => {
-                return Err(format!("not a {name}: protobuf groups are not part of it"));
+                return Err(FrameError::Group(name));
             }
         }
     }
@@ -296,7 +321,7 @@ pub async fn read_request<M: Message + Default>(body: Body, idle: std::time::Dur
         })?;
     let mut reader = MessageReader::default();
     reader.feed(all.to_bytes());
-    match reader.next_message().map_err(Status::invalid_argument)? {
+    match reader.next_message().map_err(|e| Status::invalid_argument(e.to_string()))? {
         Some(m) if !reader.mid_message() => M::decode(m).map_err(|e| Status::invalid_argument(e.to_string())),
         _ => Err(Status::invalid_argument("expected exactly one request message")),
     }
@@ -327,7 +352,7 @@ where
     /// The next message; `None` once the body ended (for a response, with an OK status).
     pub async fn next(&mut self) -> Result<Option<Segments>, Status> {
         loop {
-            if let Some(m) = self.reader.next_message().map_err(|e| Status::new(self.malformed, e))? {
+            if let Some(m) = self.reader.next_message().map_err(|e| Status::new(self.malformed, e.to_string()))? {
                 return Ok(Some(m));
             }
             match self.body.frame().await {
@@ -353,7 +378,7 @@ where
     /// The next chunk message, its data left in the pieces it arrived in ([`parse_chunk`]).
     pub async fn next_chunk<M: Message + Default>(&mut self, data_field: u32) -> Result<Option<(M, Segments)>, Status> {
         match self.next().await? {
-            Some(m) => parse_chunk(m, data_field).map(Some).map_err(|e| Status::new(self.malformed, e)),
+            Some(m) => parse_chunk(m, data_field).map(Some).map_err(|e| Status::new(self.malformed, e.to_string())),
             None => Ok(None),
         }
     }
@@ -434,7 +459,7 @@ mod tests {
     }
 
     /// Feeds `bytes` cut at `cuts` and returns every message parsed.
-    fn parse_all(bytes: &[u8], cuts: &[usize]) -> Result<Vec<(GradientChunk, Vec<u8>)>, String> {
+    fn parse_all(bytes: &[u8], cuts: &[usize]) -> Result<Vec<(GradientChunk, Vec<u8>)>, FrameError> {
         let mut reader = MessageReader::default();
         let mut at = 0;
         for &c in cuts.iter().chain([&bytes.len()]) {
@@ -518,17 +543,17 @@ mod tests {
     fn malformed_messages_are_refused_with_a_reason() {
         let mut r = MessageReader::default();
         r.feed(Bytes::from_static(&[1, 0, 0, 0, 0]));
-        assert!(r.next_message().unwrap_err().contains("compressed"));
+        assert!(r.next_message().unwrap_err().to_string().contains("compressed"));
         let mut r = MessageReader::default();
         r.feed(Bytes::from_static(&[0, 0xff, 0, 0, 0]));
-        assert!(r.next_message().unwrap_err().contains("more than"));
+        assert!(r.next_message().unwrap_err().to_string().contains("more than"));
         // A data field longer than its message.
         let cut = Segments { parts: [Bytes::from_static(&[0x2a, 10, 1, 2])].into(), len: 4 };
-        assert!(parse_gradient_chunk(cut).unwrap_err().contains("cut off"));
+        assert!(parse_gradient_chunk(cut).unwrap_err().to_string().contains("cut off"));
         let group = Segments { parts: [Bytes::from_static(&[0x0b])].into(), len: 1 };
-        assert!(parse_gradient_chunk(group).unwrap_err().contains("groups"));
+        assert!(parse_gradient_chunk(group).unwrap_err().to_string().contains("groups"));
         let wrong_type = Segments { parts: [Bytes::from_static(&[0x10, 0xff])].into(), len: 2 };
-        assert!(parse_gradient_chunk(wrong_type).unwrap_err().contains("not a GradientChunk"));
+        assert!(parse_gradient_chunk(wrong_type).unwrap_err().to_string().contains("not a GradientChunk"));
         // A stream that ends inside a message.
         let mut r = MessageReader::default();
         r.feed(Bytes::from_static(&[0, 0, 0, 0, 9, 1]));
