@@ -71,3 +71,11 @@ pub fn classifier(
     let (train, val) = train.split_validation(validation);
     Ok(Classifier::new(spec, train, val, test, batch, workers, seed)?)
 }
+
+/// Updates that make `epochs` passes over `train_examples` examples, when every update
+/// averages the policy's usual number of gradients of `batch` examples each (at least one).
+/// The one conversion `quorum sim` and `quorum train` share.
+pub fn steps_for_epochs(epochs: f64, train_examples: usize, policy: &quorum_core::Policy, batch: usize) -> u64 {
+    let per_step = policy.aggregate_hint().max(1) as f64 * batch as f64;
+    ((epochs * train_examples as f64) / per_step).ceil().max(1.0) as u64
+}

@@ -456,7 +456,7 @@ impl RunConfig {
             (None, None, Some(t)) => t.clone(),
             (None, None, None) => return Ok(None),
         };
-        quorum_net::auth::Token::new(secret).map(Some).map_err(anyhow::Error::msg)
+        quorum_net::auth::Token::new(secret).map(Some).map_err(anyhow::Error::from)
     }
 
     /// The port of `listen` (7070 when it names none).
@@ -510,8 +510,7 @@ impl RunConfig {
         if let Some(s) = self.steps {
             return Ok(s);
         }
-        let per_step = self.policy()?.aggregate_hint().max(1) as f64 * self.batch as f64;
-        Ok(((self.epochs * train_examples as f64) / per_step).ceil().max(1.0) as u64)
+        Ok(opts::steps_for_epochs(self.epochs, train_examples, &self.policy()?, self.batch))
     }
 
     /// The state machine's configuration for a run of `steps` updates.

@@ -15,21 +15,32 @@ impl std::fmt::Debug for Token {
     }
 }
 
+/// A join token that cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Nothing but spaces.
+    #[error("the join token is empty")]
+    Empty,
+    /// Too short to be a secret.
+    #[error("the join token is shorter than 16 characters; use a long random one (e.g. `openssl rand -hex 32`)")]
+    TooShort,
+    /// It cannot travel in an HTTP header.
+    #[error("the join token must be printable ASCII without spaces")]
+    NotPrintable,
+}
+
 impl Token {
     /// A token; refuses empty ones and ones that cannot travel in an HTTP header.
-    pub fn new(secret: impl Into<String>) -> Result<Self, String> {
+    pub fn new(secret: impl Into<String>) -> Result<Self, TokenError> {
         let s: String = secret.into().trim().to_string();
         if s.is_empty() {
-            return Err("the join token is empty".into());
+            return Err(TokenError::Empty);
         }
         if s.len() < 16 {
-            return Err(
-                "the join token is shorter than 16 characters; use a long random one (e.g. `openssl rand -hex 32`)"
-                    .into(),
-            );
+            return Err(TokenError::TooShort);
         }
         if !s.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err("the join token must be printable ASCII without spaces".into());
+            return Err(TokenError::NotPrintable);
         }
         Ok(Token(s))
     }
@@ -91,8 +102,9 @@ mod tests {
 
     #[test]
     fn tokens_are_checked_and_never_printed() {
-        assert!(Token::new("short").unwrap_err().contains("16 characters"));
-        assert!(Token::new("has a space in it somewhere").is_err());
+        assert_eq!(Token::new("short").unwrap_err(), TokenError::TooShort);
+        assert!(TokenError::TooShort.to_string().contains("16 characters"));
+        assert_eq!(Token::new("has a space in it somewhere").unwrap_err(), TokenError::NotPrintable);
         let t = Token::new("0123456789abcdef0123").unwrap();
         assert_eq!(format!("{t:?}"), "Token(<redacted>)");
     }

@@ -334,8 +334,7 @@ pub fn run(args: SimArgs) -> Result<()> {
             cfg.seed,
         )?;
         if let Some(e) = args.epochs {
-            let per_step = cfg.server.policy.aggregate_hint().max(1) as f64 * batch as f64;
-            cfg.steps = ((e * clf.train_set().len() as f64) / per_step).ceil().max(1.0) as u64;
+            cfg.steps = opts::steps_for_epochs(e, clf.train_set().len(), &cfg.server.policy, batch);
         }
         println!(
             "model {model} on {dataset}: {} parameters, {} training examples, batch {batch}, {} steps",
