@@ -1,5 +1,5 @@
 //! The worker's rule, the one both drivers run: the simulator's virtual workers and the
-//! networked worker (`quorum worker`, the Python package) alike.
+//! networked worker (`quorum worker`, `quorum train`) alike.
 //!
 //! A worker always computes on the newest parameters it holds. The driver tells it when
 //! parameters arrive ([`Worker::on_params`]), when it hears that the server has moved on
