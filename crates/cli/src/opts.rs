@@ -79,3 +79,15 @@ pub fn steps_for_epochs(epochs: f64, train_examples: usize, policy: &quorum_core
     let per_step = policy.aggregate_hint().max(1) as f64 * batch as f64;
     ((epochs * train_examples as f64) / per_step).ceil().max(1.0) as u64
 }
+
+/// The synthetic model's dimension in a model name: `None` for another model,
+/// `Some(None)` for a bare `synthetic` (the command picks its default), `Some(Some(d))` for
+/// `synthetic:D`. The one reading of the name for `quorum sim` and `quorum train`.
+pub fn synthetic_dim(model: &str) -> Result<Option<Option<usize>>> {
+    let Some(rest) = model.strip_prefix("synthetic") else { return Ok(None) };
+    match rest.strip_prefix(':') {
+        Some(d) => Ok(Some(Some(d.parse().with_context(|| format!("bad dimension in model `{model}`"))?))),
+        None if rest.is_empty() => Ok(Some(None)),
+        None => bail!("unknown model `{model}`: use synthetic[:DIM], mlp, mlp:W1,W2,..., cnn or cnn:C1,C2,C3,C4"),
+    }
+}

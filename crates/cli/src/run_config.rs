@@ -428,13 +428,8 @@ impl RunConfig {
 
     /// `Some(dim)` for the synthetic model, `None` for an image model (checked).
     fn model_kind(&self) -> Result<Option<usize>> {
-        if let Some(rest) = self.model.strip_prefix("synthetic") {
-            let dim = match rest.strip_prefix(':') {
-                Some(d) => d.parse().with_context(|| format!("bad dimension in model `{}`", self.model))?,
-                None if rest.is_empty() => 64,
-                None => bail!("unknown model `{}`", self.model),
-            };
-            return Ok(Some(dim));
+        if let Some(dim) = opts::synthetic_dim(&self.model)? {
+            return Ok(Some(dim.unwrap_or(64)));
         }
         quorum_compute::ModelSpec::parse(&self.model).map_err(anyhow::Error::msg)?;
         self.dataset.parse::<quorum_compute::data::DatasetName>().map_err(anyhow::Error::msg)?;

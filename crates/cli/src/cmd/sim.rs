@@ -308,13 +308,9 @@ pub fn run(args: SimArgs) -> Result<()> {
         let r = simulate(&cfg, None)?;
         print_summary(&cfg, &r);
         r
-    } else if let Some(dim) = model.strip_prefix("synthetic") {
+    } else if let Some(dim) = opts::synthetic_dim(&model)? {
         // `synthetic:DIM`, as `quorum train` names it, or `synthetic` with --dim.
-        let dim = match dim.strip_prefix(':') {
-            Some(d) => d.parse().with_context(|| format!("bad dimension in model `{model}`"))?,
-            None if dim.is_empty() => args.dim.unwrap_or(32),
-            None => bail!("unknown model `{model}`: use synthetic[:DIM], mlp, mlp:W1,W2,..., cnn or cnn:C1,C2,C3,C4"),
-        };
+        let dim = dim.or(args.dim).unwrap_or(32);
         let mut src = LeastSquares::new(dim, args.batch.unwrap_or(32), 0.1, cfg.seed);
         let r = attempts(&args, &cfg, &mut src)?;
         print_summary(&cfg, &r);
