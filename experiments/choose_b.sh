@@ -19,7 +19,7 @@ NS=${NS:-"50 60 70 80 85 90 92 94 96 98 100"}
 for n in $NS; do
     for seed in $SEEDS; do
         name=iters-n$n-seed$seed
-        sim "$name" --workers "$n" --delay const:1 --model mlp:64 --batch 32 --optimizer momentum:0.9 --lr 0.002 --scale-lr \
+        sim "$name" --workers "$n" --backups 0 --delay const:1 --model mlp:64 --batch 32 --optimizer momentum:0.9 --lr 0.002 --scale-lr \
             --warmup 20 --steps 2000 --eval-every 5 --target 0.96 --stop-at-target --seed "$seed" &&
             python3 experiments/row.py "$ITERS" "$RUNS/$name" n=$n seed=$seed
     done

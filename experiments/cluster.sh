@@ -17,8 +17,8 @@ mkdir -p docs/results "$RUNS" && rm -f "$CSV"
 for seed in $SEEDS; do
     for kind in sync+b sync async; do
         case $kind in
-        sync+b) args=(--workers 5 --backups 1 --lr 0.0125 --scale-lr true --eval-every 20) ;;
-        sync) args=(--workers 5 --backups 0 --lr 0.0125 --scale-lr true --eval-every 20) ;;
+        sync+b) args=(--workers 5 --backups 1 --lr 0.0125 --scale-lr --eval-every 20) ;;
+        sync) args=(--workers 5 --backups 0 --lr 0.0125 --scale-lr --eval-every 20) ;;
         async) args=(--workers 5 --policy async --lr 0.0125 --clip 5 --eval-every 80) ;;
         esac
         name=$kind-seed$seed

@@ -18,7 +18,7 @@ for S in ${STALENESS:-0 5 10 20 50}; do
         W=$((S + 1))
         lr=0.05
         [ "$S" -ge 20 ] && lr=$(python3 -c "print(0.05 * 10 / $S)")
-        args=(--workers "$W" --policy async --delay const:1 --model mlp --batch 64 --epochs 3 --lr "$lr"
+        args=(--workers "$W" --policy async --delay const:1 --model mlp --batch 64 --epochs 3 --optimizer sgd --lr "$lr"
             --lr-decay "linear:$((2 * EPOCH)),$((3 * EPOCH))" --ema 0.999 --eval-every 430 --seed "$seed")
         if [ "$S" -ge 5 ]; then
             # Steps during a ramp of R virtual seconds ~ R (W+1)/2: one epoch's worth.

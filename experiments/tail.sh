@@ -11,9 +11,9 @@ RUNS=runs/exp2-tail
 CSV=docs/results/tail_kth.csv
 mkdir -p docs/results "$RUNS" && rm -f "$CSV"
 for seed in $SEEDS; do
-    sim paper-seed$seed --timing-only --workers 100 --delay paper --steps 2000 --seed "$seed"
+    sim paper-seed$seed --timing-only --workers 100 --backups 0 --delay paper --steps 2000 --seed "$seed"
     python3 experiments/kth.py "$RUNS/paper-seed$seed/arrivals.csv" "$CSV" paper "$seed"
-    sim pareto-seed$seed --timing-only --workers 100 --delay pareto:1.2,0.2,2 --steps 2000 --seed "$seed"
+    sim pareto-seed$seed --timing-only --workers 100 --backups 0 --delay pareto:1.2,0.2,2 --steps 2000 --seed "$seed"
     python3 experiments/kth.py "$RUNS/pareto-seed$seed/arrivals.csv" "$CSV" pareto "$seed"
     echo "== cluster-seed$seed: quorum train, 100 workers, delay paper"
     "$Q" train --model synthetic --workers 100 --backups 0 --delay paper --steps 20 --eval-every 0 --seed "$seed" \

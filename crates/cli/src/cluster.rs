@@ -1,7 +1,7 @@
 //! What the commands that run a cluster share (`train`, `ps`, `worker`, `node`): resolving
 //! the configuration, the server's and a worker's options, the progress line, the summary.
 
-use crate::run_config::{RunConfig, RunFlags};
+use crate::config::{RunConfig, RunFlags};
 use crate::topology::Topology;
 use anyhow::{bail, Context, Result};
 use quorum_compute::GradientSource;
@@ -67,7 +67,7 @@ pub(crate) fn server_options(
     let server_cfg = cfg.server_config(steps)?;
     let layout = evaluator.layout().clone();
     let init = evaluator.init_params(cfg.seed);
-    let ckpt_dir = cfg.out.join("checkpoints");
+    let ckpt_dir = cfg.run_dir().join("checkpoints");
     let mut opts = ServerOptions::new(server_cfg, layout, init);
     if resume {
         match checkpoint::load_latest(&ckpt_dir, &opts.layout, &opts.config) {
@@ -94,7 +94,7 @@ pub(crate) fn server_options(
             Err(e) => return Err(e.into()),
         }
     }
-    opts.out = Some(cfg.out.clone());
+    opts.out = Some(cfg.run_dir());
     opts.evaluator = Some(evaluator);
     opts.eval_every = (cfg.eval_every > 0).then_some(cfg.eval_every);
     opts.batch = cfg.batch as u64;
@@ -112,7 +112,7 @@ pub(crate) fn server_options(
     if progress {
         opts.progress = Some(Box::new(progress_printer()));
     }
-    cfg.write_to(&cfg.out)?;
+    cfg.write_to(&cfg.run_dir())?;
     Ok(opts)
 }
 
@@ -174,7 +174,7 @@ pub(crate) fn print_summary(cfg: &RunConfig, s: &TrainSummary) -> Result<()> {
     }
     println!(
         "  wrote {}/{{summary.json,events.jsonl,metrics.csv,arrivals.csv,workers.csv,config.toml,tensorboard/}}",
-        cfg.out.display()
+        cfg.run_dir().display()
     );
     stopped_early(s)
 }
@@ -223,5 +223,5 @@ pub(crate) fn check_workers(cfg: &RunConfig, t: &Topology) -> Result<()> {
 
 /// The cluster spec names the server's port: listen on it on every interface.
 pub(crate) fn all_interfaces(t: &Topology) -> String {
-    format!("0.0.0.0:{}", crate::run_config::port_of(&t.ps).unwrap_or(7070))
+    format!("0.0.0.0:{}", crate::config::port_of(&t.ps).unwrap_or(7070))
 }

@@ -3,8 +3,9 @@
 
 mod cluster;
 mod cmd;
+mod config;
 mod opts;
-mod run_config;
+mod restarts;
 mod topology;
 
 use clap::{Parser, Subcommand};

@@ -1,52 +1,10 @@
-//! Parsers shared by the subcommands: optimizers, schedules, models and datasets as short strings.
+//! What the subcommands share about models and data: the classifier from a model name and
+//! a dataset, epochs as steps, the synthetic model's name.
 
 use anyhow::{bail, Context, Result};
 use quorum_compute::data::{load, DatasetName};
 use quorum_compute::{Classifier, ModelSpec};
-use quorum_core::{Decay, OptimizerConfig};
 use std::path::Path;
-
-/// `sgd`, `momentum:0.9`, `nesterov:0.9`, `rmsprop[:decay,momentum,epsilon]`, `adam[:b1,b2,eps]`.
-pub fn optimizer(s: &str) -> Result<OptimizerConfig> {
-    let (kind, args) = s.split_once(':').unwrap_or((s, ""));
-    let nums: Vec<f32> = if args.is_empty() {
-        Vec::new()
-    } else {
-        args.split(',')
-            .map(|x| x.trim().parse::<f32>().with_context(|| format!("`{x}` in optimizer `{s}` is not a number")))
-            .collect::<Result<_>>()?
-    };
-    let get = |i: usize, d: f32| nums.get(i).copied().unwrap_or(d);
-    let cfg = match kind {
-        "sgd" => OptimizerConfig::Sgd,
-        "momentum" => OptimizerConfig::Momentum { momentum: get(0, 0.9), nesterov: false },
-        "nesterov" => OptimizerConfig::Momentum { momentum: get(0, 0.9), nesterov: true },
-        "rmsprop" => OptimizerConfig::Rmsprop { decay: get(0, 0.9), momentum: get(1, 0.9), epsilon: get(2, 1.0) },
-        "adam" => OptimizerConfig::Adam { beta1: get(0, 0.9), beta2: get(1, 0.999), epsilon: get(2, 1e-8) },
-        _ => bail!("unknown optimizer `{s}`: use sgd, momentum:M, nesterov:M, rmsprop[:DECAY,MOMENTUM,EPS] or adam[:B1,B2,EPS]"),
-    };
-    cfg.validate()?;
-    Ok(cfg)
-}
-
-/// `constant`, `exp:RATE,EVERY[,staircase]`, `linear:START,END` (steps).
-pub fn decay(s: &str) -> Result<Decay> {
-    let (kind, args) = s.split_once(':').unwrap_or((s, ""));
-    let parts: Vec<&str> = args.split(',').map(str::trim).collect();
-    Ok(match (kind, parts.as_slice()) {
-        ("constant", _) => Decay::Constant,
-        ("exp", [rate, every, rest @ ..]) => Decay::Exponential {
-            rate: rate.parse().with_context(|| format!("bad decay rate in `{s}`"))?,
-            every: every.parse().with_context(|| format!("bad decay interval in `{s}`"))?,
-            staircase: rest.first() == Some(&"staircase"),
-        },
-        ("linear", [start, end]) => Decay::Linear {
-            start: start.parse().with_context(|| format!("bad start in `{s}`"))?,
-            end: end.parse().with_context(|| format!("bad end in `{s}`"))?,
-        },
-        _ => bail!("unknown learning-rate decay `{s}`: use constant, exp:RATE,EVERY[,staircase] or linear:START,END"),
-    })
-}
 
 /// Loads `dataset` from `data_root/<name>` (or `data_root` itself when it holds the files)
 /// and builds a classifier with `validation` examples held out of the training set.

@@ -70,6 +70,8 @@ fn the_same_seed_reproduces_the_same_files() {
         let out = dir.join(name);
         let o = quorum(&[
             "sim",
+            "--model",
+            "synthetic",
             "--workers",
             "6",
             "--backups",
@@ -127,9 +129,9 @@ fn bad_values_get_messages_that_say_what_to_do() {
     let t = text(&quorum(&["sim", "--delay", "gauss:1"]));
     assert!(t.contains("unknown delay model") && t.contains("exp:MEAN"), "{t}");
     let t = text(&quorum(&["sim", "--workers", "4", "--backups", "4"]));
-    assert!(t.contains("--backups (4) must be smaller than --workers (4)"), "{t}");
+    assert!(t.contains("backups (4) must be smaller than workers (4)"), "{t}");
     let t = text(&quorum(&["sim", "--policy", "fast"]));
-    assert!(t.contains("unknown policy `fast`"), "{t}");
+    assert!(t.contains("unknown variant `fast`, expected one of `sync`, `async`, `deadline`"), "{t}");
     let t = text(&quorum(&["sim", "--model", "mlp", "--data", "/nonexistent"]));
     assert!(t.contains("fetch-data.sh"), "{t}");
 }
@@ -244,5 +246,48 @@ fn the_config_toml_a_sim_writes_reads_back_and_reruns_the_same_simulation() {
     for f in ["summary.json", "arrivals.csv", "workers.csv"] {
         let (a, b) = (std::fs::read_to_string(first.join(f)).unwrap(), std::fs::read_to_string(again.join(f)).unwrap());
         assert_eq!(a, b, "{f} differs between the run and its rerun from config.toml");
+    }
+}
+
+#[test]
+fn a_config_printed_by_any_command_reads_back_in_every_other() {
+    let dir = tmp("cross-config");
+    let stdout = |o: &std::process::Output| {
+        assert!(o.status.success(), "{}", text(o));
+        String::from_utf8(o.stdout.clone()).unwrap()
+    };
+    let train = stdout(&quorum(&[
+        "train",
+        "--print-config",
+        "--workers",
+        "6",
+        "--backups",
+        "2",
+        "--optimizer",
+        "nesterov:0.8",
+        "--lr-decay",
+        "exp:0.94,50",
+    ]));
+    let train_toml = dir.join("train.toml");
+    std::fs::write(&train_toml, &train).unwrap();
+    let sim = stdout(&quorum(&["sim", "--config", train_toml.to_str().unwrap(), "--print-config"]));
+    assert_eq!(sim, train, "quorum sim reads quorum train's configuration to the same settings");
+    // The simulator's own keys travel in a [sim] table that the cluster commands accept.
+    let with_sim = stdout(&quorum(&[
+        "sim",
+        "--config",
+        train_toml.to_str().unwrap(),
+        "--latency",
+        "0.01",
+        "--fault",
+        "crash:1@5",
+        "--print-config",
+    ]));
+    assert!(with_sim.contains("[sim]") && with_sim.contains("crash:1@5"), "{with_sim}");
+    let sim_toml = dir.join("sim.toml");
+    std::fs::write(&sim_toml, &with_sim).unwrap();
+    for cmd in ["train", "ps", "worker", "sim"] {
+        let again = stdout(&quorum(&[cmd, "--config", sim_toml.to_str().unwrap(), "--print-config"]));
+        assert_eq!(again, with_sim, "quorum {cmd} reads the configuration back unchanged");
     }
 }

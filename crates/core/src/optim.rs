@@ -74,6 +74,65 @@ impl OptimizerConfig {
     }
 }
 
+/// The short form used by flags and config files: `sgd`, `momentum:M`, `nesterov:M`,
+/// `rmsprop[:DECAY,MOMENTUM,EPS]`, `adam[:B1,B2,EPS]` (omitted numbers take the usual
+/// defaults: 0.9; 0.9, 0.9, 1.0; 0.9, 0.999, 1e-8). Checked with [`OptimizerConfig::validate`].
+impl std::str::FromStr for OptimizerConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let usage = || {
+            ConfigError::invalid(format!(
+                "unknown optimizer `{s}`: use sgd, momentum:M, nesterov:M, rmsprop[:DECAY,MOMENTUM,EPS] or adam[:B1,B2,EPS]"
+            ))
+        };
+        let (kind, args) = s.trim().split_once(':').unwrap_or((s.trim(), ""));
+        let nums = if args.is_empty() {
+            Vec::new()
+        } else {
+            args.split(',')
+                .map(|x| {
+                    x.trim()
+                        .parse::<f32>()
+                        .map_err(|_| ConfigError::invalid(format!("`{x}` in optimizer `{s}` is not a number")))
+                })
+                .collect::<Result<Vec<f32>, _>>()?
+        };
+        let most = match kind {
+            "sgd" => 0,
+            "momentum" | "nesterov" => 1,
+            "rmsprop" | "adam" => 3,
+            _ => return Err(usage()),
+        };
+        if nums.len() > most {
+            return Err(ConfigError::invalid(format!("optimizer `{s}` takes at most {most} numbers")));
+        }
+        let get = |i: usize, d: f32| nums.get(i).copied().unwrap_or(d);
+        let cfg = match kind {
+            "sgd" => OptimizerConfig::Sgd,
+            "momentum" => OptimizerConfig::Momentum { momentum: get(0, 0.9), nesterov: false },
+            "nesterov" => OptimizerConfig::Momentum { momentum: get(0, 0.9), nesterov: true },
+            "rmsprop" => OptimizerConfig::Rmsprop { decay: get(0, 0.9), momentum: get(1, 0.9), epsilon: get(2, 1.0) },
+            _ => OptimizerConfig::Adam { beta1: get(0, 0.9), beta2: get(1, 0.999), epsilon: get(2, 1e-8) },
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// The short form [`FromStr`](std::str::FromStr) reads, every number written out.
+impl std::fmt::Display for OptimizerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            OptimizerConfig::Sgd => write!(f, "sgd"),
+            OptimizerConfig::Momentum { momentum, nesterov: false } => write!(f, "momentum:{momentum}"),
+            OptimizerConfig::Momentum { momentum, nesterov: true } => write!(f, "nesterov:{momentum}"),
+            OptimizerConfig::Rmsprop { decay, momentum, epsilon } => write!(f, "rmsprop:{decay},{momentum},{epsilon}"),
+            OptimizerConfig::Adam { beta1, beta2, epsilon } => write!(f, "adam:{beta1},{beta2},{epsilon}"),
+        }
+    }
+}
+
 fn positive(name: &str, v: f32) -> Result<(), ConfigError> {
     if v > 0.0 && v.is_finite() {
         Ok(())
@@ -203,6 +262,34 @@ impl Optimizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_short_form_of_every_optimizer_reads_back_to_the_same_optimizer() {
+        for text in
+            ["sgd", "momentum:0.9", "nesterov:0.5", "rmsprop", "rmsprop:0.95,0.8,0.5", "adam", "adam:0.8,0.99,1e-6"]
+        {
+            let o: OptimizerConfig = text.parse().unwrap();
+            assert_eq!(o.to_string().parse::<OptimizerConfig>().unwrap(), o, "{text}");
+        }
+        assert_eq!("rmsprop".parse::<OptimizerConfig>().unwrap(), OptimizerConfig::paper_rmsprop());
+        assert_eq!(
+            "nesterov:0.5".parse::<OptimizerConfig>().unwrap(),
+            OptimizerConfig::Momentum { momentum: 0.5, nesterov: true }
+        );
+    }
+
+    #[test]
+    fn a_bad_optimizer_is_refused_with_what_to_write_instead() {
+        for (text, want) in [
+            ("lbfgs", "unknown optimizer `lbfgs`: use sgd"),
+            ("momentum:x", "`x` in optimizer `momentum:x` is not a number"),
+            ("momentum:1.5", "momentum must be in [0, 1)"),
+            ("sgd:0.1", "takes at most 0 numbers"),
+        ] {
+            let e = text.parse::<OptimizerConfig>().unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
 
     fn close(a: f32, b: f32) -> bool {
         (a - b).abs() <= 1e-6 * (1.0 + b.abs())

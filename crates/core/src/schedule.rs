@@ -48,6 +48,47 @@ pub struct LrSchedule {
     pub scale_by_aggregate: bool,
 }
 
+/// The short form used by flags and config files: `constant`, `exp:RATE,EVERY[,staircase]`,
+/// `linear:START,END` (steps).
+impl std::str::FromStr for Decay {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = |what: &str| ConfigError::invalid(format!("bad {what} in learning-rate decay `{s}`"));
+        let (kind, args) = s.trim().split_once(':').unwrap_or((s.trim(), ""));
+        let parts: Vec<&str> = args.split(',').map(str::trim).collect();
+        Ok(match (kind, parts.as_slice()) {
+            ("constant", [""]) => Decay::Constant,
+            ("exp", [rate, every, rest @ ..]) if rest.is_empty() || rest == ["staircase"] => Decay::Exponential {
+                rate: rate.parse().map_err(|_| bad("rate"))?,
+                every: every.parse().map_err(|_| bad("interval"))?,
+                staircase: !rest.is_empty(),
+            },
+            ("linear", [start, end]) => Decay::Linear {
+                start: start.parse().map_err(|_| bad("start"))?,
+                end: end.parse().map_err(|_| bad("end"))?,
+            },
+            _ => {
+                return Err(ConfigError::invalid(format!(
+                    "unknown learning-rate decay `{s}`: use constant, exp:RATE,EVERY[,staircase] or linear:START,END"
+                )))
+            }
+        })
+    }
+}
+
+/// The short form [`FromStr`](std::str::FromStr) reads.
+impl std::fmt::Display for Decay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Decay::Constant => write!(f, "constant"),
+            Decay::Exponential { rate, every, staircase: false } => write!(f, "exp:{rate},{every}"),
+            Decay::Exponential { rate, every, staircase: true } => write!(f, "exp:{rate},{every},staircase"),
+            Decay::Linear { start, end } => write!(f, "linear:{start},{end}"),
+        }
+    }
+}
+
 fn constant() -> Decay {
     Decay::Constant
 }
@@ -119,6 +160,23 @@ impl LrSchedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_short_form_of_every_decay_reads_back_to_the_same_decay() {
+        for text in ["constant", "exp:0.94,50", "exp:0.5,100,staircase", "linear:1720,3440"] {
+            let d: Decay = text.parse().unwrap();
+            assert_eq!(d.to_string(), text);
+        }
+        for (text, want) in [
+            ("cosine", "unknown learning-rate decay `cosine`"),
+            ("exp:fast,10", "bad rate"),
+            ("linear:1", "unknown learning-rate decay"),
+            ("exp:0.9,10,stairs", "unknown learning-rate decay"),
+        ] {
+            let e = text.parse::<Decay>().unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
 
     fn close(a: f32, b: f32) -> bool {
         (a - b).abs() <= 1e-6 * (1.0 + b.abs())

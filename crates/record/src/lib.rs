@@ -16,10 +16,12 @@
 
 pub mod arrivals;
 pub mod record;
+pub mod restarts;
 pub mod stats;
 pub mod workers;
 
 pub use arrivals::Arrival;
 pub use record::{RunRecord, Update};
+pub use restarts::Restart;
 pub use stats::quantile;
 pub use workers::WorkerStats;

@@ -108,7 +108,7 @@ impl SimConfig {
             return Err(ConfigError::invalid("network latency must be >= 0 and bandwidth > 0"));
         }
         for f in &self.faults {
-            f.validate(self.server.workers).map_err(ConfigError::invalid)?;
+            f.validate(self.server.workers)?;
         }
         if !(self.join_ramp.is_finite() && self.join_ramp >= 0.0) {
             return Err(ConfigError::invalid("join_ramp must be a finite number of seconds >= 0"));

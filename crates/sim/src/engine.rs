@@ -225,7 +225,6 @@ pub fn simulate<'a>(
             step_seconds: Vec::new(),
             final_params: Vec::new(),
             final_eval_params: Vec::new(),
-            restarts: Vec::new(),
         },
         record: RunRecord::new(cfg.server.workers, batch, cfg.record_arrivals),
         grad: Vec::new(),

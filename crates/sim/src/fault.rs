@@ -2,7 +2,7 @@
 //! links (as raft-rs's test network drops, isolates and recovers), and the invariants every
 //! run must keep whatever the faults.
 
-use quorum_core::{Event, Step, WorkerId};
+use quorum_core::{ConfigError, Event, Step, WorkerId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
@@ -46,10 +46,13 @@ pub enum FaultKind {
 
 impl Fault {
     /// Checks the numbers.
-    pub fn validate(&self, workers: u32) -> Result<(), String> {
+    pub fn validate(&self, workers: u32) -> Result<(), ConfigError> {
         let ok = |x: f64| x.is_finite() && x >= 0.0;
         if self.worker >= workers || !ok(self.at) {
-            return Err(format!("fault {self:?}: worker must be below {workers} and `at` >= 0"));
+            return Err(ConfigError::invalid(format!(
+                "fault `{self}`: the worker must be below {workers} (w0..w{}) and the time >= 0",
+                workers.saturating_sub(1)
+            )));
         }
         let fine = match &self.kind {
             FaultKind::Crash { restart_after } => restart_after.is_none_or(ok),
@@ -59,22 +62,37 @@ impl Fault {
         if fine {
             Ok(())
         } else {
-            Err(format!("fault {self:?}: durations must be finite and >= 0, a slow-down factor >= 1"))
+            Err(ConfigError::invalid(format!(
+                "fault `{self}`: durations must be finite and >= 0, a slow-down factor >= 1"
+            )))
+        }
+    }
+}
+
+/// The short form [`FromStr`](std::str::FromStr) reads.
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (w, at) = (self.worker, self.at);
+        match self.kind {
+            FaultKind::Crash { restart_after: None } => write!(f, "crash:{w}@{at}"),
+            FaultKind::Crash { restart_after: Some(r) } => write!(f, "crash:{w}@{at}+{r}"),
+            FaultKind::Freeze { seconds } => write!(f, "freeze:{w}@{at}+{seconds}"),
+            FaultKind::SlowLink { factor, seconds } => write!(f, "slow:{w}@{at}+{seconds}*{factor}"),
         }
     }
 }
 
 impl std::str::FromStr for Fault {
-    type Err = String;
+    type Err = ConfigError;
 
     /// `crash:W@T` (dies for good), `crash:W@T+R` (restarts R seconds later),
     /// `freeze:W@T+S` (SIGSTOP for S seconds), `slow:W@T+S*F` (link F times slower for S
     /// seconds): worker W, at T virtual seconds.
-    fn from_str(spec: &str) -> Result<Self, String> {
+    fn from_str(spec: &str) -> Result<Self, ConfigError> {
         let usage = || {
-            format!(
+            ConfigError::invalid(format!(
                 "bad fault `{spec}`: use crash:W@T, crash:W@T+RESTART, freeze:W@T+SECONDS or slow:W@T+SECONDS*FACTOR"
-            )
+            ))
         };
         let num = |v: &str| v.trim().parse::<f64>().map_err(|_| usage());
         let (kind, rest) = spec.split_once(':').ok_or_else(usage)?;
@@ -98,10 +116,16 @@ impl std::str::FromStr for Fault {
     }
 }
 
+/// A whole-run invariant that a run's events break; the message says which step and how.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("invariant broken: {0}")]
+pub struct InvariantBroken(pub String);
+
 /// The whole-run invariants, read from a run's events: every step applied once, in order,
 /// with as many distinct contributors as the step needed (N, or the lowered N the events
 /// announce; a step that the lowering itself closes keeps every gradient already in), each of which had a gradient accepted for that step. Returns what broke.
-pub fn check_invariants(events: &[Event], aggregate: u32) -> Result<(), String> {
+pub fn check_invariants(events: &[Event], aggregate: u32) -> Result<(), InvariantBroken> {
+    let broken = |msg: String| Err(InvariantBroken(msg));
     let mut next: Step = 0;
     let mut n = aggregate;
     let mut lowered_now = false;
@@ -114,22 +138,22 @@ pub fn check_invariants(events: &[Event], aggregate: u32) -> Result<(), String> 
                 n = *to;
             }
             Event::GradientAccepted { worker, step, .. } if !accepted.insert((*step, *worker)) => {
-                return Err(format!("worker {worker} had two gradients accepted for step {step}"));
+                return broken(format!("worker {worker} had two gradients accepted for step {step}"));
             }
             Event::StepApplied { step, contributors, .. } => {
                 if *step != next {
-                    return Err(format!("step {step} applied when step {next} was due"));
+                    return broken(format!("step {step} applied when step {next} was due"));
                 }
                 let distinct: BTreeSet<_> = contributors.iter().collect();
                 let count_ok = contributors.len() == n as usize || (lowered_now && contributors.len() > n as usize);
                 lowered_now = false;
                 if distinct.len() != contributors.len() || !count_ok {
-                    return Err(format!(
+                    return broken(format!(
                         "step {step} applied with contributors {contributors:?}, needing {n} distinct"
                     ));
                 }
                 if let Some(w) = contributors.iter().find(|w| !accepted.contains(&(*step, **w))) {
-                    return Err(format!("step {step} counts worker {w}, whose gradient was never accepted"));
+                    return broken(format!("step {step} counts worker {w}, whose gradient was never accepted"));
                 }
                 accepted.retain(|(s, _)| *s > *step);
                 next += 1;
@@ -154,8 +178,11 @@ mod tests {
             "slow:2@0+30*10".parse::<Fault>().unwrap().kind,
             FaultKind::SlowLink { factor: 10.0, seconds: 30.0 }
         );
+        for text in ["crash:3@10+2.5", "crash:0@1", "freeze:1@4+6", "slow:2@0+30*10"] {
+            assert_eq!(text.parse::<Fault>().unwrap().to_string(), text);
+        }
         for bad in ["crash", "freeze:1@4", "slow:1@2+3", "melt:1@2", "crash:x@1"] {
-            assert!(bad.parse::<Fault>().unwrap_err().contains("use crash:W@T"), "{bad}");
+            assert!(bad.parse::<Fault>().unwrap_err().to_string().contains("use crash:W@T"), "{bad}");
         }
     }
 }

@@ -21,9 +21,9 @@ pub mod sweep;
 
 pub use config::{EvalOn, SimConfig};
 pub use engine::{simulate, SimError};
-pub use fault::{check_invariants, Fault, FaultKind};
+pub use fault::{check_invariants, Fault, FaultKind, InvariantBroken};
 pub use network::NetworkModel;
 pub use quorum_compute::delay::{DelayError, DelayModel, DelaySampler};
 pub use quorum_record::quantile;
-pub use report::{Arrival, MetricRow, Restart, SimReport, Summary, WorkerStats};
+pub use report::{Arrival, MetricRow, SimReport, Summary, WorkerStats};
 pub use sweep::{sweep_backups, SweepRow};

@@ -91,38 +91,6 @@ pub struct SimReport {
     pub final_params: Vec<f32>,
     /// The parameters evaluation reads at the end (the EMA when evaluating on it).
     pub final_eval_params: Vec<f32>,
-    /// One row per attempt when random restarts chose this run (restarts.csv).
-    pub restarts: Vec<Restart>,
-}
-
-/// Writes `restarts.csv`: one row per attempt (the same file for `quorum sim` and `quorum train`).
-pub fn write_restarts(path: &Path, rows: &[Restart]) -> std::io::Result<()> {
-    let mut w = csv::Writer::from_path(path).map_err(|e| io_err(path, e))?;
-    for r in rows {
-        w.serialize(r).map_err(|e| io_err(path, e))?;
-    }
-    w.flush()
-}
-
-/// One attempt of a run with random restarts.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Restart {
-    /// Attempt number, from 0.
-    pub attempt: u32,
-    /// Seed of its initial weights.
-    pub seed: u64,
-    /// Whether it diverged (and stopped early).
-    pub diverged: bool,
-    /// Updates it applied.
-    pub steps: u64,
-    /// Validation loss at the end (not for diverged attempts).
-    pub validation_loss: Option<f32>,
-    /// Validation accuracy at the end.
-    pub validation_accuracy: Option<f32>,
-    /// Test accuracy at the end (reported, never used to choose).
-    pub test_accuracy: Option<f32>,
-    /// The attempt kept.
-    pub chosen: bool,
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> std::io::Error {

@@ -103,7 +103,7 @@ proptest! {
             cfg.server.liveness.on_stall = OnStall::LowerAggregate;
         }
         let r = simulate(&cfg, None).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        check_invariants(&r.events, aggregate).map_err(TestCaseError::fail)?;
+        check_invariants(&r.events, aggregate).map_err(|e| TestCaseError::fail(e.to_string()))?;
         // It ended (no `Hang`, no `Stuck`): all its steps, or a stop for too few workers.
         prop_assert!(r.summary.steps <= 150);
     }

@@ -2,7 +2,7 @@
 
 use super::{ps::serve, worker::work};
 use crate::cluster::{all_interfaces, check_workers, resolve};
-use crate::run_config::RunFlags;
+use crate::config::RunFlags;
 use crate::topology::{self, Role};
 use anyhow::{Context, Result};
 use clap::Args;

@@ -1,7 +1,7 @@
 //! `quorum ps`: the parameter server of a job split across machines.
 
 use crate::cluster::{all_interfaces, check_workers, interrupted, print_summary, resolve, runtime, server_options};
-use crate::run_config::{RunConfig, RunFlags};
+use crate::config::{RunConfig, RunFlags};
 use crate::topology::{self, Role};
 use anyhow::{bail, Context, Result};
 use clap::Args;

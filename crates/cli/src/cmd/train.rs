@@ -3,10 +3,12 @@
 use crate::cluster::{
     interrupted, print_summary, print_worker, resolve, runtime, server_options, stopped_early, worker_options,
 };
-use crate::run_config::{RunConfig, RunFlags};
+use crate::config::{RunConfig, RunFlags};
+use crate::restarts;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use quorum_net::{run_server, run_worker, TrainSummary};
+use quorum_record::Restart;
 use std::time::Duration;
 
 /// Flags of `quorum train`.
@@ -19,8 +21,8 @@ pub struct TrainArgs {
     resume: bool,
 }
 
-/// Runs `quorum train`: one run, or with `restarts = K` K attempts from the random weights of
-/// seeds seed, seed+1, ... (each in `<out>/attempt-<k>`), keeping the best on validation.
+/// Runs `quorum train`: one run, or with `restarts = K` K attempts (each in
+/// `<out>/attempt-<k>`), the best on validation kept (see [`restarts::best_of`]).
 pub fn train(a: TrainArgs) -> Result<()> {
     let Some(cfg) = resolve(&a.flags)? else { return Ok(()) };
     if cfg.restarts <= 1 {
@@ -30,60 +32,32 @@ pub fn train(a: TrainArgs) -> Result<()> {
     if a.resume {
         bail!("--resume continues one run; it cannot be combined with restarts = {}", cfg.restarts);
     }
-    std::fs::create_dir_all(&cfg.out).with_context(|| format!("cannot create {}", cfg.out.display()))?;
-    let mut rows = Vec::new();
-    let mut best: Option<(f32, u32)> = None;
-    for k in 0..cfg.restarts {
+    let dir = cfg.run_dir();
+    let (_, k) = restarts::best_of(cfg.restarts, cfg.seed, Some(&dir), |k, seed| {
         let mut attempt = cfg.clone();
-        attempt.seed = cfg.seed + u64::from(k);
-        attempt.out = cfg.out.join(format!("attempt-{k}"));
-        println!("== attempt {k} of {} (seed {}) in {}", cfg.restarts, attempt.seed, attempt.out.display());
+        attempt.seed = seed;
+        attempt.out = Some(dir.join(format!("attempt-{k}")));
+        println!("== attempt {k} of {} (seed {seed}) in {}", cfg.restarts, attempt.run_dir().display());
         let s = train_once(&attempt, false)?;
         let _ = print_summary(&attempt, &s);
-        let score = s.final_validation_accuracy.or(s.final_validation_loss.map(|l| -l));
-        match (s.diverged, score) {
-            (true, _) => println!("attempt {k}: diverged at step {}", s.steps),
-            (false, Some(v)) if s.stop_reason.is_none() => {
-                println!("attempt {k}: validation {}", describe_validation(&s));
-                if best.is_none_or(|(b, _)| v > b) {
-                    best = Some((v, k));
-                }
-            }
-            _ => stopped_early(&s)?,
+        if !s.diverged {
+            // Interrupted, stalled: not an attempt to compare, an error to report.
+            stopped_early(&s)?;
         }
-        rows.push(quorum_sim::Restart {
+        let row = Restart {
             attempt: k,
-            seed: attempt.seed,
+            seed,
             diverged: s.diverged,
             steps: s.steps,
             validation_loss: s.final_validation_loss,
             validation_accuracy: s.final_validation_accuracy,
             test_accuracy: s.final_test_accuracy,
             chosen: false,
-        });
-    }
-    for r in &mut rows {
-        r.chosen = best.is_some_and(|(_, b)| b == r.attempt);
-    }
-    let path = cfg.out.join("restarts.csv");
-    quorum_sim::report::write_restarts(&path, &rows)?;
-    let Some((_, k)) = best else {
-        bail!("all {} attempts diverged (see {}); lower lr, add warmup or clip", cfg.restarts, path.display());
-    };
-    println!(
-        "kept attempt {k}: {} (best validation; all attempts in {})",
-        cfg.out.join(format!("attempt-{k}")).display(),
-        path.display()
-    );
+        };
+        Ok((row, ()))
+    })?;
+    println!("the kept run is {}", dir.join(format!("attempt-{k}")).display());
     Ok(())
-}
-
-fn describe_validation(s: &TrainSummary) -> String {
-    match (s.final_validation_accuracy, s.final_validation_loss) {
-        (Some(a), _) => format!("accuracy {:.2}%", 100.0 * a),
-        (None, Some(l)) => format!("loss {l:.5}"),
-        _ => "-".into(),
-    }
 }
 
 /// One training run: server and workers in this process over loopback.

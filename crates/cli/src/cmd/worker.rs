@@ -1,7 +1,7 @@
 //! `quorum worker`: one worker of a job split across machines.
 
 use crate::cluster::{check_workers, print_worker, resolve, runtime, worker_options};
-use crate::run_config::{RunConfig, RunFlags};
+use crate::config::{RunConfig, RunFlags};
 use crate::topology::{self, Role};
 use anyhow::{bail, Context, Result};
 use clap::Args;

@@ -1,17 +1,26 @@
-//! The configuration of a training run, shared by `quorum train`, `quorum ps` and
-//! `quorum worker`: a TOML file (`--config`) and/or flags of the same names (flags win).
-//! Unknown keys and invalid values are refused with the key named.
+//! The one configuration of a run, for every command (`quorum train`, `ps`, `worker`,
+//! `node`, `sim`): a TOML file (`--config`) and/or flags of the same names (flags win), one
+//! set of defaults. Unknown keys and invalid values are refused with the key named. A run's
+//! `config.toml` is this, resolved, and reads back with `--config`.
+
+mod flags;
+mod sim;
+mod text;
 
 use crate::opts;
 use anyhow::{bail, Context, Result};
-use clap::Args;
+pub use flags::{RunFlags, SimFlags};
 use quorum_compute::{GradientSource, LeastSquares};
-use quorum_core::{OnStall, Policy, ServerConfig};
+use quorum_core::{Decay, OnStall, OptimizerConfig, Policy, ServerConfig};
 use quorum_net::Encoding;
 use quorum_sim::{DelayModel, DelaySampler};
 use serde::{Deserialize, Serialize};
+pub use sim::SimKeys;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// The synthetic model's dimension when `model = "synthetic"` names none.
+const SYNTHETIC_DIM: usize = 64;
 
 /// The aggregation rule by name (its numbers are their own keys: backups, max-staleness,
 /// deadline-min, deadline-timeout).
@@ -59,11 +68,13 @@ pub struct RunConfig {
     /// Updates to run (overrides epochs).
     pub steps: Option<u64>,
     /// sgd, momentum:M, nesterov:M, rmsprop[:DECAY,MOMENTUM,EPS], adam[:B1,B2,EPS].
-    pub optimizer: String,
+    #[serde(with = "text")]
+    pub optimizer: OptimizerConfig,
     /// Learning rate.
     pub lr: f64,
     /// constant, exp:RATE,EVERY[,staircase], linear:START,END.
-    pub lr_decay: String,
+    #[serde(with = "text")]
+    pub lr_decay: Decay,
     /// Linear warm-up steps.
     pub warmup: u64,
     /// Multiply the learning rate by N (the paper's rule for averaged gradients).
@@ -104,8 +115,8 @@ pub struct RunConfig {
     pub keep_checkpoints: usize,
     /// Compute threads per process (default: all cores; `quorum train` splits them among workers).
     pub threads: Option<usize>,
-    /// Run directory.
-    pub out: PathBuf,
+    /// Run directory (`train`, `ps`: `runs/train` when unset; `sim` writes files only when set).
+    pub out: Option<PathBuf>,
     /// File holding the join token (the `QUORUM_TOKEN` environment variable wins).
     pub token_file: Option<PathBuf>,
     /// The join token itself; never written to config.toml or printed.
@@ -119,6 +130,9 @@ pub struct RunConfig {
     /// TLS: the CA (PEM) the other side's certificate must chain to. On a worker: whom to trust
     /// as the server (turns TLS on). On the server: require client certificates signed by it.
     pub tls_ca: Option<PathBuf>,
+    /// Keys only `quorum sim` reads (the `[sim]` table).
+    #[serde(skip_serializing_if = "SimKeys::is_default")]
+    pub sim: SimKeys,
 }
 
 impl Default for RunConfig {
@@ -137,9 +151,9 @@ impl Default for RunConfig {
             batch: 128,
             epochs: 2.0,
             steps: None,
-            optimizer: "momentum:0.9".into(),
+            optimizer: OptimizerConfig::Momentum { momentum: 0.9, nesterov: false },
             lr: 0.05,
-            lr_decay: "constant".into(),
+            lr_decay: Decay::Constant,
             warmup: 0,
             scale_lr: false,
             ema: None,
@@ -159,208 +173,14 @@ impl Default for RunConfig {
             checkpoint_seconds: 600.0,
             keep_checkpoints: 3,
             threads: None,
-            out: "runs/train".into(),
+            out: None,
             token_file: None,
             tls_cert: None,
             tls_key: None,
             tls_ca: None,
             token: None,
+            sim: SimKeys::default(),
         }
-    }
-}
-
-/// The flags that set [`RunConfig`] keys (same names, kebab-case), plus `--config`.
-#[derive(Args, Debug, Default, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct RunFlags {
-    /// TOML file with any of these settings (flags win over the file).
-    #[arg(long)]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
-    /// Print the resolved configuration as TOML and exit.
-    #[arg(long)]
-    #[serde(skip)]
-    pub print_config: bool,
-    /// Workers in the cluster, N + b [default: 4].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    workers: Option<u32>,
-    /// Backup workers b (sync policy) [default: 1].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    backups: Option<u32>,
-    /// sync | async | deadline [default: sync].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    policy: Option<String>,
-    /// Async: drop gradients more than this many updates old.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_staleness: Option<u64>,
-    /// Deadline: fewest gradients a step may close with.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    deadline_min: Option<u32>,
-    /// Deadline: seconds to wait for the rest.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    deadline_timeout: Option<f64>,
-    /// synthetic[:DIM], mlp, mlp:W1,W2,..., cnn, cnn:C1,C2,C3,C4 [default: mlp].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    model: Option<String>,
-    /// mnist | fashion-mnist | cifar10 [default: mnist].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    dataset: Option<String>,
-    /// Data root holding <dataset>/ [default: data].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<PathBuf>,
-    /// Training examples held out for validation [default: 5000].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    validation: Option<usize>,
-    /// Examples per worker mini-batch [default: 128].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    batch: Option<usize>,
-    /// Epochs to train [default: 2].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    epochs: Option<f64>,
-    /// Updates to run (overrides --epochs).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    steps: Option<u64>,
-    /// sgd, momentum:M, nesterov:M, rmsprop[...], adam[...] [default: momentum:0.9].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    optimizer: Option<String>,
-    /// Learning rate [default: 0.05].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    lr: Option<f64>,
-    /// constant, exp:RATE,EVERY[,staircase], linear:START,END [default: constant].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    lr_decay: Option<String>,
-    /// Linear warm-up steps [default: 0].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    warmup: Option<u64>,
-    /// Multiply the learning rate by N.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    scale_lr: Option<bool>,
-    /// Keep a parameter EMA with this decay.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ema: Option<f64>,
-    /// Clip the averaged gradient to this global norm.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    clip: Option<f64>,
-    /// `quorum train`: run this many attempts from different random weights (seed, seed+1, ...),
-    /// stop diverged ones, keep the best on the validation split [default: 1].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    restarts: Option<u32>,
-    /// A step whose mean loss is above this counts as divergence (non-finite always does).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    divergence_loss: Option<f64>,
-    /// Evaluate every this many steps [default: 100].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    eval_every: Option<u64>,
-    /// Seed [default: 1].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    seed: Option<u64>,
-    /// Injected straggling: paper, const:S, exp:MEAN, lognormal:M,S, pareto:B,XM,A, slow:K,F[,M], replay:FILE.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    delay: Option<String>,
-    /// Seconds of silence before a worker is declared gone [default: 10].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    worker_timeout: Option<f64>,
-    /// Seconds with fewer than N live workers before --on-stall [default: 30].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stall_timeout: Option<f64>,
-    /// stop | lower [default: stop].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    on_stall: Option<String>,
-    /// Seconds a worker tries to reach the server [default: 60].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    connect_timeout: Option<f64>,
-    /// Address `quorum ps` listens on [default: 0.0.0.0:7070].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    listen: Option<String>,
-    /// f32 | bf16 [default: f32].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    wire: Option<String>,
-    /// Checkpoint every this many steps, 0 = only at the end [default: 0].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    checkpoint_every: Option<u64>,
-    /// Also checkpoint every this many seconds, 0 = off [default: 600].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    checkpoint_seconds: Option<f64>,
-    /// Checkpoints kept [default: 3].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    keep_checkpoints: Option<usize>,
-    /// Compute threads.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    threads: Option<usize>,
-    /// Run directory [default: runs/train].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    out: Option<PathBuf>,
-    /// File holding the join token (or set QUORUM_TOKEN).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    token_file: Option<PathBuf>,
-    /// TLS certificate (PEM) of this process.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tls_cert: Option<PathBuf>,
-    /// TLS private key (PEM) of this process.
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tls_key: Option<PathBuf>,
-    /// TLS CA (PEM) the other side must chain to (on the server: require client certificates).
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tls_ca: Option<PathBuf>,
-}
-
-impl RunFlags {
-    /// The file (if any) with the flags laid over it, defaults for the rest, validated.
-    pub fn resolve(&self) -> Result<RunConfig> {
-        let mut table = match &self.config {
-            Some(path) => {
-                let text =
-                    std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
-                text.parse::<toml::Table>().with_context(|| format!("{} is not valid TOML", path.display()))?
-            }
-            None => toml::Table::new(),
-        };
-        let flags = toml::Table::try_from(self).context("collecting flags")?;
-        table.extend(flags);
-        let where_ = self.config.as_ref().map_or("flags".to_string(), |p| p.display().to_string());
-        let cfg: RunConfig = table.try_into().with_context(|| format!("invalid configuration in {where_}"))?;
-        cfg.validate().with_context(|| format!("invalid configuration in {where_}"))?;
-        Ok(cfg)
     }
 }
 
@@ -383,7 +203,7 @@ impl RunConfig {
             bail!("epochs must be positive (or set steps)");
         }
         self.policy()?;
-        self.model_kind()?;
+        self.synthetic_dim()?;
         self.encoding()?;
         self.delay_sampler()?;
         self.server_config(1)?;
@@ -427,9 +247,9 @@ impl RunConfig {
     }
 
     /// `Some(dim)` for the synthetic model, `None` for an image model (checked).
-    fn model_kind(&self) -> Result<Option<usize>> {
+    pub fn synthetic_dim(&self) -> Result<Option<usize>> {
         if let Some(dim) = opts::synthetic_dim(&self.model)? {
-            return Ok(Some(dim.unwrap_or(64)));
+            return Ok(Some(dim.unwrap_or(SYNTHETIC_DIM)));
         }
         quorum_compute::ModelSpec::parse(&self.model).map_err(anyhow::Error::msg)?;
         self.dataset.parse::<quorum_compute::data::DatasetName>().map_err(anyhow::Error::msg)?;
@@ -483,7 +303,7 @@ impl RunConfig {
         fn boxed(s: impl GradientSource + Send + Clone + 'static, n: usize) -> Vec<Box<dyn GradientSource + Send>> {
             (0..n).map(|_| Box::new(s.clone()) as Box<dyn GradientSource + Send>).collect()
         }
-        Ok(match self.model_kind()? {
+        Ok(match self.synthetic_dim()? {
             Some(dim) => boxed(LeastSquares::new(dim, self.batch, 0.1, self.seed), n),
             None => boxed(
                 opts::classifier(
@@ -511,8 +331,8 @@ impl RunConfig {
     /// The state machine's configuration for a run of `steps` updates.
     pub fn server_config(&self, steps: u64) -> Result<ServerConfig> {
         let mut cfg = ServerConfig::new(self.workers, self.policy()?, self.lr as f32);
-        cfg.optimizer = opts::optimizer(&self.optimizer)?;
-        cfg.schedule.decay = opts::decay(&self.lr_decay)?;
+        cfg.optimizer = self.optimizer.clone();
+        cfg.schedule.decay = self.lr_decay.clone();
         cfg.schedule.warmup_steps = self.warmup;
         cfg.schedule.scale_by_aggregate = self.scale_lr;
         cfg.ema_decay = self.ema.map(|e| e as f32);
@@ -543,6 +363,11 @@ impl RunConfig {
             Ok(Policy::Async { max_staleness: None }) => "async".into(),
             Err(e) => format!("invalid policy: {e}"),
         }
+    }
+
+    /// The run directory.
+    pub fn run_dir(&self) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| PathBuf::from("runs/train"))
     }
 
     /// The resolved configuration as TOML.
@@ -610,6 +435,53 @@ mod tests {
         assert_eq!(c, again);
     }
 
+    fn sim_flags_from(args: &[&str]) -> (RunFlags, SimFlags) {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct P {
+            #[command(flatten)]
+            f: RunFlags,
+            #[command(flatten)]
+            s: SimFlags,
+        }
+        let mut v = vec!["quorum"];
+        v.extend_from_slice(args);
+        let p = P::parse_from(v);
+        (p.f, p.s)
+    }
+
+    #[test]
+    fn a_sim_flag_sets_one_key_of_the_files_sim_table_and_keeps_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("run.toml");
+        std::fs::write(&p, "workers = 10\n[sim]\nlatency = 0.01\nfault = [\"crash:3@5+2\"]\n").unwrap();
+        let (mut f, s) = sim_flags_from(&["--bandwidth", "1e9", "--timing-only"]);
+        f.config = Some(p);
+        let c = f.resolve_with(&s).unwrap();
+        assert_eq!((c.sim.latency, c.sim.bandwidth, c.sim.timing_only), (0.01, Some(1e9), true));
+        assert_eq!(c.sim.fault.len(), 1);
+        assert_eq!(c.sim.fault[0].to_string(), "crash:3@5+2");
+    }
+
+    #[test]
+    fn a_config_with_a_sim_table_reads_back_to_the_same_config() {
+        let text = "workers = 12\nbackups = 2\noptimizer = \"adam:0.8,0.99,0.000001\"\nlr-decay = \"exp:0.94,50\"\n\
+                    [sim]\nlatency = 0.001\nsweep-backups = \"0..4\"\non-newer = \"abandon\"\n\
+                    fault = [\"freeze:1@2+3\", \"slow:2@0+30*10\"]\n";
+        let c = with_file(text, &[]).unwrap();
+        assert_eq!(c.optimizer, OptimizerConfig::Adam { beta1: 0.8, beta2: 0.99, epsilon: 1e-6 });
+        assert_eq!(c.sim.sweep_backups.as_ref().map(|r| r.0.clone()), Some(0..=4));
+        let again = with_file(&c.to_toml().unwrap(), &[]).unwrap();
+        assert_eq!(c, again);
+    }
+
+    #[test]
+    fn one_worker_gets_no_backup_by_default_and_more_workers_get_one() {
+        assert_eq!(with_file("workers = 1\n", &[]).unwrap().backups, 0);
+        assert_eq!(with_file("workers = 6\n", &[]).unwrap().backups, 1);
+        assert_eq!(with_file("", &["--workers", "1"]).unwrap().shape(), "sync N=1 b=0");
+    }
+
     #[test]
     fn tls_files_come_from_the_file_or_flags() {
         let c = with_file("tls-cert = \"a.pem\"\ntls-key = \"a.key\"\n", &["--tls-ca", "ca.pem"]).unwrap();
@@ -641,6 +513,10 @@ mod tests {
             ("optimizer = \"lbfgs\"\n", "unknown optimizer `lbfgs`"),
             ("workers = \"four\"\n", "invalid type"),
             ("tls-cert = \"server.pem\"\n", "tls-cert and tls-key go together"),
+            ("lr-decay = \"cosine\"\n", "unknown learning-rate decay `cosine`"),
+            ("[sim]\nlatncy = 1\n", "unknown field `latncy`"),
+            ("[sim]\nfault = [\"melt:1@2\"]\n", "bad fault `melt:1@2`"),
+            ("[sim]\nsweep-backups = \"5..2\"\n", "range `5..2` is empty"),
         ];
         for (text, want) in cases {
             let e = format!("{:#}", with_file(text, &[]).unwrap_err());
