@@ -18,8 +18,8 @@ pub fn classifier(
     workers: u32,
     seed: u64,
 ) -> Result<Classifier> {
-    let spec = ModelSpec::parse(model).map_err(anyhow::Error::msg)?;
-    let name: DatasetName = dataset.parse().map_err(anyhow::Error::msg)?;
+    let spec = ModelSpec::parse(model)?;
+    let name: DatasetName = dataset.parse()?;
     let nested = data_root.join(name.dir_name());
     let dir = if nested.is_dir() { nested } else { data_root.to_path_buf() };
     let (train, test) = load(name, &dir)?;

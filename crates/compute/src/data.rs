@@ -20,13 +20,15 @@ pub enum DatasetName {
 }
 
 impl FromStr for DatasetName {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = quorum_core::ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "mnist" => Ok(DatasetName::Mnist),
             "fashion-mnist" | "fashion_mnist" => Ok(DatasetName::FashionMnist),
             "cifar10" | "cifar-10" => Ok(DatasetName::Cifar10),
-            _ => Err(format!("unknown dataset `{s}`: use mnist, fashion-mnist or cifar10")),
+            _ => Err(quorum_core::ConfigError::invalid(format!(
+                "unknown dataset `{s}`: use mnist, fashion-mnist or cifar10"
+            ))),
         }
     }
 }

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
-/// A delay model could not be made ready (a replay file that cannot be read or has the
-/// wrong columns).
+/// A delay model that cannot be read (`gauss:1`, `exp:-1`) or made ready (a replay file
+/// that cannot be read or has the wrong columns); the message says what to write instead.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct DelayError(String);
@@ -60,46 +60,50 @@ fn parse_f64(s: &str, what: &str) -> Result<f64, String> {
 }
 
 impl FromStr for DelayModel {
-    type Err = String;
+    type Err = DelayError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        let (kind, args) = s.split_once(':').unwrap_or((s, ""));
-        let nums = |n: usize| -> Result<Vec<f64>, String> {
-            let parts: Vec<&str> = args.split(',').collect();
-            if parts.len() != n || args.is_empty() {
-                return Err(format!("delay `{kind}` takes {n} comma-separated number(s), got `{args}`"));
-            }
-            parts.iter().map(|p| parse_f64(p, kind)).collect()
-        };
-        let model = match kind {
-            "const" | "constant" => DelayModel::Constant(nums(1)?[0]),
-            "exp" | "exponential" => DelayModel::Exponential(nums(1)?[0]),
-            "lognormal" => {
-                let v = nums(2)?;
-                DelayModel::LogNormal(v[0], v[1])
-            }
-            "pareto" => {
-                let v = nums(3)?;
-                DelayModel::Pareto(v[0], v[1], v[2])
-            }
-            "slow" => {
-                let mut it = args.splitn(3, ',');
-                let (k, f, base) = (it.next().unwrap_or(""), it.next().unwrap_or(""), it.next().unwrap_or("const:1"));
-                let k: u32 = k.trim().parse().map_err(|_| format!("slow: K must be a whole number, got `{k}`"))?;
-                DelayModel::SlowWorkers(k, parse_f64(f, "slow factor")?, Box::new(base.parse()?))
-            }
-            "paper" if args.is_empty() => DelayModel::Paper,
-            "replay" if !args.is_empty() => DelayModel::Replay(PathBuf::from(args)),
-            _ => {
-                return Err(format!(
-                    "unknown delay model `{s}`; use one of: const:S, exp:MEAN, lognormal:MEDIAN,SIGMA, pareto:BASE,XM,ALPHA, slow:K,FACTOR[,MODEL], paper, replay:FILE.csv"
-                ))
-            }
-        };
-        model.validate()?;
-        Ok(model)
+    fn from_str(s: &str) -> Result<Self, DelayError> {
+        parse_model(s).map_err(DelayError)
     }
+}
+
+fn parse_model(s: &str) -> Result<DelayModel, String> {
+    let s = s.trim();
+    let (kind, args) = s.split_once(':').unwrap_or((s, ""));
+    let nums = |n: usize| -> Result<Vec<f64>, String> {
+        let parts: Vec<&str> = args.split(',').collect();
+        if parts.len() != n || args.is_empty() {
+            return Err(format!("delay `{kind}` takes {n} comma-separated number(s), got `{args}`"));
+        }
+        parts.iter().map(|p| parse_f64(p, kind)).collect()
+    };
+    let model = match kind {
+        "const" | "constant" => DelayModel::Constant(nums(1)?[0]),
+        "exp" | "exponential" => DelayModel::Exponential(nums(1)?[0]),
+        "lognormal" => {
+            let v = nums(2)?;
+            DelayModel::LogNormal(v[0], v[1])
+        }
+        "pareto" => {
+            let v = nums(3)?;
+            DelayModel::Pareto(v[0], v[1], v[2])
+        }
+        "slow" => {
+            let mut it = args.splitn(3, ',');
+            let (k, f, base) = (it.next().unwrap_or(""), it.next().unwrap_or(""), it.next().unwrap_or("const:1"));
+            let k: u32 = k.trim().parse().map_err(|_| format!("slow: K must be a whole number, got `{k}`"))?;
+            DelayModel::SlowWorkers(k, parse_f64(f, "slow factor")?, Box::new(parse_model(base)?))
+        }
+        "paper" if args.is_empty() => DelayModel::Paper,
+        "replay" if !args.is_empty() => DelayModel::Replay(PathBuf::from(args)),
+        _ => {
+            return Err(format!(
+                "unknown delay model `{s}`; use one of: const:S, exp:MEAN, lognormal:MEDIAN,SIGMA, pareto:BASE,XM,ALPHA, slow:K,FACTOR[,MODEL], paper, replay:FILE.csv"
+            ))
+        }
+    };
+    model.validate()?;
+    Ok(model)
 }
 
 impl fmt::Display for DelayModel {
@@ -117,8 +121,8 @@ impl fmt::Display for DelayModel {
 }
 
 impl TryFrom<String> for DelayModel {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = DelayError;
+    fn try_from(s: String) -> Result<Self, DelayError> {
         s.parse()
     }
 }
@@ -257,11 +261,11 @@ mod tests {
 
     #[test]
     fn bad_delay_strings_say_what_is_expected() {
-        let e = "gauss:1".parse::<DelayModel>().unwrap_err();
+        let e = "gauss:1".parse::<DelayModel>().unwrap_err().to_string();
         assert!(e.contains("unknown delay model `gauss:1`") && e.contains("exp:MEAN"), "{e}");
-        let e = "exp:-1".parse::<DelayModel>().unwrap_err();
+        let e = "exp:-1".parse::<DelayModel>().unwrap_err().to_string();
         assert!(e.contains("non-negative"), "{e}");
-        let e = "lognormal:1".parse::<DelayModel>().unwrap_err();
+        let e = "lognormal:1".parse::<DelayModel>().unwrap_err().to_string();
         assert!(e.contains("takes 2"), "{e}");
     }
 

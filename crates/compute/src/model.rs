@@ -42,7 +42,11 @@ impl Default for ModelSpec {
 
 impl ModelSpec {
     /// Parses `mlp`, `mlp:256,256`, `cnn` or `cnn:16,16,32,32`.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, quorum_core::ConfigError> {
+        Self::parse_text(s).map_err(quorum_core::ConfigError::invalid)
+    }
+
+    fn parse_text(s: &str) -> Result<Self, String> {
         let (kind, args) = s.split_once(':').unwrap_or((s, ""));
         let nums = || -> Result<Vec<usize>, String> {
             args.split(',')

@@ -47,13 +47,16 @@ impl OnNewerParams {
 }
 
 impl std::str::FromStr for OnNewerParams {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = crate::ConfigError;
+    fn from_str(s: &str) -> Result<Self, crate::ConfigError> {
         match s {
             "abandon" => Ok(OnNewerParams::Abandon),
             "finish_and_send" => Ok(OnNewerParams::FinishAndSend),
             "finish_and_discard" => Ok(OnNewerParams::FinishAndDiscard),
-            other => Err(format!("unknown on_newer {other:?}: expected one of {}", Self::NAMES.join(", "))),
+            other => Err(crate::ConfigError::invalid(format!(
+                "unknown on_newer {other:?}: expected one of {}",
+                Self::NAMES.join(", ")
+            ))),
         }
     }
 }
@@ -259,7 +262,7 @@ mod tests {
         for name in OnNewerParams::NAMES {
             assert_eq!(name.parse::<OnNewerParams>().unwrap().name(), name);
         }
-        assert!("abandn".parse::<OnNewerParams>().unwrap_err().contains("finish_and_send"));
+        assert!("abandn".parse::<OnNewerParams>().unwrap_err().to_string().contains("finish_and_send"));
     }
 
     #[test]

@@ -20,12 +20,14 @@ pub enum Encoding {
 }
 
 impl std::str::FromStr for Encoding {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = quorum_core::ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "f32" => Ok(Encoding::F32),
             "bf16" => Ok(Encoding::Bf16),
-            other => Err(format!("unknown wire encoding `{other}`: use f32 or bf16")),
+            other => {
+                Err(quorum_core::ConfigError::invalid(format!("unknown wire encoding `{other}`: use f32 or bf16")))
+            }
         }
     }
 }

@@ -62,9 +62,23 @@ impl EventWriter {
     }
 }
 
+/// An event file that cannot be read back: the file, and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("tensorboard event file {path}: {what}")]
+pub struct ReadError {
+    /// The file.
+    pub path: std::path::PathBuf,
+    /// Cannot read, truncated record, CRC mismatch, not an Event.
+    pub what: String,
+}
+
 /// Reads every record of an event file back, checking both CRCs (for tests and tools).
-pub fn read_events(path: &Path) -> Result<Vec<Event>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+pub fn read_events(path: &Path) -> Result<Vec<Event>, ReadError> {
+    read_records(path).map_err(|what| ReadError { path: path.to_path_buf(), what })
+}
+
+fn read_records(path: &Path) -> Result<Vec<Event>, String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     let mut at = 0;
     let take = |at: &mut usize, n: usize| -> Result<&[u8], String> {
@@ -126,6 +140,6 @@ mod tests {
         let n = bytes.len();
         bytes[n - 6] ^= 0xff;
         std::fs::write(w.path(), bytes).unwrap();
-        assert!(read_events(w.path()).unwrap_err().contains("CRC"));
+        assert!(read_events(w.path()).unwrap_err().to_string().contains("CRC"));
     }
 }

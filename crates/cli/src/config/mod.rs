@@ -251,8 +251,8 @@ impl RunConfig {
         if let Some(dim) = opts::synthetic_dim(&self.model)? {
             return Ok(Some(dim.unwrap_or(SYNTHETIC_DIM)));
         }
-        quorum_compute::ModelSpec::parse(&self.model).map_err(anyhow::Error::msg)?;
-        self.dataset.parse::<quorum_compute::data::DatasetName>().map_err(anyhow::Error::msg)?;
+        quorum_compute::ModelSpec::parse(&self.model)?;
+        self.dataset.parse::<quorum_compute::data::DatasetName>()?;
         Ok(None)
     }
 
