@@ -1,9 +1,9 @@
-//! One gradient of each model, and the cost of moving parameters into burn and gradients
-//! out of it. Run single-threaded for the per-core figures:
+//! One gradient of each model by each engine (native, burn), and the cost of moving
+//! parameters into burn and gradients out of it. Run single-threaded for the per-core figures:
 //! `RAYON_NUM_THREADS=1 cargo bench -p quorum-compute --bench gradient`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use quorum_compute::{BatchId, Classifier, Dataset, GradientSource, ModelSpec};
+use quorum_compute::{BatchId, Classifier, Dataset, Engine, GradientSource, ModelSpec};
 use quorum_core::WorkerId;
 
 fn fake_mnist(n: usize) -> Dataset {
@@ -26,16 +26,19 @@ fn gradients(c: &mut Criterion) {
         ("mnist_cnn_b64", ModelSpec::parse("cnn").unwrap(), 64),
     ] {
         let d = fake_mnist(1024);
-        let mut clf = Classifier::new(spec, d.clone(), d.clone(), d, batch, 1, 0).unwrap();
+        let clf = Classifier::new(spec, d.clone(), d.clone(), d, batch, 1, 0).unwrap();
         let params = clf.init_params(0);
-        let mut grad = Vec::new();
-        let mut step = 0;
-        g.bench_function(name, |b| {
-            b.iter(|| {
-                step += 1;
-                clf.gradient(&params, BatchId { worker: WorkerId(0), step }, &mut grad).unwrap()
-            })
-        });
+        for engine in [Engine::Native, Engine::Burn] {
+            let mut clf = clf.clone().with_engine(engine);
+            let mut grad = Vec::new();
+            let mut step = 0;
+            g.bench_function(format!("{name}_{engine:?}").to_lowercase(), |b| {
+                b.iter(|| {
+                    step += 1;
+                    clf.gradient(&params, BatchId { worker: WorkerId(0), step }, &mut grad).unwrap()
+                })
+            });
+        }
         let mut out = Vec::new();
         g.bench_function(format!("{name}_load_and_extract"), |b| b.iter(|| clf.roundtrip(&params, &mut out)));
     }

@@ -1,7 +1,8 @@
 //! # quorum-compute
 //!
 //! What a worker computes: the [`GradientSource`] trait; real image classifiers (an MLP and
-//! the paper's MNIST CNN) computed by burn on its `flex` CPU backend; dataset readers for
+//! the paper's MNIST CNN) with hand-written gradients on the `gemm` kernels (burn's `flex`
+//! CPU backend as the reference and for models of your own); dataset readers for
 //! MNIST, Fashion-MNIST and CIFAR-10; deterministic batch selection; and a synthetic
 //! least-squares source with a known optimum for fast tests and simulations.
 
@@ -14,6 +15,8 @@ pub mod data;
 pub mod delay;
 #[cfg(feature = "models")]
 pub mod model;
+#[cfg(feature = "models")]
+pub mod native;
 pub mod source;
 pub mod synthetic;
 
@@ -24,5 +27,7 @@ pub use data::{Dataset, DatasetName};
 pub use delay::{DelayError, DelayModel, DelaySampler};
 #[cfg(feature = "models")]
 pub use model::ModelSpec;
+#[cfg(feature = "models")]
+pub use native::Engine;
 pub use source::{BatchId, ComputeError, Evaluation, GradientSource};
 pub use synthetic::LeastSquares;

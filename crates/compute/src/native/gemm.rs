@@ -1,0 +1,136 @@
+//! Matrix products on row-major `f32` slices through the `gemm` crate (the same kernels burn's
+//! `flex` backend uses), with transposes as strides: no copies.
+
+use gemm::Parallelism;
+
+/// A row-major matrix operand: `rows × cols` as stored, read transposed when `t`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub t: bool,
+}
+
+impl<'a> Mat<'a> {
+    /// `data` as a `rows × cols` matrix.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        assert!(data.len() >= rows * cols, "matrix of {rows}×{cols} over {} values", data.len());
+        Mat { data, rows, cols, t: false }
+    }
+
+    /// The transpose (no copy).
+    pub fn t(self) -> Self {
+        Mat { t: !self.t, ..self }
+    }
+
+    /// Rows and columns as read.
+    fn shape(&self) -> (usize, usize) {
+        if self.t {
+            (self.cols, self.rows)
+        } else {
+            (self.rows, self.cols)
+        }
+    }
+
+    /// (column stride, row stride) as read.
+    fn strides(&self) -> (isize, isize) {
+        if self.t {
+            (self.cols as isize, 1)
+        } else {
+            (1, self.cols as isize)
+        }
+    }
+}
+
+/// `dst = a · b`, or `dst += a · b` with `accumulate`; `dst` is row-major with as many rows
+/// as `a` and as many columns as `b`. Uses the threads of the current rayon pool.
+pub(crate) fn matmul(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: bool) {
+    let ((m, k), (k2, n)) = (a.shape(), b.shape());
+    assert_eq!(k, k2, "inner dimensions differ");
+    assert!(dst.len() >= m * n, "destination of {} values for {m}×{n}", dst.len());
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let ((a_cs, a_rs), (b_cs, b_rs)) = (a.strides(), b.strides());
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 && m * n * k >= 1 << 18 { Parallelism::Rayon(threads) } else { Parallelism::None };
+    // SAFETY: the shapes and strides were checked against the slices' lengths above (every
+    // index read is below rows × cols of its operand, every index written below m × n), and
+    // `dst` is borrowed mutably, so it aliases neither operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a_cs,
+            a_rs,
+            b.data.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+            }
+        }
+        c
+    }
+
+    fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        let mut t = vec![0.0; x.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                t[c * rows + r] = x[r * cols + c];
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn products_with_either_operand_transposed_match_the_definition() {
+        let (m, n, k) = (5, 7, 3);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.91).cos()).collect();
+        let want = naive(&a, &b, m, n, k);
+        let (at, bt) = (transpose(&a, m, k), transpose(&b, k, n));
+        for (lhs, rhs) in [
+            (Mat::new(&a, m, k), Mat::new(&b, k, n)),
+            (Mat::new(&at, k, m).t(), Mat::new(&b, k, n)),
+            (Mat::new(&a, m, k), Mat::new(&bt, n, k).t()),
+            (Mat::new(&at, k, m).t(), Mat::new(&bt, n, k).t()),
+        ] {
+            let mut c = vec![1.0; m * n];
+            matmul(&mut c, lhs, rhs, false);
+            assert!(c.iter().zip(&want).all(|(x, y)| (x - y).abs() < 1e-5));
+            matmul(&mut c, lhs, rhs, true);
+            assert!(c.iter().zip(&want).all(|(x, y)| (x - 2.0 * y).abs() < 1e-5));
+        }
+    }
+}

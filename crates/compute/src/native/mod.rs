@@ -1,0 +1,56 @@
+//! The built-in models' gradients computed by hand on the `gemm` crate's kernels: the same
+//! arithmetic as burn's autodiff (tests compare the two), without a graph, per-op tensor
+//! allocations or copies of the parameters in and the gradient out. What limits it is the
+//! matrix products (`experiments/gradient_limit.sh` measures how close to them it gets).
+
+mod cnn;
+mod gemm;
+mod mlp;
+mod ops;
+
+use crate::model::ModelSpec;
+use quorum_core::ParamLayout;
+
+/// Who computes a classifier's gradients.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Engine {
+    /// Hand-written forward and backward passes over `gemm` (the default: fastest measured).
+    #[default]
+    Native,
+    /// burn's autodiff on its `flex` CPU backend (the reference the native engine is tested
+    /// against, and the way to a model of your own).
+    Burn,
+}
+
+/// The native engine's state for one model: scratch buffers reused between steps.
+#[derive(Clone)]
+pub(crate) enum Native {
+    Mlp(mlp::Mlp),
+    Cnn(Box<cnn::Cnn>),
+}
+
+impl Native {
+    /// The engine for `spec`.
+    pub fn new(spec: &ModelSpec) -> Self {
+        match spec {
+            ModelSpec::Mlp { .. } => Native::Mlp(mlp::Mlp::default()),
+            ModelSpec::Cnn { .. } => Native::Cnn(Box::default()),
+        }
+    }
+
+    /// Mean loss over the batch `x` (`[labels.len(), c, h, w]`), gradient into `grad`.
+    pub fn loss_and_gradient(
+        &mut self,
+        layout: &ParamLayout,
+        params: &[f32],
+        x: &[f32],
+        image: (usize, usize, usize),
+        labels: &[u8],
+        grad: &mut [f32],
+    ) -> f32 {
+        match self {
+            Native::Mlp(m) => m.loss_and_gradient(layout, params, x, labels, grad),
+            Native::Cnn(c) => c.loss_and_gradient(layout, params, x, image, labels, grad),
+        }
+    }
+}
