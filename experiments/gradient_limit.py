@@ -8,8 +8,9 @@ products and divides by the SGEMM peak measured here (1024^3, OpenBLAS, one thre
 Rounds alternate numpy and quorum so that drift on a noisy machine hits both; the table
 gives medians over rounds.
 
-Usage: python3 experiments/gradient_limit.py GRADIENT_TIME_BINARY [ROUNDS]
-(experiments/gradient_limit.sh builds the binary and the numpy environment.)
+Usage: python3 experiments/gradient_limit.py ROUNDS LABEL=GRADIENT_TIME_BINARY...
+(experiments/gradient_limit.sh builds the binaries, one per build of quorum to compare, and
+the numpy environment.)
 """
 import os
 import statistics
@@ -58,37 +59,48 @@ def cnn_flops(b=64, side=28, channels=(32, 32, 64, 64), classes=10):
     return total
 
 
+ENGINE = os.environ.get("ENGINE", "native")
+
+
 def quorum(binary, model):
     env = dict(os.environ, RAYON_NUM_THREADS="1")
-    out = subprocess.run([binary, "10", model, "native"], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([binary, "10", model, ENGINE], env=env, capture_output=True, text=True, check=True)
     row = out.stdout.strip().splitlines()[-1].split(",")
     return float(row[3]) / 1e3
 
 
 def main():
-    binary = sys.argv[1]
-    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+    rounds = int(sys.argv[1])
+    builds = [arg.split("=", 1) for arg in sys.argv[2:]]
     rng = np.random.default_rng(0)
     mlp_run, mlp_flops = mlp_products(rng)
     a, b = rng.standard_normal((1024, 1024), dtype=np.float32), rng.standard_normal((1024, 1024), dtype=np.float32)
-    peaks, numpy_mlp, quorum_mlp, quorum_cnn = [], [], [], []
+    peaks, numpy_mlp = [], []
+    mlp = {label: [] for label, _ in builds}
+    cnn = {label: [] for label, _ in builds}
     for r in range(rounds):
         peaks.append(2 * 1024**3 / median_seconds(lambda: a @ b, 7))
         numpy_mlp.append(median_seconds(mlp_run, 50))
-        quorum_mlp.append(quorum(binary, "mlp"))
-        quorum_cnn.append(quorum(binary, "cnn"))
-        print(f"round {r + 1}: peak {peaks[-1] / 1e9:.1f} GFLOP/s, numpy MLP products {numpy_mlp[-1] * 1e3:.2f} ms, "
-              f"quorum MLP {quorum_mlp[-1] * 1e3:.2f} ms, quorum CNN {quorum_cnn[-1] * 1e3:.1f} ms", flush=True)
-    peak, np_mlp, q_mlp, q_cnn = (statistics.median(v) for v in (peaks, numpy_mlp, quorum_mlp, quorum_cnn))
+        line = f"round {r + 1}: peak {peaks[-1] / 1e9:.1f} GFLOP/s, numpy MLP products {numpy_mlp[-1] * 1e3:.2f} ms"
+        for label, binary in builds:
+            mlp[label].append(quorum(binary, "mlp"))
+            cnn[label].append(quorum(binary, "cnn"))
+            line += f"; {label}: MLP {mlp[label][-1] * 1e3:.2f} ms, CNN {cnn[label][-1] * 1e3:.1f} ms"
+        print(line, flush=True)
+    peak, np_mlp = statistics.median(peaks), statistics.median(numpy_mlp)
     cnn_floor = cnn_flops() / peak
     print()
     print(f"| one core, medians of {rounds} rounds | ms | ratio |")
     print("|---|---:|---:|")
     print(f"| SGEMM peak (OpenBLAS, 1024^3) | {peak / 1e9:.1f} GFLOP/s | |")
     print(f"| MLP: its 8 matrix products in numpy/OpenBLAS ({mlp_flops / 1e9:.2f} GFLOP) | {np_mlp * 1e3:.2f} | 1 |")
-    print(f"| MLP: quorum's whole gradient | {q_mlp * 1e3:.2f} | {q_mlp / np_mlp:.2f} (goal <= 1.2) |")
+    for label, _ in builds:
+        q = statistics.median(mlp[label])
+        print(f"| MLP: quorum's whole gradient, {label} | {q * 1e3:.2f} | {q / np_mlp:.2f} (goal <= 1.2) |")
     print(f"| CNN: its arithmetic ({cnn_flops() / 1e9:.2f} GFLOP) at the SGEMM peak | {cnn_floor * 1e3:.1f} | 1 |")
-    print(f"| CNN: quorum's whole gradient | {q_cnn * 1e3:.1f} | {q_cnn / cnn_floor:.2f} (goal <= 1.5) |")
+    for label, _ in builds:
+        q = statistics.median(cnn[label])
+        print(f"| CNN: quorum's whole gradient, {label} | {q * 1e3:.1f} | {q / cnn_floor:.2f} (goal <= 1.5) |")
 
 
 if __name__ == "__main__":

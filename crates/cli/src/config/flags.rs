@@ -59,6 +59,10 @@ pub struct RunFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     validation: Option<usize>,
+    /// native | burn: who computes the built-in models' gradients [default: native].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    engine: Option<String>,
     /// Examples per worker mini-batch [default: 128].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -10,7 +10,7 @@ mod text;
 use crate::opts;
 use anyhow::{bail, Context, Result};
 pub use flags::{RunFlags, SimFlags};
-use quorum_compute::{GradientSource, LeastSquares};
+use quorum_compute::{Engine, GradientSource, LeastSquares};
 use quorum_core::{Decay, OnStall, OptimizerConfig, Policy, ServerConfig};
 use quorum_net::Encoding;
 use quorum_sim::{DelayModel, DelaySampler};
@@ -61,6 +61,9 @@ pub struct RunConfig {
     pub data: PathBuf,
     /// Training examples held out as a validation split.
     pub validation: usize,
+    /// Who computes the built-in models' gradients: native (hand-written passes on the
+    /// `gemm` kernels) | burn (burn's autodiff; slower, the reference).
+    pub engine: Engine,
     /// Examples per worker mini-batch.
     pub batch: usize,
     /// Epochs to train (sets the number of steps).
@@ -148,6 +151,7 @@ impl Default for RunConfig {
             dataset: "mnist".into(),
             data: "data".into(),
             validation: 5000,
+            engine: Engine::Native,
             batch: 128,
             epochs: 2.0,
             steps: None,
@@ -314,7 +318,8 @@ impl RunConfig {
                     self.batch,
                     self.workers,
                     self.seed,
-                )?,
+                )?
+                .with_engine(self.engine),
                 n,
             ),
         })
@@ -514,6 +519,7 @@ mod tests {
             ("workers = \"four\"\n", "invalid type"),
             ("tls-cert = \"server.pem\"\n", "tls-cert and tls-key go together"),
             ("lr-decay = \"cosine\"\n", "unknown learning-rate decay `cosine`"),
+            ("engine = \"cuda\"\n", "unknown variant `cuda`, expected `native` or `burn`"),
             ("[sim]\nlatncy = 1\n", "unknown field `latncy`"),
             ("[sim]\nfault = [\"melt:1@2\"]\n", "bad fault `melt:1@2`"),
             ("[sim]\nsweep-backups = \"5..2\"\n", "range `5..2` is empty"),

@@ -1,6 +1,9 @@
-//! Matrix products on row-major `f32` slices through the `gemm` crate (the same kernels burn's
-//! `flex` backend uses), with transposes as strides: no copies.
+//! Matrix products on row-major `f32` slices, with transposes as strides (no copies): through
+//! the `gemm` crate (the same kernels burn's `flex` backend uses; AVX2 at most), or with the
+//! `openblas` feature through the system's OpenBLAS (`apt install libopenblas-dev`), whose
+//! kernels use AVX-512 where the CPU has it.
 
+#[cfg(not(feature = "openblas"))]
 use gemm::Parallelism;
 
 /// A row-major matrix operand: `rows × cols` as stored, read transposed when `t`.
@@ -34,6 +37,7 @@ impl<'a> Mat<'a> {
     }
 
     /// (column stride, row stride) as read.
+    #[cfg(not(feature = "openblas"))]
     fn strides(&self) -> (isize, isize) {
         if self.t {
             (self.cols as isize, 1)
@@ -58,6 +62,65 @@ pub(crate) fn matmul(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: bool) 
         }
         return;
     }
+    product(dst, a, b, (m, n, k), accumulate);
+}
+
+#[cfg(feature = "openblas")]
+mod cblas {
+    #[link(name = "openblas")]
+    extern "C" {
+        pub fn cblas_sgemm(
+            layout: i32,
+            trans_a: i32,
+            trans_b: i32,
+            m: i32,
+            n: i32,
+            k: i32,
+            alpha: f32,
+            a: *const f32,
+            lda: i32,
+            b: *const f32,
+            ldb: i32,
+            beta: f32,
+            c: *mut f32,
+            ldc: i32,
+        );
+        pub fn openblas_set_num_threads(n: i32);
+    }
+}
+
+#[cfg(feature = "openblas")]
+fn product(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, (m, n, k): (usize, usize, usize), accumulate: bool) {
+    const ROW_MAJOR: i32 = 101;
+    let trans = |t: bool| if t { 112 } else { 111 };
+    let int = |v: usize| i32::try_from(v).expect("a matrix side below 2^31");
+    // OpenBLAS keeps its own threads: as many as this process's compute pool, set once.
+    static THREADS: std::sync::Once = std::sync::Once::new();
+    // SAFETY: plain C calls; the pointers and leading dimensions describe the slices checked in
+    // `matmul` (row-major, `cols` values per stored row), and `dst` aliases neither operand.
+    unsafe {
+        THREADS.call_once(|| cblas::openblas_set_num_threads(int(rayon::current_num_threads())));
+        cblas::cblas_sgemm(
+            ROW_MAJOR,
+            trans(a.t),
+            trans(b.t),
+            int(m),
+            int(n),
+            int(k),
+            1.0,
+            a.data.as_ptr(),
+            int(a.cols),
+            b.data.as_ptr(),
+            int(b.cols),
+            if accumulate { 1.0 } else { 0.0 },
+            dst.as_mut_ptr(),
+            int(n),
+        );
+    }
+}
+
+#[cfg(not(feature = "openblas"))]
+fn product(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, (m, n, k): (usize, usize, usize), accumulate: bool) {
     let ((a_cs, a_rs), (b_cs, b_rs)) = (a.strides(), b.strides());
     let threads = rayon::current_num_threads();
     let par = if threads > 1 && m * n * k >= 1 << 18 { Parallelism::Rayon(threads) } else { Parallelism::None };

@@ -12,7 +12,8 @@ use crate::model::ModelSpec;
 use quorum_core::ParamLayout;
 
 /// Who computes a classifier's gradients.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Engine {
     /// Hand-written forward and backward passes over `gemm` (the default: fastest measured).
     #[default]

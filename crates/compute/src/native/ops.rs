@@ -100,7 +100,7 @@ impl Shape {
 /// outside the image). A convolution is then `weights[cout × c·9] · cols`.
 pub(crate) fn im2col(cols: &mut Vec<f32>, x: &[f32], s: Shape) {
     let (h, w, plane) = (s.h, s.w, s.plane());
-    cols.clear();
+    // Every value is written below (padding as explicit zeros): no need to clear 10s of MB.
     cols.resize(s.c * 9 * plane, 0.0);
     for ci in 0..s.c {
         for ky in 0..3 {
@@ -109,17 +109,24 @@ pub(crate) fn im2col(cols: &mut Vec<f32>, x: &[f32], s: Shape) {
                 for n in 0..s.b {
                     let img = &x[(ci * s.b + n) * h * w..][..h * w];
                     for y in 0..h {
+                        let dst = &mut row[(n * h + y) * w..][..w];
                         let sy = y + ky;
                         if sy < 1 || sy > h {
-                            continue; // stays 0: padding
+                            dst.fill(0.0); // padding above or below
+                            continue;
                         }
                         let src = &img[(sy - 1) * w..][..w];
-                        let dst = &mut row[(n * h + y) * w..][..w];
-                        // dst[x] = src[x + kx - 1] where that is inside the row.
+                        // dst[x] = src[x + kx - 1] where that is inside the row, else 0.
                         match kx {
-                            0 => dst[1..].copy_from_slice(&src[..w - 1]),
+                            0 => {
+                                dst[0] = 0.0;
+                                dst[1..].copy_from_slice(&src[..w - 1]);
+                            }
                             1 => dst.copy_from_slice(src),
-                            _ => dst[..w - 1].copy_from_slice(&src[1..]),
+                            _ => {
+                                dst[..w - 1].copy_from_slice(&src[1..]);
+                                dst[w - 1] = 0.0;
+                            }
                         }
                     }
                 }
@@ -131,26 +138,29 @@ pub(crate) fn im2col(cols: &mut Vec<f32>, x: &[f32], s: Shape) {
 /// The adjoint of [`im2col`]: sums each column entry back into the pixel it was read from.
 pub(crate) fn col2im(dx: &mut Vec<f32>, cols: &[f32], s: Shape) {
     let (h, w, plane) = (s.h, s.w, s.plane());
-    dx.clear();
     dx.resize(s.len(), 0.0);
     for ci in 0..s.c {
-        for ky in 0..3 {
-            for kx in 0..3 {
-                let row = &cols[((ci * 9) + ky * 3 + kx) * plane..][..plane];
-                for n in 0..s.b {
-                    let img = &mut dx[(ci * s.b + n) * h * w..][..h * w];
-                    for y in 0..h {
-                        let sy = y + ky;
-                        if sy < 1 || sy > h {
-                            continue;
-                        }
-                        let dst = &mut img[(sy - 1) * w..][..w];
-                        let src = &row[(n * h + y) * w..][..w];
-                        let (d, s) = match kx {
-                            0 => (&mut dst[..w - 1], &src[1..]),
-                            1 => (&mut dst[..], src),
-                            _ => (&mut dst[1..], &src[..w - 1]),
-                        };
+        // The centre tap reads every pixel exactly once: copy it first (no zeroing), then add
+        // the other eight.
+        for (ky, kx) in std::iter::once((1, 1)).chain((0..9).map(|t| (t / 3, t % 3)).filter(|&t| t != (1, 1))) {
+            let row = &cols[((ci * 9) + ky * 3 + kx) * plane..][..plane];
+            for n in 0..s.b {
+                let img = &mut dx[(ci * s.b + n) * h * w..][..h * w];
+                for y in 0..h {
+                    let sy = y + ky;
+                    if sy < 1 || sy > h {
+                        continue;
+                    }
+                    let dst = &mut img[(sy - 1) * w..][..w];
+                    let src = &row[(n * h + y) * w..][..w];
+                    let (d, s) = match kx {
+                        0 => (&mut dst[..w - 1], &src[1..]),
+                        1 => (&mut dst[..], src),
+                        _ => (&mut dst[1..], &src[..w - 1]),
+                    };
+                    if (ky, kx) == (1, 1) {
+                        d.copy_from_slice(s);
+                    } else {
                         for (d, s) in d.iter_mut().zip(s) {
                             *d += s;
                         }
@@ -190,14 +200,16 @@ pub(crate) fn max_pool(out: &mut Vec<f32>, arg: &mut Vec<u8>, x: &[f32], s: Shap
 /// The adjoint of [`max_pool`]: each pooled gradient goes to the input that won its window.
 pub(crate) fn max_pool_backward(dx: &mut Vec<f32>, dout: &[f32], arg: &[u8], s: Shape) {
     let (ho, wo) = (s.h / 2, s.w / 2);
-    dx.clear();
+    // Every input is in exactly one window, and all four of each window are written.
     dx.resize(s.len(), 0.0);
     for ((img, g), a) in dx.chunks_exact_mut(s.h * s.w).zip(dout.chunks_exact(ho * wo)).zip(arg.chunks_exact(ho * wo)) {
         for y in 0..ho {
             for xo in 0..wo {
                 let i = y * wo + xo;
-                let (dy, dxo) = ((a[i] / 2) as usize, (a[i] % 2) as usize);
-                img[(2 * y + dy) * s.w + 2 * xo + dxo] = g[i];
+                for q in 0..4u8 {
+                    let at = (2 * y + (q / 2) as usize) * s.w + 2 * xo + (q % 2) as usize;
+                    img[at] = if q == a[i] { g[i] } else { 0.0 };
+                }
             }
         }
     }
