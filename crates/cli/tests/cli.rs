@@ -1,17 +1,24 @@
 //! End-to-end tests of the real `quorum` binary.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::{Command, Output};
 
 fn quorum(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_quorum")).args(args).output().expect("run quorum")
 }
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("quorum-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A temporary directory, removed when the test ends (pass or fail).
+struct Tmp(tempfile::TempDir);
+
+impl std::ops::Deref for Tmp {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+fn tmp(tag: &str) -> Tmp {
+    Tmp(tempfile::Builder::new().prefix(&format!("quorum-cli-{tag}-")).tempdir().unwrap())
 }
 
 fn text(o: &Output) -> String {
@@ -169,7 +176,6 @@ fn the_deadline_policy_finishes_when_its_timeout_passes_with_fewer_than_min_grad
         .collect();
     assert_eq!(applied.len(), 20);
     assert!(applied.iter().all(|e| e["contributors"].as_array().unwrap().len() >= 3));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -211,7 +217,6 @@ fn sim_injects_the_faults_it_is_given_and_the_run_still_applies_every_step() {
     let bad = quorum(&["sim", "--workers", "2", "--timing-only", "--fault", "melt:1@2"]);
     assert!(!bad.status.success());
     assert!(text(&bad).contains("bad fault `melt:1@2`: use crash:W@T"), "{}", text(&bad));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

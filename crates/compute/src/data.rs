@@ -251,10 +251,9 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn tmpdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("quorum-data-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// A temporary directory, removed when the test ends.
+    fn tmpdir(tag: &str) -> tempfile::TempDir {
+        tempfile::Builder::new().prefix(&format!("quorum-data-{tag}-")).tempdir().unwrap()
     }
 
     fn idx(magic: u32, dims: &[u32], payload: &[u8]) -> Vec<u8> {
@@ -290,8 +289,8 @@ mod tests {
     fn reads_generated_idx_files_raw_and_gzipped() {
         for gz in [false, true] {
             let dir = tmpdir(if gz { "gz" } else { "raw" });
-            write_mnist(&dir, 12, gz);
-            let (train, test) = load(DatasetName::Mnist, &dir).unwrap();
+            write_mnist(dir.path(), 12, gz);
+            let (train, test) = load(DatasetName::Mnist, dir.path()).unwrap();
             assert_eq!((train.len(), test.len(), train.image_len()), (12, 12, 784));
             assert_eq!(train.labels[..3], [0, 1, 2]);
             assert!((train.images[0] - (1.0 - 0.1307) / 0.3081).abs() < 1e-5);
@@ -316,7 +315,7 @@ mod tests {
         let e = load(DatasetName::Mnist, Path::new("/nonexistent/mnist")).unwrap_err().to_string();
         assert!(e.contains("fetch-data.sh") && e.contains("/nonexistent/mnist"), "{e}");
         let dir = tmpdir("empty");
-        let e = load(DatasetName::FashionMnist, &dir).unwrap_err().to_string();
+        let e = load(DatasetName::FashionMnist, dir.path()).unwrap_err().to_string();
         assert!(e.contains("train-images-idx3-ubyte") && e.contains("not found"), "{e}");
     }
 

@@ -279,9 +279,8 @@ mod tests {
 
     #[test]
     fn replay_cycles_through_recorded_times_per_worker() {
-        let dir = std::env::temp_dir().join(format!("quorum-replay-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("t.csv");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.csv");
         std::fs::write(&path, "worker,seconds\n0,1.0\n0,2.0\n1,5.0\n").unwrap();
         let s = DelayModel::Replay(path.clone()).sampler().unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(0);
