@@ -138,15 +138,25 @@ impl Classifier {
             .collect()
     }
 
-    fn evaluate_on(&self, params: &[f32], data: &Dataset) -> Result<Evaluation, ComputeError> {
+    /// Mean loss and accuracy on `data`, by the native forward pass or burn's.
+    fn evaluate_on(&mut self, params: &[f32], data: &Dataset) -> Result<Evaluation, ComputeError> {
         check_len(params, &self.layout)?;
         if data.is_empty() {
             return Ok(Evaluation { loss: f32::NAN, accuracy: None });
         }
-        let p = self.param_tensors(params, &self.eval_device, false);
         let (c, h, w, k) = (data.channels, data.height, data.width, data.classes);
-        let mut loss_sum = 0.0f64;
-        let mut correct = 0usize;
+        let mut tally = Tally::default();
+        if let Some(native) = &mut self.native {
+            let chunk = native.eval_chunk();
+            for start in (0..data.len()).step_by(chunk) {
+                let n = chunk.min(data.len() - start);
+                let x = &data.images[start * c * h * w..(start + n) * c * h * w];
+                let logits = native.logits(&self.layout, params, x, (c, h, w), n);
+                tally.add(logits, &data.labels[start..start + n], k);
+            }
+            return Ok(tally.finish());
+        }
+        let p = self.param_tensors(params, &self.eval_device, false);
         for start in (0..data.len()).step_by(EVAL_CHUNK) {
             let n = EVAL_CHUNK.min(data.len() - start);
             let x = data.images[start * c * h * w..(start + n) * c * h * w].to_vec();
@@ -156,19 +166,38 @@ impl Classifier {
                 .into_data()
                 .try_into_vec()
                 .map_err(|e| ComputeError::Config(format!("reading logits: {e:?}")))?;
-            for (i, row) in values.chunks_exact(k).enumerate() {
-                let label = data.labels[start + i] as usize;
-                let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
-                loss_sum += (lse - row[label]) as f64;
-                let arg = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(j, _)| j).unwrap_or(0);
-                correct += (arg == label) as usize;
-            }
+            tally.add(&values, &data.labels[start..start + n], k);
         }
-        Ok(Evaluation {
-            loss: (loss_sum / data.len() as f64) as f32,
-            accuracy: Some(correct as f32 / data.len() as f32),
-        })
+        Ok(tally.finish())
+    }
+}
+
+/// Running cross-entropy and correct answers over rows of logits.
+#[derive(Default)]
+struct Tally {
+    loss_sum: f64,
+    correct: usize,
+    seen: usize,
+}
+
+impl Tally {
+    fn add(&mut self, logits: &[f32], labels: &[u8], classes: usize) {
+        for (row, &label) in logits.chunks_exact(classes).zip(labels) {
+            let label = label as usize;
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+            self.loss_sum += (lse - row[label]) as f64;
+            let arg = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(j, _)| j).unwrap_or(0);
+            self.correct += (arg == label) as usize;
+            self.seen += 1;
+        }
+    }
+
+    fn finish(&self) -> Evaluation {
+        Evaluation {
+            loss: (self.loss_sum / self.seen as f64) as f32,
+            accuracy: Some(self.correct as f32 / self.seen as f32),
+        }
     }
 }
 
@@ -245,11 +274,13 @@ impl GradientSource for Classifier {
     }
 
     fn evaluate(&mut self, params: &[f32]) -> Result<Evaluation, ComputeError> {
-        self.evaluate_on(params, &self.test)
+        let data = Arc::clone(&self.test);
+        self.evaluate_on(params, &data)
     }
 
     fn validate(&mut self, params: &[f32]) -> Result<Evaluation, ComputeError> {
-        self.evaluate_on(params, &self.validation)
+        let data = Arc::clone(&self.validation);
+        self.evaluate_on(params, &data)
     }
 }
 
@@ -344,6 +375,24 @@ mod tests {
                     assert!((a[i] - b[i]).abs() <= 1e-4 * scale, "{} [{i}]: native {} vs burn {}", t.name, a[i], b[i]);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn both_engines_evaluate_to_the_same_loss_and_accuracy() {
+        for (spec, data) in [
+            (ModelSpec::Mlp { hidden: vec![16, 8] }, tiny(70, 1, 5, 10)),
+            (ModelSpec::Cnn { channels: [3, 4, 5, 6] }, tiny(70, 1, 8, 11)),
+        ] {
+            let mk = |e| {
+                Classifier::new(spec.clone(), data.clone(), data.clone(), data.clone(), 8, 1, 0).unwrap().with_engine(e)
+            };
+            let (mut native, mut burn) = (mk(Engine::Native), mk(Engine::Burn));
+            let params = native.init_params(4);
+            let (a, b) = (native.evaluate(&params).unwrap(), burn.evaluate(&params).unwrap());
+            assert!((a.loss - b.loss).abs() <= 1e-5 * (1.0 + b.loss.abs()), "loss {} vs {}", a.loss, b.loss);
+            assert_eq!(a.accuracy, b.accuracy);
+            assert_eq!(native.validate(&params).unwrap().accuracy, burn.validate(&params).unwrap().accuracy);
         }
     }
 

@@ -30,18 +30,29 @@ pub(crate) struct Cnn {
 }
 
 impl Cnn {
-    /// Mean loss over the batch `x` (`[b, c, h, w]`, `b = labels.len()`), with the gradient
-    /// written into `grad` (layout order).
-    pub fn loss_and_gradient(
+    /// The logits of the batch `x` (`[b, c, h, w]`), `b × classes`.
+    pub fn logits(
+        &mut self,
+        layout: &ParamLayout,
+        params: &[f32],
+        x: &[f32],
+        image: (usize, usize, usize),
+        b: usize,
+    ) -> &[f32] {
+        self.forward(layout, params, x, image, b);
+        &self.logits
+    }
+
+    /// The convolutions' saved state, the flattened features and the logits; returns each
+    /// convolution's input shape and the last pooled shape.
+    fn forward(
         &mut self,
         layout: &ParamLayout,
         params: &[f32],
         x: &[f32],
         (c, h, w): (usize, usize, usize),
-        labels: &[u8],
-        grad: &mut [f32],
-    ) -> f32 {
-        let b = labels.len();
+        b: usize,
+    ) -> ([Shape; 4], Shape) {
         let t = layout.tensors();
         // Channel-major input, [c, b, h, w].
         swap_outer(&mut self.input, x, b, c, h * w);
@@ -78,6 +89,25 @@ impl Cnn {
         fill_rows(&mut self.logits, &params[t[9].range()]);
         let fc = Mat::new(&params[t[8].range()], features, classes);
         matmul(&mut self.logits, Mat::new(&self.flat, b, features), fc, true);
+        (shapes, s)
+    }
+
+    /// Mean loss over the batch `x` (`[b, c, h, w]`, `b = labels.len()`), with the gradient
+    /// written into `grad` (layout order).
+    pub fn loss_and_gradient(
+        &mut self,
+        layout: &ParamLayout,
+        params: &[f32],
+        x: &[f32],
+        image: (usize, usize, usize),
+        labels: &[u8],
+        grad: &mut [f32],
+    ) -> f32 {
+        let b = labels.len();
+        let (shapes, s) = self.forward(layout, params, x, image, b);
+        let t = layout.tensors();
+        let (features, classes) = (t[8].shape[0], t[8].shape[1]);
+        let fc = Mat::new(&params[t[8].range()], features, classes);
         let loss = softmax_cross_entropy(&mut self.logits, labels, classes);
         let dlogits = Mat::new(&self.logits, b, classes);
         matmul(&mut grad[t[8].range()], Mat::new(&self.flat, b, features).t(), dlogits, false);

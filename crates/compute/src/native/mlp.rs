@@ -15,6 +15,31 @@ pub(crate) struct Mlp {
 }
 
 impl Mlp {
+    /// The logits of the batch `x` (`b` rows of `layout`'s input width), `b × classes`.
+    pub fn logits(&mut self, layout: &ParamLayout, params: &[f32], x: &[f32], b: usize) -> &[f32] {
+        self.forward(layout, params, x, b);
+        self.outs.last().map_or(&[], |v| v.as_slice())
+    }
+
+    /// Every layer's output into `outs` (after the ReLU below the top; logits at the top).
+    fn forward(&mut self, layout: &ParamLayout, params: &[f32], x: &[f32], b: usize) {
+        let t = layout.tensors();
+        let layers = t.len() / 2;
+        self.outs.resize_with(layers, Vec::new);
+        for i in 0..layers {
+            let (din, dout) = (t[2 * i].shape[0], t[2 * i].shape[1]);
+            let (done, rest) = self.outs.split_at_mut(i);
+            let input: &[f32] = if i == 0 { x } else { &done[i - 1] };
+            let out = &mut rest[0];
+            out.resize(b * dout, 0.0);
+            fill_rows(out, &params[t[2 * i + 1].range()]);
+            matmul(out, Mat::new(input, b, din), Mat::new(&params[t[2 * i].range()], din, dout), true);
+            if i + 1 < layers {
+                relu(out);
+            }
+        }
+    }
+
     /// Mean loss over the batch `x` (`labels.len()` rows of `layout`'s input width), with the
     /// gradient written into `grad` (layout order).
     pub fn loss_and_gradient(
@@ -26,22 +51,10 @@ impl Mlp {
         grad: &mut [f32],
     ) -> f32 {
         let b = labels.len();
+        self.forward(layout, params, x, b);
         let t = layout.tensors();
         let layers = t.len() / 2;
-        self.outs.resize_with(layers, Vec::new);
         let dims = |i: usize| (t[2 * i].shape[0], t[2 * i].shape[1]);
-        for i in 0..layers {
-            let (din, dout) = dims(i);
-            let (done, rest) = self.outs.split_at_mut(i);
-            let input: &[f32] = if i == 0 { x } else { &done[i - 1] };
-            let out = &mut rest[0];
-            out.resize(b * dout, 0.0);
-            fill_rows(out, &params[t[2 * i + 1].range()]);
-            matmul(out, Mat::new(input, b, din), Mat::new(&params[t[2 * i].range()], din, dout), true);
-            if i + 1 < layers {
-                relu(out);
-            }
-        }
         let classes = dims(layers - 1).1;
         std::mem::swap(&mut self.delta, &mut self.outs[layers - 1]);
         let loss = softmax_cross_entropy(&mut self.delta, labels, classes);

@@ -39,6 +39,30 @@ impl Native {
         }
     }
 
+    /// The logits (`b × classes`) of the batch `x` (`[b, c, h, w]`).
+    pub fn logits(
+        &mut self,
+        layout: &ParamLayout,
+        params: &[f32],
+        x: &[f32],
+        image: (usize, usize, usize),
+        b: usize,
+    ) -> &[f32] {
+        match self {
+            Native::Mlp(m) => m.logits(layout, params, x, b),
+            Native::Cnn(c) => c.logits(layout, params, x, image, b),
+        }
+    }
+
+    /// Examples per forward pass when evaluating: the CNN keeps every layer's im2col matrix
+    /// (about 1.6 MB per example for the paper's CNN), the MLP a few KB.
+    pub fn eval_chunk(&self) -> usize {
+        match self {
+            Native::Mlp(_) => 1000,
+            Native::Cnn(_) => 64,
+        }
+    }
+
     /// Mean loss over the batch `x` (`[labels.len(), c, h, w]`), gradient into `grad`.
     pub fn loss_and_gradient(
         &mut self,
