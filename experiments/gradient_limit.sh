@@ -14,7 +14,7 @@ builds=()
 cargo build -q --release -p quorum-compute --example gradient_time
 cp "$BIN/gradient_time" "$BIN/gradient_time-gemm"
 builds+=("gemm crate=$BIN/gradient_time-gemm")
-if ldconfig -p | grep -q libopenblas.so; then
+if ldconfig -p | grep libopenblas.so >/dev/null; then
     cargo build -q --release -p quorum-compute --example gradient_time --features openblas
     cp "$BIN/gradient_time" "$BIN/gradient_time-openblas"
     builds+=("openblas feature=$BIN/gradient_time-openblas")
