@@ -29,7 +29,7 @@ pub fn run(args: SimArgs) -> Result<()> {
         return Ok(());
     }
     if let Some(range) = &cfg.sim.sweep_backups {
-        let mut sim = cfg.sim_config(cfg.total_steps(cfg.batch * 1000)?)?;
+        let mut sim = cfg.sim_config(cfg.total_steps(cfg.epoch_examples(None))?)?;
         (sim.record_events, sim.record_arrivals) = (false, false);
         return sweep(&cfg, &sim, range.0.clone());
     }
@@ -37,7 +37,7 @@ pub fn run(args: SimArgs) -> Result<()> {
         rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global().context("setting threads")?;
     }
     let report = if cfg.sim.timing_only {
-        let sim = recorded(&cfg, cfg.sim_config(cfg.total_steps(cfg.batch * 1000)?)?);
+        let sim = recorded(&cfg, cfg.sim_config(cfg.total_steps(cfg.epoch_examples(None))?)?);
         let r = simulate(&sim, None)?;
         print_summary(&sim, &r);
         r

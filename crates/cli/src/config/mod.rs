@@ -350,13 +350,16 @@ impl RunConfig {
         Ok(cfg)
     }
 
-    /// Training examples (for epochs → steps): the synthetic model has an endless stream,
-    /// so one "epoch" is 1000 batches of one worker.
+    /// Training examples (for epochs → steps) of `source`.
     pub fn train_examples(&self, source: &dyn GradientSource) -> usize {
-        match source.train_examples() {
-            Some(n) => n,
-            None => 1000 * self.batch,
-        }
+        self.epoch_examples(source.train_examples())
+    }
+
+    /// Examples in one epoch of a training set of `known` examples; without one (the synthetic
+    /// model's endless stream, a timing-only simulation) one "epoch" is 1000 batches of one
+    /// worker.
+    pub fn epoch_examples(&self, known: Option<usize>) -> usize {
+        known.unwrap_or(1000 * self.batch)
     }
 
     /// One line describing the cluster shape.
