@@ -5,6 +5,7 @@ use crate::config::{RunConfig, RunFlags};
 use crate::topology::Topology;
 use anyhow::{bail, Context, Result};
 use quorum_compute::GradientSource;
+use quorum_core::ParamLayout;
 use quorum_net::checkpoint::{self, CheckpointError};
 use quorum_net::server::{CheckpointOptions, Progress};
 use quorum_net::worker::WorkerReport;
@@ -55,18 +56,62 @@ pub(crate) fn resolve(flags: &RunFlags) -> Result<Option<RunConfig>> {
     Ok(Some(cfg))
 }
 
-/// Everything the parameter server needs, with `evaluator` and, for `--resume`, the newest
-/// valid checkpoint restored.
-pub(crate) fn server_options(
-    cfg: &RunConfig,
-    evaluator: Box<dyn GradientSource + Send>,
-    resume: bool,
-    progress: bool,
-) -> Result<ServerOptions> {
-    let steps = cfg.total_steps(cfg.train_examples(&*evaluator))?;
+/// The model a server serves: its layout and starting values, the steps of the run, and
+/// who evaluates it.
+pub(crate) struct Served {
+    layout: ParamLayout,
+    init: Vec<f32>,
+    steps: u64,
+    evaluator: Option<Box<dyn GradientSource + Send>>,
+}
+
+impl Served {
+    /// A built-in model, which the server also evaluates.
+    pub(crate) fn model(cfg: &RunConfig, evaluator: Box<dyn GradientSource + Send>) -> Result<Self> {
+        Ok(Served {
+            layout: evaluator.layout().clone(),
+            init: evaluator.init_params(cfg.seed),
+            steps: cfg.total_steps(cfg.train_examples(&*evaluator))?,
+            evaluator: Some(evaluator),
+        })
+    }
+
+    /// The model of a parameter file (`params`), computed by the workers alone (PyTorch).
+    pub(crate) fn params_file(cfg: &RunConfig, path: &std::path::Path) -> Result<Self> {
+        let Some(steps) = cfg.steps else {
+            bail!(
+                "params = {} serves a model the server does not compute, so it cannot count epochs of data it \
+                 never sees: give steps (--steps N)",
+                path.display()
+            );
+        };
+        let (layout, init) = quorum_net::params_file::read(path)
+            .with_context(|| format!("cannot read the parameter file {}", path.display()))?;
+        Ok(Served { layout, init, steps, evaluator: None })
+    }
+
+    /// `params` when set, else the configured built-in model.
+    pub(crate) fn from_config(cfg: &RunConfig) -> Result<Self> {
+        match &cfg.params {
+            Some(p) => Self::params_file(cfg, p),
+            None => Self::model(cfg, cfg.source()?),
+        }
+    }
+
+    /// What to print for the model: its name or its file.
+    pub(crate) fn describe(&self, cfg: &RunConfig) -> String {
+        match &cfg.params {
+            Some(p) => format!("the model of {} ({} parameters)", p.display(), self.layout.len()),
+            None => format!("{} on {}", cfg.model, cfg.dataset),
+        }
+    }
+}
+
+/// Everything the parameter server needs for `served` and, for `--resume`, the newest valid
+/// checkpoint restored.
+pub(crate) fn server_options(cfg: &RunConfig, served: Served, resume: bool, progress: bool) -> Result<ServerOptions> {
+    let Served { layout, init, steps, evaluator } = served;
     let server_cfg = cfg.server_config(steps)?;
-    let layout = evaluator.layout().clone();
-    let init = evaluator.init_params(cfg.seed);
     let ckpt_dir = cfg.run_dir().join("checkpoints");
     let mut opts = ServerOptions::new(server_cfg, layout, init);
     if resume {
@@ -95,7 +140,7 @@ pub(crate) fn server_options(
         }
     }
     opts.out = Some(cfg.run_dir());
-    opts.evaluator = Some(evaluator);
+    opts.evaluator = evaluator;
     opts.eval_every = (cfg.eval_every > 0).then_some(cfg.eval_every);
     opts.batch = cfg.batch as u64;
     opts.encoding = cfg.encoding()?;

@@ -531,3 +531,44 @@ fn the_simulator_and_a_real_cluster_keep_the_same_record_of_the_same_scenario() 
         }
     }
 }
+
+#[test]
+fn a_server_started_from_a_parameter_file_serves_its_values_to_workers_with_the_same_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("init.safetensors");
+    // The synthetic model's layout (`quorum worker --model synthetic`), with starting values it
+    // would never choose itself.
+    let layout = quorum_core::ParamLayout::from_shapes([("theta", vec![64])]).unwrap();
+    quorum_net::params_file::write(&file, &layout, &[100.0; 64]).unwrap();
+    let run = dir.path().join("ps");
+    let common = ["--workers", "2", "--backups", "0", "--lr", "0.001"];
+    let f = file.to_str().unwrap();
+
+    let o = quorum().args(["ps", "--params", f, "--listen", "127.0.0.1:0"]).args(common).output().unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("give steps (--steps N)"), "{}", text(&o));
+
+    let mut cmd = quorum();
+    cmd.args(["ps", "--params", f, "--steps", "3", "--listen", "127.0.0.1:0", "--out", run.to_str().unwrap()]);
+    let (ps, addr) = spawn_ps(cmd.args(common).stderr(Stdio::null()));
+    let mut ps = Proc(ps);
+    let mut workers: Vec<Proc> = (0..2).map(|i| start_worker(&common, &addr, i)).collect();
+    assert!(wait(&mut ps, Duration::from_secs(60)).success());
+    for w in &mut workers {
+        assert!(wait(w, Duration::from_secs(20)).success());
+    }
+    assert_eq!(json(&run.join("summary.json"))["steps"], 3);
+    let newest = checkpoint_steps(&run.join("checkpoints"));
+    let ckpt = run.join("checkpoints").join(format!("ckpt-{:010}.json", newest[0]));
+    let (l, values) = quorum_net::params_file::read(&ckpt).unwrap();
+    assert_eq!(l, layout);
+    // Three small steps from 100: the file's values were the start.
+    assert!(values.iter().all(|v| (*v - 100.0).abs() < 5.0 && *v != 100.0), "{values:?}");
+}
+
+#[test]
+fn the_commands_that_compute_gradients_refuse_a_parameter_file() {
+    let o = quorum().args(["train", "--params", "x.safetensors", "--steps", "1"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("is for `quorum ps`"), "{}", text(&o));
+}

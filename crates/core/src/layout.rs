@@ -92,6 +92,45 @@ impl ParamLayout {
         self.tensors.iter().find(|t| t.name == name)
     }
 
+    /// `(name, shape)` of every tensor in order: what two processes compare to agree that a
+    /// flat buffer means the same thing to both (quorum moves `f32` only, so no dtype).
+    pub fn fingerprint(&self) -> Vec<(String, Vec<usize>)> {
+        self.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect()
+    }
+
+    /// What differs between this layout (`ours`) and `theirs`, said in words, or `None` when
+    /// they are the same: the first tensor that differs by name or shape, or the tensors
+    /// one side has and the other lacks.
+    pub fn difference(&self, theirs: &[(String, Vec<usize>)]) -> Option<String> {
+        let ours = self.fingerprint();
+        if ours.as_slice() == theirs {
+            return None;
+        }
+        let show = |(n, s): &(String, Vec<usize>)| format!("`{n}` {s:?}");
+        if let Some(i) = ours.iter().zip(theirs).position(|(a, b)| a != b) {
+            let (a, b) = (&ours[i], &theirs[i]);
+            let what = if a.0 == b.0 { "shape" } else { "name" };
+            let hint = if a.0 == b.0 && a.1.len() == 2 && a.1.iter().rev().eq(b.1.iter()) {
+                " (the same matrix transposed: burn stores a linear layer's weight as [in, out], \
+                 PyTorch as [out, in])"
+            } else {
+                ""
+            };
+            return Some(format!(
+                "tensor {i} differs by {what}: {} here, {} there{hint} ({} tensors / {} values here, {} / {} there)",
+                show(a),
+                show(b),
+                ours.len(),
+                self.len(),
+                theirs.len(),
+                theirs.iter().map(|(_, s)| s.iter().product::<usize>()).sum::<usize>()
+            ));
+        }
+        let (longer, side) = if ours.len() > theirs.len() { (&ours, "here") } else { (&theirs.to_vec(), "there") };
+        let extra: Vec<String> = longer[ours.len().min(theirs.len())..].iter().map(show).collect();
+        Some(format!("{} more tensor(s) {side}: {}", extra.len(), extra.join(", ")))
+    }
+
     /// The slice of `flat` holding tensor `name`.
     pub fn slice<'a>(&self, flat: &'a [f32], name: &str) -> Option<&'a [f32]> {
         self.get(name).and_then(|t| flat.get(t.range()))
@@ -110,6 +149,45 @@ mod tests {
         assert_eq!(l.get("b").unwrap().range(), 6..9);
         let flat: Vec<f32> = (0..9).map(|x| x as f32).collect();
         assert_eq!(l.slice(&flat, "b").unwrap(), &[6.0, 7.0, 8.0]);
+    }
+
+    fn shapes(l: &[(&str, Vec<usize>)]) -> Vec<(String, Vec<usize>)> {
+        l.iter().map(|(n, s)| (n.to_string(), s.clone())).collect()
+    }
+
+    #[test]
+    fn the_same_layout_has_no_difference() {
+        let l = ParamLayout::from_shapes([("w", vec![2, 3]), ("b", vec![3])]).unwrap();
+        assert_eq!(l.difference(&l.fingerprint()), None);
+    }
+
+    #[test]
+    fn a_difference_names_the_first_tensor_that_differs_and_how() {
+        let l = ParamLayout::from_shapes([("w", vec![2, 3]), ("b", vec![3])]).unwrap();
+        let d = l.difference(&shapes(&[("w", vec![2, 3]), ("bias", vec![3])])).unwrap();
+        assert!(d.contains("tensor 1 differs by name: `b` [3] here, `bias` [3] there"), "{d}");
+        let d = l.difference(&shapes(&[("w", vec![2, 4]), ("b", vec![3])])).unwrap();
+        assert!(d.contains("tensor 0 differs by shape: `w` [2, 3] here, `w` [2, 4] there"), "{d}");
+        assert!(!d.contains("transposed"), "{d}");
+    }
+
+    #[test]
+    fn a_transposed_matrix_is_called_out_as_burn_against_pytorch_orientation() {
+        let l = ParamLayout::from_shapes([("fc.weight", vec![784, 512])]).unwrap();
+        let d = l.difference(&shapes(&[("fc.weight", vec![512, 784])])).unwrap();
+        assert!(d.contains("transposed") && d.contains("[out, in]"), "{d}");
+    }
+
+    #[test]
+    fn missing_and_extra_tensors_are_listed() {
+        let l = ParamLayout::from_shapes([("w", vec![2, 3])]).unwrap();
+        let d = l.difference(&shapes(&[("w", vec![2, 3]), ("b", vec![3])])).unwrap();
+        assert!(d.contains("1 more tensor(s) there: `b` [3]"), "{d}");
+        let d = ParamLayout::from_shapes([("w", vec![2, 3]), ("b", vec![3])])
+            .unwrap()
+            .difference(&shapes(&[("w", vec![2, 3])]))
+            .unwrap();
+        assert!(d.contains("1 more tensor(s) here: `b` [3]"), "{d}");
     }
 
     #[test]

@@ -46,7 +46,7 @@ fn transport(c: &mut Criterion) {
             .await
             .unwrap();
         let mut client = ParameterServerClient::new(ch.clone()).max_decoding_message_size(8 << 20);
-        client.join(JoinRequest { worker: 0, num_params: PARAMS as u64, session: 1 }).await.unwrap();
+        client.join(JoinRequest { worker: 0, num_params: PARAMS as u64, session: 1, layout: vec![] }).await.unwrap();
         (client, ch)
     });
     // The worker's own encoding: the gradient buffer becomes the chunks' bytes. The pieces

@@ -43,7 +43,7 @@ async fn worker(addr: String, w: u32, params: usize, gradient: Vec<bytes::Bytes>
     let mut client = ParameterServerClient::new(channel.clone());
     let mut channel = channel;
     let join = client
-        .join(JoinRequest { worker: w, num_params: params as u64, session: u64::from(w) + 1 })
+        .join(JoinRequest { worker: w, num_params: params as u64, session: u64::from(w) + 1, layout: vec![] })
         .await?
         .into_inner();
     let (mut min_step, mut pushes) = (join.step, 0);

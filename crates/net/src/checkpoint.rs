@@ -44,12 +44,12 @@ const FORMAT: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     /// Reading or writing failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// What failed.
-        source: std::io::Error,
+        /// What failed (said in the message, so not also a `source`, which would say it twice).
+        error: std::io::Error,
     },
     /// The files are damaged.
     #[error("{path} is corrupt: {reason}")]
@@ -78,7 +78,7 @@ pub enum CheckpointError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
+    move |error| CheckpointError::Io { path: path.to_path_buf(), error }
 }
 
 /// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the directory.
@@ -153,7 +153,7 @@ pub fn save(
     };
     let json_path = dir.join(format!("{stem}.json"));
     let json = serde_json::to_vec_pretty(&meta)
-        .map_err(|e| CheckpointError::Io { path: json_path.clone(), source: std::io::Error::other(e) })?;
+        .map_err(|e| CheckpointError::Io { path: json_path.clone(), error: std::io::Error::other(e) })?;
     write_atomic(&json_path, &json)?;
     rotate(dir, keep)?;
     Ok(json_path)

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod checkpoint;
 pub mod encoding;
 pub mod framing;
+pub mod params_file;
 pub mod server;
 pub mod tensorboard;
 pub mod tls;

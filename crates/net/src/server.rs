@@ -61,6 +61,7 @@ pub async fn run_server(
         commands: cmd_tx,
         published: pub_rx,
         num_params: opts.layout.len(),
+        layout: opts.layout.clone(),
         workers: opts.config.workers,
         encoding: opts.encoding,
         buffers: Arc::new(GradientBuffers::new(push_permits())),

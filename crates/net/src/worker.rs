@@ -273,12 +273,15 @@ pub async fn run_worker(
         let local = Local { source: &mut source, rng: &mut rng, draws: &mut draws, report: &mut report };
         let ended = session(&opts, session_id, &mut client, &mut channel, local).await;
         let ended = match ended {
-            Err(WorkerError::Panicked { worker, message }) => {
+            Err(e @ (WorkerError::Panicked { .. } | WorkerError::Compute { .. })) => {
                 // Tell the server now, so no step waits for this worker's time-out.
-                let why = format!("the gradient code panicked: {message}");
-                let leave = LeaveRequest { worker, session: session_id, reason: why };
+                let why = match &e {
+                    WorkerError::Panicked { message, .. } => format!("the gradient code panicked: {message}"),
+                    other => format!("the gradient code failed: {other}"),
+                };
+                let leave = LeaveRequest { worker: opts.index, session: session_id, reason: why };
                 let _ = within(opts.rpc_timeout, "leave", client.leave(leave)).await;
-                return Err(WorkerError::Panicked { worker, message });
+                return Err(e);
             }
             other => other?,
         };
@@ -400,8 +403,14 @@ async fn session(
     local: Local<'_>,
 ) -> Result<SessionEnd, WorkerError> {
     let w = opts.index;
-    let num_params = local.source.as_ref().expect("source present between computations").layout().len();
-    let join_request = JoinRequest { worker: w, num_params: num_params as u64, session: session_id };
+    let layout = local.source.as_ref().expect("source present between computations").layout();
+    let num_params = layout.len();
+    let layout = layout
+        .tensors()
+        .iter()
+        .map(|t| TensorShape { name: t.name.clone(), shape: t.shape.iter().map(|&d| d as u64).collect() })
+        .collect();
+    let join_request = JoinRequest { worker: w, num_params: num_params as u64, session: session_id, layout };
     let join = match within(opts.rpc_timeout, "join", client.join(join_request)).await {
         Ok(r) => r.into_inner(),
         // Not joined: wait (within the connect time-out) for the index to be free.

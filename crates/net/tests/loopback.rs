@@ -414,7 +414,7 @@ async fn one_live_process_per_worker_index_and_a_restarted_worker_gets_back_in()
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
     let mut client = ParameterServerClient::connect(format!("http://{addr}")).await.unwrap();
-    let join = |worker: u32, session: u64| JoinRequest { worker, num_params: 64, session };
+    let join = |worker: u32, session: u64| JoinRequest { worker, num_params: 64, session, layout: vec![] };
     let push = |worker: u32, session: u64| {
         let data = quorum_net::encoding::encode(&[0.5; 64]).into();
         let chunk = GradientChunk { worker, step: 0, total: 64, data, loss: f32::NAN, session, ..Default::default() };
@@ -470,6 +470,20 @@ async fn a_worker_with_another_model_is_refused_with_a_clear_message() {
     let other = LeastSquares::new(8, 4, 0.1, 1);
     let err = worker(0, addr, &other).await.unwrap().unwrap_err().to_string();
     assert!(err.contains("8 parameters but the server's has 64"), "{err}");
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_tensors_differ_is_refused_naming_the_tensor_even_with_the_same_parameter_count() {
+    let (mut opts, src) = options(1, Policy::Sync { aggregate: 1, backups: 0 }, 10, None);
+    // The server's 64 values as an 8 x 8 matrix `w`; the worker's as a vector `theta`.
+    opts.layout = quorum_core::ParamLayout::from_shapes([("w", vec![8, 8])]).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let err = worker(0, addr, &src).await.unwrap().unwrap_err().to_string();
+    assert!(err.contains("another model than the server's"), "{err}");
+    assert!(err.contains("tensor 0 differs by name: `w` [8, 8] here, `theta` [64] there"), "{err}");
     server.abort();
 }
 
@@ -647,7 +661,7 @@ async fn pushes_frozen_mid_stream_are_abandoned_and_do_not_block_the_other_worke
     // Worker 2 starts more pushes than the server reassembles at once (at most 8), each
     // sending half of the gradient and then nothing, holding its stream open.
     let mut frozen = ParameterServerClient::connect(format!("http://{addr}")).await.unwrap();
-    frozen.join(JoinRequest { worker: 2, num_params: 64, session: 7 }).await.unwrap();
+    frozen.join(JoinRequest { worker: 2, num_params: 64, session: 7, layout: vec![] }).await.unwrap();
     let half = GradientChunk {
         worker: 2,
         step: 0,
@@ -714,7 +728,7 @@ async fn any_grpc_client_can_push_and_the_push_route_checks_the_token_and_the_sh
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
 
     let mut client = ParameterServerClient::with_interceptor(channel, AddToken(Some(secret)));
-    client.join(JoinRequest { worker: 0, num_params: 64, session: 0 }).await.unwrap();
+    client.join(JoinRequest { worker: 0, num_params: 64, session: 0, layout: vec![] }).await.unwrap();
     let mut params = Vec::new();
     let mut stream = client.pull(PullRequest { worker: 0, min_step: 0 }).await.unwrap().into_inner();
     while let Some(c) = stream.next().await {

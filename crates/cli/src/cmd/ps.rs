@@ -1,6 +1,8 @@
 //! `quorum ps`: the parameter server of a job split across machines.
 
-use crate::cluster::{all_interfaces, check_workers, interrupted, print_summary, resolve, runtime, server_options};
+use crate::cluster::{
+    all_interfaces, check_workers, interrupted, print_summary, resolve, runtime, server_options, Served,
+};
 use crate::config::{RunConfig, RunFlags};
 use crate::topology::{self, Role};
 use anyhow::{bail, Context, Result};
@@ -52,19 +54,19 @@ pub(crate) fn serve(cfg: &RunConfig, listen: &str, resume: bool) -> Result<()> {
              set QUORUM_TOKEN (or token-file) to the same long random secret for the server and every worker"
         );
     }
-    let opts = server_options(cfg, cfg.source()?, resume, true)?;
+    let served = Served::from_config(cfg)?;
+    let model = served.describe(cfg);
+    let opts = server_options(cfg, served, resume, true)?;
     let steps = opts.config.max_steps.unwrap_or(0);
     let rt = runtime()?;
     let summary = rt.block_on(async {
         let listener =
             tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
         println!(
-            "quorum ps: listening on {} for {} workers ({}), {} on {}, {steps} steps",
+            "quorum ps: listening on {} for {} workers ({}), {model}, {steps} steps",
             listener.local_addr()?,
             cfg.workers,
             cfg.shape(),
-            cfg.model,
-            cfg.dataset
         );
         let _ = std::io::stdout().flush();
         anyhow::Ok(run_server(listener, opts, interrupted()).await?)

@@ -1,7 +1,7 @@
 //! `quorum train`: a parameter server and its workers in one process over loopback.
 
 use crate::cluster::{
-    interrupted, print_summary, print_worker, resolve, runtime, server_options, stopped_early, worker_options,
+    interrupted, print_summary, print_worker, resolve, runtime, server_options, stopped_early, worker_options, Served,
 };
 use crate::config::{RunConfig, RunFlags};
 use crate::restarts;
@@ -65,7 +65,7 @@ fn train_once(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
     // The data is loaded once and shared by the workers and the evaluator.
     let mut sources = cfg.sources(cfg.workers as usize + 1)?;
     let evaluator = sources.pop().expect("workers + 1 sources");
-    let opts = server_options(cfg, evaluator, resume, true)?;
+    let opts = server_options(cfg, Served::model(cfg, evaluator)?, resume, true)?;
     let steps = opts.config.max_steps.unwrap_or(0);
     let rt = runtime()?;
     rt.block_on(async {

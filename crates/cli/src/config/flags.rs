@@ -47,6 +47,11 @@ pub struct RunFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     model: Option<String>,
+    /// `quorum ps`: serve the model of this parameter file instead of a built-in one (for
+    /// workers in PyTorch; `quorum.torch.save_params` writes it). Needs --steps.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    params: Option<PathBuf>,
     /// mnist | fashion-mnist | cifar10 [default: mnist].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

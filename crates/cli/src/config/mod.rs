@@ -55,6 +55,11 @@ pub struct RunConfig {
     pub deadline_timeout: Option<f64>,
     /// synthetic[:DIM], mlp, mlp:W1,W2,..., cnn, cnn:C1,C2,C3,C4.
     pub model: String,
+    /// `quorum ps`: serve the model of this parameter file (safetensors with the tensors'
+    /// order, written by `quorum.torch.save_params`) instead of `model`: the layout and the
+    /// starting values come from it, the workers compute the gradients (PyTorch), and the
+    /// server evaluates nothing. `steps` must be given (the server does not see the data).
+    pub params: Option<PathBuf>,
     /// mnist | fashion-mnist | cifar10.
     pub dataset: String,
     /// Data root holding <dataset>/.
@@ -148,6 +153,7 @@ impl Default for RunConfig {
             deadline_min: None,
             deadline_timeout: None,
             model: "mlp".into(),
+            params: None,
             dataset: "mnist".into(),
             data: "data".into(),
             validation: 5000,
@@ -306,6 +312,13 @@ impl RunConfig {
     pub fn sources(&self, n: usize) -> Result<Vec<Box<dyn GradientSource + Send>>> {
         fn boxed(s: impl GradientSource + Send + Clone + 'static, n: usize) -> Vec<Box<dyn GradientSource + Send>> {
             (0..n).map(|_| Box::new(s.clone()) as Box<dyn GradientSource + Send>).collect()
+        }
+        if let Some(p) = &self.params {
+            bail!(
+                "params = {} is for `quorum ps` serving workers that compute the model themselves \
+                 (PyTorch); this command computes gradients with a built-in model: remove params and set model",
+                p.display()
+            );
         }
         Ok(match self.synthetic_dim()? {
             Some(dim) => boxed(LeastSquares::new(dim, self.batch, 0.1, self.seed), n),

@@ -143,6 +143,8 @@ pub(super) struct Service {
     pub(super) commands: mpsc::Sender<Command>,
     pub(super) published: watch::Receiver<Published>,
     pub(super) num_params: usize,
+    /// The model's layout, which a joining worker's must equal.
+    pub(super) layout: quorum_core::ParamLayout,
     pub(super) workers: u32,
     pub(super) encoding: Encoding,
     pub(super) buffers: Arc<GradientBuffers>,
@@ -366,6 +368,17 @@ impl ParameterServer for Service {
                 "worker {} has a model of {} parameters but the server's has {}; start every process with the same model config",
                 r.worker, r.num_params, self.num_params
             )));
+        }
+        if !r.layout.is_empty() {
+            let theirs: Vec<(String, Vec<usize>)> =
+                r.layout.iter().map(|t| (t.name.clone(), t.shape.iter().map(|&d| d as usize).collect())).collect();
+            if let Some(diff) = self.layout.difference(&theirs) {
+                return Err(Status::failed_precondition(format!(
+                    "worker {} has another model than the server's: {diff} (\"here\" is the server); start \
+                     every worker with the model the server was started with",
+                    r.worker
+                )));
+            }
         }
         match self.send(WorkerId(r.worker), r.session, ToServer::Join { session: r.session }).await? {
             Ok(_) | Err(ProtocolError::Stopped) => {}
