@@ -38,6 +38,9 @@ pub enum ComputeError {
     /// The model configuration is invalid.
     #[error("invalid model configuration: {0}")]
     Config(String),
+    /// Gradient code outside quorum failed (an exception in a Python gradient function).
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// A model plus its data, seen as a function from flat parameters to gradients.

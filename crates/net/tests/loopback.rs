@@ -469,7 +469,7 @@ async fn a_worker_with_another_model_is_refused_with_a_clear_message() {
     let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
     let other = LeastSquares::new(8, 4, 0.1, 1);
     let err = worker(0, addr, &other).await.unwrap().unwrap_err().to_string();
-    assert!(err.contains("8 parameters but the server's has 64"), "{err}");
+    assert!(err.contains("tensor 0 differs by shape: `theta` [64] here, `theta` [8] there"), "{err}");
     server.abort();
 }
 

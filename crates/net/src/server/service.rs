@@ -363,12 +363,7 @@ impl ParameterServer for Service {
             }
         }
         let r = req.into_inner();
-        if r.num_params as usize != self.num_params {
-            return Err(Status::failed_precondition(format!(
-                "worker {} has a model of {} parameters but the server's has {}; start every process with the same model config",
-                r.worker, r.num_params, self.num_params
-            )));
-        }
+        // The layout says more (which tensor differs) than the count: check it first.
         if !r.layout.is_empty() {
             let theirs: Vec<(String, Vec<usize>)> =
                 r.layout.iter().map(|t| (t.name.clone(), t.shape.iter().map(|&d| d as usize).collect())).collect();
@@ -379,6 +374,12 @@ impl ParameterServer for Service {
                     r.worker
                 )));
             }
+        }
+        if r.num_params as usize != self.num_params {
+            return Err(Status::failed_precondition(format!(
+                "worker {} has a model of {} parameters but the server's has {}; start every process with the same model config",
+                r.worker, r.num_params, self.num_params
+            )));
         }
         match self.send(WorkerId(r.worker), r.session, ToServer::Join { session: r.session }).await? {
             Ok(_) | Err(ProtocolError::Stopped) => {}

@@ -1,0 +1,35 @@
+"""quorum for Python: any training loop as a worker of a quorum parameter server.
+
+Synchronous SGD with backup workers (Chen et al., "Revisiting Distributed Synchronous SGD"):
+`quorum ps` closes each step with the first N gradients and drops the late ones. This package
+lets workers written in Python — PyTorch above all — join such a server. The protocol, the
+worker rule, heartbeats and reconnects are quorum's own Rust code (`quorum._native`), the
+same as `quorum worker` runs.
+
+- `Worker(server, index, layout, ...)`: a worker; `Worker.run(gradient, params, grads)` works
+  until the server says stop, calling `gradient(step, params, grads)` for each step.
+- `write_params` / `read_params`: the parameter file `quorum ps --params` serves, and a
+  checkpoint's parameters.
+- `quorum.torch`: the same for a `torch.nn.Module`, with its tensors as views into the flat
+  buffers (`run_worker`, `save_params`, `load_params`).
+"""
+
+from ._native import (
+    QuorumError,
+    RefusedError,
+    UnreachableError,
+    Worker,
+    latest_checkpoint,
+    read_params,
+    write_params,
+)
+
+__all__ = [
+    "QuorumError",
+    "RefusedError",
+    "UnreachableError",
+    "Worker",
+    "latest_checkpoint",
+    "read_params",
+    "write_params",
+]

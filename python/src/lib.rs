@@ -1,0 +1,303 @@
+//! `quorum._native`: the Rust side of quorum's Python package.
+//!
+//! A Python gradient function becomes a [`GradientSource`], and [`quorum_net::run_worker`] —
+//! the worker rule and protocol of `quorum worker`, not a second implementation — drives it:
+//! join, pull the newest parameters, call the function (GIL held), push its gradient, with
+//! heartbeats, reconnects and late notices in the background (GIL released). The Python
+//! package (`python/quorum/`) builds the PyTorch helpers on this.
+//!
+//! Parameters and gradients cross into Python through two `bytearray`s the caller owns: the
+//! function sees the newest parameters in one and writes its gradient into the other, so a
+//! PyTorch module whose tensors are views into them moves no tensor one by one.
+
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyByteArray, PyBytes, PyDict};
+use quorum_compute::{BatchId, ComputeError, Evaluation, GradientSource};
+use quorum_core::ParamLayout;
+use quorum_net::worker::{WorkerError, WorkerOptions, WorkerReport};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+create_exception!(_native, QuorumError, PyException, "A quorum worker failed; the message says why and what to do.");
+create_exception!(
+    _native,
+    RefusedError,
+    QuorumError,
+    "The parameter server refused this worker (another model, a wrong join token, an index out of range)."
+);
+create_exception!(
+    _native,
+    UnreachableError,
+    QuorumError,
+    "The parameter server could not be reached within the connect time-out."
+);
+
+/// `[(name, shape), ...]` from Python as a layout.
+fn layout_of(tensors: Vec<(String, Vec<usize>)>) -> PyResult<ParamLayout> {
+    if tensors.is_empty() {
+        return Err(PyValueError::new_err("the layout names no tensor: give [(name, shape), ...]"));
+    }
+    ParamLayout::from_shapes(tensors).map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+fn layout_list(layout: &ParamLayout) -> Vec<(String, Vec<usize>)> {
+    layout.fingerprint()
+}
+
+/// A Python function `gradient(step, params, grads) -> loss` as a gradient source.
+struct PyGradient {
+    layout: ParamLayout,
+    function: Py<PyAny>,
+    params: Py<PyByteArray>,
+    grads: Py<PyByteArray>,
+    /// What the function raised, for `Worker.run` to raise again as it was.
+    raised: Arc<Mutex<Option<PyErr>>>,
+}
+
+impl PyGradient {
+    fn failed(&self, e: PyErr) -> ComputeError {
+        let said = format!("the Python gradient function raised {e}");
+        *self.raised.lock().expect("not poisoned") = Some(e);
+        ComputeError::Failed(said)
+    }
+}
+
+impl GradientSource for PyGradient {
+    fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    /// Not asked of a worker: the server holds the starting values (its parameter file).
+    fn init_params(&self, _seed: u64) -> Vec<f32> {
+        vec![0.0; self.layout.len()]
+    }
+
+    /// The batch is the Python function's business.
+    fn batch_size(&self) -> usize {
+        0
+    }
+
+    fn gradient(&mut self, params: &[f32], batch: BatchId, grad: &mut Vec<f32>) -> Result<f32, ComputeError> {
+        if params.len() != self.layout.len() {
+            return Err(ComputeError::WrongLength { got: params.len(), expected: self.layout.len() });
+        }
+        let bytes = 4 * params.len();
+        Python::attach(|py| {
+            let (p, g) = (self.params.bind(py), self.grads.bind(py));
+            if p.len() != bytes || g.len() != bytes {
+                return Err(ComputeError::Failed(format!(
+                    "the params and grads bytearrays must hold {bytes} bytes (the layout's {} float32 values); \
+                     they hold {} and {}: do not resize them",
+                    params.len(),
+                    p.len(),
+                    g.len()
+                )));
+            }
+            // SAFETY: the GIL is held and no Python code runs while this slice lives; the
+            // lengths were checked just above.
+            unsafe { p.as_bytes_mut() }.copy_from_slice(bytemuck::cast_slice(params));
+            let called = self.function.call1(py, (batch.step, p, g));
+            let loss = called.and_then(|r| if r.is_none(py) { Ok(f32::NAN) } else { r.extract::<f32>(py) });
+            let loss = loss.map_err(|e| self.failed(e))?;
+            if g.len() != bytes {
+                return Err(ComputeError::Failed("the gradient function resized the grads bytearray".into()));
+            }
+            grad.clear();
+            grad.resize(params.len(), 0.0);
+            // SAFETY: as above; the length is checked again after the function ran.
+            bytemuck::cast_slice_mut::<f32, u8>(grad).copy_from_slice(unsafe { g.as_bytes() });
+            Ok(loss)
+        })
+    }
+
+    fn evaluate(&mut self, _params: &[f32]) -> Result<Evaluation, ComputeError> {
+        Err(ComputeError::Config("a Python worker does not evaluate".into()))
+    }
+}
+
+/// One worker of a quorum parameter server, computing its gradients in Python.
+#[pyclass(module = "quorum._native")]
+struct Worker {
+    opts: WorkerOptions,
+    layout: ParamLayout,
+}
+
+#[pymethods]
+impl Worker {
+    /// `Worker(server, index, layout, *, token=None, tls_ca=None, tls_cert=None, tls_key=None,
+    /// seed=1, connect_timeout=60.0, heartbeat_every=2.0, rpc_timeout=30.0)`: the options of
+    /// `quorum worker`. `server` is `HOST:PORT` (or a URL); `layout` is `[(name, shape), ...]`
+    /// in the order of the flat buffers, the same as the server's.
+    #[new]
+    #[pyo3(signature = (server, index, layout, *, token=None, tls_ca=None, tls_cert=None, tls_key=None,
+        seed=1, connect_timeout=60.0, heartbeat_every=2.0, rpc_timeout=30.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        server: String,
+        index: u32,
+        layout: Vec<(String, Vec<usize>)>,
+        token: Option<String>,
+        tls_ca: Option<PathBuf>,
+        tls_cert: Option<PathBuf>,
+        tls_key: Option<PathBuf>,
+        seed: u64,
+        connect_timeout: f64,
+        heartbeat_every: f64,
+        rpc_timeout: f64,
+    ) -> PyResult<Self> {
+        let server = if server.contains("://") { server } else { format!("http://{server}") };
+        let mut opts = WorkerOptions::new(index, server);
+        let secs = |name: &str, s: f64| {
+            Duration::try_from_secs_f64(s)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| PyValueError::new_err(format!("{name} must be a positive number of seconds, not {s}")))
+        };
+        opts.connect_timeout = secs("connect_timeout", connect_timeout)?;
+        opts.heartbeat_every = secs("heartbeat_every", heartbeat_every)?;
+        opts.rpc_timeout = secs("rpc_timeout", rpc_timeout)?;
+        opts.seed = seed;
+        opts.token = token
+            .or_else(|| std::env::var("QUORUM_TOKEN").ok())
+            .map(quorum_net::auth::Token::new)
+            .transpose()
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        opts.tls = quorum_net::tls::TlsFiles { cert: tls_cert, key: tls_key, ca: tls_ca };
+        Ok(Worker { opts, layout: layout_of(layout)? })
+    }
+
+    /// Float32 values in the layout.
+    #[getter]
+    fn num_params(&self) -> usize {
+        self.layout.len()
+    }
+
+    /// This worker's index.
+    #[getter]
+    fn index(&self) -> u32 {
+        self.opts.index
+    }
+
+    /// Works until the server says stop, then returns what this worker did (a dict).
+    ///
+    /// `gradient(step, params, grads)` is called once per step with the step's parameters in
+    /// `params`; it writes the mini-batch's mean gradient into `grads` and returns the loss
+    /// (or None). `params` and `grads` are bytearrays of `4 * num_params` bytes (little-endian
+    /// float32, laid out as the layout says) that the caller made and may view as tensors.
+    /// An exception raised by `gradient` tells the server this worker left, and is raised here.
+    fn run(
+        &self,
+        py: Python<'_>,
+        gradient: Py<PyAny>,
+        params: Py<PyByteArray>,
+        grads: Py<PyByteArray>,
+    ) -> PyResult<Py<PyDict>> {
+        init_logging();
+        let raised = Arc::new(Mutex::new(None));
+        let source =
+            PyGradient { layout: self.layout.clone(), function: gradient, params, grads, raised: raised.clone() };
+        let opts = self.opts.clone();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| QuorumError::new_err(format!("cannot start the worker's runtime: {e}")))?;
+        let outcome = py.detach(|| {
+            rt.block_on(async {
+                let work = quorum_net::run_worker(opts, Box::new(source));
+                tokio::pin!(work);
+                loop {
+                    tokio::select! {
+                        done = &mut work => break Ok::<_, PyErr>(done),
+                        // Ctrl-C reaches Python only when it looks: look every 200 ms.
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                            Python::attach(|py| py.check_signals())?;
+                        }
+                    }
+                }
+            })
+        });
+        // A gradient function still running (after Ctrl-C) finishes on its own.
+        rt.shutdown_background();
+        match outcome? {
+            Ok(report) => report_dict(py, &report),
+            Err(e) => Err(match (e, raised.lock().expect("not poisoned").take()) {
+                (WorkerError::Compute { .. }, Some(original)) => original,
+                (e @ WorkerError::Refused { .. }, _) => RefusedError::new_err(e.to_string()),
+                (e @ WorkerError::Unreachable { .. }, _) => UnreachableError::new_err(e.to_string()),
+                (e, _) => QuorumError::new_err(e.to_string()),
+            }),
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Worker(server={:?}, index={}, {} parameters)", self.opts.server, self.opts.index, self.layout.len())
+    }
+}
+
+fn report_dict(py: Python<'_>, r: &WorkerReport) -> PyResult<Py<PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("sent", r.sent)?;
+    d.set_item("accepted", r.accepted)?;
+    d.set_item("dropped", r.dropped)?;
+    d.set_item("unsent_late", r.unsent_late)?;
+    d.set_item("compute_seconds", r.compute_seconds)?;
+    d.set_item("reconnects", r.reconnects)?;
+    Ok(d.unbind())
+}
+
+/// Warnings (reconnects, a lost server) on standard error, as `quorum worker` prints them;
+/// `RUST_LOG` chooses more.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// `write_params(path, layout, values)`: a parameter file for `quorum ps --params`, the
+/// tensors of `layout` (`[(name, shape), ...]`) with `values` (bytes of little-endian float32,
+/// laid out flat in that order).
+#[pyfunction]
+fn write_params(path: PathBuf, layout: Vec<(String, Vec<usize>)>, values: &[u8]) -> PyResult<()> {
+    let layout = layout_of(layout)?;
+    if values.len() != 4 * layout.len() {
+        return Err(PyValueError::new_err(format!(
+            "{} bytes of values for a layout of {} float32 values ({} bytes)",
+            values.len(),
+            layout.len(),
+            4 * layout.len()
+        )));
+    }
+    let flat: Vec<f32> = values.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+    quorum_net::params_file::write(&path, &layout, &flat).map_err(|e| QuorumError::new_err(e.to_string()))
+}
+
+/// `read_params(path) -> (layout, values)`: a parameter file, or a checkpoint's parameters
+/// (its `ckpt-<step>.json`): the layout as `[(name, shape), ...]` and the values as bytes of
+/// little-endian float32.
+#[pyfunction]
+fn read_params(py: Python<'_>, path: PathBuf) -> PyResult<(Vec<(String, Vec<usize>)>, Py<PyBytes>)> {
+    let (layout, values) = quorum_net::params_file::read(&path).map_err(|e| QuorumError::new_err(e.to_string()))?;
+    let bytes = PyBytes::new(py, bytemuck::cast_slice(&values)).unbind();
+    Ok((layout_list(&layout), bytes))
+}
+
+/// The newest checkpoint (`ckpt-<step>.json`) in a run's `checkpoints` folder, or None.
+#[pyfunction]
+fn latest_checkpoint(dir: PathBuf) -> Option<PathBuf> {
+    quorum_net::checkpoint::list(&dir).into_iter().next().map(|(_, p)| p)
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Worker>()?;
+    m.add_function(wrap_pyfunction!(write_params, m)?)?;
+    m.add_function(wrap_pyfunction!(read_params, m)?)?;
+    m.add_function(wrap_pyfunction!(latest_checkpoint, m)?)?;
+    m.add("QuorumError", m.py().get_type::<QuorumError>())?;
+    m.add("RefusedError", m.py().get_type::<RefusedError>())?;
+    m.add("UnreachableError", m.py().get_type::<UnreachableError>())?;
+    Ok(())
+}

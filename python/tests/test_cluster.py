@@ -1,0 +1,112 @@
+"""PyTorch workers against a real `quorum ps` on loopback (the workers run as threads here;
+examples/pytorch and test_mnist.py run them as processes)."""
+
+import json
+import threading
+
+import pytest
+import torch
+
+import quorum
+import quorum.torch as qt
+
+torch.set_num_threads(1)
+
+
+def regression(n: int = 512, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    w = torch.randn(8, 1, generator=g)
+    return x, x @ w + 0.01 * torch.randn(n, 1, generator=g)
+
+
+def linear(seed: int = 1) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(8, 1)
+
+
+def in_threads(workers):
+    """Runs `workers` (callables) in threads; returns their results (or exceptions)."""
+    results = [None] * len(workers)
+
+    def run(i, f):
+        try:
+            results[i] = f()
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i, f)) for i, f in enumerate(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+def mse(model, data):
+    with torch.no_grad():
+        return float(torch.nn.functional.mse_loss(model(data[0]), data[1]))
+
+
+def test_pytorch_workers_train_the_model_the_server_serves_from_a_parameter_file(server, tmp_path):
+    data = regression()
+    qt.save_params(linear(), tmp_path / "init.safetensors")
+    ps = server("--params", str(tmp_path / "init.safetensors"), "--workers", "3", "--backups", "1",
+                "--steps", "60", "--lr", "0.05")
+    models = [linear(seed=10 + i) for i in range(3)]  # own random values: the server's must win
+    loss = torch.nn.functional.mse_loss
+    reports = in_threads([
+        (lambda i=i: qt.run_worker(models[i], data, ps.addr, i, batch_size=32, loss=loss))
+        for i in range(3)
+    ])
+    assert ps.wait() == 0, ps.output()
+    for r in reports:
+        assert isinstance(r, dict), r
+        assert r["accepted"] > 0 and r["sent"] >= r["accepted"]
+    assert sum(r["accepted"] for r in reports) == 60 * 2  # N = 2 gradients per step
+    summary = json.loads((ps.run / "summary.json").read_text())
+    assert summary["steps"] == 60
+    start, end = linear(), linear()
+    qt.load_params(start, tmp_path / "init.safetensors")
+    qt.load_params(end, quorum.latest_checkpoint(str(ps.run / "checkpoints")))
+    assert mse(end, data) < 0.1 * mse(start, data), (mse(start, data), mse(end, data))
+
+
+def test_a_worker_with_another_model_is_refused_saying_what_differs(server, tmp_path):
+    qt.save_params(linear(), tmp_path / "init.safetensors")
+    ps = server("--params", str(tmp_path / "init.safetensors"), "--workers", "2", "--steps", "10")
+    other = torch.nn.Linear(1, 8)  # the same 16 values, the matrix the other way round
+    with pytest.raises(quorum.RefusedError, match=r"tensor 0 differs by shape: `weight` \[1, 8\] here, `weight` \[8, 1\] there"):
+        qt.run_worker(other, regression(), ps.addr, 0, connect_timeout=5)
+
+
+def test_an_exception_in_the_gradient_code_is_raised_and_the_server_told_the_worker_left(server, tmp_path):
+    data = regression()
+    qt.save_params(linear(), tmp_path / "init.safetensors")
+    ps = server("--params", str(tmp_path / "init.safetensors"), "--workers", "2", "--backups", "1",
+                "--steps", "40", "--worker-timeout", "30")
+    draw = qt.batches(*data, 16, worker=0)
+
+    def failing(step):
+        if step >= 3:
+            raise ArithmeticError(f"bad batch at step {step}")
+        return draw(step)
+
+    loss = torch.nn.functional.mse_loss
+    bad, good = in_threads([
+        lambda: qt.run_worker(linear(), failing, ps.addr, 0, loss=loss),
+        lambda: qt.run_worker(linear(), data, ps.addr, 1, loss=loss, batch_size=16),
+    ])
+    assert isinstance(bad, ArithmeticError) and "bad batch at step" in str(bad), bad
+    assert ps.wait() == 0, ps.output()
+    assert isinstance(good, dict) and good["accepted"] > 0, good
+    events = [json.loads(line) for line in (ps.run / "events.jsonl").read_text().splitlines()]
+    left = [e for e in events if e["event"] == "worker_left"]
+    # Told at once ("left"), not found dead after the 30 s worker time-out.
+    assert [(e["worker"], e["reason"]) for e in left] == [(0, "left")], left
+    assert json.loads((ps.run / "summary.json").read_text())["steps"] == 40
+
+
+def test_an_unreachable_server_raises_after_the_connect_timeout():
+    with pytest.raises(quorum.UnreachableError, match="cannot reach the parameter server"):
+        qt.run_worker(linear(), regression(), "127.0.0.1:1", 0, connect_timeout=0.5)

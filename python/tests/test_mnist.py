@@ -1,0 +1,36 @@
+"""The README's PyTorch example end to end: `quorum ps` and 4 PyTorch worker processes on
+loopback (N = 3, b = 1) train the MNIST MLP, one worker is killed mid-run, and the final
+checkpoint reaches 97% test accuracy."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_four_pytorch_worker_processes_train_mnist_to_97_percent_and_a_killed_worker_does_not_pause_them(quorum_bin, tmp_path):
+    if not (ROOT / "data" / "mnist").is_dir():
+        raise AssertionError("no MNIST in data/mnist: run `bash scripts/fetch-data.sh`")
+    out = tmp_path / "run"
+    env = dict(os.environ, QUORUM=quorum_bin, PYTHON=sys.executable, OUT=str(out), MODEL="mlp",
+               STEPS="400", KILL="3", MIN_ACCURACY="0.97")
+    done = subprocess.run(["bash", str(ROOT / "examples/pytorch/run.sh")], env=env, capture_output=True,
+                          text=True, timeout=900)
+    said = done.stdout + done.stderr
+    assert done.returncode == 0, said
+    assert "test accuracy" in said, said
+    accuracy = float(said.split("test accuracy ")[1].split("%")[0])
+    assert accuracy >= 97.0, said
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    steps = [e["time"] for e in events if e["event"] == "step_applied"]
+    assert len(steps) == 400
+    # The victim was contributing before it was killed ...
+    killed_at = int(said.split("killed worker 3 (kill -9) at step ")[1].split()[0])
+    used = [e["step"] for e in events if e["event"] == "gradient_accepted" and e["worker"] == 3]
+    assert used and min(used) < killed_at, (killed_at, used[:5])
+    # ... and no step waited for it (the worker time-out is 10 s; b = 1 absorbs the loss).
+    gaps = [b - a for a, b in zip(steps, steps[1:])]
+    assert max(gaps) < 2.0, max(gaps)
+    assert max(used) <= killed_at + 2
