@@ -35,15 +35,18 @@ create_exception!(
     "The parameter server could not be reached within the connect time-out."
 );
 
+/// A layout as Python sees it: `[(name, shape), ...]`.
+type PyLayout = Vec<(String, Vec<usize>)>;
+
 /// `[(name, shape), ...]` from Python as a layout.
-fn layout_of(tensors: Vec<(String, Vec<usize>)>) -> PyResult<ParamLayout> {
+fn layout_of(tensors: PyLayout) -> PyResult<ParamLayout> {
     if tensors.is_empty() {
         return Err(PyValueError::new_err("the layout names no tensor: give [(name, shape), ...]"));
     }
     ParamLayout::from_shapes(tensors).map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
-fn layout_list(layout: &ParamLayout) -> Vec<(String, Vec<usize>)> {
+fn layout_list(layout: &ParamLayout) -> PyLayout {
     layout.fingerprint()
 }
 
@@ -278,7 +281,7 @@ fn write_params(path: PathBuf, layout: Vec<(String, Vec<usize>)>, values: &[u8])
 /// (its `ckpt-<step>.json`): the layout as `[(name, shape), ...]` and the values as bytes of
 /// little-endian float32.
 #[pyfunction]
-fn read_params(py: Python<'_>, path: PathBuf) -> PyResult<(Vec<(String, Vec<usize>)>, Py<PyBytes>)> {
+fn read_params(py: Python<'_>, path: PathBuf) -> PyResult<(PyLayout, Py<PyBytes>)> {
     let (layout, values) = quorum_net::params_file::read(&path).map_err(|e| QuorumError::new_err(e.to_string()))?;
     let bytes = PyBytes::new(py, bytemuck::cast_slice(&values)).unbind();
     Ok((layout_list(&layout), bytes))
