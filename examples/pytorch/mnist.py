@@ -3,7 +3,8 @@
     python examples/pytorch/mnist.py init     --model mlp --out runs/pytorch/init.safetensors
     quorum ps --params runs/pytorch/init.safetensors --workers 4 --backups 1 --steps 400
     python examples/pytorch/mnist.py worker   --model mlp --ps 127.0.0.1:7070 --index 0   # ... 3
-    python examples/pytorch/mnist.py evaluate --model mlp --run runs/pytorch
+    python examples/pytorch/mnist.py evaluator --model mlp --ps 127.0.0.1:7070        # test accuracy every 100 steps
+    python examples/pytorch/mnist.py evaluate --model mlp --run runs/pytorch          # of the final checkpoint
 
 `examples/pytorch/run.sh` does all of it. MNIST is read from IDX files (data/mnist, which
 `scripts/fetch-data.sh` installs); nothing is downloaded.
@@ -72,7 +73,7 @@ def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    for name in ("init", "worker", "evaluate"):
+    for name in ("init", "worker", "evaluator", "evaluate"):
         p = sub.add_parser(name)
         p.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
         p.add_argument("--seed", type=int, default=1)
@@ -84,6 +85,9 @@ def main() -> None:
     w.add_argument("--index", type=int, required=True)
     w.add_argument("--batch", type=int, default=128)
     w.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    v = sub.choices["evaluator"]
+    v.add_argument("--ps", required=True, help="the server, HOST:PORT")
+    v.add_argument("--every", type=int, default=100, help="evaluate every this many steps (and at the end)")
     e = sub.choices["evaluate"]
     e.add_argument("--run", type=Path, required=True, help="the server's run directory (its checkpoints/)")
     e.add_argument("--min-accuracy", type=float, help="exit 1 below this test accuracy (0..1)")
@@ -100,6 +104,9 @@ def main() -> None:
         net.to(a.device)
         report = qt.run_worker(net, (images, labels), a.ps, a.index, batch_size=a.batch, seed=a.seed)
         print(f"worker {a.index}: {report}")
+    elif a.command == "evaluator":
+        report = qt.run_evaluator(net, mnist(a.data, "test"), a.ps, every=a.every)
+        print(f"evaluator: {report}")
     else:
         ckpt = quorum.latest_checkpoint(str(a.run / "checkpoints"))
         if ckpt is None:

@@ -26,7 +26,7 @@ $PY examples/pytorch/mnist.py init --model "$MODEL" --out "$OUT/init.safetensors
 $QUORUM ps --params "$OUT/init.safetensors" --workers "$WORKERS" --backups 1 --steps "$STEPS" \
   --listen 127.0.0.1:0 --out "$OUT" ${PS_ARGS:-} > "$OUT/ps.log" &
 ps_pid=$!
-trap 'kill $ps_pid ${pids[*]:-} 2>/dev/null || true' EXIT
+trap 'kill $ps_pid ${eval_pid:-} ${pids[*]:-} 2>/dev/null || true' EXIT
 until grep -o 'listening on [0-9.:]*' "$OUT/ps.log" >/dev/null 2>&1; do
   kill -0 $ps_pid 2>/dev/null || { cat "$OUT/ps.log"; exit 1; }
   sleep 0.1
@@ -34,6 +34,11 @@ done
 addr=$(grep -o 'listening on [0-9.:]*' "$OUT/ps.log" | head -1 | cut -d' ' -f3)
 echo "quorum ps on $addr: $MODEL, $WORKERS PyTorch workers, b = 1, $STEPS steps (log: $OUT/ps.log)"
 pids=()
+# Not a worker: reports test accuracy every EVAL_EVERY steps to the server (progress line,
+# metrics.csv, TensorBoard, summary.json).
+$PY examples/pytorch/mnist.py evaluator --model "$MODEL" --ps "$addr" --every "${EVAL_EVERY:-100}" \
+  > "$OUT/evaluator.log" 2>&1 &
+eval_pid=$!
 for ((i = 0; i < WORKERS; i++)); do
   $PY examples/pytorch/mnist.py worker --model "$MODEL" --ps "$addr" --index $i > "$OUT/worker-$i.log" 2>&1 &
   pids+=($!)
@@ -43,5 +48,6 @@ if [[ -n "${KILL:-}" ]]; then
   kill -9 "${pids[$KILL]}" && echo "killed worker $KILL (kill -9) at step $(grep -c step_applied "$OUT/events.jsonl")"
 fi
 wait $ps_pid
-tail -n 4 "$OUT/ps.log"
+wait $eval_pid || { echo "the evaluator failed:"; cat "$OUT/evaluator.log"; }
+tail -n 6 "$OUT/ps.log"
 $PY examples/pytorch/mnist.py evaluate --model "$MODEL" --run "$OUT" ${MIN_ACCURACY:+--min-accuracy $MIN_ACCURACY}

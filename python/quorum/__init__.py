@@ -8,13 +8,18 @@ same as `quorum worker` runs.
 
 - `Worker(server, index, layout, ...)`: a worker; `Worker.run(gradient, params, grads)` works
   until the server says stop, calling `gradient(step, params, grads)` for each step.
+- `Evaluator(server, layout, every)`: not a worker; `Evaluator.run(evaluate, params)` pulls
+  the parameters every `every` steps and reports `evaluate(step, params) -> (loss, accuracy)`
+  to the server, which records it as its own evaluations (metrics.csv, TensorBoard, the
+  progress line, summary.json's final test figures).
 - `write_params` / `read_params`: the parameter file `quorum ps --params` serves, and a
   checkpoint's parameters.
 - `quorum.torch`: the same for a `torch.nn.Module`, with its tensors as views into the flat
-  buffers (`run_worker`, `save_params`, `load_params`).
+  buffers (`run_worker`, `run_evaluator`, `save_params`, `load_params`).
 """
 
 from ._native import (
+    Evaluator,
     QuorumError,
     RefusedError,
     UnreachableError,
@@ -25,6 +30,7 @@ from ._native import (
 )
 
 __all__ = [
+    "Evaluator",
     "QuorumError",
     "RefusedError",
     "UnreachableError",

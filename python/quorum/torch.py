@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._native import Worker, read_params, write_params
+from ._native import Evaluator, Worker, read_params, write_params
 
 Layout = Sequence[Tuple[str, Sequence[int]]]
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -186,3 +186,38 @@ def run_worker(
         return value
 
     return worker.run(gradient, flat.params, flat.grads)
+
+
+def run_evaluator(
+    module: torch.nn.Module,
+    data: Tuple[torch.Tensor, torch.Tensor],
+    server: str,
+    *,
+    every: int = 100,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.nn.functional.cross_entropy,
+    classify: bool = True,
+    batch_size: int = 1000,
+    **options,
+) -> dict:
+    """Evaluates the server's parameters on `data` (held-out `(inputs, targets)`) every
+    `every` steps and at the end, and reports the mean loss (and, with `classify`, the
+    accuracy of the arg-max) to the server, until it stops. `options` are `Evaluator`'s."""
+    flat = FlatModule(module)
+    inputs, targets = data
+    evaluator = Evaluator(server, flat.layout, every, **options)
+
+    def evaluate(step: int, _params: bytearray):
+        flat.pulled()
+        module.eval()
+        total, right = 0.0, 0
+        with torch.no_grad():
+            for x, y in zip(inputs.split(batch_size), targets.split(batch_size)):
+                x, y = x.to(flat.device), y.to(flat.device)
+                out = module(x)
+                total += float(loss(out, y)) * len(y)
+                if classify:
+                    right += int((out.argmax(1) == y).sum())
+        n = len(targets)
+        return total / n, (right / n if classify else None)
+
+    return evaluator.run(evaluate, flat.params)

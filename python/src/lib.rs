@@ -202,42 +202,128 @@ impl Worker {
         let raised = Arc::new(Mutex::new(None));
         let source =
             PyGradient { layout: self.layout.clone(), function: gradient, params, grads, raised: raised.clone() };
-        let opts = self.opts.clone();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(|e| QuorumError::new_err(format!("cannot start the worker's runtime: {e}")))?;
-        let outcome = py.detach(|| {
-            rt.block_on(async {
-                let work = quorum_net::run_worker(opts, Box::new(source));
-                tokio::pin!(work);
-                loop {
-                    tokio::select! {
-                        done = &mut work => break Ok::<_, PyErr>(done),
-                        // Ctrl-C reaches Python only when it looks: look every 200 ms.
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                            Python::attach(|py| py.check_signals())?;
-                        }
-                    }
-                }
-            })
-        });
-        // A gradient function still running (after Ctrl-C) finishes on its own.
-        rt.shutdown_background();
-        match outcome? {
+        let work = quorum_net::run_worker(self.opts.clone(), Box::new(source));
+        match block_with_signals(py, work)? {
             Ok(report) => report_dict(py, &report),
-            Err(e) => Err(match (e, raised.lock().expect("not poisoned").take()) {
-                (WorkerError::Compute { .. }, Some(original)) => original,
-                (e @ WorkerError::Refused { .. }, _) => RefusedError::new_err(e.to_string()),
-                (e @ WorkerError::Unreachable { .. }, _) => UnreachableError::new_err(e.to_string()),
-                (e, _) => QuorumError::new_err(e.to_string()),
-            }),
+            Err(e) => Err(to_python(e, raised.lock().expect("not poisoned").take())),
         }
     }
 
     fn __repr__(&self) -> String {
         format!("Worker(server={:?}, index={}, {} parameters)", self.opts.server, self.opts.index, self.layout.len())
+    }
+}
+
+/// An evaluator of a quorum parameter server: not a worker; pulls the parameters every
+/// `every` steps and reports test figures, which the server writes to metrics.csv,
+/// TensorBoard and its progress line as if it had evaluated them itself.
+#[pyclass(module = "quorum._native")]
+struct Evaluator {
+    opts: WorkerOptions,
+    num_params: usize,
+    every: u64,
+}
+
+#[pymethods]
+impl Evaluator {
+    /// `Evaluator(server, layout, every=100, *, token=None, tls_ca=None, tls_cert=None,
+    /// tls_key=None, connect_timeout=60.0, rpc_timeout=30.0)`.
+    #[new]
+    #[pyo3(signature = (server, layout, every=100, *, token=None, tls_ca=None, tls_cert=None, tls_key=None,
+        connect_timeout=60.0, rpc_timeout=30.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        server: String,
+        layout: PyLayout,
+        every: u64,
+        token: Option<String>,
+        tls_ca: Option<PathBuf>,
+        tls_cert: Option<PathBuf>,
+        tls_key: Option<PathBuf>,
+        connect_timeout: f64,
+        rpc_timeout: f64,
+    ) -> PyResult<Self> {
+        if every == 0 {
+            return Err(PyValueError::new_err("every must be at least 1 step"));
+        }
+        let w = Worker::new(server, 0, layout, token, tls_ca, tls_cert, tls_key, 1, connect_timeout, 2.0, rpc_timeout)?;
+        Ok(Evaluator { num_params: w.layout.len(), opts: w.opts, every })
+    }
+
+    /// Evaluates until the server stops; returns `{"evaluations": ..., "last_step": ...}`.
+    ///
+    /// `evaluate(step, params)` gets the parameters after `step` updates in `params` (a
+    /// bytearray of little-endian float32, refilled for each call) and returns
+    /// `(loss, accuracy)`, accuracy a fraction in [0, 1] or None.
+    fn run(&self, py: Python<'_>, evaluate: Py<PyAny>, params: Py<PyByteArray>) -> PyResult<Py<PyDict>> {
+        init_logging();
+        let raised: Arc<Mutex<Option<PyErr>>> = Arc::new(Mutex::new(None));
+        let keep = raised.clone();
+        let bytes = 4 * self.num_params;
+        let f: quorum_net::evaluate::EvaluateFn = Box::new(move |step, values| {
+            Python::attach(|py| {
+                let p = params.bind(py);
+                if p.len() != bytes {
+                    return Err(ComputeError::Failed(format!("the params bytearray must hold {bytes} bytes")));
+                }
+                // SAFETY: the GIL is held and no Python code runs while this slice lives.
+                unsafe { p.as_bytes_mut() }.copy_from_slice(bytemuck::cast_slice(values));
+                let r = evaluate.call1(py, (step, p)).and_then(|r| r.extract::<(f32, Option<f32>)>(py));
+                r.map(|(loss, accuracy)| Evaluation { loss, accuracy }).map_err(|e| {
+                    let said = format!("the Python evaluation function raised {e}");
+                    *keep.lock().expect("not poisoned") = Some(e);
+                    ComputeError::Failed(said)
+                })
+            })
+        });
+        let work = quorum_net::evaluate::run_evaluator(self.opts.clone(), self.num_params, self.every, f);
+        let report = block_with_signals(py, work)?;
+        match report {
+            Ok(r) => {
+                let d = PyDict::new(py);
+                d.set_item("evaluations", r.evaluations)?;
+                d.set_item("last_step", r.last_step)?;
+                d.set_item("reconnects", r.reconnects)?;
+                Ok(d.unbind())
+            }
+            Err(e) => Err(to_python(e, raised.lock().expect("not poisoned").take())),
+        }
+    }
+}
+
+/// Runs `work` on a runtime of its own with the GIL released, looking for Ctrl-C every 200 ms.
+fn block_with_signals<T: Send>(py: Python<'_>, work: impl std::future::Future<Output = T> + Send) -> PyResult<T> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| QuorumError::new_err(format!("cannot start the runtime: {e}")))?;
+    let outcome = py.detach(|| {
+        rt.block_on(async {
+            tokio::pin!(work);
+            loop {
+                tokio::select! {
+                    done = &mut work => break Ok::<_, PyErr>(done),
+                    // Ctrl-C reaches Python only when it looks: look every 200 ms.
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                        Python::attach(|py| py.check_signals())?;
+                    }
+                }
+            }
+        })
+    });
+    // A Python function still running (after Ctrl-C) finishes on its own.
+    rt.shutdown_background();
+    outcome
+}
+
+/// A worker's error as a Python exception: what the Python function raised, as it was.
+fn to_python(e: WorkerError, raised: Option<PyErr>) -> PyErr {
+    match (e, raised) {
+        (WorkerError::Compute { .. }, Some(original)) => original,
+        (e @ WorkerError::Refused { .. }, _) => RefusedError::new_err(e.to_string()),
+        (e @ WorkerError::Unreachable { .. }, _) => UnreachableError::new_err(e.to_string()),
+        (e, _) => QuorumError::new_err(e.to_string()),
     }
 }
 
@@ -296,6 +382,7 @@ fn latest_checkpoint(dir: PathBuf) -> Option<PathBuf> {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Worker>()?;
+    m.add_class::<Evaluator>()?;
     m.add_function(wrap_pyfunction!(write_params, m)?)?;
     m.add_function(wrap_pyfunction!(read_params, m)?)?;
     m.add_function(wrap_pyfunction!(latest_checkpoint, m)?)?;

@@ -72,6 +72,36 @@ def test_pytorch_workers_train_the_model_the_server_serves_from_a_parameter_file
     assert mse(end, data) < 0.1 * mse(start, data), (mse(start, data), mse(end, data))
 
 
+def test_an_evaluator_reports_to_a_server_without_a_model_and_the_final_step_is_in_the_summary(server, tmp_path):
+    data = regression()
+    held_out = regression(n=256, seed=5)
+    qt.save_params(linear(), tmp_path / "init.safetensors")
+    ps = server("--params", str(tmp_path / "init.safetensors"), "--workers", "2", "--backups", "0",
+                "--steps", "50", "--lr", "0.05")
+    loss = torch.nn.functional.mse_loss
+    # The evaluator starts first and is slow: the server must wait for its last evaluation.
+    def slow_mse(out, y):
+        import time
+        time.sleep(0.2)
+        return loss(out, y)
+
+    results = in_threads([
+        lambda: qt.run_evaluator(linear(), held_out, ps.addr, every=10, loss=slow_mse, classify=False, batch_size=256),
+        lambda: qt.run_worker(linear(), data, ps.addr, 0, loss=loss, batch_size=32),
+        lambda: qt.run_worker(linear(), data, ps.addr, 1, loss=loss, batch_size=32),
+    ])
+    assert ps.wait() == 0, ps.output()
+    assert all(isinstance(r, dict) for r in results), results
+    assert results[0]["last_step"] == 50
+    summary = json.loads((ps.run / "summary.json").read_text())
+    final = linear()
+    qt.load_params(final, quorum.latest_checkpoint(str(ps.run / "checkpoints")))
+    assert summary["final_test_loss"] == pytest.approx(mse(final, held_out), rel=1e-4)
+    assert summary["final_test_accuracy"] is None
+    rows = [r.split(",") for r in (ps.run / "metrics.csv").read_text().splitlines()[1:]]
+    assert [int(r[0]) for r in rows if r[4]][-1] == 50
+
+
 def test_a_worker_with_another_model_is_refused_saying_what_differs(server, tmp_path):
     qt.save_params(linear(), tmp_path / "init.safetensors")
     ps = server("--params", str(tmp_path / "init.safetensors"), "--workers", "2", "--steps", "10")

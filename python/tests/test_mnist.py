@@ -1,6 +1,7 @@
 """The README's PyTorch example end to end: `quorum ps` and 4 PyTorch worker processes on
 loopback (N = 3, b = 1) train the MNIST MLP, one worker is killed mid-run, and the final
-checkpoint reaches 97% test accuracy."""
+checkpoint reaches 97% test accuracy; an evaluator process reports test accuracy to the
+server every 100 steps."""
 
 import json
 import os
@@ -23,6 +24,13 @@ def test_four_pytorch_worker_processes_train_mnist_to_97_percent_and_a_killed_wo
     assert "test accuracy" in said, said
     accuracy = float(said.split("test accuracy ")[1].split("%")[0])
     assert accuracy >= 97.0, said
+    # The evaluator process reported to the server: test accuracy in its record, as for
+    # quorum's own models, and the final step's the same as the checkpoint's.
+    summary = json.loads((out / "summary.json").read_text())
+    assert abs(100 * summary["final_test_accuracy"] - accuracy) < 0.006, (summary, accuracy)
+    metrics = (out / "metrics.csv").read_text().splitlines()
+    evaluated = [row.split(",")[0] for row in metrics[1:] if row.split(",")[5]]
+    assert evaluated == ["100", "200", "300", "400"], evaluated
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     steps = [e["time"] for e in events if e["event"] == "step_applied"]
     assert len(steps) == 400

@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod checkpoint;
 pub mod encoding;
+pub mod evaluate;
 pub mod framing;
 pub mod params_file;
 pub mod server;

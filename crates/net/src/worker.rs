@@ -119,11 +119,11 @@ pub enum WorkerError {
 }
 
 /// The channel with the token added to every request.
-type Channel_ = InterceptedService<Channel, AddToken>;
+pub(crate) type Channel_ = InterceptedService<Channel, AddToken>;
 
 /// Calls as tonic generates them (join, pull, heartbeat); pushes go over the same channel
 /// through [`crate::framing::push`].
-type Client = ParameterServerClient<Channel_>;
+pub(crate) type Client = ParameterServerClient<Channel_>;
 
 /// The endpoint to dial: the address, upgraded to TLS when the options carry TLS files.
 fn endpoint(opts: &WorkerOptions) -> Result<(tonic::transport::Endpoint, String), WorkerError> {
@@ -149,7 +149,7 @@ fn endpoint(opts: &WorkerOptions) -> Result<(tonic::transport::Endpoint, String)
     Ok((ep, addr))
 }
 
-async fn connect(opts: &WorkerOptions) -> Result<(Client, Channel_), WorkerError> {
+pub(crate) async fn connect(opts: &WorkerOptions) -> Result<(Client, Channel_), WorkerError> {
     let start = Instant::now();
     let mut backoff = Duration::from_millis(50);
     let (ep, addr) = endpoint(opts)?;
@@ -208,7 +208,7 @@ impl Drop for PullTask {
 }
 
 /// How a session with the server ended.
-enum SessionEnd {
+pub(crate) enum SessionEnd {
     /// The server said stop.
     Stopped,
     /// The connection broke: reconnect and join again. `joined`: the session got as far as
@@ -220,7 +220,7 @@ enum SessionEnd {
 }
 
 /// A broken link (the server died or restarts) as opposed to a refusal.
-fn lost_or_refused(worker: u32, s: tonic::Status) -> Result<SessionEnd, WorkerError> {
+pub(crate) fn lost_or_refused(worker: u32, s: tonic::Status) -> Result<SessionEnd, WorkerError> {
     // An HTTP/2 error is the link, not the server's answer (e.g. plain text against TLS).
     let link = s.message().starts_with("h2 protocol error");
     match s.code() {
@@ -235,7 +235,7 @@ fn lost_or_refused(worker: u32, s: tonic::Status) -> Result<SessionEnd, WorkerEr
 }
 
 /// Waits at most `limit` for an RPC's answer; silence is a lost link (DEADLINE_EXCEEDED).
-async fn within<T>(
+pub(crate) async fn within<T>(
     limit: Duration,
     what: &str,
     call: impl std::future::Future<Output = Result<T, tonic::Status>>,

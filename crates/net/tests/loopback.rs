@@ -768,3 +768,45 @@ async fn a_panic_in_gradient_code_is_an_error_naming_the_worker_and_the_server_i
     let left = events_of(dir.path()).into_iter().find(|e| e["event"] == "worker_left" && e["worker"] == 2).unwrap();
     assert_eq!(left["reason"], "left", "{left}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evaluator_process_fills_the_test_columns_of_a_server_without_a_model_and_the_final_step_is_awaited() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut opts, src) = options(2, Policy::Sync { aggregate: 2, backups: 0 }, 60, Some(dir.path().to_path_buf()));
+    opts.evaluator = None;
+    opts.eval_every = None;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let mut judge = src.clone();
+    let evaluate: quorum_net::evaluate::EvaluateFn = Box::new(move |_step, params| {
+        // Slow enough that the run ends while an evaluation is under way.
+        std::thread::sleep(Duration::from_millis(300));
+        judge.evaluate(params)
+    });
+    let eval_opts = WorkerOptions::new(0, format!("http://{addr}"));
+    let evaluator = tokio::spawn(quorum_net::evaluate::run_evaluator(eval_opts, src.layout().len(), 20, evaluate));
+    let workers: Vec<_> = (0..2).map(|i| worker(i, addr, &src)).collect();
+    let summary = server.await.unwrap().unwrap();
+    for w in workers {
+        w.await.unwrap().unwrap();
+    }
+    let report = evaluator.await.unwrap().unwrap();
+    assert_eq!(report.last_step, Some(60));
+    // The server waited for the evaluation of its final step.
+    let final_loss = summary.final_test_loss.expect("the final evaluation reached the summary");
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+    let evaluated: Vec<(u64, f64)> = metrics
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let c: Vec<&str> = l.split(',').collect();
+            Some((c[0].parse().ok()?, c[4].parse().ok()?))
+        })
+        .collect();
+    assert!(evaluated.len() >= 2, "{metrics}");
+    assert_eq!(evaluated.last().unwrap().0, 60);
+    assert!((evaluated.last().unwrap().1 - final_loss as f64).abs() < 1e-6);
+    // Training made progress, and the evaluations saw it.
+    assert!(evaluated.last().unwrap().1 < evaluated[0].1, "{evaluated:?}");
+}

@@ -17,6 +17,10 @@ use tokio::sync::watch;
 /// How long a stopping server waits for its workers to hear "stop" before it exits.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
+/// How long a stopping server that has heard from an evaluator waits for its evaluation of
+/// the final step.
+const FINAL_EVALUATION_GRACE: Duration = Duration::from_secs(120);
+
 /// Why the run stops.
 pub(super) enum StopCause {
     /// The shutdown future resolved (Ctrl-C, SIGTERM).
@@ -47,6 +51,8 @@ pub(super) struct Driver {
     stopping: Option<Stopping>,
     /// Workers that have heard "stop".
     acks: BTreeSet<WorkerId>,
+    /// An evaluator process has reported: wait for its evaluation of the final step.
+    evaluator_seen: bool,
 }
 
 impl Driver {
@@ -77,6 +83,7 @@ impl Driver {
             evaluator,
             stopping: None,
             acks: BTreeSet::new(),
+            evaluator_seen: false,
         })
     }
 
@@ -88,9 +95,13 @@ impl Driver {
     /// A stopping run may exit once every live worker heard "stop", or after a grace period
     /// (so connected workers exit 0 rather than on a dead link).
     pub(super) fn may_exit(&self) -> bool {
-        self.stopping
-            .as_ref()
-            .is_some_and(|s| self.acks.len() >= self.server.live_workers().len() || s.since.elapsed() > STOP_GRACE)
+        self.stopping.as_ref().is_some_and(|s| {
+            let workers = self.acks.len() >= self.server.live_workers().len() || s.since.elapsed() > STOP_GRACE;
+            let evaluated = !self.evaluator_seen
+                || self.rec.evals.contains_key(&self.server.step())
+                || s.since.elapsed() > FINAL_EVALUATION_GRACE;
+            workers && evaluated
+        })
     }
 
     /// When the loop should call [`Driver::on_tick`] if nothing else happens.
@@ -108,6 +119,16 @@ impl Driver {
         let (worker, result, answer) = match cmd {
             Command::StopSeen(w) => {
                 self.acks.insert(w);
+                return Ok(None);
+            }
+            Command::EvaluatorPulled => {
+                self.evaluator_seen = true;
+                return Ok(None);
+            }
+            Command::Evaluation { step, evaluation, reply } => {
+                self.evaluator_seen = true;
+                self.rec.evaluation(step, evaluation)?;
+                let _ = reply.send(self.is_stopping());
                 return Ok(None);
             }
             // Stopping: nothing more is applied, so the final checkpoint is the state at the stop.
@@ -234,7 +255,8 @@ impl Driver {
             StopCause::Core(_) => (None, false),
         };
         self.stopping = Some(Stopping { since: Instant::now(), reason, diverged });
-        self.published.send_replace(Published::stopped(self.server.step()));
+        let params = self.server.ema().unwrap_or(self.server.params());
+        self.published.send_replace(Published::stopped(self.server.step(), params, self.opts.encoding));
     }
 
     /// After the loop: the final checkpoint and evaluation, the run directory, the summary.

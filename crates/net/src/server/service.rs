@@ -25,6 +25,11 @@ pub(super) struct Published {
 
 impl Published {
     pub(super) fn new(step: u64, params: &[f32], enc: Encoding, stop: bool) -> Self {
+        Published { stop, ..Self::chunks(step, params, enc, false) }
+    }
+
+    /// The parameters in wire chunks, each chunk flagged `stop` or not.
+    fn chunks(step: u64, params: &[f32], enc: Encoding, stop_chunks: bool) -> Self {
         let chunks = enc.encode_chunks(params.to_vec());
         let mut frames = Vec::with_capacity(2 * chunks.len());
         for (i, data) in chunks.into_iter().enumerate() {
@@ -33,17 +38,18 @@ impl Published {
                 offset: (i * CHUNK_VALUES) as u64,
                 total: params.len() as u64,
                 data: Default::default(),
-                stop: false,
+                stop: stop_chunks,
                 bf16: enc == Encoding::Bf16,
             };
             frames.extend(crate::framing::chunk_frames(&fields, crate::framing::PARAMS_DATA, data));
         }
-        Published { step, frames: Arc::new(frames), stop }
+        Published { step, frames: Arc::new(frames), stop: false }
     }
 
-    pub(super) fn stopped(step: u64) -> Self {
-        let chunk = ParamsChunk { step, offset: 0, total: 0, data: Default::default(), stop: true, bf16: false };
-        Published { step, frames: Arc::new(vec![crate::framing::message_frame(&chunk)]), stop: true }
+    /// "Stop", with the final parameters: a worker stops at the first chunk; an evaluator
+    /// reads them all and evaluates the final step.
+    pub(super) fn stopped(step: u64, params: &[f32], enc: Encoding) -> Self {
+        Published { stop: true, ..Self::chunks(step, params, enc, true) }
     }
 }
 
@@ -77,6 +83,14 @@ pub(super) enum Command {
         reply: PushAnswer,
     },
     StopSeen(WorkerId),
+    /// An evaluator asked for parameters: it will report the final step's figures.
+    EvaluatorPulled,
+    /// An evaluator's figures for the parameters after `step` updates; the reply: stopped.
+    Evaluation {
+        step: u64,
+        evaluation: quorum_compute::Evaluation,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// Where the loop sends a command's result.
@@ -243,6 +257,9 @@ impl Service {
     /// the step's shared pieces ([`Published::frames`]), not copied per worker.
     pub(super) async fn pull_http(&self, body: tonic::body::Body) -> Result<Vec<bytes::Bytes>, Status> {
         let r: PullRequest = crate::framing::read_request(body, self.chunk_timeout).await?;
+        if r.worker == crate::evaluate::EVALUATOR {
+            self.commands.send(Command::EvaluatorPulled).await.map_err(shutting_down)?;
+        }
         let mut rx = self.published.clone();
         let p = loop {
             let p = rx.borrow_and_update().clone();
@@ -251,7 +268,8 @@ impl Service {
             }
             rx.changed().await.map_err(shutting_down)?;
         };
-        if p.stop {
+        // (An evaluator's pull names no worker index: it is not one of the workers to tell.)
+        if p.stop && r.worker < self.workers {
             let _ = self.commands.send(Command::StopSeen(WorkerId(r.worker))).await;
         }
         Ok(p.frames.to_vec())
@@ -417,6 +435,24 @@ impl ParameterServer for Service {
             Err(e) => return Err(status(e)),
         }
         Ok(Response::new(LeaveReply {}))
+    }
+
+    async fn report(&self, req: Request<EvaluationReport>) -> Result<Response<ReportReply>, Status> {
+        let r = req.into_inner();
+        if !r.loss.is_finite() && !r.loss.is_nan() {
+            return Err(Status::invalid_argument(format!("evaluation loss {} is not a number", r.loss)));
+        }
+        if r.has_accuracy && !(0.0..=1.0).contains(&r.accuracy) {
+            return Err(Status::invalid_argument(format!(
+                "accuracy {} is outside [0, 1]: report a fraction, not a percentage",
+                r.accuracy
+            )));
+        }
+        let evaluation = quorum_compute::Evaluation { loss: r.loss, accuracy: r.has_accuracy.then_some(r.accuracy) };
+        let (reply, rx) = oneshot::channel();
+        self.commands.send(Command::Evaluation { step: r.step, evaluation, reply }).await.map_err(shutting_down)?;
+        let stop = rx.await.map_err(shutting_down)?;
+        Ok(Response::new(ReportReply { stop, step: self.published.borrow().step }))
     }
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatReply>, Status> {
