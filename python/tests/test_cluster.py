@@ -110,6 +110,27 @@ def test_a_worker_with_another_model_is_refused_saying_what_differs(server, tmp_
         qt.run_worker(other, regression(), ps.addr, 0, connect_timeout=5)
 
 
+def test_a_quorum_mlp_worker_is_refused_by_a_server_of_the_pytorch_mlp_naming_the_orientation(server, quorum_bin, tmp_path):
+    # A mixed cluster needs one layout: quorum's burn/native MLP stores a weight as [in, out]
+    # under `layer0.weight`, PyTorch's Linear as [out, in] under its own name, so the server
+    # refuses the other kind of worker and says why, rather than train on scrambled numbers.
+    import subprocess
+    from conftest import ROOT
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 512), torch.nn.ReLU(),
+                              torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    qt.save_params(mlp, tmp_path / "init.safetensors")
+    ps = server("--params", str(tmp_path / "init.safetensors"), "--workers", "2", "--steps", "10")
+    w = subprocess.run([quorum_bin, "worker", "--model", "mlp", "--workers", "2", "--data", str(ROOT / "data"),
+                        "--ps", ps.addr, "--index", "0", "--connect-timeout", "5"],
+                       capture_output=True, text=True, timeout=60)
+    assert w.returncode != 0
+    assert "another model than the server's" in w.stderr, w.stderr
+    assert "`1.weight` [512, 784] here, `layer0.weight` [784, 512] there" in w.stderr, w.stderr
+    assert "transposed" in w.stderr, w.stderr
+
+
 def test_an_exception_in_the_gradient_code_is_raised_and_the_server_told_the_worker_left(server, tmp_path):
     data = regression()
     qt.save_params(linear(), tmp_path / "init.safetensors")

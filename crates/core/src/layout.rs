@@ -110,7 +110,7 @@ impl ParamLayout {
         if let Some(i) = ours.iter().zip(theirs).position(|(a, b)| a != b) {
             let (a, b) = (&ours[i], &theirs[i]);
             let what = if a.0 == b.0 { "shape" } else { "name" };
-            let hint = if a.0 == b.0 && a.1.len() == 2 && a.1.iter().rev().eq(b.1.iter()) {
+            let hint = if a.1.len() == 2 && a.1 != b.1 && a.1.iter().rev().eq(b.1.iter()) {
                 " (the same matrix transposed: burn stores a linear layer's weight as [in, out], \
                  PyTorch as [out, in])"
             } else {
@@ -176,6 +176,13 @@ mod tests {
         let l = ParamLayout::from_shapes([("fc.weight", vec![784, 512])]).unwrap();
         let d = l.difference(&shapes(&[("fc.weight", vec![512, 784])])).unwrap();
         assert!(d.contains("transposed") && d.contains("[out, in]"), "{d}");
+    }
+
+    #[test]
+    fn quorums_mlp_against_a_pytorch_mlp_is_called_out_as_transposed() {
+        let l = ParamLayout::from_shapes([("layer0.weight", vec![784, 512])]).unwrap();
+        let d = l.difference(&shapes(&[("1.weight", vec![512, 784])])).unwrap();
+        assert!(d.contains("differs by name") && d.contains("transposed"), "{d}");
     }
 
     #[test]

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# PyTorch workers against quorum's own workers and TensorFlow's SyncReplicasOptimizer on the
+# same job, interleaved in one run (each run in its own network namespace; needs root):
+# 1 server + 4 workers, N = 3, the 784-512-512-10 MLP, batch 128, SGD 0.1, 300 steps, one
+# compute thread per worker. Prints steps/s (skipping the first 20 steps), each worker's mean
+# gradient time as the worker measured it (for PyTorch: the Python call, copies included),
+# and the step time over the compute-bound floor (workers x gradient / cores).
+#   experiments/pytorch_workers.sh [REPS] [OUT]
+# Needs: a release build (cargo build --release -p quorum-cli), scripts/fetch-data.sh, the
+# Python package with torch in $PYTHON's environment (pip install ./python torch), and
+# TensorFlow's venv (made as ../shared/peers/side_by_side.sh makes it; TF_VENV).
+set -u
+cd "$(dirname "$0")/.."
+REPS=${1:-3}; OUT=${2:-runs/pytorch_workers}
+PEERS=$(realpath ../shared/peers/tf)
+VENV=${TF_VENV:-${TMPDIR:-/tmp}/quorum-tf-venv}
+export QUORUM=$(realpath "${QUORUM:-target/release/quorum}") PYTHON=${PYTHON:-python3}
+"$PYTHON" -c "import quorum.torch" || { echo "no quorum package for $PYTHON: pip install ./python torch" >&2; exit 1; }
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import tensorflow" 2>/dev/null; then
+  python3 -m venv "$VENV" && "$VENV/bin/pip" install -q tensorflow-cpu==2.21.0 || exit 1
+fi
+mkdir -p "$OUT"; OUT=$(realpath "$OUT")
+for r in $(seq 1 "$REPS"); do
+  echo "rep $r of $REPS"
+  (cd "$PEERS" && ./netns.sh "$VENV/bin/python" launch.py --name k4n3 --mode sync --workers 4 -N 3 --sleep-ms 0 \
+     --steps 300 --seed "$r" --run-dir "$OUT/tf/r$r" > "$OUT/tf-r$r.log" 2>&1)
+  "$PEERS/netns.sh" bash experiments/pytorch_job.sh quorum "$OUT/quorum/r$r" "$r" > "$OUT/quorum-r$r.log" 2>&1
+  "$PEERS/netns.sh" bash experiments/pytorch_job.sh pytorch "$OUT/pytorch/r$r" "$r" > "$OUT/pytorch-r$r.log" 2>&1
+done
+python3 - "$OUT" "$(nproc)" <<'PY'
+import csv, glob, json, statistics as st, sys
+out, cores = sys.argv[1], int(sys.argv[2])
+def med(v): return st.median(v) if v else float("nan")
+def quorum(kind):
+    rates, grads = [], []
+    for d in sorted(glob.glob(f"{out}/{kind}/r*")):
+        try:
+            t = {int(r["step"]): float(r["seconds"]) for r in csv.DictReader(open(f"{d}/metrics.csv"))}
+            last = max(t)
+            rates.append((last - 20) / (t[last] - t[20]))
+            w = [float(r["mean_compute_seconds"]) for r in csv.DictReader(open(f"{d}/workers.csv"))]
+            grads.append(sum(w) / len(w))
+        except Exception as e:
+            print("skipped", d, e, file=sys.stderr)
+    return rates, grads
+def tf():
+    v = []
+    for d in sorted(glob.glob(f"{out}/tf/r*")):
+        try:
+            v.append(json.load(open(f"{d}/summary.json"))["global_steps_per_s"])
+        except Exception as e:
+            print("skipped", d, e, file=sys.stderr)
+    return v, []
+rows = [("TensorFlow 2.21 SyncReplicasOptimizer", tf()), ("quorum workers (native engine)", quorum("quorum")),
+        ("PyTorch workers (quorum Python package)", quorum("pytorch"))]
+base = med(rows[0][1][0])
+print(f"| workers | steps/s (median; runs) | vs TensorFlow | mean gradient ms | step ms | floor / step |")
+print("|---|---|---:|---:|---:|---:|")
+for name, (rates, grads) in rows:
+    m = med(rates)
+    g = med(grads) * 1000 if grads else float("nan")
+    step = 1000 / m
+    floor = 4 * g / cores  # four gradients per step-time on `cores` cores, at best
+    print(f"| {name} | {m:.1f}; {', '.join(f'{x:.1f}' for x in rates)} | {m / base:.2f}x | {g:.1f} | {step:.1f} | "
+          f"{(floor / step if grads else float('nan')):.2f} |")
+PY
