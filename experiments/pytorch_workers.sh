@@ -3,8 +3,9 @@
 # same job, interleaved in one run (each run in its own network namespace; needs root):
 # 1 server + 4 workers, N = 3, the 784-512-512-10 MLP, batch 128, SGD 0.1, 300 steps, one
 # compute thread per worker. Prints steps/s (skipping the first 20 steps), each worker's mean
-# gradient time as the worker measured it (for PyTorch: the Python call, copies included),
-# and the step time over the compute-bound floor (workers x gradient / cores).
+# gradient time as the workers measured it in the run (4 processes sharing the cores; for
+# PyTorch: the Python call, copies included), one gradient alone on one idle thread, and the
+# compute-bound floor (workers x gradient alone / cores) over the measured step time.
 #   experiments/pytorch_workers.sh [REPS] [OUT]
 # Needs: a release build (cargo build --release -p quorum-cli), scripts/fetch-data.sh, the
 # Python package with torch in $PYTHON's environment (pip install ./python torch), and
@@ -27,9 +28,31 @@ for r in $(seq 1 "$REPS"); do
   "$PEERS/netns.sh" bash experiments/pytorch_job.sh quorum "$OUT/quorum/r$r" "$r" > "$OUT/quorum-r$r.log" 2>&1
   "$PEERS/netns.sh" bash experiments/pytorch_job.sh pytorch "$OUT/pytorch/r$r" "$r" > "$OUT/pytorch-r$r.log" 2>&1
 done
+echo "one gradient alone, one thread"
+cargo build -q --release -p quorum-compute --example gradient_time
+RAYON_NUM_THREADS=1 target/release/examples/gradient_time 30 mlp native > "$OUT/alone-quorum.csv"
+"$PYTHON" - > "$OUT/alone-pytorch.txt" <<'PY'
+import statistics, time, torch
+torch.set_num_threads(1)
+net = torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512), torch.nn.ReLU(),
+                          torch.nn.Linear(512, 10))
+x, y, ts = torch.randn(128, 784), torch.randint(10, (128,)), []
+for i in range(60):
+    t0 = time.perf_counter()
+    net.zero_grad()
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    ts.append(time.perf_counter() - t0)
+print(1000 * statistics.median(ts[10:]))
+PY
+(cd "$PEERS" && "$VENV/bin/python" local_baseline.py --inter 1 --steps 120 --reps 3 > "$OUT/alone-tf.json" 2>/dev/null)
 python3 - "$OUT" "$(nproc)" <<'PY'
 import csv, glob, json, statistics as st, sys
 out, cores = sys.argv[1], int(sys.argv[2])
+alone = {
+    "tf": json.load(open(f"{out}/alone-tf.json"))["intra1_step_median_ms"],
+    "quorum": float(list(csv.DictReader(open(f"{out}/alone-quorum.csv")))[0]["median_ms"]),
+    "pytorch": float(open(f"{out}/alone-pytorch.txt").read()),
+}
 def med(v): return st.median(v) if v else float("nan")
 def quorum(kind):
     rates, grads = [], []
@@ -51,16 +74,16 @@ def tf():
         except Exception as e:
             print("skipped", d, e, file=sys.stderr)
     return v, []
-rows = [("TensorFlow 2.21 SyncReplicasOptimizer", tf()), ("quorum workers (native engine)", quorum("quorum")),
-        ("PyTorch workers (quorum Python package)", quorum("pytorch"))]
-base = med(rows[0][1][0])
-print(f"| workers | steps/s (median; runs) | vs TensorFlow | mean gradient ms | step ms | floor / step |")
-print("|---|---|---:|---:|---:|---:|")
-for name, (rates, grads) in rows:
+rows = [("TensorFlow 2.21 SyncReplicasOptimizer", "tf", tf()), ("quorum workers (native engine)", "quorum", quorum("quorum")),
+        ("PyTorch workers (quorum Python package)", "pytorch", quorum("pytorch"))]
+base = med(rows[0][2][0])
+print("| workers | steps/s (median; runs) | vs TensorFlow | gradient ms in the run | gradient ms alone | step ms | floor / step |")
+print("|---|---|---:|---:|---:|---:|---:|")
+for name, key, (rates, grads) in rows:
     m = med(rates)
-    g = med(grads) * 1000 if grads else float("nan")
+    g = f"{med(grads) * 1000:.1f}" if grads else "-"
     step = 1000 / m
-    floor = 4 * g / cores  # four gradients per step-time on `cores` cores, at best
-    print(f"| {name} | {m:.1f}; {', '.join(f'{x:.1f}' for x in rates)} | {m / base:.2f}x | {g:.1f} | {step:.1f} | "
-          f"{(floor / step if grads else float('nan')):.2f} |")
+    floor = 4 * alone[key] / cores  # four gradients per step on `cores` cores, at best
+    print(f"| {name} | {m:.1f}; {', '.join(f'{x:.1f}' for x in rates)} | {m / base:.2f}x | {g} | {alone[key]:.1f} | "
+          f"{step:.1f} | {floor / step:.2f} |")
 PY

@@ -3,7 +3,7 @@
 # the test accuracy of the final checkpoint.
 #
 #   bash examples/pytorch/run.sh                  # the MLP, 400 steps
-#   MODEL=cnn STEPS=300 bash examples/pytorch/run.sh
+#   MODEL=cnn STEPS=300 bash examples/pytorch/run.sh   (LR sets the learning rate)
 #
 # Needs the package (pip install ./python torch) and the data (bash scripts/fetch-data.sh).
 # QUORUM picks the quorum binary (default: target/release/quorum, else target/debug/quorum);
@@ -14,6 +14,8 @@ MODEL=${MODEL:-mlp}
 STEPS=${STEPS:-400}
 WORKERS=${WORKERS:-4}
 OUT=${OUT:-runs/pytorch-$MODEL}
+# Momentum 0.9 on the server (its default); the CNN needs a smaller rate than the MLP.
+if [[ $MODEL == cnn ]]; then LR=${LR:-0.02}; else LR=${LR:-0.05}; fi
 PY=${PYTHON:-python3}
 if [[ -z "${QUORUM:-}" ]]; then
   QUORUM=target/release/quorum
@@ -23,7 +25,7 @@ fi
 
 rm -rf "$OUT" && mkdir -p "$OUT"
 $PY examples/pytorch/mnist.py init --model "$MODEL" --out "$OUT/init.safetensors"
-$QUORUM ps --params "$OUT/init.safetensors" --workers "$WORKERS" --backups 1 --steps "$STEPS" \
+$QUORUM ps --params "$OUT/init.safetensors" --workers "$WORKERS" --backups 1 --steps "$STEPS" --lr "$LR" \
   --listen 127.0.0.1:0 --out "$OUT" ${PS_ARGS:-} > "$OUT/ps.log" &
 ps_pid=$!
 trap 'kill $ps_pid ${eval_pid:-} ${pids[*]:-} 2>/dev/null || true' EXIT
