@@ -6,8 +6,9 @@ lets workers written in Python — PyTorch above all — join such a server. The
 worker rule, heartbeats and reconnects are quorum's own Rust code (`quorum._native`), the
 same as `quorum worker` runs.
 
-- `Worker(server, index, layout, ...)`: a worker; `Worker.run(gradient, params, grads)` works
-  until the server says stop, calling `gradient(step, params, grads)` for each step.
+- `Worker(server, index, layout, ...)`: a worker. Step by step, `for step, params in worker:`
+  compute, then `worker.push(grads, loss)`; or `Worker.run(gradient, params, grads)`, which
+  calls `gradient(step, params, grads)` for each step. Both end when the server says stop.
 - `Evaluator(server, layout, every)`: not a worker; `Evaluator.run(evaluate, params)` pulls
   the parameters every `every` steps and reports `evaluate(step, params) -> (loss, accuracy)`
   to the server, which records it as its own evaluations (metrics.csv, TensorBoard, the

@@ -18,7 +18,7 @@ use quorum_compute::{BatchId, ComputeError, Evaluation, GradientSource};
 use quorum_core::ParamLayout;
 use quorum_net::worker::{WorkerError, WorkerOptions, WorkerReport};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 create_exception!(_native, QuorumError, PyException, "A quorum worker failed; the message says why and what to do.");
@@ -126,6 +126,89 @@ impl GradientSource for PyGradient {
 struct Worker {
     opts: WorkerOptions,
     layout: ParamLayout,
+    /// The step-wise use (`for step, params in worker`): the worker loop on its own thread.
+    stepping: Option<Stepping>,
+    /// What the worker did, once its loop ended.
+    report: Option<WorkerReport>,
+}
+
+/// A gradient from Python, or why there is none.
+type Handed = Result<(Vec<f32>, f32), String>;
+
+/// The step-wise use's state: the worker loop (quorum's, on its own thread) hands each step's
+/// parameters out through `steps` and waits for the gradient on `gradients`.
+struct Stepping {
+    /// (A mutex only so the class is `Sync`, as Python classes must be; one thread uses it.)
+    steps: Mutex<mpsc::Receiver<(u64, Vec<f32>)>>,
+    gradients: mpsc::SyncSender<Handed>,
+    thread: Option<std::thread::JoinHandle<Result<WorkerReport, WorkerError>>>,
+    /// The step handed out whose gradient has not been pushed yet.
+    awaiting: Option<u64>,
+}
+
+/// The gradient source of the step-wise use: the parameters go out to the Python thread, the
+/// gradient comes back from it.
+struct Handoff {
+    layout: ParamLayout,
+    steps: mpsc::SyncSender<(u64, Vec<f32>)>,
+    gradients: mpsc::Receiver<Handed>,
+}
+
+impl GradientSource for Handoff {
+    fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    /// Not asked of a worker: the server holds the starting values.
+    fn init_params(&self, _seed: u64) -> Vec<f32> {
+        vec![0.0; self.layout.len()]
+    }
+
+    fn batch_size(&self) -> usize {
+        0
+    }
+
+    fn gradient(&mut self, params: &[f32], batch: BatchId, grad: &mut Vec<f32>) -> Result<f32, ComputeError> {
+        let gone = || ComputeError::Failed("the Python side stopped iterating over the worker's steps".into());
+        self.steps.send((batch.step, params.to_vec())).map_err(|_| gone())?;
+        match self.gradients.recv() {
+            Ok(Ok((g, loss))) => {
+                *grad = g;
+                Ok(loss)
+            }
+            Ok(Err(why)) => Err(ComputeError::Failed(why)),
+            Err(_) => Err(gone()),
+        }
+    }
+
+    fn evaluate(&mut self, _params: &[f32]) -> Result<Evaluation, ComputeError> {
+        Err(ComputeError::Config("a Python worker does not evaluate".into()))
+    }
+}
+
+/// float32 values from a bytes-like object (`bytes` or `bytearray`) of exactly `n` values.
+fn floats_from(obj: &Bound<'_, PyAny>, n: usize) -> PyResult<Vec<f32>> {
+    let read = |b: &[u8]| -> PyResult<Vec<f32>> {
+        if b.len() != 4 * n {
+            return Err(PyValueError::new_err(format!(
+                "the gradient has {} bytes; the layout's {n} float32 values take {}",
+                b.len(),
+                4 * n
+            )));
+        }
+        Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+    };
+    if let Ok(b) = obj.cast::<PyByteArray>() {
+        // SAFETY: the GIL is held and nothing runs Python code while the slice lives.
+        return read(unsafe { b.as_bytes() });
+    }
+    if let Ok(b) = obj.cast::<PyBytes>() {
+        return read(b.as_bytes());
+    }
+    Err(pyo3::exceptions::PyTypeError::new_err(
+        "give the gradient as bytes or a bytearray of little-endian float32 (e.g. a bytearray viewed \
+         with torch.frombuffer, or tensor.numpy().tobytes())",
+    ))
 }
 
 #[pymethods]
@@ -169,7 +252,7 @@ impl Worker {
             .transpose()
             .map_err(|e| PyValueError::new_err(e.to_string()))?;
         opts.tls = quorum_net::tls::TlsFiles { cert: tls_cert, key: tls_key, ca: tls_ca };
-        Ok(Worker { opts, layout: layout_of(layout)? })
+        Ok(Worker { opts, layout: layout_of(layout)?, stepping: None, report: None })
     }
 
     /// Float32 values in the layout.
@@ -207,6 +290,102 @@ impl Worker {
             Ok(report) => report_dict(py, &report),
             Err(e) => Err(to_python(e, raised.lock().expect("not poisoned").take())),
         }
+    }
+
+    /// The step-wise use: `for step, params in worker: ...; worker.push(grads, loss)`.
+    ///
+    /// Each iteration gives the parameters of the next step to compute (a bytearray of
+    /// little-endian float32, laid out as the layout says); `push` hands the gradient back. The
+    /// loop around it is quorum's worker (heartbeats while you compute, late notices,
+    /// reconnects), on a thread of its own; the iteration ends when the server says stop.
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<(u64, Py<PyByteArray>)>> {
+        if self.stepping.is_none() {
+            if self.report.is_some() {
+                return Ok(None);
+            }
+            init_logging();
+            let (steps_tx, steps) = mpsc::sync_channel(1);
+            let (gradients, gradients_rx) = mpsc::sync_channel(1);
+            let source = Handoff { layout: self.layout.clone(), steps: steps_tx, gradients: gradients_rx };
+            let opts = self.opts.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("quorum-worker-{}", self.opts.index))
+                .spawn(move || -> Result<WorkerReport, WorkerError> {
+                    let rt =
+                        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(
+                            |e| WorkerError::Refused { worker: opts.index, message: format!("runtime: {e}") },
+                        )?;
+                    rt.block_on(quorum_net::run_worker(opts, Box::new(source)))
+                })
+                .map_err(|e| QuorumError::new_err(format!("cannot start the worker thread: {e}")))?;
+            self.stepping =
+                Some(Stepping { steps: Mutex::new(steps), gradients, thread: Some(thread), awaiting: None });
+        }
+        let st = self.stepping.as_mut().expect("started above");
+        if let Some(step) = st.awaiting {
+            return Err(pyo3::exceptions::PyRuntimeError::new_err(format!(
+                "push the gradient of step {step} (worker.push(grads, loss)) before asking for the next step"
+            )));
+        }
+        loop {
+            let steps = &st.steps;
+            match py.detach(|| steps.lock().expect("not poisoned").recv_timeout(Duration::from_millis(200))) {
+                Ok((step, values)) => {
+                    st.awaiting = Some(step);
+                    let bytes = PyByteArray::new(py, bytemuck::cast_slice(&values)).unbind();
+                    return Ok(Some((step, bytes)));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => py.check_signals()?,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let thread = st.thread.take().expect("joined once");
+                    self.stepping = None;
+                    let ended = py.detach(|| thread.join());
+                    return match ended {
+                        Ok(Ok(report)) => {
+                            self.report = Some(report);
+                            Ok(None)
+                        }
+                        Ok(Err(e)) => Err(to_python(e, None)),
+                        Err(_) => Err(QuorumError::new_err("the worker thread panicked")),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Hands back the gradient of the step the iteration gave last: `grads` as bytes or a
+    /// bytearray of little-endian float32 in layout order, `loss` the mini-batch loss (or None).
+    #[pyo3(signature = (grads, loss=None))]
+    fn push(&mut self, grads: &Bound<'_, PyAny>, loss: Option<f32>) -> PyResult<()> {
+        let n = self.layout.len();
+        let st = self.stepping.as_mut().filter(|s| s.awaiting.is_some()).ok_or_else(|| {
+            pyo3::exceptions::PyRuntimeError::new_err("no step to push a gradient for: iterate over the worker first")
+        })?;
+        let g = floats_from(grads, n)?;
+        st.awaiting = None;
+        // A closed channel means the loop ended; the next iteration says how.
+        let _ = st.gradients.send(Ok((g, loss.unwrap_or(f32::NAN))));
+        Ok(())
+    }
+
+    /// Gives up on the step the iteration gave last, saying why: the server is told this
+    /// worker left, and the iteration ends with an error saying `why`.
+    fn fail(&mut self, why: String) -> PyResult<()> {
+        if let Some(st) = self.stepping.as_mut().filter(|s| s.awaiting.is_some()) {
+            st.awaiting = None;
+            let _ = st.gradients.send(Err(why));
+        }
+        Ok(())
+    }
+
+    /// What the worker did (a dict), once its loop has ended; None before.
+    #[getter]
+    fn report(&self, py: Python<'_>) -> PyResult<Option<Py<PyDict>>> {
+        self.report.as_ref().map(|r| report_dict(py, r)).transpose()
     }
 
     fn __repr__(&self) -> String {

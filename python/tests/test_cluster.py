@@ -161,3 +161,74 @@ def test_an_exception_in_the_gradient_code_is_raised_and_the_server_told_the_wor
 def test_an_unreachable_server_raises_after_the_connect_timeout():
     with pytest.raises(quorum.UnreachableError, match="cannot reach the parameter server"):
         qt.run_worker(linear(), regression(), "127.0.0.1:1", 0, connect_timeout=0.5)
+
+
+def step_wise(worker, model, data, batch_size=32, stop_at=None):
+    """Trains `model` as `worker` with the step-wise API; returns the steps it was handed."""
+    flat = qt.FlatModule(model)
+    draw = qt.batches(*data, batch_size, worker=worker.index)
+    seen = []
+    for step, params in worker:
+        seen.append(step)
+        if stop_at is not None and step >= stop_at:
+            worker.fail(f"stopped on purpose at step {step}")
+            continue
+        flat.params[:] = params
+        flat.pulled()
+        flat.zero_grad()
+        x, y = draw(step)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        flat.to_push()
+        worker.push(flat.grads, float(loss.detach()))
+    return seen
+
+
+def test_the_step_wise_worker_is_handed_every_step_and_trains(server, tmp_path):
+    data = regression()
+    qt.save_params(linear(), tmp_path / "init.safetensors")
+    ps = server("--params", str(tmp_path / "init.safetensors"), "--workers", "2", "--backups", "0",
+                "--steps", "30", "--lr", "0.05")
+    workers = [quorum.Worker(ps.addr, i, qt.layout(linear())) for i in range(2)]
+    seen = in_threads([lambda i=i: step_wise(workers[i], linear(), data) for i in range(2)])
+    assert ps.wait() == 0, ps.output()
+    # N = 2 of 2: every worker computes every step, in order.
+    assert seen == [list(range(30)), list(range(30))], seen
+    assert [w.report["accepted"] for w in workers] == [30, 30]
+    start, end = linear(), linear()
+    qt.load_params(start, tmp_path / "init.safetensors")
+    qt.load_params(end, quorum.latest_checkpoint(str(ps.run / "checkpoints")))
+    assert mse(end, data) < 0.5 * mse(start, data)
+
+
+def test_asking_for_a_step_before_pushing_the_last_one_says_what_to_do(server, tmp_path):
+    qt.save_params(linear(), tmp_path / "init.safetensors")
+    ps = server("--params", str(tmp_path / "init.safetensors"), "--workers", "1", "--steps", "5")
+    w = quorum.Worker(ps.addr, 0, qt.layout(linear()))
+    with pytest.raises(RuntimeError, match="no step to push a gradient for"):
+        w.push(bytes(36))
+    step, params = next(w)
+    assert (step, len(params)) == (0, 36)
+    with pytest.raises(RuntimeError, match="push the gradient of step 0"):
+        next(w)
+    with pytest.raises(ValueError, match="the gradient has 8 bytes; the layout's 9 float32 values take 36"):
+        w.push(bytes(8))
+    w.push(bytearray(36), 0.5)
+    assert next(w)[0] == 1
+
+
+def test_a_step_wise_worker_that_fails_is_reported_as_left_and_the_iteration_raises(server, tmp_path):
+    data = regression()
+    qt.save_params(linear(), tmp_path / "init.safetensors")
+    ps = server("--params", str(tmp_path / "init.safetensors"), "--workers", "2", "--backups", "1",
+                "--steps", "20", "--worker-timeout", "30")
+    bad = quorum.Worker(ps.addr, 0, qt.layout(linear()))
+    loss = torch.nn.functional.mse_loss
+    failed, good = in_threads([
+        lambda: step_wise(bad, linear(), data, stop_at=2),
+        lambda: qt.run_worker(linear(), data, ps.addr, 1, loss=loss, batch_size=16),
+    ])
+    assert isinstance(failed, quorum.QuorumError) and "stopped on purpose at step 2" in str(failed), failed
+    assert ps.wait() == 0, ps.output()
+    events = [json.loads(line) for line in (ps.run / "events.jsonl").read_text().splitlines()]
+    assert [(e["worker"], e["reason"]) for e in events if e["event"] == "worker_left"] == [(0, "left")]
