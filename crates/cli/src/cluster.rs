@@ -218,7 +218,7 @@ pub(crate) fn print_summary(cfg: &RunConfig, s: &TrainSummary) -> Result<()> {
         println!("  checkpoint            {}", c.display());
     }
     println!(
-        "  wrote {}/{{summary.json,events.jsonl,metrics.csv,arrivals.csv,workers.csv,config.toml,tensorboard/}}",
+        "  wrote {}/{{summary.json,events.jsonl,metrics.csv,arrivals.csv,workers.csv,timings.csv,config.toml,tensorboard/}}",
         cfg.run_dir().display()
     );
     stopped_early(s)

@@ -32,6 +32,9 @@ enum Command {
     Plot(Box<cmd::plot::PlotArgs>),
     /// Run whatever role TF_CONFIG or Slurm gives this process (server or worker).
     Node(Box<cmd::node::NodeArgs>),
+    /// How many backups? Replays a run's measured gradient times through the simulator for
+    /// every split N + b of its machines, and for a few more machines.
+    Advise(Box<cmd::advise::AdviseArgs>),
 }
 
 /// Log lines from the libraries (a lost server, a worker that left, a failed checkpoint) go
@@ -59,6 +62,7 @@ fn main() {
         Command::Worker(args) => cmd::worker::worker(*args),
         Command::Node(args) => cmd::node::node(*args),
         Command::Plot(args) => cmd::plot::run(*args),
+        Command::Advise(args) => cmd::advise::run(*args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

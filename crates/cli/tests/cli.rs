@@ -248,7 +248,7 @@ fn the_config_toml_a_sim_writes_reads_back_and_reruns_the_same_simulation() {
     let config = first.join("config.toml");
     let o = quorum(&["sim", "--config", config.to_str().unwrap(), "--out", again.to_str().unwrap()]);
     assert!(o.status.success(), "the written config.toml must read back: {}", text(&o));
-    for f in ["summary.json", "arrivals.csv", "workers.csv"] {
+    for f in ["summary.json", "arrivals.csv", "workers.csv", "timings.csv"] {
         let (a, b) = (std::fs::read_to_string(first.join(f)).unwrap(), std::fs::read_to_string(again.join(f)).unwrap());
         assert_eq!(a, b, "{f} differs between the run and its rerun from config.toml");
     }
@@ -295,4 +295,53 @@ fn a_config_printed_by_any_command_reads_back_in_every_other() {
         let again = stdout(&quorum(&[cmd, "--config", sim_toml.to_str().unwrap(), "--print-config"]));
         assert_eq!(again, with_sim, "quorum {cmd} reads the configuration back unchanged");
     }
+}
+
+#[test]
+fn advise_recommends_one_backup_when_one_of_four_machines_is_three_times_slower() {
+    let dir = tmp("advise");
+    let run = dir.join("run");
+    let run_s = run.to_str().unwrap();
+    let o = quorum(&[
+        "sim",
+        "--workers",
+        "4",
+        "--backups",
+        "0",
+        "--delay",
+        "slow:1,3",
+        "--timing-only",
+        "--steps",
+        "300",
+        "--out",
+        run_s,
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(run.join("timings.csv").exists());
+    let o = quorum(&["advise", run_s, "--steps", "500"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    // Every split of the 4 machines, and the one to use: the slow machine as the backup.
+    for split in ["    4    0", "    3    1", "    2    2", "    1    3"] {
+        assert!(t.contains(split), "{t}");
+    }
+    assert!(t.contains("slowest worker: w0"), "{t}");
+    assert!(t.contains("recommended: N = 3, b = 1"), "{t}");
+    assert!(t.contains("2.25x b = 0"), "{t}");
+    assert!(t.contains("the run itself (N = 4, b = 0): 3000.0 ms a step measured, 3000.0 ms replayed"), "{t}");
+    assert!(t.contains("+1: 5 machines, b = 2"), "{t}");
+}
+
+#[test]
+fn advise_says_when_the_data_are_too_few_to_tell() {
+    let dir = tmp("advise-few");
+    let run = dir.join("run");
+    let run_s = run.to_str().unwrap();
+    let o = quorum(&["sim", "--workers", "3", "--delay", "exp:1", "--timing-only", "--steps", "20", "--out", run_s]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = quorum(&["advise", run_s]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("too few gradients to tell"), "{}", text(&o));
+    let o = quorum(&["advise", dir.to_str().unwrap()]);
+    assert!(text(&o).contains("is it a run directory?") || text(&o).contains("a run directory"), "{}", text(&o));
 }

@@ -44,7 +44,7 @@ fn train_with_the_synthetic_model_writes_every_output() {
         assert!(s.get(key).is_some(), "summary.json lacks {key}");
     }
     assert!(s["final_test_loss"].as_f64().unwrap() < 0.05, "{s}");
-    for f in ["config.toml", "events.jsonl", "metrics.csv", "arrivals.csv", "workers.csv"] {
+    for f in ["config.toml", "events.jsonl", "metrics.csv", "arrivals.csv", "workers.csv", "timings.csv"] {
         assert!(out.join(f).exists(), "{f} missing");
     }
     let metrics = std::fs::read_to_string(out.join("metrics.csv")).unwrap();

@@ -18,6 +18,7 @@ pub mod arrivals;
 pub mod record;
 pub mod restarts;
 pub mod stats;
+pub mod timings;
 pub mod workers;
 
 pub use arrivals::Arrival;

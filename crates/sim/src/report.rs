@@ -140,6 +140,10 @@ impl SimReport {
         let p = dir.join("workers.csv");
         let w = BufWriter::new(std::fs::File::create(&p).map_err(|e| io_err(&p, e))?);
         quorum_record::workers::write(w, &self.workers).map_err(|e| io_err(&p, e))?;
+
+        let p = dir.join("timings.csv");
+        let w = BufWriter::new(std::fs::File::create(&p).map_err(|e| io_err(&p, e))?);
+        quorum_record::timings::write(w, &self.workers).map_err(|e| io_err(&p, e))?;
         Ok(())
     }
 

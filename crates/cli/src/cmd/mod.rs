@@ -1,5 +1,6 @@
 //! One file per command, as `quorum <command>` names them.
 
+pub mod advise;
 pub mod node;
 pub mod plot;
 pub mod ps;

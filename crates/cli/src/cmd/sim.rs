@@ -68,7 +68,7 @@ pub fn run(args: SimArgs) -> Result<()> {
         report.write_to(dir)?;
         cfg.write_to(dir)?;
         println!(
-            "  wrote {}/{{summary.json,events.jsonl,arrivals.csv,metrics.csv,workers.csv,config.toml}}",
+            "  wrote {}/{{summary.json,events.jsonl,arrivals.csv,metrics.csv,workers.csv,timings.csv,config.toml}}",
             dir.display()
         );
     }

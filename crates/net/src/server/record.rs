@@ -241,6 +241,8 @@ impl Recorder {
         quorum_record::arrivals::write(a, &self.earlier.arrivals, &self.run.arrivals)?;
         let w = std::io::BufWriter::new(std::fs::File::create(dir.join("workers.csv"))?);
         quorum_record::workers::write(w, &self.run.workers)?;
+        let t = std::io::BufWriter::new(std::fs::File::create(dir.join("timings.csv"))?);
+        quorum_record::timings::write(t, &self.run.workers)?;
         std::fs::write(
             dir.join("summary.json"),
             serde_json::to_string_pretty(summary).map_err(std::io::Error::other)? + "\n",
