@@ -164,8 +164,16 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_file_is_named() {
-        let e = read(Path::new("/nonexistent/init.safetensors")).unwrap_err().to_string();
-        assert!(e.contains("/nonexistent/init.safetensors"), "{e}");
+    fn a_missing_file_is_named_and_its_cause_said_once() {
+        let e = read(Path::new("/nonexistent/init.safetensors")).unwrap_err();
+        // What a program prints for the error with its causes (as `anyhow`'s `{:#}` does).
+        let mut said = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            said += &format!(": {c}");
+            cause = c.source();
+        }
+        assert!(said.contains("/nonexistent/init.safetensors"), "{said}");
+        assert_eq!(said.matches("No such file").count(), 1, "{said}");
     }
 }

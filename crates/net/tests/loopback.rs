@@ -221,11 +221,14 @@ async fn a_restarted_server_resumes_from_its_checkpoint_and_workers_reconnect() 
 #[derive(Clone)]
 struct Hooked {
     inner: LeastSquares,
-    before: std::sync::Arc<dyn Fn(quorum_compute::BatchId) + Send + Sync>,
+    before: std::sync::Arc<dyn Fn(quorum_compute::BatchId) -> Result<(), quorum_compute::ComputeError> + Send + Sync>,
 }
 
 impl Hooked {
-    fn new(inner: &LeastSquares, before: impl Fn(quorum_compute::BatchId) + Send + Sync + 'static) -> Self {
+    fn new(
+        inner: &LeastSquares,
+        before: impl Fn(quorum_compute::BatchId) -> Result<(), quorum_compute::ComputeError> + Send + Sync + 'static,
+    ) -> Self {
         Hooked { inner: inner.clone(), before: std::sync::Arc::new(before) }
     }
 }
@@ -246,7 +249,7 @@ impl GradientSource for Hooked {
         batch: quorum_compute::BatchId,
         out: &mut Vec<f32>,
     ) -> Result<f32, quorum_compute::ComputeError> {
-        (self.before)(batch);
+        (self.before)(batch)?;
         self.inner.gradient(params, batch, out)
     }
     fn evaluate(&mut self, params: &[f32]) -> Result<quorum_compute::Evaluation, quorum_compute::ComputeError> {
@@ -272,6 +275,7 @@ async fn killing_a_backup_worker_mid_run_does_not_stop_training() {
     let done = std::sync::Mutex::new(done);
     let victim_src = Hooked::new(&src, move |batch| {
         let _ = done.lock().unwrap().send(batch.step);
+        Ok(())
     });
     let mut wo = WorkerOptions::new(0, format!("http://{addr}"));
     wo.connect_timeout = Duration::from_secs(5);
@@ -383,6 +387,7 @@ async fn a_push_whose_reply_was_lost_is_sent_again_and_answered_already_accepted
         if batch.step == 3 && !armed.swap(true, SeqCst) {
             cut.store(true, SeqCst);
         }
+        Ok(())
     });
     let w0 = tokio::spawn(run_worker(wo, Box::new(cutter) as Box<dyn GradientSource + Send>));
     let mut wo = WorkerOptions::new(1, format!("http://{addr}"));
@@ -753,12 +758,41 @@ async fn a_panic_in_gradient_code_is_an_error_naming_the_worker_and_the_server_i
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
-    let broken = Hooked::new(&src, |batch| assert!(batch.step < 1, "index out of bounds in the user's model"));
+    let broken = Hooked::new(&src, |batch| {
+        assert!(batch.step < 1, "index out of bounds in the user's model");
+        Ok(())
+    });
     let others: Vec<_> = (0..2).map(|i| worker(i, addr, &src)).collect();
     let mut wo = WorkerOptions::new(2, format!("http://{addr}"));
     wo.connect_timeout = Duration::from_secs(5);
     let err = run_worker(wo, Box::new(broken) as Box<dyn GradientSource + Send>).await.unwrap_err().to_string();
     assert!(err.contains("worker 2: the gradient code panicked (index out of bounds in the user's model)"), "{err}");
+    let summary = tokio::time::timeout(Duration::from_secs(60), server).await.expect("finishes").unwrap().unwrap();
+    assert_eq!(summary.steps, 400);
+    for w in others {
+        w.await.unwrap().unwrap();
+    }
+    // Told at once ("left"), not found out after the worker time-out.
+    let left = events_of(dir.path()).into_iter().find(|e| e["event"] == "worker_left" && e["worker"] == 2).unwrap();
+    assert_eq!(left["reason"], "left", "{left}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gradient_code_that_fails_is_an_error_naming_the_worker_and_the_server_is_told_it_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let (opts, src) = options(3, Policy::Sync { aggregate: 2, backups: 1 }, 400, Some(dir.path().to_path_buf()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let broken = Hooked::new(&src, |batch| match batch.step {
+        0 => Ok(()),
+        _ => Err(quorum_compute::ComputeError::Failed("the data loader ran dry".into())),
+    });
+    let others: Vec<_> = (0..2).map(|i| worker(i, addr, &src)).collect();
+    let mut wo = WorkerOptions::new(2, format!("http://{addr}"));
+    wo.connect_timeout = Duration::from_secs(5);
+    let err = run_worker(wo, Box::new(broken) as Box<dyn GradientSource + Send>).await.unwrap_err().to_string();
+    assert!(err.contains("worker 2: the data loader ran dry"), "{err}");
     let summary = tokio::time::timeout(Duration::from_secs(60), server).await.expect("finishes").unwrap().unwrap();
     assert_eq!(summary.steps, 400);
     for w in others {
