@@ -77,7 +77,7 @@ pub enum CheckpointError {
     },
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
     move |error| CheckpointError::Io { path: path.to_path_buf(), error }
 }
 
@@ -225,25 +225,7 @@ pub fn load(
     let bytes = std::fs::read(&tpath).map_err(io(&tpath))?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| CheckpointError::Corrupt { path: tpath.clone(), reason: e.to_string() })?;
-    let read = |prefix: &str| -> Result<Option<Vec<f32>>, CheckpointError> {
-        let mut flat = Vec::with_capacity(layout.len());
-        for (i, t) in layout.tensors().iter().enumerate() {
-            let name = format!("{prefix}/{}", t.name);
-            let view = match st.tensor(&name) {
-                Ok(v) => v,
-                Err(_) if i == 0 => return Ok(None),
-                Err(e) => return Err(CheckpointError::Corrupt { path: tpath.clone(), reason: format!("{name}: {e}") }),
-            };
-            if view.dtype() != Dtype::F32 || view.shape() != t.shape.as_slice() {
-                return Err(CheckpointError::Corrupt {
-                    path: tpath.clone(),
-                    reason: format!("{name} is {:?} {:?}, expected F32 {:?}", view.dtype(), view.shape(), t.shape),
-                });
-            }
-            crate::encoding::Encoding::F32.decode_into(view.data(), &mut flat).expect("an F32 view holds whole values");
-        }
-        Ok(Some(flat))
-    };
+    let read = |prefix: &str| read_flat(&tpath, &st, layout, &format!("{prefix}/"));
     let params = read("params")?
         .ok_or_else(|| CheckpointError::Corrupt { path: tpath.clone(), reason: "no parameters".into() })?;
     if params.iter().any(|v| !v.is_finite()) {
@@ -265,6 +247,40 @@ pub fn load(
         aggregate: meta.aggregate,
     };
     Ok((meta, snap))
+}
+
+/// The tensors of `layout`, each named `prefix` + its name, F32 of its shape, laid end to end;
+/// `None` when the first is absent (a part the file does not hold, e.g. no EMA).
+pub(crate) fn read_flat(
+    path: &Path,
+    st: &SafeTensors,
+    layout: &ParamLayout,
+    prefix: &str,
+) -> Result<Option<Vec<f32>>, CheckpointError> {
+    let mut flat = Vec::with_capacity(layout.len());
+    for (i, t) in layout.tensors().iter().enumerate() {
+        let name = format!("{prefix}{}", t.name);
+        let view = match st.tensor(&name) {
+            Ok(v) => v,
+            Err(_) if i == 0 => return Ok(None),
+            Err(e) => {
+                return Err(CheckpointError::Corrupt { path: path.to_path_buf(), reason: format!("{name}: {e}") })
+            }
+        };
+        if view.dtype() != Dtype::F32 || view.shape() != t.shape.as_slice() {
+            return Err(CheckpointError::Corrupt {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "{name} is {:?} {:?}, expected F32 {:?} (quorum trains float32 parameters only)",
+                    view.dtype(),
+                    view.shape(),
+                    t.shape
+                ),
+            });
+        }
+        crate::encoding::Encoding::F32.decode_into(view.data(), &mut flat).expect("an F32 view holds whole values");
+    }
+    Ok(Some(flat))
 }
 
 /// The newest checkpoint in `dir` that loads and matches; older ones are tried when newer

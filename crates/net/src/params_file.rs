@@ -6,7 +6,7 @@
 //! [`read`] also reads a checkpoint (its `ckpt-<step>.json`), so a finished run's parameters
 //! load the same way.
 
-use crate::checkpoint::{CheckpointError, CheckpointMeta};
+use crate::checkpoint::{io, read_flat, CheckpointError, CheckpointMeta};
 use quorum_core::ParamLayout;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
@@ -17,10 +17,6 @@ pub const FORMAT: &str = "quorum-params-1";
 
 fn corrupt(path: &Path, reason: impl Into<String>) -> CheckpointError {
     CheckpointError::Corrupt { path: path.to_path_buf(), reason: reason.into() }
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |error| CheckpointError::Io { path: path.to_path_buf(), error }
 }
 
 /// Writes `values` (laid out as `layout` says) to `path`, atomically.
@@ -95,20 +91,10 @@ fn read_checkpoint(json: &Path) -> Result<(ParamLayout, Vec<f32>), CheckpointErr
     Ok((layout, values))
 }
 
-/// The tensors of `layout` (named with `prefix`), each F32 of its shape, end to end.
+/// The tensors of `layout` (named with `prefix`), all present, and finite.
 fn values(path: &Path, st: &SafeTensors, layout: &ParamLayout, prefix: &str) -> Result<Vec<f32>, CheckpointError> {
-    let mut flat = Vec::with_capacity(layout.len());
-    for t in layout.tensors() {
-        let name = format!("{prefix}{}", t.name);
-        let view = st.tensor(&name).map_err(|e| corrupt(path, format!("tensor `{name}`: {e}")))?;
-        if view.dtype() != Dtype::F32 {
-            return Err(corrupt(
-                path,
-                format!("tensor `{name}` is {:?}; quorum trains float32 parameters only", view.dtype()),
-            ));
-        }
-        crate::encoding::Encoding::F32.decode_into(view.data(), &mut flat).expect("an F32 view holds whole values");
-    }
+    let flat = read_flat(path, st, layout, prefix)?
+        .ok_or_else(|| corrupt(path, format!("it holds no tensor `{prefix}{}`", layout.tensors()[0].name)))?;
     if flat.iter().any(|v| !v.is_finite()) {
         return Err(corrupt(path, "the parameters hold NaN or Inf"));
     }

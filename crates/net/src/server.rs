@@ -54,7 +54,7 @@ pub async fn run_server(
         None => Server::new(opts.config.clone(), opts.layout.clone(), std::mem::take(&mut opts.init))?,
     };
     let start = Instant::now();
-    let (pub_tx, pub_rx) = watch::channel(Published::new(server.step(), server.params(), opts.encoding, false));
+    let (pub_tx, pub_rx) = watch::channel(Published::new(server.step(), server.params(), opts.encoding));
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(1024);
     let (grpc_stop_tx, grpc_stop_rx) = oneshot::channel::<()>();
     let service = Service {

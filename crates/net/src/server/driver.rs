@@ -188,7 +188,7 @@ impl Driver {
                 Action::SendParams { step, .. } | Action::BroadcastParams { step } => {
                     // Once stopping, "stop" stays published: nothing reopens the run.
                     if !self.is_stopping() && self.published.borrow().step != step {
-                        let p = Published::new(step, self.server.params(), self.opts.encoding, false);
+                        let p = Published::new(step, self.server.params(), self.opts.encoding);
                         self.published.send_replace(p);
                     }
                 }

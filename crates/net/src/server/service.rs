@@ -24,8 +24,8 @@ pub(super) struct Published {
 }
 
 impl Published {
-    pub(super) fn new(step: u64, params: &[f32], enc: Encoding, stop: bool) -> Self {
-        Published { stop, ..Self::chunks(step, params, enc, false) }
+    pub(super) fn new(step: u64, params: &[f32], enc: Encoding) -> Self {
+        Self::chunks(step, params, enc, false)
     }
 
     /// The parameters in wire chunks, each chunk flagged `stop` or not.
