@@ -50,25 +50,29 @@ fn layout_list(layout: &ParamLayout) -> PyLayout {
     layout.fingerprint()
 }
 
-/// A Python function `gradient(step, params, grads) -> loss` as a gradient source.
-struct PyGradient {
+/// Where a Python worker's gradients come from.
+enum Gradients {
+    /// `Worker.run`: a function `gradient(step, params, grads) -> loss`, called with the GIL
+    /// held, on two bytearrays the caller owns.
+    Call {
+        function: Py<PyAny>,
+        params: Py<PyByteArray>,
+        grads: Py<PyByteArray>,
+        /// What the function raised, for `Worker.run` to raise again as it was.
+        raised: Arc<Mutex<Option<PyErr>>>,
+    },
+    /// The step-wise use (`for step, params in worker`): the parameters go out to the Python
+    /// thread, the gradient comes back from it.
+    Handoff { steps: mpsc::SyncSender<(u64, Vec<f32>)>, gradients: mpsc::Receiver<Handed> },
+}
+
+/// A Python worker's model as a gradient source: its layout, and where its gradients come from.
+struct PySource {
     layout: ParamLayout,
-    function: Py<PyAny>,
-    params: Py<PyByteArray>,
-    grads: Py<PyByteArray>,
-    /// What the function raised, for `Worker.run` to raise again as it was.
-    raised: Arc<Mutex<Option<PyErr>>>,
+    gradients: Gradients,
 }
 
-impl PyGradient {
-    fn failed(&self, e: PyErr) -> ComputeError {
-        let said = format!("the Python gradient function raised {e}");
-        *self.raised.lock().expect("not poisoned") = Some(e);
-        ComputeError::Failed(said)
-    }
-}
-
-impl GradientSource for PyGradient {
+impl GradientSource for PySource {
     fn layout(&self) -> &ParamLayout {
         &self.layout
     }
@@ -78,7 +82,7 @@ impl GradientSource for PyGradient {
         vec![0.0; self.layout.len()]
     }
 
-    /// The batch is the Python function's business.
+    /// The batch is the Python code's business.
     fn batch_size(&self) -> usize {
         0
     }
@@ -87,38 +91,71 @@ impl GradientSource for PyGradient {
         if params.len() != self.layout.len() {
             return Err(ComputeError::WrongLength { got: params.len(), expected: self.layout.len() });
         }
-        let bytes = 4 * params.len();
-        Python::attach(|py| {
-            let (p, g) = (self.params.bind(py), self.grads.bind(py));
-            if p.len() != bytes || g.len() != bytes {
-                return Err(ComputeError::Failed(format!(
-                    "the params and grads bytearrays must hold {bytes} bytes (the layout's {} float32 values); \
-                     they hold {} and {}: do not resize them",
-                    params.len(),
-                    p.len(),
-                    g.len()
-                )));
+        match &self.gradients {
+            Gradients::Call { function, params: p, grads: g, raised } => {
+                call(function, p, g, raised, params, batch.step, grad)
             }
-            // SAFETY: the GIL is held and no Python code runs while this slice lives; the
-            // lengths were checked just above.
-            unsafe { p.as_bytes_mut() }.copy_from_slice(bytemuck::cast_slice(params));
-            let called = self.function.call1(py, (batch.step, p, g));
-            let loss = called.and_then(|r| if r.is_none(py) { Ok(f32::NAN) } else { r.extract::<f32>(py) });
-            let loss = loss.map_err(|e| self.failed(e))?;
-            if g.len() != bytes {
-                return Err(ComputeError::Failed("the gradient function resized the grads bytearray".into()));
+            Gradients::Handoff { steps, gradients } => {
+                let gone = || ComputeError::Failed("the Python side stopped iterating over the worker's steps".into());
+                steps.send((batch.step, params.to_vec())).map_err(|_| gone())?;
+                match gradients.recv() {
+                    Ok(Ok((g, loss))) => {
+                        *grad = g;
+                        Ok(loss)
+                    }
+                    Ok(Err(why)) => Err(ComputeError::Failed(why)),
+                    Err(_) => Err(gone()),
+                }
             }
-            grad.clear();
-            grad.resize(params.len(), 0.0);
-            // SAFETY: as above; the length is checked again after the function ran.
-            bytemuck::cast_slice_mut::<f32, u8>(grad).copy_from_slice(unsafe { g.as_bytes() });
-            Ok(loss)
-        })
+        }
     }
 
     fn evaluate(&mut self, _params: &[f32]) -> Result<Evaluation, ComputeError> {
         Err(ComputeError::Config("a Python worker does not evaluate".into()))
     }
+}
+
+/// `Worker.run`'s step: the parameters into `p`, the function called, the gradient out of `g`.
+fn call(
+    function: &Py<PyAny>,
+    p: &Py<PyByteArray>,
+    g: &Py<PyByteArray>,
+    raised: &Mutex<Option<PyErr>>,
+    params: &[f32],
+    step: u64,
+    grad: &mut Vec<f32>,
+) -> Result<f32, ComputeError> {
+    let bytes = 4 * params.len();
+    Python::attach(|py| {
+        let (p, g) = (p.bind(py), g.bind(py));
+        if p.len() != bytes || g.len() != bytes {
+            return Err(ComputeError::Failed(format!(
+                "the params and grads bytearrays must hold {bytes} bytes (the layout's {} float32 values); \
+                 they hold {} and {}: do not resize them",
+                params.len(),
+                p.len(),
+                g.len()
+            )));
+        }
+        // SAFETY: the GIL is held and no Python code runs while this slice lives; the
+        // lengths were checked just above.
+        unsafe { p.as_bytes_mut() }.copy_from_slice(bytemuck::cast_slice(params));
+        let called = function.call1(py, (step, p, g));
+        let loss = called.and_then(|r| if r.is_none(py) { Ok(f32::NAN) } else { r.extract::<f32>(py) });
+        let loss = loss.map_err(|e| {
+            let said = format!("the Python gradient function raised {e}");
+            *raised.lock().expect("not poisoned") = Some(e);
+            ComputeError::Failed(said)
+        })?;
+        if g.len() != bytes {
+            return Err(ComputeError::Failed("the gradient function resized the grads bytearray".into()));
+        }
+        grad.clear();
+        grad.resize(params.len(), 0.0);
+        // SAFETY: as above; the length is checked again after the function ran.
+        bytemuck::cast_slice_mut::<f32, u8>(grad).copy_from_slice(unsafe { g.as_bytes() });
+        Ok(loss)
+    })
 }
 
 /// One worker of a quorum parameter server, computing its gradients in Python.
@@ -144,46 +181,6 @@ struct Stepping {
     thread: Option<std::thread::JoinHandle<Result<WorkerReport, WorkerError>>>,
     /// The step handed out whose gradient has not been pushed yet.
     awaiting: Option<u64>,
-}
-
-/// The gradient source of the step-wise use: the parameters go out to the Python thread, the
-/// gradient comes back from it.
-struct Handoff {
-    layout: ParamLayout,
-    steps: mpsc::SyncSender<(u64, Vec<f32>)>,
-    gradients: mpsc::Receiver<Handed>,
-}
-
-impl GradientSource for Handoff {
-    fn layout(&self) -> &ParamLayout {
-        &self.layout
-    }
-
-    /// Not asked of a worker: the server holds the starting values.
-    fn init_params(&self, _seed: u64) -> Vec<f32> {
-        vec![0.0; self.layout.len()]
-    }
-
-    fn batch_size(&self) -> usize {
-        0
-    }
-
-    fn gradient(&mut self, params: &[f32], batch: BatchId, grad: &mut Vec<f32>) -> Result<f32, ComputeError> {
-        let gone = || ComputeError::Failed("the Python side stopped iterating over the worker's steps".into());
-        self.steps.send((batch.step, params.to_vec())).map_err(|_| gone())?;
-        match self.gradients.recv() {
-            Ok(Ok((g, loss))) => {
-                *grad = g;
-                Ok(loss)
-            }
-            Ok(Err(why)) => Err(ComputeError::Failed(why)),
-            Err(_) => Err(gone()),
-        }
-    }
-
-    fn evaluate(&mut self, _params: &[f32]) -> Result<Evaluation, ComputeError> {
-        Err(ComputeError::Config("a Python worker does not evaluate".into()))
-    }
 }
 
 /// float32 values from a bytes-like object (`bytes` or `bytearray`) of exactly `n` values.
@@ -283,8 +280,10 @@ impl Worker {
     ) -> PyResult<Py<PyDict>> {
         init_logging();
         let raised = Arc::new(Mutex::new(None));
-        let source =
-            PyGradient { layout: self.layout.clone(), function: gradient, params, grads, raised: raised.clone() };
+        let source = PySource {
+            layout: self.layout.clone(),
+            gradients: Gradients::Call { function: gradient, params, grads, raised: raised.clone() },
+        };
         let work = quorum_net::run_worker(self.opts.clone(), Box::new(source));
         match block_with_signals(py, work)? {
             Ok(report) => report_dict(py, &report),
@@ -310,7 +309,10 @@ impl Worker {
             init_logging();
             let (steps_tx, steps) = mpsc::sync_channel(1);
             let (gradients, gradients_rx) = mpsc::sync_channel(1);
-            let source = Handoff { layout: self.layout.clone(), steps: steps_tx, gradients: gradients_rx };
+            let source = PySource {
+                layout: self.layout.clone(),
+                gradients: Gradients::Handoff { steps: steps_tx, gradients: gradients_rx },
+            };
             let opts = self.opts.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("quorum-worker-{}", self.opts.index))
