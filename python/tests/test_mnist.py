@@ -41,4 +41,8 @@ def test_four_pytorch_worker_processes_train_mnist_to_97_percent_and_a_killed_wo
     # ... and no step waited for it (the worker time-out is 10 s; b = 1 absorbs the loss).
     gaps = [b - a for a, b in zip(steps, steps[1:])]
     assert max(gaps) < 2.0, max(gaps)
-    assert max(used) <= killed_at + 2
+    # The kill step run.sh prints is read from events.jsonl, which the server writes through a
+    # buffer (flushed at checkpoints and at the end), so it lags the true step by up to a
+    # buffer's worth of events (8 KiB: about a dozen steps of 4 workers; 40 leaves room).
+    assert max(used) <= killed_at + 40, (killed_at, max(used))
+    assert max(used) < 400 - 100, max(used)
