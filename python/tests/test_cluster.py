@@ -2,6 +2,7 @@
 examples/pytorch and test_mnist.py run them as processes)."""
 
 import json
+import re
 import threading
 
 import pytest
@@ -228,7 +229,10 @@ def test_a_step_wise_worker_that_fails_is_reported_as_left_and_the_iteration_rai
         lambda: step_wise(bad, linear(), data, stop_at=2),
         lambda: qt.run_worker(linear(), data, ps.addr, 1, loss=loss, batch_size=16),
     ])
-    assert isinstance(failed, quorum.QuorumError) and "stopped on purpose at step 2" in str(failed), failed
+    # The first step at or after 2 it is handed (later than 2 when the other worker closed steps
+    # meanwhile: N = 1, b = 1).
+    assert isinstance(failed, quorum.QuorumError), failed
+    assert re.search(r"stopped on purpose at step \d+", str(failed)), failed
     assert ps.wait() == 0, ps.output()
     events = [json.loads(line) for line in (ps.run / "events.jsonl").read_text().splitlines()]
     assert [(e["worker"], e["reason"]) for e in events if e["event"] == "worker_left"] == [(0, "left")]
