@@ -572,3 +572,58 @@ fn the_commands_that_compute_gradients_refuse_a_parameter_file() {
     assert!(!o.status.success());
     assert!(text(&o).contains("is for `quorum ps`"), "{}", text(&o));
 }
+
+/// The run's events, parsed.
+fn events(run: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(run.join("events.jsonl")).unwrap();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn the_adaptive_policy_stops_waiting_for_a_slow_worker_in_the_simulator_and_on_a_real_cluster() {
+    // Worker 0 computes 8× slower than the other two. The server starts at N = 3 and, after
+    // its 8-step warm-up, chooses to wait for fewer: the choice is an event with its reason,
+    // the slow worker stops counting, and the learning rate follows N.
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = [
+        "--model",
+        "synthetic:16",
+        "--workers",
+        "3",
+        "--policy",
+        "adaptive",
+        "--steps",
+        "40",
+        "--lr",
+        "0.3",
+        "--delay",
+        "slow:1,8,const:0.03",
+    ];
+    for mode in ["sim", "train"] {
+        let run = dir.path().join(mode);
+        let o = quorum().arg(mode).args(scenario).args(["--out", run.to_str().unwrap()]).output().unwrap();
+        assert!(o.status.success(), "{mode}: {}", text(&o));
+        assert!(text(&o).contains("adaptive N=1..3"), "{mode}: {}", text(&o));
+        let ev = events(&run);
+        let first =
+            ev.iter().position(|e| e["event"] == "aggregate_changed").unwrap_or_else(|| panic!("{mode}: no choice"));
+        let change = &ev[first];
+        assert_eq!(change["from"], 3, "{mode}: {change}");
+        assert!(change["to"].as_u64().unwrap() < 3, "{mode}: {change}");
+        assert!(change["reason"].as_str().unwrap().starts_with("adaptive: N="), "{mode}: {change}");
+        let applied: Vec<&serde_json::Value> = ev.iter().filter(|e| e["event"] == "step_applied").collect();
+        let before = ev[..first].iter().filter(|e| e["event"] == "step_applied").count();
+        assert_eq!(before, 8, "{mode}: the first choice comes after the warm-up");
+        for e in &applied[..8] {
+            assert_eq!(e["contributors"].as_array().unwrap().len(), 3, "{mode}: warm-up waits for all: {e}");
+            assert!((e["lr"].as_f64().unwrap() - 0.3).abs() < 1e-6, "{mode}: {e}");
+        }
+        for e in &applied[20..] {
+            let c = e["contributors"].as_array().unwrap();
+            assert!(c.len() <= 2 && !c.contains(&serde_json::json!(0)), "{mode}: the slow worker still counts: {e}");
+            let want = 0.3 * c.len() as f64 / 3.0;
+            assert!((e["lr"].as_f64().unwrap() - want).abs() < 1e-6, "{mode}: lr scales with N: {e}");
+        }
+        assert_eq!(applied.len(), 40, "{mode}");
+    }
+}

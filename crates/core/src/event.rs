@@ -115,12 +115,16 @@ pub enum Event {
         time: f64,
     },
     /// The server changed the number of gradients per step: lowered to the live workers
-    /// after a stall (`on_stall = lower_aggregate`), raised back as workers return.
+    /// after a stall (`on_stall = lower_aggregate`), raised back as workers return, or
+    /// chosen by the adaptive policy.
     AggregateChanged {
         /// Old N.
         from: u32,
         /// New N.
         to: u32,
+        /// Why, with the figures that decided it.
+        #[serde(default)]
+        reason: String,
         /// When.
         time: f64,
     },

@@ -12,6 +12,7 @@
 
 #![deny(missing_docs)]
 
+pub mod adaptive;
 pub mod clip;
 pub mod divergence;
 pub mod ema;

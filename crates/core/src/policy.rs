@@ -34,15 +34,27 @@ pub enum Policy {
         #[serde(with = "secs")]
         timeout: Duration,
     },
+    /// Sync with a number of gradients per step that the server chooses before each step,
+    /// between `min` and `max`, to make the most progress per second from the workers'
+    /// measured response times and the gradients' measured noise
+    /// ([`crate::adaptive::AdaptiveRule`]). The learning rate scales linearly with the N
+    /// each step averages; the configured rate is the rate at N = `max`.
+    Adaptive {
+        /// Fewest gradients a step may take.
+        min: u32,
+        /// Most gradients a step may take (at most the number of workers).
+        max: u32,
+    },
 }
 
 impl Policy {
-    /// Short lower-case name: `sync`, `async` or `deadline`.
+    /// Short lower-case name: `sync`, `async`, `deadline` or `adaptive`.
     pub fn name(&self) -> &'static str {
         match self {
             Policy::Sync { .. } => "sync",
             Policy::Async { .. } => "async",
             Policy::Deadline { .. } => "deadline",
+            Policy::Adaptive { .. } => "adaptive",
         }
     }
 
@@ -54,10 +66,12 @@ impl Policy {
         }
     }
 
-    /// Gradients a step normally takes: N for sync, min for deadline, 1 for async.
+    /// Gradients a step normally takes: N for sync, min for deadline, 1 for async, the
+    /// most for adaptive.
     pub fn aggregate_hint(&self) -> u32 {
         match self {
             Policy::Sync { aggregate, .. } => *aggregate,
+            Policy::Adaptive { max, .. } => *max,
             Policy::Deadline { min, .. } => *min,
             Policy::Async { .. } => 1,
         }
@@ -87,6 +101,13 @@ impl Policy {
                 }
             }
             Policy::Async { .. } => {}
+            Policy::Adaptive { min, max } => {
+                if *min == 0 || min > max || *max > workers {
+                    return Err(ConfigError::invalid(format!(
+                        "adaptive policy: needs 1 <= min ({min}) <= max ({max}) <= the number of workers ({workers})"
+                    )));
+                }
+            }
             Policy::Deadline { min, timeout } => {
                 if *min == 0 || *min > workers {
                     return Err(ConfigError::invalid(format!(
@@ -99,6 +120,20 @@ impl Policy {
             }
         }
         Ok(())
+    }
+}
+
+/// One line: `sync N=3 b=1`, `async`, `async (max staleness 4)`, `deadline min=2 timeout=0.5s`,
+/// `adaptive N=1..4`.
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Policy::Sync { aggregate, backups } => write!(f, "sync N={aggregate} b={backups}"),
+            Policy::Async { max_staleness: None } => write!(f, "async"),
+            Policy::Async { max_staleness: Some(m) } => write!(f, "async (max staleness {m})"),
+            Policy::Deadline { min, timeout } => write!(f, "deadline min={min} timeout={}s", timeout.as_secs_f64()),
+            Policy::Adaptive { min, max } => write!(f, "adaptive N={min}..{max}"),
+        }
     }
 }
 
@@ -137,5 +172,10 @@ mod tests {
         assert!(Policy::Sync { aggregate: 0, backups: 1 }.validate(1).is_err());
         assert!(Policy::Async { max_staleness: None }.validate(0).is_err());
         assert!(Policy::Deadline { min: 5, timeout: Duration::from_secs(1) }.validate(4).is_err());
+        assert!(Policy::Adaptive { min: 0, max: 2 }.validate(4).is_err());
+        assert!(Policy::Adaptive { min: 3, max: 2 }.validate(4).is_err());
+        let err = Policy::Adaptive { min: 1, max: 5 }.validate(4).unwrap_err().to_string();
+        assert!(err.contains("max (5) <= the number of workers (4)"), "{err}");
+        assert!(Policy::Adaptive { min: 1, max: 4 }.validate(4).is_ok());
     }
 }

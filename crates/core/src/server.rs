@@ -5,6 +5,7 @@
 //! driver carries out the [`Action`]s (sending parameters, stopping) and records the
 //! [`Event`]s. An `Err` means a protocol violation and leaves the server exactly as it was.
 
+use crate::adaptive::AdaptiveRule;
 use crate::clip::{clip_factor, global_norm};
 use crate::ema;
 use crate::error::{ConfigError, ProtocolError};
@@ -28,7 +29,8 @@ struct Slot {
     joined: bool,
     alive: bool,
     last_seen: Duration,
-    /// When parameters were last sent to it (async "since_open").
+    /// When parameters were last sent to it (async "since_open"), or, under the adaptive
+    /// policy, when it last pushed (it asks for parameters right after).
     sent_at: Duration,
     /// Last step it pushed (duplicate detection in async).
     last_push: Option<Step>,
@@ -66,6 +68,9 @@ pub struct Server {
     /// Deadline policy: the open step's time-out has passed (a tick saw it), so the step
     /// closes as soon as `min` gradients are in, and the deadline is no longer a wake-up.
     deadline_passed: bool,
+    /// Adaptive policy: the rule choosing N, and the open step's sum of squared gradient norms.
+    adaptive: Option<AdaptiveRule>,
+    sum_sq: f64,
     stopped: bool,
 }
 
@@ -90,8 +95,15 @@ impl Server {
             Policy::Sync { aggregate, .. } => aggregate,
             Policy::Deadline { min, .. } => min,
             Policy::Async { .. } => 1,
+            Policy::Adaptive { max, .. } => max,
+        };
+        let adaptive = match cfg.policy {
+            Policy::Adaptive { min, max } => Some(AdaptiveRule::new(cfg.workers, min, max)),
+            _ => None,
         };
         Ok(Server {
+            adaptive,
+            sum_sq: 0.0,
             opt: Optimizer::new(cfg.optimizer.clone(), n),
             ema: cfg.ema_decay.map(|_| init.clone()),
             sum: vec![0.0; n],
@@ -284,7 +296,9 @@ impl Server {
         }
         out.extend(match self.cfg.policy {
             Policy::Async { max_staleness } => self.push_async(now, from, step, gradient, loss, max_staleness),
-            Policy::Sync { .. } | Policy::Deadline { .. } => self.push_sync(now, from, step, gradient, loss),
+            Policy::Sync { .. } | Policy::Deadline { .. } | Policy::Adaptive { .. } => {
+                self.push_sync(now, from, step, gradient, loss)
+            }
         });
         Ok(out)
     }
@@ -437,6 +451,17 @@ impl Server {
 
     fn push_sync(&mut self, now: Duration, from: WorkerId, step: Step, g: &[f32], loss: Option<f32>) -> Outputs {
         let mut out = Outputs::default();
+        if self.adaptive.is_some() {
+            // The worker could start this computation once it had pushed its previous one
+            // and the step it computed for had opened.
+            let opened = self.opened_at_of(step);
+            let slot = &mut self.slots[from.index()];
+            let start = opened.map_or(slot.sent_at, |o| o.max(slot.sent_at));
+            slot.sent_at = now;
+            if let Some(rule) = self.adaptive.as_mut() {
+                rule.observe_response(from, secs(now.saturating_sub(start)));
+            }
+        }
         if step < self.step {
             let since_open = self.opened_at_of(step).map_or(f64::NAN, |t| secs(now.saturating_sub(t)));
             out.events.push(Event::GradientDropped {
@@ -454,6 +479,9 @@ impl Server {
             for (s, x) in self.sum.iter_mut().zip(g) {
                 *s += x;
             }
+        }
+        if self.adaptive.is_some() {
+            self.sum_sq += (global_norm(g, 1.0) as f64).powi(2);
         }
         self.contributors.push(from);
         self.contributed[from.index()] = true;
@@ -534,7 +562,7 @@ impl Server {
             return false;
         }
         match self.cfg.policy {
-            Policy::Sync { .. } => have >= self.aggregate,
+            Policy::Sync { .. } | Policy::Adaptive { .. } => have >= self.aggregate,
             Policy::Deadline { timeout, .. } => {
                 let all_in = self.slots.iter().zip(&self.contributed).all(|(s, &c)| !s.alive || c);
                 all_in || (now >= self.opened_at + timeout && have >= self.aggregate)
@@ -560,7 +588,14 @@ impl Server {
         if let Some(c) = self.cfg.clip_norm {
             scale *= clip_factor(grad_norm, c);
         }
-        let lr = self.cfg.schedule.lr(self.step, self.cfg.nominal_aggregate());
+        let nominal = self.cfg.nominal_aggregate();
+        let mut lr = self.cfg.schedule.lr(self.step, nominal);
+        if let Some(rule) = self.adaptive.as_mut() {
+            // Linear scaling: the configured rate is the rate at N = max.
+            lr *= n as f32 / nominal as f32;
+            rule.observe_step(n as u32, self.sum_sq, (grad_norm as f64).powi(2));
+            self.sum_sq = 0.0;
+        }
         self.opt.apply(&mut self.params, grad_sum, scale, lr);
         if let (Some(e), Some(alpha)) = (self.ema.as_mut(), self.cfg.ema_decay) {
             ema::update(e, &self.params, alpha);
@@ -593,7 +628,24 @@ impl Server {
             self.stopped = true;
             out.actions.push(Action::Stop { reason: StopReason::Finished { steps: self.step } });
         } else if !matches!(self.cfg.policy, Policy::Async { .. }) {
+            out.extend(self.choose_aggregate(now));
             out.actions.push(Action::BroadcastParams { step: self.step });
+        }
+        out
+    }
+
+    /// Adaptive policy: N for the step that just opened.
+    fn choose_aggregate(&mut self, now: Duration) -> Outputs {
+        let mut out = Outputs::default();
+        let live: Vec<bool> = self.slots.iter().map(|s| s.alive).collect();
+        if let Some(choice) = self.adaptive.as_mut().and_then(|r| r.choose(self.aggregate, &live)) {
+            out.events.push(Event::AggregateChanged {
+                from: self.aggregate,
+                to: choice.aggregate,
+                reason: choice.reason,
+                time: secs(now),
+            });
+            self.aggregate = choice.aggregate;
         }
         out
     }
@@ -606,14 +658,33 @@ impl Server {
         let live = self.live_count();
         let configured = match self.cfg.policy {
             Policy::Sync { aggregate, .. } => aggregate,
-            Policy::Deadline { min, .. } => min,
+            Policy::Deadline { min, .. } | Policy::Adaptive { min, .. } => min,
             Policy::Async { .. } => 1,
         };
         // Workers came back after N was lowered: raise it again, as far as they allow.
         if self.aggregate < configured && live > self.aggregate {
             let to = live.min(configured);
-            out.events.push(Event::AggregateChanged { from: self.aggregate, to, time: secs(now) });
+            out.events.push(Event::AggregateChanged {
+                from: self.aggregate,
+                to,
+                reason: "workers returned: N raised back".into(),
+                time: secs(now),
+            });
             self.aggregate = to;
+        }
+        // Adaptive: a worker gone while training is under way lowers N at once, as far as
+        // `min` allows; the rule raises it again when it sees fit.
+        if self.adaptive.is_some() && self.step > 0 && live < self.aggregate && live >= configured {
+            out.events.push(Event::AggregateChanged {
+                from: self.aggregate,
+                to: live,
+                reason: "adaptive: workers left, N lowered to the live workers".into(),
+                time: secs(now),
+            });
+            self.aggregate = live;
+            if self.should_close(now) {
+                out.extend(self.close(now));
+            }
         }
         let missing = || -> Vec<WorkerId> {
             self.slots.iter().enumerate().filter(|(_, s)| !s.alive).map(|(i, _)| WorkerId(i as u32)).collect()
@@ -647,7 +718,12 @@ impl Server {
         }
         match self.cfg.liveness.on_stall {
             OnStall::LowerAggregate if live >= 1 => {
-                out.events.push(Event::AggregateChanged { from: self.aggregate, to: live, time: secs(now) });
+                out.events.push(Event::AggregateChanged {
+                    from: self.aggregate,
+                    to: live,
+                    reason: "stalled: N lowered to the live workers".into(),
+                    time: secs(now),
+                });
                 self.aggregate = live;
                 self.stall_since = None;
                 if self.should_close(now) {

@@ -4,8 +4,8 @@
 //! rewrites the expectations; review the diff before committing.
 //!
 //! Inputs:
-//! - `config key=value ...` (first): workers, policy (sync|async|deadline), aggregate, backups,
-//!   min, timeout, max_staleness, params, lr, optimizer (sgd), clip, worker_timeout,
+//! - `config key=value ...` (first): workers, policy (sync|async|deadline|adaptive), aggregate,
+//!   backups, min, max, timeout, max_staleness, params, lr, optimizer (sgd), clip, worker_timeout,
 //!   stall_timeout, on_stall (stop|lower), max_steps
 //! - `at T wK join|heartbeat|leave`, `at T wK push STEP v1,v2,... [loss]`, `at T tick`
 //! - `at T wK join SESSION` joins as another process (by default the session is K).
@@ -27,6 +27,7 @@ fn parse_config(line: &str) -> (ServerConfig, usize) {
         "sync" => Policy::Sync { aggregate: num("aggregate", workers), backups: num("backups", 0) },
         "async" => Policy::Async { max_staleness: get("max_staleness").map(|v| v.parse().unwrap()) },
         "deadline" => Policy::Deadline { min: num("min", 1), timeout: secs("timeout").unwrap() },
+        "adaptive" => Policy::Adaptive { min: num("min", 1), max: num("max", workers) },
         other => panic!("unknown policy {other}"),
     };
     let mut cfg = ServerConfig::new(workers, policy, get("lr").map_or(1.0, |v| v.parse().unwrap()));

@@ -5,7 +5,7 @@ use crate::restarts;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use quorum_compute::{GradientSource, LeastSquares};
-use quorum_core::Policy;
+use quorum_core::Event;
 use quorum_record::Restart;
 use quorum_sim::{simulate, sweep_backups, SimConfig, SimReport};
 use std::ops::RangeInclusive;
@@ -120,15 +120,7 @@ fn attempts(cfg: &RunConfig, sim: &SimConfig, src: &mut dyn GradientSource) -> R
 
 fn print_summary(cfg: &SimConfig, r: &SimReport) {
     let s = &r.summary;
-    let shape = match &cfg.server.policy {
-        Policy::Sync { aggregate, backups } => format!("sync N={aggregate} b={backups}"),
-        Policy::Async { max_staleness } => {
-            format!("async max_staleness={}", max_staleness.map_or("none".into(), |m| m.to_string()))
-        }
-        Policy::Deadline { min, timeout } => {
-            format!("deadline min={min} timeout={}s", timeout.as_secs_f64())
-        }
-    };
+    let shape = &cfg.server.policy;
     println!("sim: {shape}, {} workers, delay {}, seed {}", s.workers, s.delay, s.seed);
     println!("  steps                 {}", s.steps);
     println!("  virtual time          {:.2} s", s.virtual_seconds);
@@ -139,6 +131,14 @@ fn print_summary(cfg: &SimConfig, r: &SimReport) {
     println!("  gradients             {} accepted, {} dropped", s.accepted, s.dropped);
     if s.policy == "async" {
         println!("  mean staleness        {:.2}", s.mean_staleness);
+    }
+    if s.policy == "adaptive" {
+        let changes = r.events.iter().filter(|e| matches!(e, Event::AggregateChanged { .. })).count();
+        let mean = s.accepted as f64 / s.steps.max(1) as f64;
+        match changes {
+            0 if r.events.is_empty() => println!("  gradients per step    mean {mean:.1}"),
+            _ => println!("  gradients per step    mean {mean:.1}, N changed {changes} times (events.jsonl says why)"),
+        }
     }
     // The straggler is the worker whose work was wasted most often (abandoned or dropped late).
     if let Some(w) = r.workers.iter().max_by_key(|w| (w.abandoned + w.dropped, std::cmp::Reverse(w.worker))) {

@@ -27,7 +27,7 @@ pub struct RunFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     backups: Option<u32>,
-    /// sync | async | deadline [default: sync].
+    /// sync | async | deadline | adaptive [default: sync].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     policy: Option<String>,
@@ -43,6 +43,14 @@ pub struct RunFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     deadline_timeout: Option<f64>,
+    /// Adaptive: fewest gradients a step may take [default: 1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    adaptive_min: Option<u32>,
+    /// Adaptive: most gradients a step may take [default: workers].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    adaptive_max: Option<u32>,
     /// synthetic[:DIM], mlp, mlp:W1,W2,..., cnn, cnn:C1,C2,C3,C4 [default: mlp].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -269,7 +277,8 @@ pub struct SimFlags {
     #[serde(skip_serializing_if = "is_false")]
     stop_at_target: bool,
     /// A fault to inject (repeatable): crash:W@T, crash:W@T+RESTART, freeze:W@T+SECONDS,
-    /// slow:W@T+SECONDS*FACTOR (worker W at T virtual seconds).
+    /// slow:W@T+SECONDS*FACTOR (a slow link), lag:W@T+SECONDS*FACTOR (slow computing)
+    /// (worker W at T virtual seconds).
     #[arg(long)]
     #[serde(skip_serializing_if = "Vec::is_empty")]
     fault: Vec<String>,

@@ -23,7 +23,7 @@ use std::time::Duration;
 const SYNTHETIC_DIM: usize = 64;
 
 /// The aggregation rule by name (its numbers are their own keys: backups, max-staleness,
-/// deadline-min, deadline-timeout).
+/// deadline-min, deadline-timeout, adaptive-min, adaptive-max).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PolicyKind {
@@ -34,6 +34,8 @@ pub enum PolicyKind {
     Async,
     /// Close a step at a time-out once `deadline-min` gradients are in.
     Deadline,
+    /// Choose N before each step, between `adaptive-min` and `adaptive-max`.
+    Adaptive,
 }
 
 /// Every setting of a run, resolved (defaults filled in). Serialised as the run's `config.toml`
@@ -45,7 +47,7 @@ pub struct RunConfig {
     pub workers: u32,
     /// Backup workers b (sync policy).
     pub backups: u32,
-    /// sync | async | deadline.
+    /// sync | async | deadline | adaptive.
     pub policy: PolicyKind,
     /// Async: drop gradients more than this many updates old.
     pub max_staleness: Option<u64>,
@@ -53,6 +55,11 @@ pub struct RunConfig {
     pub deadline_min: Option<u32>,
     /// Deadline: seconds to wait for the rest.
     pub deadline_timeout: Option<f64>,
+    /// Adaptive: fewest gradients a step may take (default 1).
+    pub adaptive_min: Option<u32>,
+    /// Adaptive: most gradients a step may take (default: workers); the learning rate is
+    /// the rate at this N and scales linearly with the N of each step.
+    pub adaptive_max: Option<u32>,
     /// synthetic[:DIM], mlp, mlp:W1,W2,..., cnn, cnn:C1,C2,C3,C4.
     pub model: String,
     /// `quorum ps`: serve the model of this parameter file (safetensors with the tensors'
@@ -152,6 +159,8 @@ impl Default for RunConfig {
             max_staleness: None,
             deadline_min: None,
             deadline_timeout: None,
+            adaptive_min: None,
+            adaptive_max: None,
             model: "mlp".into(),
             params: None,
             dataset: "mnist".into(),
@@ -252,6 +261,15 @@ impl RunConfig {
                     min: self.deadline_min.unwrap_or(1),
                     timeout: Duration::try_from_secs_f64(t).context("deadline-timeout must be non-negative seconds")?,
                 }
+            }
+            PolicyKind::Adaptive => {
+                let p = Policy::Adaptive {
+                    min: self.adaptive_min.unwrap_or(1),
+                    max: self.adaptive_max.unwrap_or(self.workers),
+                };
+                p.validate(self.workers)
+                    .with_context(|| "set adaptive-min and adaptive-max within 1..=workers".to_string())?;
+                p
             }
         })
     }
@@ -378,10 +396,7 @@ impl RunConfig {
     /// One line describing the cluster shape.
     pub fn shape(&self) -> String {
         match self.policy() {
-            Ok(Policy::Sync { aggregate, backups }) => format!("sync N={aggregate} b={backups}"),
-            Ok(Policy::Async { max_staleness: Some(m) }) => format!("async (max staleness {m})"),
-            Ok(Policy::Deadline { min, timeout }) => format!("deadline min={min} timeout={}s", timeout.as_secs_f64()),
-            Ok(Policy::Async { max_staleness: None }) => "async".into(),
+            Ok(p) => p.to_string(),
             Err(e) => format!("invalid policy: {e}"),
         }
     }

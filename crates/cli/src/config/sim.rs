@@ -33,7 +33,8 @@ pub struct SimKeys {
     pub target: Option<f32>,
     /// End the run as soon as `target` is reached.
     pub stop_at_target: bool,
-    /// Faults to inject: crash:W@T, crash:W@T+RESTART, freeze:W@T+SECONDS, slow:W@T+SECONDS*FACTOR.
+    /// Faults to inject: crash:W@T, crash:W@T+RESTART, freeze:W@T+SECONDS, slow:W@T+SECONDS*FACTOR
+    /// (a slow link), lag:W@T+SECONDS*FACTOR (slow computing).
     #[serde(with = "text::list")]
     pub fault: Vec<Fault>,
     /// Sweep b over a range (`0..10`) with N = budget − b; prints a table.

@@ -96,10 +96,12 @@ impl ServerConfig {
         Ok(())
     }
 
-    /// The N the learning rate is scaled by: sync's aggregate, deadline's worker count, 1 for async.
+    /// The N the learning rate is scaled by: sync's aggregate, deadline's worker count,
+    /// adaptive's most, 1 for async.
     pub(crate) fn nominal_aggregate(&self) -> u32 {
         match self.policy {
             Policy::Sync { aggregate, .. } => aggregate,
+            Policy::Adaptive { max, .. } => max,
             Policy::Deadline { .. } => self.workers,
             Policy::Async { .. } => 1,
         }

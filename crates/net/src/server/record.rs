@@ -194,11 +194,18 @@ impl Recorder {
     /// Records one event; returns the step just completed when it is a `StepApplied`.
     pub(super) fn event(&mut self, e: &Event) -> std::io::Result<Option<u64>> {
         self.log(e)?;
+        if let Event::AggregateChanged { from, to, reason, .. } = e {
+            tracing::info!("gradients per step: {from} -> {to} ({reason})");
+        }
         let done = self.run.observe(e);
-        if let (Some(done), Some(tb), Event::StepApplied { loss, time, duration, .. }) =
+        if let (Some(done), Some(tb), Event::StepApplied { loss, time, duration, contributors, .. }) =
             (done, self.tensorboard.as_mut(), e)
         {
-            let mut v = vec![("train/step_seconds", *duration as f32), ("train/dropped", self.run.dropped as f32)];
+            let mut v = vec![
+                ("train/step_seconds", *duration as f32),
+                ("train/dropped", self.run.dropped as f32),
+                ("train/gradients_per_step", contributors.len() as f32),
+            ];
             if let Some(l) = loss {
                 v.push(("train/loss", *l));
             }

@@ -1,0 +1,307 @@
+//! The adaptive policy's rule: how many gradients the next step waits for.
+//!
+//! Before each step the server picks the N that maximises the expected training progress
+//! per second, `progress(N) / T(N)`, from what it has measured (the derivation, its
+//! assumptions and its sources are in `docs/adaptive.md`):
+//!
+//! - **T(N)**, the expected time until the N-th gradient arrives, from each live worker's
+//!   recent response times (push time minus the time it could start: the later of its
+//!   previous push and the opening of the step it pushed for). A small deterministic replay
+//!   of those times through the step rule gives T(N) with the cost of stragglers included: a
+//!   worker whose gradient comes too late finishes anyway (a networked worker cannot stop
+//!   half-way) and starts its next step late. Recent rounds weigh more.
+//! - **progress(N) ∝ N / (N + B)**, where B is the gradient noise scale counted in worker
+//!   batches: how many workers' gradients it takes before averaging more stops paying
+//!   (McCandlish et al., "An Empirical Model of Large-Batch Training", arXiv 1812.06162). The
+//!   server estimates it from the gradients it sums anyway: with N gradients gᵢ and their
+//!   mean ḡ, E‖gᵢ‖² = |G|² + σ² and E‖ḡ‖² = |G|² + σ²/N, so σ² and |G|² follow, and
+//!   B = σ² / |G|². Both are smoothed separately across steps. Until they are known, or when
+//!   the noise dominates, the rule maximises gradients per second.
+//!
+//! The closest published rule is Dynamic Backup Workers (Xu, Neglia, Sebastianelli,
+//! arXiv 2004.14696), which also picks the number of gradients per step by expected loss
+//! decrease per unit of time; this rule differs in how it estimates both terms.
+//!
+//! No clock, no I/O, no randomness: given the same responses and gradients, the same choice.
+
+use crate::ids::WorkerId;
+use std::collections::VecDeque;
+
+/// Response times kept per worker.
+pub const WINDOW: usize = 16;
+/// Weight of a replay round relative to the next newer one.
+const RECENCY: f64 = 0.85;
+/// Weight of the newest step in the smoothed noise estimates.
+const NOISE_SMOOTHING: f64 = 0.1;
+/// A new N must promise this much more progress per second than the current one.
+const HYSTERESIS: f64 = 0.03;
+/// Steps the rule watches before its first choice.
+pub const WARMUP_STEPS: u64 = 8;
+
+/// A change of N with the numbers behind it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    /// The new N.
+    pub aggregate: u32,
+    /// Why, in one line with the figures.
+    pub reason: String,
+}
+
+/// What the rule has measured and how it chooses.
+#[derive(Debug, Clone)]
+pub struct AdaptiveRule {
+    min: u32,
+    max: u32,
+    /// Recent response times in seconds per worker, oldest first.
+    responses: Vec<VecDeque<f64>>,
+    /// Smoothed |G|² (squared norm of the true gradient) and σ² (variance of one worker's gradient).
+    signal: Option<f64>,
+    noise: Option<f64>,
+    steps: u64,
+}
+
+impl AdaptiveRule {
+    /// A rule for `workers` workers choosing N in `min..=max`.
+    pub fn new(workers: u32, min: u32, max: u32) -> Self {
+        AdaptiveRule {
+            min: min.max(1),
+            max,
+            responses: vec![VecDeque::with_capacity(WINDOW); workers as usize],
+            signal: None,
+            noise: None,
+            steps: 0,
+        }
+    }
+
+    /// Worker `w` took `seconds` from when it could start to its push (a gradient or a late notice).
+    pub fn observe_response(&mut self, w: WorkerId, seconds: f64) {
+        let Some(r) = self.responses.get_mut(w.index()) else { return };
+        if !seconds.is_finite() || seconds < 0.0 {
+            return;
+        }
+        if r.len() == WINDOW {
+            r.pop_front();
+        }
+        r.push_back(seconds);
+    }
+
+    /// A step averaged `n` gradients whose squared norms summed to `sum_sq`, and whose mean
+    /// had squared norm `mean_sq`.
+    pub fn observe_step(&mut self, n: u32, sum_sq: f64, mean_sq: f64) {
+        self.steps += 1;
+        if n < 2 || !(sum_sq.is_finite() && mean_sq.is_finite()) {
+            return;
+        }
+        let n = n as f64;
+        let sigma2 = ((sum_sq / n - mean_sq) * n / (n - 1.0)).max(0.0);
+        let g2 = mean_sq - sigma2 / n;
+        let smooth = |old: Option<f64>, new: f64| Some(old.map_or(new, |o| o + NOISE_SMOOTHING * (new - o)));
+        self.noise = smooth(self.noise, sigma2);
+        self.signal = smooth(self.signal, g2);
+    }
+
+    /// The gradient noise scale in worker batches (σ² / |G|²): `None` before two gradients
+    /// were averaged, infinite while the gradients' spread hides their mean.
+    pub fn noise_scale(&self) -> Option<f64> {
+        let (g2, s2) = (self.signal?, self.noise?);
+        Some(if g2 > 0.0 { s2 / g2 } else { f64::INFINITY })
+    }
+
+    /// Workers alive with at least one response measured.
+    fn pool(&self, live: &[bool]) -> Vec<usize> {
+        (0..self.responses.len())
+            .filter(|&i| live.get(i).copied().unwrap_or(false) && !self.responses[i].is_empty())
+            .collect()
+    }
+
+    /// The expected seconds per step when each step waits for `n` of the workers in `pool`:
+    /// a replay of their recent response times through the step rule, workers that arrive
+    /// late starting their next step late. `None` when fewer than `n` workers were measured.
+    fn step_seconds(&self, n: usize, pool: &[usize]) -> Option<f64> {
+        if n == 0 || pool.len() < n {
+            return None;
+        }
+        let mut carry = vec![0.0f64; pool.len()];
+        let mut arrivals = vec![0.0f64; pool.len()];
+        let mut scratch = vec![0.0f64; pool.len()];
+        let (mut total, mut weights) = (0.0, 0.0);
+        // The first pass settles the carried lateness; the second is measured.
+        for pass in 0..2 {
+            for round in 0..WINDOW {
+                for (j, &w) in pool.iter().enumerate() {
+                    let r = &self.responses[w];
+                    arrivals[j] = carry[j] + r[round * r.len() / WINDOW];
+                }
+                scratch.copy_from_slice(&arrivals);
+                let (_, kth, _) = scratch.select_nth_unstable_by(n - 1, f64::total_cmp);
+                let t = *kth;
+                for (c, a) in carry.iter_mut().zip(&arrivals) {
+                    *c = (a - t).max(0.0);
+                }
+                if pass == 1 {
+                    let weight = RECENCY.powi((WINDOW - 1 - round) as i32);
+                    total += weight * t;
+                    weights += weight;
+                }
+            }
+        }
+        Some(total / weights)
+    }
+
+    /// Expected progress per second at N = `n`, in units of one noise-free step per second.
+    fn rate(&self, n: usize, pool: &[usize]) -> Option<(f64, f64)> {
+        let t = self.step_seconds(n, pool)?;
+        let progress = match self.noise_scale() {
+            Some(b) if b.is_finite() => n as f64 / (n as f64 + b),
+            // Noise unknown or dominant: progress grows with every gradient.
+            _ => n as f64 / self.max as f64,
+        };
+        Some((progress / t.max(f64::MIN_POSITIVE), t))
+    }
+
+    /// Called once per applied step with N now `current` and the live workers (`live[i]`):
+    /// a new N, if another one promises clearly more progress per second.
+    pub fn choose(&mut self, current: u32, live: &[bool]) -> Option<Choice> {
+        if self.steps < WARMUP_STEPS {
+            return None;
+        }
+        let pool = self.pool(live);
+        let hi = self.max.min(pool.len() as u32);
+        if hi < self.min {
+            return None;
+        }
+        let mut best: Option<(u32, f64, f64)> = None;
+        for n in self.min..=hi {
+            if let Some((r, t)) = self.rate(n as usize, &pool) {
+                if best.is_none_or(|(_, br, _)| r >= br) {
+                    best = Some((n, r, t));
+                }
+            }
+        }
+        let (n, rate, t) = best?;
+        if n == current {
+            return None;
+        }
+        let now = (self.min..=hi).contains(&current).then(|| self.rate(current as usize, &pool)).flatten();
+        if let Some((cur_rate, _)) = now {
+            if rate <= cur_rate * (1.0 + HYSTERESIS) {
+                return None;
+            }
+        }
+        let noise = match self.noise_scale() {
+            Some(b) if b.is_finite() => format!("gradient noise scale {b:.1} worker batches"),
+            Some(_) => "gradient noise dominates".to_string(),
+            None => "gradient noise not yet measured".to_string(),
+        };
+        let compared = match now {
+            Some((cur_rate, cur_t)) => format!(
+                "{:+.0}% progress/s over N={current} ({:.1} ms/step)",
+                100.0 * (rate / cur_rate - 1.0),
+                1e3 * cur_t
+            ),
+            None => format!("N={current} is out of reach with {} live workers measured", pool.len()),
+        };
+        Some(Choice {
+            aggregate: n,
+            reason: format!("adaptive: N={n} expects {:.1} ms/step, {compared}; {noise}", 1e3 * t),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule_with(times: &[f64], min: u32, max: u32) -> AdaptiveRule {
+        let mut r = AdaptiveRule::new(times.len() as u32, min, max);
+        for _ in 0..WINDOW {
+            for (i, &t) in times.iter().enumerate() {
+                r.observe_response(WorkerId(i as u32), t);
+            }
+        }
+        for _ in 0..WARMUP_STEPS {
+            r.observe_step(1, 0.0, 0.0);
+        }
+        r
+    }
+
+    #[test]
+    fn one_slow_worker_out_of_four_is_left_out_when_noise_is_unknown() {
+        let mut r = rule_with(&[0.01, 0.01, 0.01, 0.05], 1, 4);
+        let c = r.choose(4, &[true; 4]).expect("a change");
+        // Noise unknown: gradients per second, 3 per 10 ms beats 4 per 50 ms.
+        assert_eq!(c.aggregate, 3, "{}", c.reason);
+        assert!(c.reason.contains("N=3"), "{}", c.reason);
+    }
+
+    #[test]
+    fn equal_workers_keep_every_gradient() {
+        let mut r = rule_with(&[0.02; 5], 1, 5);
+        assert_eq!(r.choose(5, &[true; 5]), None);
+    }
+
+    #[test]
+    fn no_choice_before_the_warm_up() {
+        let mut r = AdaptiveRule::new(4, 1, 4);
+        for i in 0..4 {
+            r.observe_response(WorkerId(i), if i == 3 { 1.0 } else { 0.01 });
+        }
+        assert_eq!(r.choose(4, &[true; 4]), None);
+    }
+
+    #[test]
+    fn low_gradient_noise_favours_fewer_gradients() {
+        // Workers spread evenly from 10 to 40 ms.
+        let times = [0.010, 0.020, 0.030, 0.040];
+        let mut noisy = rule_with(&times, 1, 4);
+        let mut quiet = rule_with(&times, 1, 4);
+        // Gradients that agree (σ² ≪ |G|²) and gradients that mostly disagree.
+        for _ in 0..50 {
+            // mean_sq = |G|² + σ²/n, sum_sq = n(|G|² + σ²)
+            let (g2, s2, n) = (1.0, 0.05, 4.0);
+            quiet.observe_step(4, n * (g2 + s2), g2 + s2 / n);
+            let (g2, s2) = (1.0, 400.0);
+            noisy.observe_step(4, n * (g2 + s2), g2 + s2 / n);
+        }
+        assert!((quiet.noise_scale().unwrap() - 0.05).abs() < 1e-6);
+        let q = quiet.choose(4, &[true; 4]).expect("quiet changes").aggregate;
+        let n = noisy.choose(4, &[true; 4]).map_or(4, |c| c.aggregate);
+        assert_eq!(q, 1, "almost noise-free gradients: the fastest worker alone");
+        assert!(n > q, "noisy gradients ask for more of them: {n}");
+    }
+
+    #[test]
+    fn dead_and_unmeasured_workers_are_not_waited_for() {
+        let mut r = rule_with(&[0.01; 4], 1, 4);
+        let c = r.choose(4, &[true, true, false, true]).expect("lowered");
+        assert_eq!(c.aggregate, 3);
+        assert!(c.reason.contains("out of reach"), "{}", c.reason);
+    }
+
+    #[test]
+    fn a_late_worker_starts_its_next_step_late() {
+        // A at 10 ms every step; B and C alternate 5 ms and 30 ms in opposite phase. Were all
+        // to start each step together, waiting for two would take 10 ms every step. But the
+        // one at 30 ms is late, finishes anyway, and starts its next (5 ms) step 20 ms late.
+        let mut r = AdaptiveRule::new(3, 1, 3);
+        for round in 0..WINDOW {
+            let (b, c) = if round % 2 == 0 { (0.005, 0.030) } else { (0.030, 0.005) };
+            for (w, t) in [(0, 0.010), (1, b), (2, c)] {
+                r.observe_response(WorkerId(w), t);
+            }
+        }
+        let t2 = r.step_seconds(2, &[0, 1, 2]).unwrap();
+        assert!(t2 > 0.011, "the carried lateness must show: {t2}");
+        assert!(t2 < 0.030, "{t2}");
+    }
+
+    #[test]
+    fn the_noise_estimate_recovers_signal_and_spread() {
+        let mut r = AdaptiveRule::new(3, 1, 3);
+        // Three gradients (1,0), (3,0), (2,3): mean (2,1), |mean|² = 5; Σ|g|² = 1 + 9 + 13 = 23.
+        r.observe_step(3, 23.0, 5.0);
+        // σ² = (23/3 - 5)·3/2 = 4, |G|² = 5 - 4/3.
+        let b = r.noise_scale().unwrap();
+        assert!((b - 4.0 / (5.0 - 4.0 / 3.0)).abs() < 1e-9, "{b}");
+    }
+}
