@@ -118,6 +118,8 @@ struct SimWorker {
     frozen_until: Duration,
     /// Its link is this much slower until then.
     slow: Option<(f64, Duration)>,
+    /// It computes this much slower until then.
+    lag: Option<(f64, Duration)>,
 }
 
 impl SimWorker {
@@ -179,6 +181,7 @@ pub fn simulate<'a>(
                 joined: true,
                 frozen_until: Duration::ZERO,
                 slow: None,
+                lag: None,
             }
         })
         .collect();
@@ -477,6 +480,9 @@ impl Engine<'_> {
             crate::fault::FaultKind::SlowLink { factor, seconds } => {
                 w.slow = Some((factor, at(now, seconds)));
             }
+            crate::fault::FaultKind::Lag { factor, seconds } => {
+                w.lag = Some((factor, at(now, seconds)));
+            }
         }
     }
 
@@ -553,8 +559,11 @@ impl Engine<'_> {
                 WorkerAction::Compute { step } => {
                     let w = &mut self.workers[id.index()];
                     w.computing_on = w.latest.as_ref().map(|(_, p, transfer)| (p.clone(), *transfer));
-                    let seconds = self.delay.sample(id.0, w.draws, &mut w.rng);
+                    let mut seconds = self.delay.sample(id.0, w.draws, &mut w.rng);
                     w.draws += 1;
+                    if let Some((factor, _)) = w.lag.filter(|&(_, until)| until > now) {
+                        seconds *= factor;
+                    }
                     let life = w.life;
                     self.queue.push(at(now, seconds), SimEvent::ComputeDone { worker: id, life, step, seconds });
                 }

@@ -35,6 +35,15 @@ pub enum FaultKind {
         /// How long.
         seconds: f64,
     },
+    /// It computes `factor` times slower for `seconds` (a computation that starts in that
+    /// window takes `factor` times its drawn time): a machine shared with another job, a
+    /// thermal throttle.
+    Lag {
+        /// Slow-down of its computations.
+        factor: f64,
+        /// How long.
+        seconds: f64,
+    },
     /// Its link is `factor` times slower, both ways, for `seconds`.
     SlowLink {
         /// Slow-down of every message to or from it.
@@ -57,7 +66,9 @@ impl Fault {
         let fine = match &self.kind {
             FaultKind::Crash { restart_after } => restart_after.is_none_or(ok),
             FaultKind::Freeze { seconds } => ok(*seconds),
-            FaultKind::SlowLink { factor, seconds } => ok(*seconds) && factor.is_finite() && *factor >= 1.0,
+            FaultKind::SlowLink { factor, seconds } | FaultKind::Lag { factor, seconds } => {
+                ok(*seconds) && factor.is_finite() && *factor >= 1.0
+            }
         };
         if fine {
             Ok(())
@@ -78,6 +89,7 @@ impl std::fmt::Display for Fault {
             FaultKind::Crash { restart_after: Some(r) } => write!(f, "crash:{w}@{at}+{r}"),
             FaultKind::Freeze { seconds } => write!(f, "freeze:{w}@{at}+{seconds}"),
             FaultKind::SlowLink { factor, seconds } => write!(f, "slow:{w}@{at}+{seconds}*{factor}"),
+            FaultKind::Lag { factor, seconds } => write!(f, "lag:{w}@{at}+{seconds}*{factor}"),
         }
     }
 }
@@ -87,11 +99,12 @@ impl std::str::FromStr for Fault {
 
     /// `crash:W@T` (dies for good), `crash:W@T+R` (restarts R seconds later),
     /// `freeze:W@T+S` (SIGSTOP for S seconds), `slow:W@T+S*F` (link F times slower for S
-    /// seconds): worker W, at T virtual seconds.
+    /// seconds), `lag:W@T+S*F` (computes F times slower for S seconds): worker W, at T
+    /// virtual seconds.
     fn from_str(spec: &str) -> Result<Self, ConfigError> {
         let usage = || {
             ConfigError::invalid(format!(
-                "bad fault `{spec}`: use crash:W@T, crash:W@T+RESTART, freeze:W@T+SECONDS or slow:W@T+SECONDS*FACTOR"
+                "bad fault `{spec}`: use crash:W@T, crash:W@T+RESTART, freeze:W@T+SECONDS, slow:W@T+SECONDS*FACTOR or lag:W@T+SECONDS*FACTOR"
             ))
         };
         let num = |v: &str| v.trim().parse::<f64>().map_err(|_| usage());
@@ -109,6 +122,10 @@ impl std::str::FromStr for Fault {
             ("slow", Some(sf)) => {
                 let (s, f) = sf.split_once('*').ok_or_else(usage)?;
                 FaultKind::SlowLink { factor: num(f)?, seconds: num(s)? }
+            }
+            ("lag", Some(sf)) => {
+                let (s, f) = sf.split_once('*').ok_or_else(usage)?;
+                FaultKind::Lag { factor: num(f)?, seconds: num(s)? }
             }
             _ => return Err(usage()),
         };
@@ -178,10 +195,11 @@ mod tests {
             "slow:2@0+30*10".parse::<Fault>().unwrap().kind,
             FaultKind::SlowLink { factor: 10.0, seconds: 30.0 }
         );
-        for text in ["crash:3@10+2.5", "crash:0@1", "freeze:1@4+6", "slow:2@0+30*10"] {
+        assert_eq!("lag:4@50+100*3".parse::<Fault>().unwrap().kind, FaultKind::Lag { factor: 3.0, seconds: 100.0 });
+        for text in ["crash:3@10+2.5", "crash:0@1", "freeze:1@4+6", "slow:2@0+30*10", "lag:4@50+100*3"] {
             assert_eq!(text.parse::<Fault>().unwrap().to_string(), text);
         }
-        for bad in ["crash", "freeze:1@4", "slow:1@2+3", "melt:1@2", "crash:x@1"] {
+        for bad in ["crash", "freeze:1@4", "slow:1@2+3", "lag:1@2+3", "melt:1@2", "crash:x@1"] {
             assert!(bad.parse::<Fault>().unwrap_err().to_string().contains("use crash:W@T"), "{bad}");
         }
     }

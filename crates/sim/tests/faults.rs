@@ -1,4 +1,4 @@
-//! Whole-cluster runs under seeded fault schedules (crashes, restarts, freezes, slow links):
+//! Whole-cluster runs under seeded fault schedules (crashes, restarts, freezes, slow links, lags):
 //! every run ends, and whatever the faults, every step is applied once, in order, with N
 //! distinct accepted contributors (or the lowered N the events announce).
 
@@ -27,6 +27,7 @@ fn fault_kinds() -> impl Strategy<Value = FaultKind> {
         prop::option::of(0.0f64..6.0).prop_map(|restart_after| FaultKind::Crash { restart_after }),
         (0.0f64..6.0).prop_map(|seconds| FaultKind::Freeze { seconds }),
         (1.0f64..20.0, 0.0f64..6.0).prop_map(|(factor, seconds)| FaultKind::SlowLink { factor, seconds }),
+        (1.0f64..20.0, 0.0f64..6.0).prop_map(|(factor, seconds)| FaultKind::Lag { factor, seconds }),
     ]
 }
 
@@ -52,6 +53,18 @@ fn a_crashed_worker_that_restarts_gets_back_in_after_its_old_session_times_out()
         .count();
     assert_eq!(rejoined, 1);
     check_invariants(&r.events, 3).unwrap();
+}
+
+#[test]
+fn a_lagging_worker_computes_slower_for_the_window_and_then_recovers() {
+    // Two workers, N = 2, one second per gradient; worker 1 computes 3× slower for the 10
+    // virtual seconds after t = 5: steps that start in the window take 3 s, the rest 1 s.
+    let mut cfg = SimConfig::new(2, Policy::Sync { aggregate: 2, backups: 0 }, 20, DelayModel::Constant(1.0), 1);
+    cfg.faults = vec![Fault { at: 5.0, worker: 1, kind: FaultKind::Lag { factor: 3.0, seconds: 10.0 } }];
+    let r = simulate(&cfg, None).unwrap();
+    let steps: Vec<f64> = r.step_seconds.iter().map(|s| (s * 1e6).round() / 1e6).collect();
+    let want = [vec![1.0; 5], vec![3.0; 4], vec![1.0; 11]].concat();
+    assert_eq!(steps, want);
 }
 
 #[test]
@@ -94,6 +107,7 @@ proptest! {
         aggregate in 1u32..6,
         backups in 0u32..3,
         lower in any::<bool>(),
+        adaptive in any::<bool>(),
         faults in schedules(8),
     ) {
         let workers = aggregate + backups;
@@ -102,8 +116,16 @@ proptest! {
         if lower {
             cfg.server.liveness.on_stall = OnStall::LowerAggregate;
         }
+        // The adaptive policy between N = aggregate and every worker: whatever it chooses,
+        // each step has exactly the N its events announce.
+        let start = if adaptive {
+            cfg.server.policy = Policy::Adaptive { min: aggregate, max: workers };
+            workers
+        } else {
+            aggregate
+        };
         let r = simulate(&cfg, None).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        check_invariants(&r.events, aggregate).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        check_invariants(&r.events, start).map_err(|e| TestCaseError::fail(e.to_string()))?;
         // It ended (no `Hang`, no `Stuck`): all its steps, or a stop for too few workers.
         prop_assert!(r.summary.steps <= 150);
     }
