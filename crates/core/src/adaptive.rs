@@ -10,13 +10,15 @@
 //!   of those times through the step rule gives T(N) with the cost of stragglers included: a
 //!   worker whose gradient comes too late finishes anyway (a networked worker cannot stop
 //!   half-way) and starts its next step late. Recent rounds weigh more.
-//! - **progress(N) ∝ N / (N + B)**, where B is the gradient noise scale counted in worker
-//!   batches: how many workers' gradients it takes before averaging more stops paying
-//!   (McCandlish et al., "An Empirical Model of Large-Batch Training", arXiv 1812.06162). The
-//!   server estimates it from the gradients it sums anyway: with N gradients gᵢ and their
-//!   mean ḡ, E‖gᵢ‖² = |G|² + σ² and E‖ḡ‖² = |G|² + σ²/N, so σ² and |G|² follow, and
-//!   B = σ² / |G|². Both are smoothed separately across steps. Until they are known, or when
-//!   the noise dominates, the rule maximises gradients per second.
+//! - **progress(N) ∝ N · (2·max + B − N)**: the expected loss decrease of one step that
+//!   averages N gradients with the learning rate scaled linearly in N, when the configured
+//!   rate (the rate at N = max) is the best rate for N = max. B is the gradient noise scale
+//!   counted in worker batches (McCandlish et al., "An Empirical Model of Large-Batch
+//!   Training", arXiv 1812.06162): the more the gradients disagree, the more each extra one
+//!   is worth. The server estimates B from the gradients it sums anyway: with N gradients gᵢ
+//!   and their mean ḡ, E‖gᵢ‖² = |G|² + σ² and E‖ḡ‖² = |G|² + σ²/N, so σ² and |G|² follow,
+//!   and B = σ² / |G|². Both are smoothed separately across steps. Until they are known, or
+//!   when the noise dominates, progress ∝ N and the rule maximises gradients per second.
 //!
 //! The closest published rule is Dynamic Backup Workers (Xu, Neglia, Sebastianelli,
 //! arXiv 2004.14696), which also picks the number of gradients per step by expected loss
@@ -37,6 +39,22 @@ const NOISE_SMOOTHING: f64 = 0.1;
 const HYSTERESIS: f64 = 0.03;
 /// Steps the rule watches before its first choice.
 pub const WARMUP_STEPS: u64 = 8;
+
+/// The expected loss decrease of a step that averages `n` gradients, with the learning rate
+/// `n / max` times the rate that is best at N = `max`, relative to the best step at
+/// N = `max`, for gradient noise scale `noise` (in worker batches).
+///
+/// McCandlish et al.'s model of a step of size ε on a batch of noise scale B gives
+/// ΔL / ΔL_max = 2x − x²(1 + B/N) with x = ε / ε_max; the best rate at N = max is
+/// x = max / (max + B), and linear scaling makes x = n / (max + B) at N = n. Together:
+/// ΔL(n) ∝ n · (2·max + B − n), which is ∝ n when B is large (every gradient is worth the
+/// same) and bends down when the gradients agree. An unknown or infinite B counts as large.
+pub fn progress(n: f64, max: f64, noise: Option<f64>) -> f64 {
+    match noise {
+        Some(b) if b.is_finite() => n * (2.0 * max + b - n) / (max * (max + b)),
+        _ => n / max,
+    }
+}
 
 /// A change of N with the numbers behind it.
 #[derive(Debug, Clone, PartialEq)]
@@ -148,15 +166,11 @@ impl AdaptiveRule {
         Some(total / weights)
     }
 
-    /// Expected progress per second at N = `n`, in units of one noise-free step per second.
+    /// Expected progress per second at N = `n` (relative: only comparisons between values of
+    /// N mean anything), and the expected seconds per step.
     fn rate(&self, n: usize, pool: &[usize]) -> Option<(f64, f64)> {
         let t = self.step_seconds(n, pool)?;
-        let progress = match self.noise_scale() {
-            Some(b) if b.is_finite() => n as f64 / (n as f64 + b),
-            // Noise unknown or dominant: progress grows with every gradient.
-            _ => n as f64 / self.max as f64,
-        };
-        Some((progress / t.max(f64::MIN_POSITIVE), t))
+        Some((progress(n as f64, self.max as f64, self.noise_scale()) / t.max(f64::MIN_POSITIVE), t))
     }
 
     /// Called once per applied step with N now `current` and the live workers (`live[i]`):
@@ -250,9 +264,21 @@ mod tests {
     }
 
     #[test]
+    fn progress_is_one_at_the_full_cluster_and_bends_down_only_when_gradients_agree() {
+        for b in [0.0, 1.0, 50.0, 1e9] {
+            assert!((progress(100.0, 100.0, Some(b)) - 1.0).abs() < 1e-9);
+        }
+        // Noise-free: half the gradients (at half the rate) still make 3/4 of the progress.
+        assert!((progress(50.0, 100.0, Some(0.0)) - 0.75).abs() < 1e-9);
+        // Very noisy, or unknown: progress in proportion to the gradients.
+        assert!((progress(50.0, 100.0, Some(1e9)) - 0.5).abs() < 1e-6);
+        assert!((progress(50.0, 100.0, None) - 0.5).abs() < 1e-12);
+    }
+
+    #[test]
     fn low_gradient_noise_favours_fewer_gradients() {
-        // Workers spread evenly from 10 to 40 ms.
-        let times = [0.010, 0.020, 0.030, 0.040];
+        // Workers at 10, 15, 20 and 25 ms: gradients per second grow with N up to 4.
+        let times = [0.010, 0.015, 0.020, 0.025];
         let mut noisy = rule_with(&times, 1, 4);
         let mut quiet = rule_with(&times, 1, 4);
         // Gradients that agree (σ² ≪ |G|²) and gradients that mostly disagree.
@@ -266,8 +292,8 @@ mod tests {
         assert!((quiet.noise_scale().unwrap() - 0.05).abs() < 1e-6);
         let q = quiet.choose(4, &[true; 4]).expect("quiet changes").aggregate;
         let n = noisy.choose(4, &[true; 4]).map_or(4, |c| c.aggregate);
-        assert_eq!(q, 1, "almost noise-free gradients: the fastest worker alone");
-        assert!(n > q, "noisy gradients ask for more of them: {n}");
+        assert_eq!(q, 2, "almost noise-free gradients: the two fastest workers");
+        assert_eq!(n, 4, "noisy gradients: every gradient is worth waiting for");
     }
 
     #[test]
