@@ -2,6 +2,7 @@
 //! virtual clock.
 
 use crate::config::{EvalOn, SimConfig};
+use crate::network::ServerLink;
 use crate::queue::EventQueue;
 use crate::report::{MetricRow, SimReport, Summary};
 use quorum_compute::delay::DelaySampler;
@@ -144,6 +145,18 @@ struct Engine<'a> {
     record: RunRecord,
     grad: Vec<f32>,
     done: bool,
+    /// The servers' links: parameters out, gradients in.
+    down: ServerLink,
+    up: ServerLink,
+}
+
+/// Which way a message crosses the servers' links.
+#[derive(Clone, Copy)]
+enum Direction {
+    /// Parameters to a worker.
+    Down,
+    /// A gradient to the server.
+    Up,
 }
 
 fn at(now: Duration, seconds: f64) -> Duration {
@@ -232,6 +245,8 @@ pub fn simulate<'a>(
         record: RunRecord::new(cfg.server.workers, batch, cfg.record_arrivals),
         grad: Vec::new(),
         done: false,
+        down: ServerLink::default(),
+        up: ServerLink::default(),
     };
     engine.run()?;
     engine.finish()
@@ -430,9 +445,26 @@ impl Engine<'_> {
 
     fn send_params(&mut self, now: Duration, to: WorkerId, step: Step) {
         let params = self.params_of(step);
-        let transfer = self.link_delay(now, to, self.bytes);
+        let transfer = self.server_delay(now, to, self.bytes, Direction::Down);
         let life = self.workers[to.index()].life;
         self.queue.push(at(now, transfer), SimEvent::Params { to, life, step, params, transfer });
+    }
+
+    /// A parameter or gradient message between `w` and the servers: it crosses `w`'s link and
+    /// the servers' links (where it may queue behind others) at once; it has arrived when the
+    /// slower of the two is through.
+    fn server_delay(&mut self, now: Duration, w: WorkerId, bytes: usize, dir: Direction) -> f64 {
+        let own = self.link_delay(now, w, bytes);
+        let busy = self.cfg.network.server_seconds(bytes);
+        if busy <= 0.0 {
+            return own;
+        }
+        let link = match dir {
+            Direction::Down => &mut self.down,
+            Direction::Up => &mut self.up,
+        };
+        let t = now.as_secs_f64();
+        own.max(link.send(t, busy) - t + self.cfg.network.latency)
     }
 
     /// A message's delay on `w`'s link: the network's, times a slow link's factor.
@@ -599,7 +631,7 @@ impl Engine<'_> {
                     // Divergence is judged where the server judges it (`quorum_core::diverged`):
                     // the applied step's loss, and non-finite gradients refused on arrival.
                     let session = self.workers[id.index()].session(id);
-                    let arrive = at(now, self.link_delay(now, id, self.bytes));
+                    let arrive = at(now, self.server_delay(now, id, self.bytes, Direction::Up));
                     self.queue.push(
                         arrive,
                         SimEvent::ToServer { from: id, session, msg: ToServer::Push { step, gradient, loss } },

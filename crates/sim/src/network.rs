@@ -1,4 +1,4 @@
-//! The simulated network: what a message costs on a worker's link.
+//! The simulated network: what a message costs on a worker's link, and on the servers' links.
 
 use serde::{Deserialize, Serialize};
 
@@ -9,21 +9,56 @@ pub struct NetworkModel {
     /// One-way latency in seconds.
     #[serde(default)]
     pub latency: f64,
-    /// Bytes per second; `None` is infinite bandwidth.
+    /// Bytes per second of each worker's link; `None` is infinite bandwidth.
     #[serde(default)]
     pub bandwidth: Option<f64>,
+    /// Bytes per second of each parameter server's link, each way; `None`: infinite (the
+    /// servers' links never queue). Every parameter pull and gradient push crosses it.
+    #[serde(default)]
+    pub server_bandwidth: Option<f64>,
+    /// Parameter servers the model is split over, evenly: a message to or from "the server"
+    /// is `shards` messages of 1/`shards` the size, one per server link, in parallel.
+    #[serde(default = "one")]
+    pub shards: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl Default for NetworkModel {
     fn default() -> Self {
-        NetworkModel { latency: 0.0, bandwidth: None }
+        NetworkModel { latency: 0.0, bandwidth: None, server_bandwidth: None, shards: 1 }
     }
 }
 
 impl NetworkModel {
-    /// Seconds for a message of `bytes` to arrive.
+    /// Seconds for a message of `bytes` to arrive over a worker's link.
     pub fn delay(&self, bytes: usize) -> f64 {
         self.latency + self.bandwidth.map_or(0.0, |bw| bytes as f64 / bw)
+    }
+
+    /// Seconds one server link is busy with a message of `bytes` (its shard's part of it).
+    pub fn server_seconds(&self, bytes: usize) -> f64 {
+        self.server_bandwidth.map_or(0.0, |bw| bytes as f64 / f64::from(self.shards.max(1)) / bw)
+    }
+}
+
+/// The servers' links in one direction: first come, first served. The model is split evenly,
+/// so every server's link carries the same load and one queue stands for all of them.
+#[derive(Debug, Clone, Default)]
+pub struct ServerLink {
+    free_at: f64,
+}
+
+impl ServerLink {
+    /// A message of `busy` link-seconds handed to the link at `now`: when it has crossed.
+    pub fn send(&mut self, now: f64, busy: f64) -> f64 {
+        if busy <= 0.0 {
+            return now;
+        }
+        self.free_at = self.free_at.max(now) + busy;
+        self.free_at
     }
 }
 
@@ -33,7 +68,21 @@ mod tests {
 
     #[test]
     fn network_delay_is_latency_plus_size_over_bandwidth() {
-        let n = NetworkModel { latency: 0.001, bandwidth: Some(1e9) };
+        let n = NetworkModel { latency: 0.001, bandwidth: Some(1e9), ..NetworkModel::default() };
         assert!((n.delay(4_000_000) - 0.005).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_server_link_queues_messages_and_shards_split_them() {
+        let one = NetworkModel { server_bandwidth: Some(1e9), ..NetworkModel::default() };
+        let four = NetworkModel { shards: 4, ..one.clone() };
+        assert!((one.server_seconds(100_000_000) - 0.1).abs() < 1e-12);
+        assert!((four.server_seconds(100_000_000) - 0.025).abs() < 1e-12);
+        let mut link = ServerLink::default();
+        // Three 0.1 s messages at once leave one after the other; a later one waits for none.
+        let done: Vec<f64> = (0..3).map(|_| link.send(1.0, 0.1)).collect();
+        assert!((done[2] - 1.3).abs() < 1e-12, "{done:?}");
+        assert!((link.send(5.0, 0.1) - 5.1).abs() < 1e-12);
+        assert_eq!(link.send(6.0, 0.0), 6.0);
     }
 }

@@ -241,10 +241,20 @@ pub struct SimFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     latency: Option<f64>,
-    /// Network bandwidth, bytes per second [default: infinite].
+    /// Network bandwidth of each worker's link, bytes per second [default: infinite].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     bandwidth: Option<f64>,
+    /// Each parameter server's link, bytes per second each way; pulls and pushes queue on it
+    /// [default: infinite].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_bandwidth: Option<f64>,
+    /// Parameter servers the model is split over evenly (planning: `quorum ps` is one server
+    /// today) [default: 1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shards: Option<u32>,
     /// No gradient math: time only (for big sweeps).
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]

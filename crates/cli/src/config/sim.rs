@@ -18,6 +18,12 @@ pub struct SimKeys {
     pub latency: f64,
     /// Network bandwidth, bytes per second (unset: infinite).
     pub bandwidth: Option<f64>,
+    /// Each parameter server's link, bytes per second each way (unset: infinite): pulls and
+    /// pushes queue on it.
+    pub server_bandwidth: Option<f64>,
+    /// Parameter servers the model is split over evenly (planning only: `quorum ps` is one
+    /// server today).
+    pub shards: Option<u32>,
     /// No gradient math: time only (for big sweeps).
     pub timing_only: bool,
     /// Timing-only: charge messages for a model of this many parameters.
@@ -91,7 +97,18 @@ impl RunConfig {
         }
         let mut cfg = SimConfig::new(self.workers, self.policy()?, steps, delay, self.seed);
         cfg.server = self.server_config(steps)?;
-        cfg.network = NetworkModel { latency: s.latency, bandwidth: s.bandwidth };
+        if s.shards == Some(0) {
+            bail!("shards must be at least 1");
+        }
+        if s.server_bandwidth.is_some_and(|b| !(b > 0.0 && b.is_finite())) {
+            bail!("server-bandwidth must be a positive number of bytes per second");
+        }
+        cfg.network = NetworkModel {
+            latency: s.latency,
+            bandwidth: s.bandwidth,
+            server_bandwidth: s.server_bandwidth,
+            shards: s.shards.unwrap_or(1),
+        };
         cfg.on_newer = s.on_newer;
         cfg.virtual_params = s.virtual_params;
         cfg.eval_every = (self.eval_every > 0).then_some(self.eval_every);
