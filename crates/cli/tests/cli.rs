@@ -345,3 +345,31 @@ fn advise_says_when_the_data_are_too_few_to_tell() {
     let o = quorum(&["advise", dir.to_str().unwrap()]);
     assert!(text(&o).contains("is it a run directory?") || text(&o).contains("a run directory"), "{}", text(&o));
 }
+
+#[test]
+fn the_kubernetes_manifest_resolves_every_pod_to_its_role_and_a_wrong_replica_count_is_caught() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let manifest = root.join("deploy/k8s/quorum-tfjob.yaml");
+    let check = |manifest: &Path| {
+        Command::new("bash")
+            .arg(root.join("deploy/k8s/check.sh"))
+            .arg(manifest)
+            .arg(env!("CARGO_BIN_EXE_quorum"))
+            .output()
+            .unwrap()
+    };
+    let o = check(&manifest);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("ok   ps-0 -> parameter server"), "{t}");
+    assert!(t.contains("ok   worker-7 -> worker 7"), "{t}");
+    // Seven worker pods for a configuration of eight workers: every pod is refused, named.
+    let dir = tmp("k8s");
+    let wrong = dir.join("wrong.yaml");
+    let yaml = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&wrong, yaml.replace("    Worker:\n      replicas: 8", "    Worker:\n      replicas: 7")).unwrap();
+    let o = check(&wrong);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("TF_CONFIG describes 7 workers but the configuration says workers = 8"), "{t}");
+}

@@ -15,6 +15,10 @@ pub struct NodeArgs {
     /// (Parameter server) continue from the newest valid checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Print the role `TF_CONFIG` or Slurm gives this process, after checking it against the
+    /// configuration, and exit (to check a cluster's manifests without running it).
+    #[arg(long)]
+    print_topology: bool,
 }
 
 /// Runs `quorum node`: the role `TF_CONFIG` or Slurm gives this process.
@@ -24,6 +28,9 @@ pub fn node(a: NodeArgs) -> Result<()> {
         .context("quorum node needs TF_CONFIG or Slurm variables (SLURM_PROCID, ...); use `quorum ps` / `quorum worker` otherwise")?;
     println!("{t}");
     check_workers(&cfg, &t)?;
+    if a.print_topology {
+        return Ok(());
+    }
     match t.role {
         Role::Ps => serve(&cfg, &all_interfaces(&t), a.resume),
         Role::Worker(i) => work(&cfg, i, &t.ps),
