@@ -41,6 +41,10 @@ const HYSTERESIS: f64 = 0.03;
 const SEARCH_POINTS: u32 = 16;
 /// Steps the rule watches before its first choice.
 pub const WARMUP_STEPS: u64 = 8;
+/// Steps N stays at a new value before the rule may change it again: half the window, so
+/// that most of the times it then judges by were measured at the new N (without it, a change
+/// that shifts which workers arrive late could be undone by the very next step).
+pub const DWELL_STEPS: u64 = 8;
 
 /// The expected loss decrease of a step that averages `n` gradients, with the learning rate
 /// `n / max` times the rate that is best at N = `max`, relative to the best step at
@@ -78,6 +82,8 @@ pub struct AdaptiveRule {
     signal: Option<f64>,
     noise: Option<f64>,
     steps: u64,
+    /// The step count at the last change.
+    changed_at: Option<u64>,
 }
 
 impl AdaptiveRule {
@@ -90,6 +96,7 @@ impl AdaptiveRule {
             signal: None,
             noise: None,
             steps: 0,
+            changed_at: None,
         }
     }
 
@@ -210,7 +217,7 @@ impl AdaptiveRule {
     /// Called once per applied step with N now `current` and the live workers (`live[i]`):
     /// a new N, if another one promises clearly more progress per second.
     pub fn choose(&mut self, current: u32, live: &[bool]) -> Option<Choice> {
-        if self.steps < WARMUP_STEPS {
+        if self.steps < WARMUP_STEPS || self.changed_at.is_some_and(|c| self.steps < c + DWELL_STEPS) {
             return None;
         }
         let pool = self.pool(live);
@@ -241,6 +248,7 @@ impl AdaptiveRule {
             ),
             None => format!("N={current} is out of reach with {} live workers measured", pool.len()),
         };
+        self.changed_at = Some(self.steps);
         Some(Choice {
             aggregate: n,
             reason: format!("adaptive: N={n} expects {:.1} ms/step, {compared}; {noise}", 1e3 * t),
@@ -272,6 +280,25 @@ mod tests {
         // Noise unknown: gradients per second, 3 per 10 ms beats 4 per 50 ms.
         assert_eq!(c.aggregate, 3, "{}", c.reason);
         assert!(c.reason.contains("N=3"), "{}", c.reason);
+    }
+
+    #[test]
+    fn after_a_change_n_stays_for_the_dwell_steps() {
+        let mut r = rule_with(&[0.01, 0.01, 0.01, 0.05], 1, 4);
+        assert_eq!(r.choose(4, &[true; 4]).map(|c| c.aggregate), Some(3));
+        // Worker 3 becomes the fastest at once: the rule waits out its dwell before moving.
+        for _ in 0..WINDOW {
+            r.observe_response(WorkerId(3), 0.001);
+            for w in 0..3 {
+                r.observe_response(WorkerId(w), 0.03);
+            }
+        }
+        for _ in 0..DWELL_STEPS - 1 {
+            r.observe_step(1, 0.0, 0.0);
+            assert_eq!(r.choose(3, &[true; 4]), None);
+        }
+        r.observe_step(1, 0.0, 0.0);
+        assert!(r.choose(3, &[true; 4]).is_some(), "after the dwell the rule moves again");
     }
 
     #[test]
