@@ -472,6 +472,18 @@ fn csv_rows(path: &Path) -> (String, Vec<std::collections::BTreeMap<String, Stri
     (header, rows)
 }
 
+/// Runs `scenario` through `quorum sim` and through `quorum train` (a real cluster on
+/// loopback), each into its own directory under `dir`: the run directories and the outputs,
+/// the simulator's first. Either failing fails the test with its output.
+fn in_sim_and_for_real(dir: &Path, scenario: &[&str]) -> [(std::path::PathBuf, String); 2] {
+    ["sim", "train"].map(|mode| {
+        let run = dir.join(mode);
+        let o = quorum().arg(mode).args(scenario).args(["--out", run.to_str().unwrap()]).output().unwrap();
+        assert!(o.status.success(), "{mode}: {}", text(&o));
+        (run, text(&o))
+    })
+}
+
 #[test]
 fn the_simulator_and_a_real_cluster_keep_the_same_record_of_the_same_scenario() {
     // Worker 0 is 8x slower than the other two; N = 2, b = 1. Whatever drives the rule, w0
@@ -491,12 +503,7 @@ fn the_simulator_and_a_real_cluster_keep_the_same_record_of_the_same_scenario() 
         "--delay",
         "slow:1,8,const:0.03",
     ];
-    let sim = dir.path().join("sim");
-    let o = quorum().arg("sim").args(scenario).args(["--out", sim.to_str().unwrap()]).output().unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    let real = dir.path().join("real");
-    let o = quorum().arg("train").args(scenario).args(["--out", real.to_str().unwrap()]).output().unwrap();
-    assert!(o.status.success(), "{}", text(&o));
+    let [(sim, _), (real, _)] = in_sim_and_for_real(dir.path(), &scenario);
 
     let (sim_h, sim_w) = csv_rows(&sim.join("workers.csv"));
     let (real_h, real_w) = csv_rows(&real.join("workers.csv"));
@@ -599,11 +606,8 @@ fn the_adaptive_policy_stops_waiting_for_a_slow_worker_in_the_simulator_and_on_a
         "--delay",
         "slow:1,8,const:0.03",
     ];
-    for mode in ["sim", "train"] {
-        let run = dir.path().join(mode);
-        let o = quorum().arg(mode).args(scenario).args(["--out", run.to_str().unwrap()]).output().unwrap();
-        assert!(o.status.success(), "{mode}: {}", text(&o));
-        assert!(text(&o).contains("adaptive N=1..3"), "{mode}: {}", text(&o));
+    for (mode, (run, out)) in ["sim", "train"].into_iter().zip(in_sim_and_for_real(dir.path(), &scenario)) {
+        assert!(out.contains("adaptive N=1..3"), "{mode}: {out}");
         let ev = events(&run);
         let first =
             ev.iter().position(|e| e["event"] == "aggregate_changed").unwrap_or_else(|| panic!("{mode}: no choice"));

@@ -637,17 +637,28 @@ impl Server {
     /// Adaptive policy: N for the step that just opened.
     fn choose_aggregate(&mut self, now: Duration) -> Outputs {
         let mut out = Outputs::default();
+        if self.adaptive.is_none() {
+            return out;
+        }
         let live: Vec<bool> = self.slots.iter().map(|s| s.alive).collect();
         if let Some(choice) = self.adaptive.as_mut().and_then(|r| r.choose(self.aggregate, &live)) {
-            out.events.push(Event::AggregateChanged {
-                from: self.aggregate,
-                to: choice.aggregate,
-                reason: choice.reason,
-                time: secs(now),
-            });
-            self.aggregate = choice.aggregate;
+            self.change_aggregate(now, choice.aggregate, choice.reason, &mut out);
         }
         out
+    }
+
+    /// Sets N, with the event that says why.
+    fn change_aggregate(&mut self, now: Duration, to: u32, reason: String, out: &mut Outputs) {
+        out.events.push(Event::AggregateChanged { from: self.aggregate, to, reason, time: secs(now) });
+        self.aggregate = to;
+    }
+
+    /// Lowers N to the `live` workers and closes the open step if that completes it.
+    fn lower_to_live(&mut self, now: Duration, live: u32, reason: &str, out: &mut Outputs) {
+        self.change_aggregate(now, live, reason.into(), out);
+        if self.should_close(now) {
+            out.extend(self.close(now));
+        }
     }
 
     fn check_stall(&mut self, now: Duration) -> Outputs {
@@ -663,28 +674,12 @@ impl Server {
         };
         // Workers came back after N was lowered: raise it again, as far as they allow.
         if self.aggregate < configured && live > self.aggregate {
-            let to = live.min(configured);
-            out.events.push(Event::AggregateChanged {
-                from: self.aggregate,
-                to,
-                reason: "workers returned: N raised back".into(),
-                time: secs(now),
-            });
-            self.aggregate = to;
+            self.change_aggregate(now, live.min(configured), "workers returned: N raised back".into(), &mut out);
         }
         // Adaptive: a worker gone while training is under way lowers N at once, as far as
         // `min` allows; the rule raises it again when it sees fit.
         if self.adaptive.is_some() && self.step > 0 && live < self.aggregate && live >= configured {
-            out.events.push(Event::AggregateChanged {
-                from: self.aggregate,
-                to: live,
-                reason: "adaptive: workers left, N lowered to the live workers".into(),
-                time: secs(now),
-            });
-            self.aggregate = live;
-            if self.should_close(now) {
-                out.extend(self.close(now));
-            }
+            self.lower_to_live(now, live, "adaptive: workers left, N lowered to the live workers", &mut out);
         }
         let missing = || -> Vec<WorkerId> {
             self.slots.iter().enumerate().filter(|(_, s)| !s.alive).map(|(i, _)| WorkerId(i as u32)).collect()
@@ -718,17 +713,8 @@ impl Server {
         }
         match self.cfg.liveness.on_stall {
             OnStall::LowerAggregate if live >= 1 => {
-                out.events.push(Event::AggregateChanged {
-                    from: self.aggregate,
-                    to: live,
-                    reason: "stalled: N lowered to the live workers".into(),
-                    time: secs(now),
-                });
-                self.aggregate = live;
                 self.stall_since = None;
-                if self.should_close(now) {
-                    out.extend(self.close(now));
-                }
+                self.lower_to_live(now, live, "stalled: N lowered to the live workers", &mut out);
             }
             _ => {
                 self.stopped = true;

@@ -751,56 +751,54 @@ async fn any_grpc_client_can_push_and_the_push_route_checks_the_token_and_the_sh
     assert_eq!((summary.steps, summary.accepted), (1, 1));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panic_in_gradient_code_is_an_error_naming_the_worker_and_the_server_is_told_it_left() {
-    let dir = tempfile::tempdir().unwrap();
-    let (opts, src) = options(3, Policy::Sync { aggregate: 2, backups: 1 }, 400, Some(dir.path().to_path_buf()));
+/// Worker 2 of 3 (N = 2, b = 1) runs `broken`: its error must name the worker and say
+/// `expected`, the other two finish the run, and the server hears at once that it left
+/// (not after the worker time-out).
+async fn a_failing_worker_is_named_and_the_server_told(
+    broken: Hooked,
+    src: &LeastSquares,
+    dir: &std::path::Path,
+    expected: &str,
+) {
+    let (opts, _) = options(3, Policy::Sync { aggregate: 2, backups: 1 }, 400, Some(dir.to_path_buf()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
-    let broken = Hooked::new(&src, |batch| {
-        assert!(batch.step < 1, "index out of bounds in the user's model");
-        Ok(())
-    });
-    let others: Vec<_> = (0..2).map(|i| worker(i, addr, &src)).collect();
+    let others: Vec<_> = (0..2).map(|i| worker(i, addr, src)).collect();
     let mut wo = WorkerOptions::new(2, format!("http://{addr}"));
     wo.connect_timeout = Duration::from_secs(5);
     let err = run_worker(wo, Box::new(broken) as Box<dyn GradientSource + Send>).await.unwrap_err().to_string();
-    assert!(err.contains("worker 2: the gradient code panicked (index out of bounds in the user's model)"), "{err}");
+    assert!(err.contains(expected), "{err}");
     let summary = tokio::time::timeout(Duration::from_secs(60), server).await.expect("finishes").unwrap().unwrap();
     assert_eq!(summary.steps, 400);
     for w in others {
         w.await.unwrap().unwrap();
     }
-    // Told at once ("left"), not found out after the worker time-out.
-    let left = events_of(dir.path()).into_iter().find(|e| e["event"] == "worker_left" && e["worker"] == 2).unwrap();
+    let left = events_of(dir).into_iter().find(|e| e["event"] == "worker_left" && e["worker"] == 2).unwrap();
     assert_eq!(left["reason"], "left", "{left}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_gradient_code_is_an_error_naming_the_worker_and_the_server_is_told_it_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, src) = options(3, Policy::Sync { aggregate: 2, backups: 1 }, 400, None);
+    let broken = Hooked::new(&src, |batch| {
+        assert!(batch.step < 1, "index out of bounds in the user's model");
+        Ok(())
+    });
+    let expected = "worker 2: the gradient code panicked (index out of bounds in the user's model)";
+    a_failing_worker_is_named_and_the_server_told(broken, &src, dir.path(), expected).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gradient_code_that_fails_is_an_error_naming_the_worker_and_the_server_is_told_it_left() {
     let dir = tempfile::tempdir().unwrap();
-    let (opts, src) = options(3, Policy::Sync { aggregate: 2, backups: 1 }, 400, Some(dir.path().to_path_buf()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let (_, src) = options(3, Policy::Sync { aggregate: 2, backups: 1 }, 400, None);
     let broken = Hooked::new(&src, |batch| match batch.step {
         0 => Ok(()),
         _ => Err(quorum_compute::ComputeError::Failed("the data loader ran dry".into())),
     });
-    let others: Vec<_> = (0..2).map(|i| worker(i, addr, &src)).collect();
-    let mut wo = WorkerOptions::new(2, format!("http://{addr}"));
-    wo.connect_timeout = Duration::from_secs(5);
-    let err = run_worker(wo, Box::new(broken) as Box<dyn GradientSource + Send>).await.unwrap_err().to_string();
-    assert!(err.contains("worker 2: the data loader ran dry"), "{err}");
-    let summary = tokio::time::timeout(Duration::from_secs(60), server).await.expect("finishes").unwrap().unwrap();
-    assert_eq!(summary.steps, 400);
-    for w in others {
-        w.await.unwrap().unwrap();
-    }
-    // Told at once ("left"), not found out after the worker time-out.
-    let left = events_of(dir.path()).into_iter().find(|e| e["event"] == "worker_left" && e["worker"] == 2).unwrap();
-    assert_eq!(left["reason"], "left", "{left}");
+    a_failing_worker_is_named_and_the_server_told(broken, &src, dir.path(), "worker 2: the data loader ran dry").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
