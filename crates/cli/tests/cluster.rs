@@ -24,6 +24,12 @@ fn step_times(run: &Path) -> Vec<f64> {
     m.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().parse().unwrap()).collect()
 }
 
+/// The run's events, parsed.
+fn events(run: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(run.join("events.jsonl")).unwrap();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
 #[test]
 fn train_with_the_synthetic_model_writes_every_output() {
     let dir = tempfile::tempdir().unwrap();
@@ -233,10 +239,8 @@ fn sigterm_checkpoints_and_resume_finishes_the_run() {
         metrics.lines().skip(1).map(|l| l.split(',').take(3).map(|x| x.parse().unwrap()).collect()).collect();
     assert_eq!(rows.iter().map(|r| r[0] as u64).collect::<Vec<_>>(), (1..=3000).collect::<Vec<_>>());
     assert!(rows.windows(2).all(|w| w[1][1] >= w[0][1] && w[1][2] > w[0][2]), "seconds and examples go on");
-    let applied: Vec<u64> = std::fs::read_to_string(run.join("events.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let applied: Vec<u64> = events(&run)
+        .into_iter()
         .filter(|v| v["event"] == "step_applied")
         .map(|v| v["step"].as_u64().unwrap())
         .collect();
@@ -578,12 +582,6 @@ fn the_commands_that_compute_gradients_refuse_a_parameter_file() {
     let o = quorum().args(["train", "--params", "x.safetensors", "--steps", "1"]).output().unwrap();
     assert!(!o.status.success());
     assert!(text(&o).contains("is for `quorum ps`"), "{}", text(&o));
-}
-
-/// The run's events, parsed.
-fn events(run: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(run.join("events.jsonl")).unwrap();
-    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 #[test]
