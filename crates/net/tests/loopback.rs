@@ -753,7 +753,10 @@ async fn any_grpc_client_can_push_and_the_push_route_checks_the_token_and_the_sh
 
 /// Worker 2 of 3 (N = 2, b = 1) runs `broken`: its error must name the worker and say
 /// `expected`, the other two finish the run, and the server hears at once that it left
-/// (not after the worker time-out).
+/// (not after the worker time-out). The other two take 5 ms a gradient, so the run lasts
+/// at least 2 s: on a loaded machine the broken worker still joins and fails while the run
+/// is on (when the tiny model's 400 steps were over in a fraction of a second, its leave
+/// could come after the end, and the server rightly recorded nothing).
 async fn a_failing_worker_is_named_and_the_server_told(
     broken: Hooked,
     src: &LeastSquares,
@@ -764,10 +767,21 @@ async fn a_failing_worker_is_named_and_the_server_told(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
-    let others: Vec<_> = (0..2).map(|i| worker(i, addr, src)).collect();
-    let mut wo = WorkerOptions::new(2, format!("http://{addr}"));
-    wo.connect_timeout = Duration::from_secs(5);
-    let err = run_worker(wo, Box::new(broken) as Box<dyn GradientSource + Send>).await.unwrap_err().to_string();
+    let spawn = |i: u32, source: Box<dyn GradientSource + Send>| {
+        let mut wo = WorkerOptions::new(i, format!("http://{addr}"));
+        wo.connect_timeout = Duration::from_secs(5);
+        tokio::spawn(run_worker(wo, source))
+    };
+    let others: Vec<_> = (0..2)
+        .map(|i| {
+            let steady = Hooked::new(src, |_| {
+                std::thread::sleep(Duration::from_millis(5));
+                Ok(())
+            });
+            spawn(i, Box::new(steady))
+        })
+        .collect();
+    let err = spawn(2, Box::new(broken)).await.unwrap().unwrap_err().to_string();
     assert!(err.contains(expected), "{err}");
     let summary = tokio::time::timeout(Duration::from_secs(60), server).await.expect("finishes").unwrap().unwrap();
     assert_eq!(summary.steps, 400);
