@@ -6,20 +6,41 @@
 #[cfg(not(feature = "openblas"))]
 use gemm::Parallelism;
 
-/// A row-major matrix operand: `rows × cols` as stored, read transposed when `t`.
+/// A row-major matrix operand: `rows × cols` as stored, rows `ld` values apart (a block of a
+/// wider matrix when `ld > cols`), read transposed when `t`.
 #[derive(Clone, Copy)]
 pub(crate) struct Mat<'a> {
     pub data: &'a [f32],
     pub rows: usize,
     pub cols: usize,
+    pub ld: usize,
     pub t: bool,
+}
+
+/// Values a `rows × cols` block with rows `ld` apart spans.
+fn span(rows: usize, cols: usize, ld: usize) -> usize {
+    if rows == 0 {
+        0
+    } else {
+        (rows - 1) * ld + cols
+    }
 }
 
 impl<'a> Mat<'a> {
     /// `data` as a `rows × cols` matrix.
     pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        assert!(data.len() >= rows * cols, "matrix of {rows}×{cols} over {} values", data.len());
-        Mat { data, rows, cols, t: false }
+        Self::block(data, rows, cols, cols)
+    }
+
+    /// The `rows × cols` block at the start of `data` whose rows are `ld` values apart.
+    pub fn block(data: &'a [f32], rows: usize, cols: usize, ld: usize) -> Self {
+        assert!(ld >= cols, "rows {ld} apart cannot hold {cols} columns");
+        assert!(
+            data.len() >= span(rows, cols, ld),
+            "matrix of {rows}×{cols} (rows {ld} apart) over {} values",
+            data.len()
+        );
+        Mat { data, rows, cols, ld, t: false }
     }
 
     /// The transpose (no copy).
@@ -40,9 +61,9 @@ impl<'a> Mat<'a> {
     #[cfg(not(feature = "openblas"))]
     fn strides(&self) -> (isize, isize) {
         if self.t {
-            (self.cols as isize, 1)
+            (self.ld as isize, 1)
         } else {
-            (1, self.cols as isize)
+            (1, self.ld as isize)
         }
     }
 }
@@ -50,19 +71,27 @@ impl<'a> Mat<'a> {
 /// `dst = a · b`, or `dst += a · b` with `accumulate`; `dst` is row-major with as many rows
 /// as `a` and as many columns as `b`. Uses the threads of the current rayon pool.
 pub(crate) fn matmul(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: bool) {
+    let n = b.shape().1;
+    matmul_block(dst, n, a, b, accumulate);
+}
+
+/// [`matmul`] into the block at the start of `dst` whose rows are `ld` values apart (columns
+/// of a wider matrix).
+pub(crate) fn matmul_block(dst: &mut [f32], ld: usize, a: Mat<'_>, b: Mat<'_>, accumulate: bool) {
     let ((m, k), (k2, n)) = (a.shape(), b.shape());
     assert_eq!(k, k2, "inner dimensions differ");
-    assert!(dst.len() >= m * n, "destination of {} values for {m}×{n}", dst.len());
+    assert!(ld >= n, "destination rows {ld} apart cannot hold {n} columns");
+    assert!(dst.len() >= span(m, n, ld), "destination of {} values for {m}×{n} (rows {ld} apart)", dst.len());
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(0.0);
+            dst.chunks_mut(ld).take(m).for_each(|row| row[..n].fill(0.0));
         }
         return;
     }
-    product(dst, a, b, (m, n, k), accumulate);
+    product(dst, ld, a, b, (m, n, k), accumulate);
 }
 
 #[cfg(feature = "openblas")]
@@ -90,14 +119,14 @@ mod cblas {
 }
 
 #[cfg(feature = "openblas")]
-fn product(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, (m, n, k): (usize, usize, usize), accumulate: bool) {
+fn product(dst: &mut [f32], ld: usize, a: Mat<'_>, b: Mat<'_>, (m, n, k): (usize, usize, usize), accumulate: bool) {
     const ROW_MAJOR: i32 = 101;
     let trans = |t: bool| if t { 112 } else { 111 };
     let int = |v: usize| i32::try_from(v).expect("a matrix side below 2^31");
     // OpenBLAS keeps its own threads: as many as this process's compute pool, set once.
     static THREADS: std::sync::Once = std::sync::Once::new();
     // SAFETY: plain C calls; the pointers and leading dimensions describe the slices checked in
-    // `matmul` (row-major, `cols` values per stored row), and `dst` aliases neither operand.
+    // `matmul_block` (row-major, rows `ld` values apart), and `dst` aliases neither operand.
     unsafe {
         THREADS.call_once(|| cblas::openblas_set_num_threads(int(rayon::current_num_threads())));
         cblas::cblas_sgemm(
@@ -109,23 +138,23 @@ fn product(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, (m, n, k): (usize, usize, us
             int(k),
             1.0,
             a.data.as_ptr(),
-            int(a.cols),
+            int(a.ld),
             b.data.as_ptr(),
-            int(b.cols),
+            int(b.ld),
             if accumulate { 1.0 } else { 0.0 },
             dst.as_mut_ptr(),
-            int(n),
+            int(ld),
         );
     }
 }
 
 #[cfg(not(feature = "openblas"))]
-fn product(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, (m, n, k): (usize, usize, usize), accumulate: bool) {
+fn product(dst: &mut [f32], ld: usize, a: Mat<'_>, b: Mat<'_>, (m, n, k): (usize, usize, usize), accumulate: bool) {
     let ((a_cs, a_rs), (b_cs, b_rs)) = (a.strides(), b.strides());
     let threads = rayon::current_num_threads();
     let par = if threads > 1 && m * n * k >= 1 << 18 { Parallelism::Rayon(threads) } else { Parallelism::None };
     // SAFETY: the shapes and strides were checked against the slices' lengths above (every
-    // index read is below rows × cols of its operand, every index written below m × n), and
+    // index read lies in its operand's span, every index written in the destination's), and
     // `dst` is borrowed mutably, so it aliases neither operand.
     unsafe {
         gemm::gemm(
@@ -134,7 +163,7 @@ fn product(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, (m, n, k): (usize, usize, us
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            ld as isize,
             accumulate,
             a.data.as_ptr(),
             a_cs,
@@ -194,6 +223,23 @@ mod tests {
             assert!(c.iter().zip(&want).all(|(x, y)| (x - y).abs() < 1e-5));
             matmul(&mut c, lhs, rhs, true);
             assert!(c.iter().zip(&want).all(|(x, y)| (x - 2.0 * y).abs() < 1e-5));
+        }
+    }
+
+    #[test]
+    fn a_product_of_blocks_into_a_block_reads_and_writes_only_those_columns() {
+        let (m, n, k, ld) = (3, 4, 2, 9);
+        // `a` is the first k of 6 columns, `b` the first n of 7, `dst` the first n of ld.
+        let wide_a: Vec<f32> = (0..m * 6).map(|i| i as f32).collect();
+        let wide_b: Vec<f32> = (0..k * 7).map(|i| (i as f32).sqrt()).collect();
+        let a: Vec<f32> = (0..m * k).map(|i| wide_a[(i / k) * 6 + i % k]).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| wide_b[(i / n) * 7 + i % n]).collect();
+        let want = naive(&a, &b, m, n, k);
+        let mut dst = vec![-1.0; m * ld];
+        matmul_block(&mut dst, ld, Mat::block(&wide_a, m, k, 6), Mat::block(&wide_b, k, n, 7), false);
+        for (r, row) in dst.chunks(ld).enumerate() {
+            assert!(row[..n].iter().zip(&want[r * n..][..n]).all(|(x, y)| (x - y).abs() < 1e-5), "row {r}: {row:?}");
+            assert!(row[n..].iter().all(|&v| v == -1.0), "row {r} written outside the block: {row:?}");
         }
     }
 }
