@@ -1,6 +1,6 @@
-//! One gradient of each model by each engine (native, burn), and the cost of moving
-//! parameters into burn and gradients out of it. Run single-threaded for the per-core figures:
-//! `RAYON_NUM_THREADS=1 cargo bench -p quorum-compute --bench gradient`.
+//! One gradient of each model by each engine (native, and burn with `--features burn`), and
+//! the cost of moving parameters into burn and gradients out of it. Run single-threaded for
+//! the per-core figures: `RAYON_NUM_THREADS=1 cargo bench -p quorum-compute --bench gradient`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use quorum_compute::{BatchId, Classifier, Dataset, Engine, GradientSource, ModelSpec};
@@ -29,7 +29,8 @@ fn gradients(c: &mut Criterion) {
         let clf = Classifier::new(spec, d.clone(), d.clone(), d, batch, 1, 0).unwrap();
         let params = clf.init_params(0);
         for engine in [Engine::Native, Engine::Burn] {
-            let mut clf = clf.clone().with_engine(engine);
+            // burn's engine is in builds with the `burn` feature only.
+            let Ok(mut clf) = clf.clone().with_engine(engine) else { continue };
             let mut grad = Vec::new();
             let mut step = 0;
             g.bench_function(format!("{name}_{engine:?}").to_lowercase(), |b| {
@@ -39,8 +40,11 @@ fn gradients(c: &mut Criterion) {
                 })
             });
         }
-        let mut out = Vec::new();
-        g.bench_function(format!("{name}_load_and_extract"), |b| b.iter(|| clf.roundtrip(&params, &mut out)));
+        #[cfg(feature = "burn")]
+        {
+            let mut out = Vec::new();
+            g.bench_function(format!("{name}_load_and_extract"), |b| b.iter(|| clf.roundtrip(&params, &mut out)));
+        }
     }
     g.finish();
 }

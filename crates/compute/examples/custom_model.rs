@@ -5,7 +5,7 @@
 //! gradients back in the same order. This example is a softmax regression on generated
 //! data; swap in your own layers and data loading.
 //!
-//! Run: `cargo run -p quorum-compute --example custom_model`
+//! Run: `cargo run -p quorum-compute --features burn --example custom_model`
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Tensor, TensorData};

@@ -5,7 +5,8 @@
 //! median and the minimum over the repeats.
 //!
 //! Run: `RAYON_NUM_THREADS=1 cargo run --release -p quorum-compute --example gradient_time -- [REPEATS [MODEL [ENGINE]]]`
-//! (MODEL `mlp` or `cnn`, ENGINE `native` or `burn`: only those, e.g. for a profiler).
+//! (MODEL `mlp` or `cnn`, ENGINE `native`, `burn` or `wgpu`: only those, e.g. for a profiler;
+//! burn's engines need `--features burn` / `--features wgpu`, and are skipped without).
 
 use quorum_compute::{BatchId, Classifier, Dataset, Engine, GradientSource, ModelSpec};
 use quorum_core::WorkerId;
@@ -31,11 +32,18 @@ fn main() {
         let d = mnist_shaped(2048);
         let base = Classifier::new(spec, d.clone(), d.clone(), d, batch, 1, 0).expect("a classifier");
         let params = base.init_params(0);
-        for engine in [Engine::Native, Engine::Burn] {
-            if !wanted(3, &format!("{engine:?}")) {
+        for engine in [Engine::Native, Engine::Burn, Engine::Wgpu] {
+            if !wanted(3, engine.name()) {
                 continue;
             }
-            let mut clf = base.clone().with_engine(engine);
+            // burn's engines are in builds with the `burn` / `wgpu` features only.
+            let mut clf = match base.clone().with_engine(engine) {
+                Ok(clf) => clf,
+                Err(e) => {
+                    eprintln!("{name}: skipped: {e}");
+                    continue;
+                }
+            };
             let mut grad = Vec::new();
             let mut times = Vec::new();
             // A few untimed steps warm the buffers and caches; the CNN is timed fewer times.

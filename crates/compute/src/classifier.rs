@@ -1,18 +1,24 @@
 //! A [`GradientSource`] for image classification: a [`ModelSpec`] on a [`Dataset`], with
-//! deterministic batches; gradients by the native engine (hand-written passes on `gemm`) or
-//! by burn's autodiff on the `flex` CPU backend ([`Engine`]).
+//! deterministic batches; gradients by the native engine (hand-written passes on `gemm`) or,
+//! in builds with the `burn` feature, by burn's autodiff ([`Engine`]).
 
 use crate::batch::BatchPlan;
+#[cfg(feature = "burn")]
+use crate::burn_engine::BurnEngine;
 use crate::data::Dataset;
-use crate::model::{cross_entropy, ModelSpec};
+use crate::model::ModelSpec;
 use crate::native::{Engine, Native};
 use crate::source::{check_len, BatchId, ComputeError, Evaluation, GradientSource};
-use burn::tensor::{Device, Tensor, TensorData};
 use quorum_core::ParamLayout;
 use std::sync::Arc;
 
-/// Examples per forward pass during evaluation.
-const EVAL_CHUNK: usize = 1000;
+/// Who computes, with its state.
+#[derive(Clone)]
+enum Compute {
+    Native(Native),
+    #[cfg(feature = "burn")]
+    Burn(Engine, Box<BurnEngine>),
+}
 
 /// A classifier trained on `train`, evaluated on `test` and `validation`. Clones share the
 /// datasets (one copy in memory for all of a process's workers) and have their own scratch
@@ -26,13 +32,10 @@ pub struct Classifier {
     test: Arc<Dataset>,
     plan: BatchPlan,
     batch: usize,
-    device: Device,
-    eval_device: Device,
     idx: Vec<usize>,
     x: Vec<f32>,
-    y: Vec<f32>,
     labels: Vec<u8>,
-    native: Option<Native>,
+    compute: Compute,
 }
 
 impl Classifier {
@@ -62,18 +65,14 @@ impl Classifier {
         }
         let layout = spec.layout((train.channels, train.height, train.width), train.classes);
         let plan = BatchPlan::new(train.len(), batch, workers, seed);
-        let device = Device::flex().autodiff();
         Ok(Classifier {
-            native: Some(Native::new(&spec)),
+            compute: Compute::Native(Native::new(&spec)),
             spec,
             layout,
             plan,
             batch,
-            device,
-            eval_device: Device::flex(),
             idx: Vec::new(),
             x: Vec::new(),
-            y: Vec::new(),
             labels: Vec::new(),
             train: Arc::new(train),
             validation: Arc::new(validation),
@@ -81,21 +80,35 @@ impl Classifier {
         })
     }
 
-    /// The same classifier with its gradients computed by `engine`.
-    pub fn with_engine(mut self, engine: Engine) -> Self {
-        self.native = match engine {
-            Engine::Native => Some(Native::new(&self.spec)),
-            Engine::Burn => None,
+    /// The same classifier with its gradients computed by `engine`; an engine this build
+    /// does not have (burn's need the `burn` or `wgpu` feature) is an error that says how to
+    /// get it.
+    pub fn with_engine(mut self, engine: Engine) -> Result<Self, ComputeError> {
+        self.compute = match engine {
+            Engine::Native => Compute::Native(Native::new(&self.spec)),
+            #[cfg(feature = "burn")]
+            Engine::Burn | Engine::Wgpu => Compute::Burn(engine, Box::new(BurnEngine::new(engine)?)),
+            #[cfg(not(feature = "burn"))]
+            Engine::Burn | Engine::Wgpu => {
+                return Err(ComputeError::Config(format!(
+                    "engine `{}` is not in this build of quorum: burn's autodiff is opt-in (the native engine \
+                     is faster on a CPU); rebuild with `--features {}` (e.g. `cargo build --release -p \
+                     quorum-cli --features {}`), or use engine = \"native\"",
+                    engine.name(),
+                    engine.name(),
+                    engine.name()
+                )))
+            }
         };
-        self
+        Ok(self)
     }
 
     /// Who computes the gradients.
     pub fn engine(&self) -> Engine {
-        if self.native.is_some() {
-            Engine::Native
-        } else {
-            Engine::Burn
+        match &self.compute {
+            Compute::Native(_) => Engine::Native,
+            #[cfg(feature = "burn")]
+            Compute::Burn(engine, _) => *engine,
         }
     }
 
@@ -116,26 +129,9 @@ impl Classifier {
 
     /// Loads `params` into burn tensors and reads them back into a flat buffer: the same
     /// work as moving parameters in and gradients out of the model (tests and benchmarks).
+    #[cfg(feature = "burn")]
     pub fn roundtrip(&self, params: &[f32], out: &mut Vec<f32>) {
-        out.clear();
-        for t in self.param_tensors(params, &self.device, true) {
-            out.extend_from_slice(t.into_data().as_slice::<f32>().expect("f32 tensor"));
-        }
-    }
-
-    fn param_tensors(&self, params: &[f32], device: &Device, track: bool) -> Vec<Tensor<1>> {
-        self.layout
-            .tensors()
-            .iter()
-            .map(|t| {
-                let p = Tensor::<1>::from_data(TensorData::new(params[t.range()].to_vec(), [t.len()]), device);
-                if track {
-                    p.require_grad()
-                } else {
-                    p
-                }
-            })
-            .collect()
+        BurnEngine::new(Engine::Burn).expect("burn on the CPU").roundtrip(&self.layout, params, out)
     }
 
     /// Mean loss and accuracy on `data`, by the native forward pass or burn's.
@@ -146,27 +142,20 @@ impl Classifier {
         }
         let (c, h, w, k) = (data.channels, data.height, data.width, data.classes);
         let mut tally = Tally::default();
-        if let Some(native) = &mut self.native {
-            let chunk = native.eval_chunk();
-            for start in (0..data.len()).step_by(chunk) {
-                let n = chunk.min(data.len() - start);
-                let x = &data.images[start * c * h * w..(start + n) * c * h * w];
-                let logits = native.logits(&self.layout, params, x, (c, h, w), n);
-                tally.add(logits, &data.labels[start..start + n], k);
+        match &mut self.compute {
+            Compute::Native(native) => {
+                let chunk = native.eval_chunk();
+                for start in (0..data.len()).step_by(chunk) {
+                    let n = chunk.min(data.len() - start);
+                    let x = &data.images[start * c * h * w..(start + n) * c * h * w];
+                    let logits = native.logits(&self.layout, params, x, (c, h, w), n);
+                    tally.add(logits, &data.labels[start..start + n], k);
+                }
             }
-            return Ok(tally.finish());
-        }
-        let p = self.param_tensors(params, &self.eval_device, false);
-        for start in (0..data.len()).step_by(EVAL_CHUNK) {
-            let n = EVAL_CHUNK.min(data.len() - start);
-            let x = data.images[start * c * h * w..(start + n) * c * h * w].to_vec();
-            let x = Tensor::<4>::from_data(TensorData::new(x, [n, c, h, w]), &self.eval_device);
-            let logits = self.spec.forward(&self.layout, &p, x);
-            let values: Vec<f32> = logits
-                .into_data()
-                .try_into_vec()
-                .map_err(|e| ComputeError::Config(format!("reading logits: {e:?}")))?;
-            tally.add(&values, &data.labels[start..start + n], k);
+            #[cfg(feature = "burn")]
+            Compute::Burn(_, burn) => {
+                burn.logits(&self.spec, &self.layout, params, data, |logits, labels| tally.add(logits, labels, k))?
+            }
         }
         Ok(tally.finish())
     }
@@ -221,56 +210,26 @@ impl GradientSource for Classifier {
     fn gradient(&mut self, params: &[f32], batch: BatchId, grad: &mut Vec<f32>) -> Result<f32, ComputeError> {
         check_len(params, &self.layout)?;
         self.plan.indices(batch.worker, batch.step, &mut self.idx);
-        if let Some(native) = &mut self.native {
-            let d = &self.train;
-            self.x.clear();
-            self.labels.clear();
-            for &i in &self.idx {
-                self.x.extend_from_slice(d.image(i));
-                self.labels.push(d.labels[i]);
-            }
-            // Every value is overwritten: no need to zero a buffer of the right size.
-            if grad.len() != self.layout.len() {
-                grad.clear();
-                grad.resize(self.layout.len(), 0.0);
-            }
-            let image = (d.channels, d.height, d.width);
-            return Ok(native.loss_and_gradient(&self.layout, params, &self.x, image, &self.labels, grad));
-        }
         let d = &self.train;
-        let (n, k) = (self.idx.len(), d.classes);
-        // The batch buffers are handed to burn below (it keeps what it is given), so these are
-        // the only per-step allocations besides burn's own.
-        self.x.clear();
-        self.x.reserve(n * d.image_len());
-        self.y.clear();
-        self.y.resize(n * k, 0.0);
-        for (row, &i) in self.idx.iter().enumerate() {
-            self.x.extend_from_slice(d.image(i));
-            self.y[row * k + d.labels[i] as usize] = 1.0;
+        match &mut self.compute {
+            Compute::Native(native) => {
+                self.x.clear();
+                self.labels.clear();
+                for &i in &self.idx {
+                    self.x.extend_from_slice(d.image(i));
+                    self.labels.push(d.labels[i]);
+                }
+                // Every value is overwritten: no need to zero a buffer of the right size.
+                if grad.len() != self.layout.len() {
+                    grad.clear();
+                    grad.resize(self.layout.len(), 0.0);
+                }
+                let image = (d.channels, d.height, d.width);
+                Ok(native.loss_and_gradient(&self.layout, params, &self.x, image, &self.labels, grad))
+            }
+            #[cfg(feature = "burn")]
+            Compute::Burn(_, burn) => burn.gradient(&self.spec, &self.layout, params, d, &self.idx, grad),
         }
-        let x = Tensor::<4>::from_data(
-            TensorData::new(std::mem::take(&mut self.x), [n, d.channels, d.height, d.width]),
-            &self.device,
-        );
-        let y = Tensor::<2>::from_data(TensorData::new(std::mem::take(&mut self.y), [n, k]), &self.device);
-        let p = self.param_tensors(params, &self.device, true);
-        let loss = cross_entropy(self.spec.forward(&self.layout, &p, x), y);
-        let loss_value: f32 = loss.clone().into_scalar();
-        let mut grads = loss.backward();
-        grad.clear();
-        grad.reserve(self.layout.len());
-        for (t, spec) in p.iter().zip(self.layout.tensors()) {
-            let g = t
-                .grad_remove(&mut grads)
-                .ok_or_else(|| ComputeError::Config(format!("no gradient for {}", spec.name)))?;
-            let data = g.into_data();
-            let values = data
-                .as_slice::<f32>()
-                .map_err(|e| ComputeError::Config(format!("reading gradient of {}: {e:?}", spec.name)))?;
-            grad.extend_from_slice(values);
-        }
-        Ok(loss_value)
     }
 
     fn evaluate(&mut self, params: &[f32]) -> Result<Evaluation, ComputeError> {
@@ -303,7 +262,8 @@ mod tests {
     }
 
     fn finite_difference_check(spec: ModelSpec, data: Dataset, engine: Engine) {
-        let mut clf = Classifier::new(spec, data.clone(), data.clone(), data, 4, 1, 0).unwrap().with_engine(engine);
+        let mut clf =
+            Classifier::new(spec, data.clone(), data.clone(), data, 4, 1, 0).unwrap().with_engine(engine).unwrap();
         let params = clf.init_params(1);
         let layout = clf.layout().clone();
         let b = BatchId { worker: WorkerId(0), step: 0 };
@@ -341,25 +301,38 @@ mod tests {
         assert!(checked >= 8 && kinks * 3 <= checked, "{checked} coordinates checked, {kinks} skipped at kinks");
     }
 
+    /// The engines this build has.
+    fn engines() -> Vec<Engine> {
+        let mut all = vec![Engine::Native];
+        if cfg!(feature = "burn") {
+            all.push(Engine::Burn);
+        }
+        all
+    }
+
     #[test]
     fn mlp_gradient_matches_finite_differences() {
-        for engine in [Engine::Native, Engine::Burn] {
+        for engine in engines() {
             finite_difference_check(ModelSpec::Mlp { hidden: vec![5] }, tiny(8, 1, 3, 1), engine);
         }
     }
 
     #[test]
     fn cnn_gradient_matches_finite_differences() {
-        for engine in [Engine::Native, Engine::Burn] {
+        for engine in engines() {
             finite_difference_check(ModelSpec::Cnn { channels: [2, 2, 3, 3] }, tiny(8, 1, 4, 2), engine);
         }
     }
 
     /// The native engine and burn's autodiff give the same loss and gradient, value by value,
     /// on several batches (three-channel images too, and a batch that does not divide the data).
+    #[cfg(feature = "burn")]
     fn engines_agree(spec: ModelSpec, data: Dataset, batch: usize) {
         let mk = |e| {
-            Classifier::new(spec.clone(), data.clone(), data.clone(), data.clone(), batch, 2, 3).unwrap().with_engine(e)
+            Classifier::new(spec.clone(), data.clone(), data.clone(), data.clone(), batch, 2, 3)
+                .unwrap()
+                .with_engine(e)
+                .unwrap()
         };
         let (mut native, mut burn) = (mk(Engine::Native), mk(Engine::Burn));
         assert_eq!((native.engine(), burn.engine()), (Engine::Native, Engine::Burn));
@@ -379,13 +352,17 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "burn")]
     fn both_engines_evaluate_to_the_same_loss_and_accuracy() {
         for (spec, data) in [
             (ModelSpec::Mlp { hidden: vec![16, 8] }, tiny(70, 1, 5, 10)),
             (ModelSpec::Cnn { channels: [3, 4, 5, 6] }, tiny(70, 1, 8, 11)),
         ] {
             let mk = |e| {
-                Classifier::new(spec.clone(), data.clone(), data.clone(), data.clone(), 8, 1, 0).unwrap().with_engine(e)
+                Classifier::new(spec.clone(), data.clone(), data.clone(), data.clone(), 8, 1, 0)
+                    .unwrap()
+                    .with_engine(e)
+                    .unwrap()
             };
             let (mut native, mut burn) = (mk(Engine::Native), mk(Engine::Burn));
             let params = native.init_params(4);
@@ -397,18 +374,21 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "burn")]
     fn the_native_mlp_gradient_is_burns_gradient() {
         engines_agree(ModelSpec::Mlp { hidden: vec![16, 8] }, tiny(40, 1, 5, 6), 12);
         engines_agree(ModelSpec::Mlp { hidden: vec![7] }, tiny(20, 3, 2, 7), 5);
     }
 
     #[test]
+    #[cfg(feature = "burn")]
     fn the_native_cnn_gradient_is_burns_gradient() {
         engines_agree(ModelSpec::Cnn { channels: [3, 4, 5, 6] }, tiny(24, 1, 8, 8), 6);
         engines_agree(ModelSpec::Cnn { channels: [2, 3, 3, 2] }, tiny(12, 3, 4, 9), 5);
     }
 
     #[test]
+    #[cfg(feature = "burn")]
     fn flat_buffer_round_trips_through_burn_tensors_in_layout_order() {
         let d = tiny(8, 1, 4, 3);
         let clf = Classifier::new(ModelSpec::Cnn { channels: [2, 2, 3, 3] }, d.clone(), d.clone(), d, 4, 1, 0).unwrap();
@@ -419,6 +399,23 @@ mod tests {
         let names: Vec<&str> = clf.layout().tensors().iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names[..3], ["conv0.weight", "conv0.bias", "conv1.weight"]);
         assert_eq!(clf.layout().get("fc.weight").unwrap().shape, vec![3, 3]);
+    }
+
+    #[test]
+    fn an_engine_this_build_lacks_is_an_error_that_names_the_feature_to_build_with() {
+        let d = tiny(8, 1, 3, 4);
+        let clf = Classifier::new(ModelSpec::Mlp { hidden: vec![4] }, d.clone(), d.clone(), d, 4, 1, 0).unwrap();
+        let lacking: &[Engine] = match (cfg!(feature = "burn"), cfg!(feature = "wgpu")) {
+            (false, _) => &[Engine::Burn, Engine::Wgpu],
+            (true, false) => &[Engine::Wgpu],
+            (true, true) => &[],
+        };
+        for &engine in lacking {
+            let e = clf.clone().with_engine(engine).err().expect("an engine not built in is refused");
+            let want = format!("--features {}", engine.name());
+            assert!(e.to_string().contains(&want), "{engine:?}: {e}");
+        }
+        assert_eq!(clf.with_engine(Engine::Native).unwrap().engine(), Engine::Native);
     }
 
     #[test]

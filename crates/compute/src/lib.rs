@@ -1,14 +1,17 @@
 //! # quorum-compute
 //!
 //! What a worker computes: the [`GradientSource`] trait; real image classifiers (an MLP and
-//! the paper's MNIST CNN) with hand-written gradients on the `gemm` kernels (burn's `flex`
-//! CPU backend as the reference and for models of your own); dataset readers for
+//! the paper's MNIST CNN) with hand-written gradients on the `gemm` kernels (with the `burn`
+//! feature, burn's autodiff as the reference, on the CPU or through `wgpu` on a GPU, and for
+//! models of your own); dataset readers for
 //! MNIST, Fashion-MNIST and CIFAR-10; deterministic batch selection; and a synthetic
 //! least-squares source with a known optimum for fast tests and simulations.
 
 #![deny(missing_docs)]
 
 pub mod batch;
+#[cfg(feature = "burn")]
+mod burn_engine;
 #[cfg(feature = "models")]
 pub mod classifier;
 pub mod data;

@@ -1,17 +1,12 @@
-//! Models as functions of a flat parameter buffer, computed with burn.
+//! The built-in models as functions of a flat parameter buffer.
 //!
-//! Each model declares its tensors in a fixed order (the [`ParamLayout`]); the forward pass
-//! receives one burn tensor per entry, created from the flat buffer, so the mapping between
-//! the buffer and the network is exactly the layout's order:
+//! Each model declares its tensors in a fixed order (the [`ParamLayout`]); both engines (the
+//! native passes and burn's autodiff) read the flat buffer in exactly the layout's order:
 //!
 //! - MLP: `layer{i}.weight` `[in, out]`, `layer{i}.bias` `[out]`, for each layer in order.
 //! - CNNs: `conv{i}.weight` `[out, in, 3, 3]`, `conv{i}.bias` `[out]`, then `fc.weight`
 //!   `[features, classes]`, `fc.bias` `[classes]`.
 
-use burn::tensor::activation::{log_softmax, relu};
-use burn::tensor::module::{conv2d, max_pool2d};
-use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
-use burn::tensor::Tensor;
 use quorum_core::ParamLayout;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -115,50 +110,4 @@ impl ModelSpec {
         }
         flat
     }
-
-    /// Logits `[batch, classes]` for inputs `[batch, c, h, w]` given one tensor per layout entry.
-    pub fn forward(&self, layout: &ParamLayout, params: &[Tensor<1>], x: Tensor<4>) -> Tensor<2> {
-        let shape = |i: usize| layout.tensors()[i].shape.clone();
-        let [b, _, _, _] = x.dims();
-        match self {
-            ModelSpec::Mlp { .. } => {
-                let layers = params.len() / 2;
-                let mut h: Tensor<2> = x.reshape([b as i64, -1]);
-                for i in 0..layers {
-                    let s = shape(2 * i);
-                    let w: Tensor<2> = params[2 * i].clone().reshape([s[0], s[1]]);
-                    let bias: Tensor<2> = params[2 * i + 1].clone().reshape([1, s[1]]);
-                    h = h.matmul(w) + bias;
-                    if i + 1 < layers {
-                        h = relu(h);
-                    }
-                }
-                h
-            }
-            ModelSpec::Cnn { .. } => {
-                let conv = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
-                let pool = MaxPoolOptions::new([2, 2]).with_stride([2, 2]);
-                let mut h = x;
-                for i in 0..4 {
-                    let s = shape(2 * i);
-                    let w: Tensor<4> = params[2 * i].clone().reshape([s[0], s[1], s[2], s[3]]);
-                    h = relu(conv2d(h, w, Some(params[2 * i + 1].clone()), conv.clone()));
-                    if i % 2 == 1 {
-                        h = max_pool2d(h, pool.clone());
-                    }
-                }
-                let s = shape(8);
-                let flat: Tensor<2> = h.reshape([b, s[0]]);
-                let w: Tensor<2> = params[8].clone().reshape([s[0], s[1]]);
-                let bias: Tensor<2> = params[9].clone().reshape([1, s[1]]);
-                flat.matmul(w) + bias
-            }
-        }
-    }
-}
-
-/// Mean cross-entropy of `logits` against one-hot targets `[batch, classes]`.
-pub fn cross_entropy(logits: Tensor<2>, one_hot: Tensor<2>) -> Tensor<1> {
-    let [b, _] = logits.dims();
-    (log_softmax(logits, 1) * one_hot).sum().neg() / b as f32
 }

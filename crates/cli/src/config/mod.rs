@@ -350,7 +350,7 @@ impl RunConfig {
                     self.workers,
                     self.seed,
                 )?
-                .with_engine(self.engine),
+                .with_engine(self.engine)?,
                 n,
             ),
         })
@@ -550,7 +550,7 @@ mod tests {
             ("workers = \"four\"\n", "invalid type"),
             ("tls-cert = \"server.pem\"\n", "tls-cert and tls-key go together"),
             ("lr-decay = \"cosine\"\n", "unknown learning-rate decay `cosine`"),
-            ("engine = \"cuda\"\n", "unknown variant `cuda`, expected `native` or `burn`"),
+            ("engine = \"cuda\"\n", "unknown variant `cuda`, expected one of `native`, `burn`, `wgpu`"),
             ("[sim]\nlatncy = 1\n", "unknown field `latncy`"),
             ("[sim]\nfault = [\"melt:1@2\"]\n", "bad fault `melt:1@2`"),
             ("[sim]\nsweep-backups = \"5..2\"\n", "range `5..2` is empty"),

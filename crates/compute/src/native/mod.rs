@@ -18,9 +18,23 @@ pub enum Engine {
     /// Hand-written forward and backward passes over `gemm` (the default: fastest measured).
     #[default]
     Native,
-    /// burn's autodiff on its `flex` CPU backend (the reference the native engine is tested
-    /// against, and the way to a model of your own).
+    /// burn's autodiff on its `flex` CPU backend: the reference the native engine is tested
+    /// against. Builds with the `burn` feature only.
     Burn,
+    /// burn's autodiff on a GPU through wgpu (Vulkan, Metal, DirectX 12). Builds with the
+    /// `wgpu` feature only.
+    Wgpu,
+}
+
+impl Engine {
+    /// The name in configs and flags.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Native => "native",
+            Engine::Burn => "burn",
+            Engine::Wgpu => "wgpu",
+        }
+    }
 }
 
 /// The native engine's state for one model: scratch buffers reused between steps.
