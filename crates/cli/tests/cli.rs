@@ -131,6 +131,17 @@ fn unknown_config_key_is_named() {
     assert!(t.contains("unknown field `wrokers`") && t.contains("run.toml"), "{t}");
 }
 
+/// burn's engines are opt-in features: a build without one says how to get it, before any
+/// data is read or any process started.
+#[test]
+#[cfg(not(feature = "wgpu"))]
+fn an_engine_this_build_lacks_is_refused_with_the_feature_to_build_with() {
+    let o = quorum(&["train", "--engine", "wgpu", "--steps", "5", "--out", "/nonexistent/run"]);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("engine `wgpu` is not in this build") && t.contains("--features wgpu"), "{t}");
+}
+
 #[test]
 fn bad_values_get_messages_that_say_what_to_do() {
     let t = text(&quorum(&["sim", "--delay", "gauss:1"]));

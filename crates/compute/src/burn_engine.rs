@@ -148,11 +148,7 @@ fn gpu() -> Result<Device, ComputeError> {
 
 #[cfg(not(feature = "wgpu"))]
 fn gpu() -> Result<Device, ComputeError> {
-    Err(ComputeError::Config(
-        "engine `wgpu` is not in this build of quorum: rebuild with `--features wgpu` \
-         (e.g. `cargo build --release -p quorum-cli --features wgpu`), or use engine = \"native\""
-            .into(),
-    ))
+    Engine::Wgpu.check_built().map(|()| unreachable!("checked: no wgpu in this build"))
 }
 
 /// Logits `[batch, classes]` for inputs `[batch, c, h, w]` given one tensor per layout entry.

@@ -84,21 +84,11 @@ impl Classifier {
     /// does not have (burn's need the `burn` or `wgpu` feature) is an error that says how to
     /// get it.
     pub fn with_engine(mut self, engine: Engine) -> Result<Self, ComputeError> {
+        engine.check_built()?;
         self.compute = match engine {
-            Engine::Native => Compute::Native(Native::new(&self.spec)),
             #[cfg(feature = "burn")]
             Engine::Burn | Engine::Wgpu => Compute::Burn(engine, Box::new(BurnEngine::new(engine)?)),
-            #[cfg(not(feature = "burn"))]
-            Engine::Burn | Engine::Wgpu => {
-                return Err(ComputeError::Config(format!(
-                    "engine `{}` is not in this build of quorum: burn's autodiff is opt-in (the native engine \
-                     is faster on a CPU); rebuild with `--features {}` (e.g. `cargo build --release -p \
-                     quorum-cli --features {}`), or use engine = \"native\"",
-                    engine.name(),
-                    engine.name(),
-                    engine.name()
-                )))
-            }
+            _ => Compute::Native(Native::new(&self.spec)),
         };
         Ok(self)
     }

@@ -72,7 +72,7 @@ pub struct RunFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     validation: Option<usize>,
-    /// native | burn: who computes the built-in models' gradients [default: native].
+    /// native | burn | wgpu: who computes the built-in models' gradients (burn and wgpu: builds with `--features burn` / `--features wgpu`) [default: native].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     engine: Option<String>,

@@ -223,6 +223,7 @@ impl RunConfig {
         }
         self.policy()?;
         self.synthetic_dim()?;
+        self.engine.check_built()?;
         self.encoding()?;
         self.delay_sampler()?;
         self.server_config(1)?;

@@ -27,6 +27,24 @@ pub enum Engine {
 }
 
 impl Engine {
+    /// Whether this build has the engine; if not, an error that says how to build it in.
+    pub fn check_built(self) -> Result<(), crate::ComputeError> {
+        let built = match self {
+            Engine::Native => true,
+            Engine::Burn => cfg!(feature = "burn"),
+            Engine::Wgpu => cfg!(feature = "wgpu"),
+        };
+        if built {
+            return Ok(());
+        }
+        Err(crate::ComputeError::Config(format!(
+            "engine `{0}` is not in this build of quorum: burn's autodiff is opt-in (the native engine is \
+             faster on a CPU); rebuild with `--features {0}` (e.g. `cargo build --release -p quorum-cli \
+             --features {0}`), or use engine = \"native\"",
+            self.name()
+        )))
+    }
+
     /// The name in configs and flags.
     pub fn name(self) -> &'static str {
         match self {
