@@ -314,18 +314,19 @@ mod tests {
         }
     }
 
-    /// The native engine and burn's autodiff give the same loss and gradient, value by value,
-    /// on several batches (three-channel images too, and a batch that does not divide the data).
+    /// The native engine and burn's autodiff (on `other`'s device) give the same loss and
+    /// gradient, value by value, on several batches (three-channel images too, and a batch
+    /// that does not divide the data).
     #[cfg(feature = "burn")]
-    fn engines_agree(spec: ModelSpec, data: Dataset, batch: usize) {
+    fn engines_agree_on(other: Engine, spec: ModelSpec, data: Dataset, batch: usize) {
         let mk = |e| {
             Classifier::new(spec.clone(), data.clone(), data.clone(), data.clone(), batch, 2, 3)
                 .unwrap()
                 .with_engine(e)
                 .unwrap()
         };
-        let (mut native, mut burn) = (mk(Engine::Native), mk(Engine::Burn));
-        assert_eq!((native.engine(), burn.engine()), (Engine::Native, Engine::Burn));
+        let (mut native, mut burn) = (mk(Engine::Native), mk(other));
+        assert_eq!((native.engine(), burn.engine()), (Engine::Native, other));
         let params = native.init_params(7);
         let (mut a, mut b) = (Vec::new(), Vec::new());
         for step in 0..3 {
@@ -361,6 +362,19 @@ mod tests {
             assert_eq!(a.accuracy, b.accuracy);
             assert_eq!(native.validate(&params).unwrap().accuracy, burn.validate(&params).unwrap().accuracy);
         }
+    }
+
+    #[cfg(feature = "burn")]
+    fn engines_agree(spec: ModelSpec, data: Dataset, batch: usize) {
+        engines_agree_on(Engine::Burn, spec, data, batch)
+    }
+
+    /// Needs a GPU (or a software Vulkan such as Mesa's llvmpipe): `experiments/gpu.sh` runs it.
+    #[test]
+    #[cfg(feature = "wgpu")]
+    fn the_gradient_on_a_gpu_is_the_native_gradient() {
+        engines_agree_on(Engine::Wgpu, ModelSpec::Mlp { hidden: vec![16, 8] }, tiny(40, 1, 5, 6), 12);
+        engines_agree_on(Engine::Wgpu, ModelSpec::Cnn { channels: [3, 4, 5, 6] }, tiny(24, 1, 8, 8), 6);
     }
 
     #[test]

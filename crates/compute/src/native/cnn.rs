@@ -7,7 +7,7 @@
 
 use super::gemm::{matmul, matmul_block, Mat};
 use super::ops::{
-    col_sums, fill_rows, flip_kernels, im2col, max_pool, max_pool_backward, relu, relu_backward, row_sums,
+    col_sums, fill_rows, flip_kernels, im2col, max_pool, max_pool_relu_backward, relu, relu_backward, row_sums,
     softmax_cross_entropy, swap_outer, Shape,
 };
 use quorum_core::ParamLayout;
@@ -169,10 +169,12 @@ impl Cnn {
             let out_shape = Shape { c: cout, ..s };
             let conv = &self.convs[i];
             if i % 2 == 1 {
+                // Pooling's and the ReLU's backward passes in one.
                 std::mem::swap(&mut self.d, &mut self.d2);
-                max_pool_backward(&mut self.d, &self.d2, &conv.arg, out_shape);
+                max_pool_relu_backward(&mut self.d, &self.d2, &conv.pooled, &conv.arg, out_shape);
+            } else {
+                relu_backward(&mut self.d, &conv.out);
             }
-            relu_backward(&mut self.d, &conv.out);
             row_sums(&mut grad[t[2 * i + 1].range()], &self.d);
             let input: &[f32] = match i {
                 0 => &self.input,
@@ -200,8 +202,6 @@ impl Cnn {
                     let dx = &mut self.d2[run.start * s.w..];
                     matmul_block(dx, plane, flipped, Mat::new(&self.cols, cout * 9, width), false);
                 }
-            }
-            if i > 0 {
                 std::mem::swap(&mut self.d, &mut self.d2);
             }
         }

@@ -171,13 +171,14 @@ pub(crate) fn flip_kernels(dst: &mut Vec<f32>, weights: &[f32], cout: usize, c: 
 /// the four won (0..4, row-major in the window; the first on ties) for the backward pass.
 pub(crate) fn max_pool(out: &mut Vec<f32>, arg: &mut Vec<u8>, x: &[f32], s: Shape) {
     let (ho, wo) = (s.h / 2, s.w / 2);
-    out.clear();
-    arg.clear();
-    out.reserve(s.c * s.b * ho * wo);
-    arg.reserve(s.c * s.b * ho * wo);
-    for img in x.chunks_exact(s.h * s.w) {
+    // Every value is written below.
+    out.resize(s.c * s.b * ho * wo, 0.0);
+    arg.resize(out.len(), 0);
+    let pooled = out.chunks_exact_mut(ho * wo).zip(arg.chunks_exact_mut(ho * wo));
+    for (img, (out, arg)) in x.chunks_exact(s.h * s.w).zip(pooled) {
         for y in 0..ho {
             let (r0, r1) = (&img[2 * y * s.w..][..s.w], &img[(2 * y + 1) * s.w..][..s.w]);
+            let (out, arg) = (&mut out[y * wo..][..wo], &mut arg[y * wo..][..wo]);
             for xo in 0..wo {
                 let v = [r0[2 * xo], r0[2 * xo + 1], r1[2 * xo], r1[2 * xo + 1]];
                 let mut best = 0;
@@ -186,26 +187,31 @@ pub(crate) fn max_pool(out: &mut Vec<f32>, arg: &mut Vec<u8>, x: &[f32], s: Shap
                         best = i;
                     }
                 }
-                out.push(v[best]);
-                arg.push(best as u8);
+                out[xo] = v[best];
+                arg[xo] = best as u8;
             }
         }
     }
 }
 
-/// The adjoint of [`max_pool`]: each pooled gradient goes to the input that won its window.
-pub(crate) fn max_pool_backward(dx: &mut Vec<f32>, dout: &[f32], arg: &[u8], s: Shape) {
+/// The adjoint of [`max_pool`] after a ReLU: each pooled gradient goes to the input that won
+/// its window, unless the window's maximum `pooled` is 0 (the ReLU cut it off there).
+pub(crate) fn max_pool_relu_backward(dx: &mut Vec<f32>, dout: &[f32], pooled: &[f32], arg: &[u8], s: Shape) {
     let (ho, wo) = (s.h / 2, s.w / 2);
     // Every input is in exactly one window, and all four of each window are written.
     dx.resize(s.len(), 0.0);
-    for ((img, g), a) in dx.chunks_exact_mut(s.h * s.w).zip(dout.chunks_exact(ho * wo)).zip(arg.chunks_exact(ho * wo)) {
+    let windows = dout.chunks_exact(ho * wo).zip(pooled.chunks_exact(ho * wo)).zip(arg.chunks_exact(ho * wo));
+    for (img, ((g, p), a)) in dx.chunks_exact_mut(s.h * s.w).zip(windows) {
         for y in 0..ho {
+            let (top, bottom) = img[2 * y * s.w..][..2 * s.w].split_at_mut(s.w);
             for xo in 0..wo {
                 let i = y * wo + xo;
-                for q in 0..4u8 {
-                    let at = (2 * y + (q / 2) as usize) * s.w + 2 * xo + (q % 2) as usize;
-                    img[at] = if q == a[i] { g[i] } else { 0.0 };
-                }
+                let v = if p[i] > 0.0 { g[i] } else { 0.0 };
+                let q = a[i];
+                top[2 * xo] = if q == 0 { v } else { 0.0 };
+                top[2 * xo + 1] = if q == 1 { v } else { 0.0 };
+                bottom[2 * xo] = if q == 2 { v } else { 0.0 };
+                bottom[2 * xo + 1] = if q == 3 { v } else { 0.0 };
             }
         }
     }
