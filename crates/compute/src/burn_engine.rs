@@ -16,7 +16,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use quorum_core::ParamLayout;
 
 /// Examples per forward pass during evaluation.
-pub(crate) const EVAL_CHUNK: usize = 1000;
+const EVAL_CHUNK: usize = 1000;
 
 /// Where burn computes: the device gradients are taken on (with autodiff) and the one
 /// evaluations run on (without).
