@@ -135,10 +135,13 @@ impl BurnEngine {
     }
 }
 
-/// The first GPU wgpu finds (Vulkan, Metal, DirectX 12 or OpenGL).
+/// The first GPU wgpu finds (Vulkan, Metal, DirectX 12 or OpenGL). wgpu's runtime can be
+/// set up once per process, so every engine (each worker's, the evaluator's) shares it.
 #[cfg(feature = "wgpu")]
 fn gpu() -> Result<Device, ComputeError> {
-    Device::wgpu_options().init().map_err(|e| {
+    static GPU: std::sync::OnceLock<Result<Device, String>> = std::sync::OnceLock::new();
+    let device = GPU.get_or_init(|| Device::wgpu_options().init().map_err(|e| e.to_string())).clone();
+    device.map_err(|e| {
         ComputeError::Config(format!(
             "engine `wgpu`: no GPU to run on ({e}); check the GPU's driver (and its Vulkan ICD on Linux: \
              `vulkaninfo --summary` should list it), or use engine = \"native\""

@@ -1,7 +1,7 @@
 //! The element-wise and data-movement steps around the matrix products: bias, ReLU, the
-//! softmax cross-entropy, 3×3 convolutions as matrices (im2col / col2im) and 2×2 max pooling.
-//! Activations of the convolutional layers are stored channel-major, `[C, B, H, W]`, so one
-//! product covers any run of images.
+//! softmax cross-entropy, 3×3 convolutions as matrices (im2col, and the kernels turned round
+//! for the input's gradient) and 2×2 max pooling. Activations of the convolutional layers are
+//! stored channel-major, `[C, B, H, W]`, so one product covers any run of image rows.
 
 use std::ops::Range;
 
