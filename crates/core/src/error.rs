@@ -79,6 +79,30 @@ pub enum ProtocolError {
     /// The server has stopped and takes no more input.
     #[error("the server has stopped and accepts no more messages")]
     Stopped,
+    /// A shard number outside `0..shards`.
+    #[error("unknown shard {shard}: this run has shards 0..{}; check the server's --shard and --shards", .shards.saturating_sub(1))]
+    UnknownShard {
+        /// The offending number.
+        shard: u32,
+        /// How many shards the run has.
+        shards: u32,
+    },
+    /// A whole gradient sent to the coordinator of a sharded run.
+    #[error("worker {worker} sent a whole gradient to the coordinator; in a sharded run a worker pushes each shard its slice")]
+    MisroutedPush {
+        /// The offending worker.
+        worker: WorkerId,
+    },
+    /// A commit a shard cannot apply: the coordinator and the shard disagree about the run.
+    #[error("shard {shard} cannot apply the commit of step {step}: {why} (is every shard of this run started from the same checkpoint?)")]
+    BadCommit {
+        /// The shard.
+        shard: u32,
+        /// The step the commit closes.
+        step: Step,
+        /// What does not fit.
+        why: String,
+    },
 }
 
 /// A configuration that cannot work.

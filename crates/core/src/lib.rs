@@ -14,6 +14,7 @@
 
 pub mod adaptive;
 pub mod clip;
+pub mod coordinator;
 pub mod divergence;
 pub mod ema;
 pub mod error;
@@ -25,8 +26,11 @@ pub mod optim;
 pub mod policy;
 pub mod schedule;
 pub mod server;
+pub mod shard;
+pub mod shard_plan;
 pub mod worker;
 
+pub use coordinator::Coordinator;
 pub use divergence::diverged;
 pub use error::{ConfigError, ProtocolError};
 pub use event::{DropReason, Event, LeaveReason};
@@ -37,4 +41,6 @@ pub use optim::{Optimizer, OptimizerConfig};
 pub use policy::Policy;
 pub use schedule::{Decay, LrSchedule};
 pub use server::{Action, Liveness, OnStall, Outputs, Server, ServerConfig, ServerSnapshot};
+pub use shard::{check_shardable, Commit, Shard, SliceOutcome};
+pub use shard_plan::ShardPlan;
 pub use worker::{OnNewerParams, Worker, WorkerAction};

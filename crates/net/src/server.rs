@@ -2,8 +2,9 @@
 
 use crate::checkpoint;
 use crate::framing::{CONNECTION_WINDOW, FRAME, STREAM_WINDOW};
+use crate::proto::coordinator_server::CoordinatorServer;
 use crate::proto::parameter_server_server::ParameterServerServer;
-use quorum_core::Server;
+use quorum_core::{Coordinator, Server, Shard};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -13,12 +14,14 @@ use tonic::service::interceptor::InterceptedService;
 mod checkpointer;
 mod driver;
 mod evaluator;
+mod follow;
 mod options;
 mod record;
+mod rule;
 mod service;
 
 use driver::{Driver, StopCause};
-pub use options::{CheckpointOptions, Progress, ProgressFn, ServerOptions, TrainSummary};
+pub use options::{CheckpointOptions, Progress, ProgressFn, ServerOptions, ShardOptions, TrainSummary};
 pub use service::PushAssembler;
 use service::*;
 
@@ -49,18 +52,27 @@ pub async fn run_server(
     mut opts: ServerOptions,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<TrainSummary, NetError> {
-    let server = match opts.restore.take() {
-        Some(snap) => Server::restore(opts.config.clone(), opts.layout.clone(), snap)?,
-        None => Server::new(opts.config.clone(), opts.layout.clone(), std::mem::take(&mut opts.init))?,
-    };
-    let start = Instant::now();
-    let (pub_tx, pub_rx) = watch::channel(Published::new(server.step(), server.params(), opts.encoding));
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(1024);
+    let (rule, link) = rule(&mut opts)?;
+    let start = Instant::now();
+    let (pub_tx, pub_rx) = watch::channel(Published::new(rule.step(), rule.params(), opts.encoding));
+    let shard = match &opts.shard {
+        Some(s) => (s.index, s.plan.shards(), s.plan.range(s.index)),
+        None => (0, 1, 0..opts.layout.len()),
+    };
+    if let (Some((hello, reports)), Some(s)) = (link, &opts.shard) {
+        let mut to = crate::worker::WorkerOptions::new(s.index, s.coordinator.clone().unwrap_or_default());
+        to.token = opts.token.clone();
+        to.tls = opts.tls.clone();
+        tokio::spawn(follow::follow_coordinator(to, hello, reports, cmd_tx.clone()));
+    }
     let (grpc_stop_tx, grpc_stop_rx) = oneshot::channel::<()>();
     let service = Service {
-        commands: cmd_tx,
+        commands: cmd_tx.clone(),
         published: pub_rx,
         num_params: opts.layout.len(),
+        push_len: shard.2.len(),
+        shard,
         layout: opts.layout.clone(),
         workers: opts.config.workers,
         encoding: opts.encoding,
@@ -73,13 +85,14 @@ pub async fn run_server(
     };
     let service = Arc::new(service);
     let token = crate::auth::CheckToken(opts.token.clone());
+    let coordinator = follow::CoordinatorService { commands: cmd_tx };
     let routes = Routes {
         generated: InterceptedService::new(
             ParameterServerServer::from_arc(service.clone()).max_decoding_message_size(8 << 20),
             token.clone(),
         ),
         service,
-        token,
+        token: token.clone(),
     };
     // Small messages (replies, the last chunk) must not wait for Nagle's algorithm.
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
@@ -99,12 +112,13 @@ pub async fn run_server(
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(FRAME)
             .add_service(routes)
+            .add_service(InterceptedService::new(CoordinatorServer::new(coordinator), token))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = grpc_stop_rx.await;
             }),
     );
 
-    let mut driver = Driver::new(server, opts, start, pub_tx)?;
+    let mut driver = Driver::new(rule, opts, start, pub_tx)?;
     tokio::pin!(shutdown);
     // The loop only selects and dispatches; the driver does the rest.
     loop {
@@ -136,4 +150,57 @@ pub async fn run_server(
         grpc.abort();
     }
     driver.finish()
+}
+
+/// What a follower's link task starts with: its hello and the reports the loop sends it.
+type Link = (crate::proto::ShardReport, mpsc::UnboundedReceiver<crate::proto::ShardReport>);
+
+/// The state machine(s) this server runs: the one server, or its shard (shard 0 with the
+/// coordinator; another shard with the link it reports over).
+fn rule(opts: &mut ServerOptions) -> Result<(rule::Rule, Option<Link>), NetError> {
+    let Some(s) = opts.shard.clone().filter(|s| s.plan.shards() > 1) else {
+        opts.shard = None;
+        let server = match opts.restore.take() {
+            Some(snap) => Server::restore(opts.config.clone(), opts.layout.clone(), snap)?,
+            None => Server::new(opts.config.clone(), opts.layout.clone(), std::mem::take(&mut opts.init))?,
+        };
+        return Ok((rule::Rule::One(Box::new(server)), None));
+    };
+    if s.plan.len() != opts.layout.len() {
+        return Err(quorum_core::ConfigError::invalid("the shard plan does not cover the model's layout").into());
+    }
+    let range = s.plan.range(s.index);
+    let shard = match opts.restore.take() {
+        Some(snap) => Shard::restore(&opts.config, &s.plan, s.index, snap)?,
+        None => Shard::new(&opts.config, &s.plan, s.index, opts.init[range.clone()].to_vec())?,
+    };
+    opts.init = Vec::new();
+    let shards = s.plan.shards();
+    if s.index == 0 {
+        let coordinator =
+            Coordinator::restore(opts.config.clone(), shards, shard.step(), opts.config.policy.aggregate_hint())?;
+        let followers = (0..shards).map(|_| None).collect();
+        let role = rule::Role::Coordinator { coordinator: Box::new(coordinator), followers };
+        return Ok((rule::Rule::Shard(Box::new(rule::Sharded { shard, role })), None));
+    }
+    if s.coordinator.is_none() {
+        return Err(quorum_core::ConfigError::invalid(format!(
+            "shard {} needs the coordinator's address (shard 0's)",
+            s.index
+        ))
+        .into());
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let hello = crate::proto::ShardReport {
+        shard: s.index,
+        shards,
+        step: shard.step(),
+        start: range.start as u64,
+        end: range.end as u64,
+        total: s.plan.len() as u64,
+        ..Default::default()
+    };
+    let sessions = vec![None; opts.config.workers as usize];
+    let role = rule::Role::Follower { link: tx, sessions, stopped: false };
+    Ok((rule::Rule::Shard(Box::new(rule::Sharded { shard, role })), Some((hello, rx))))
 }

@@ -20,8 +20,11 @@ use tonic::transport::Channel;
 pub struct WorkerOptions {
     /// Its index, `0..workers`.
     pub index: u32,
-    /// The server, e.g. `http://127.0.0.1:7070`.
+    /// The server, e.g. `http://127.0.0.1:7070`; in a sharded run shard 0 (the coordinator).
     pub server: String,
+    /// A sharded run: the other shards' addresses, shard 1 onward, in order (empty: the run
+    /// has one server). The worker pulls from and pushes to every shard at once.
+    pub shards: Vec<String>,
     /// Give up (re)connecting after this long.
     pub connect_timeout: Duration,
     /// Send a heartbeat this often while computing, so a long gradient is not mistaken for
@@ -48,6 +51,7 @@ impl WorkerOptions {
         WorkerOptions {
             index,
             server: server.into(),
+            shards: Vec::new(),
             connect_timeout: Duration::from_secs(60),
             heartbeat_every: Duration::from_secs(2),
             rpc_timeout: Duration::from_secs(30),
@@ -126,10 +130,10 @@ pub(crate) type Channel_ = InterceptedService<Channel, AddToken>;
 pub(crate) type Client = ParameterServerClient<Channel_>;
 
 /// The endpoint to dial: the address, upgraded to TLS when the options carry TLS files.
-fn endpoint(opts: &WorkerOptions) -> Result<(tonic::transport::Endpoint, String), WorkerError> {
-    let addr = match opts.server.strip_prefix("http://") {
+fn endpoint(opts: &WorkerOptions, server: &str) -> Result<(tonic::transport::Endpoint, String), WorkerError> {
+    let addr = match server.strip_prefix("http://") {
         Some(rest) if opts.tls.enabled() => format!("https://{rest}"),
-        _ => opts.server.clone(),
+        _ => server.to_string(),
     };
     let invalid = |last: String| WorkerError::Unreachable { addr: addr.clone(), secs: 0.0, last };
     let mut ep = Channel::from_shared(addr.clone()).map_err(|e| invalid(format!("invalid address: {e}")))?;
@@ -150,9 +154,14 @@ fn endpoint(opts: &WorkerOptions) -> Result<(tonic::transport::Endpoint, String)
 }
 
 pub(crate) async fn connect(opts: &WorkerOptions) -> Result<(Client, Channel_), WorkerError> {
+    connect_to(opts, &opts.server).await
+}
+
+/// Connects to `server` (retrying within the connect time-out).
+pub(crate) async fn connect_to(opts: &WorkerOptions, server: &str) -> Result<(Client, Channel_), WorkerError> {
     let start = Instant::now();
     let mut backoff = Duration::from_millis(50);
-    let (ep, addr) = endpoint(opts)?;
+    let (ep, addr) = endpoint(opts, server)?;
     loop {
         let err = match tokio::time::timeout(opts.rpc_timeout, ep.connect()).await {
             Err(_) => format!("no answer within {:.0} s", opts.rpc_timeout.as_secs_f64()),
@@ -172,7 +181,10 @@ pub(crate) async fn connect(opts: &WorkerOptions) -> Result<(Client, Channel_), 
 }
 
 /// A pull running on its own task: the request and the wait for the first chunk.
-struct PullTask(tokio::task::JoinHandle<Result<PullStart, tonic::Status>>);
+struct PullTask {
+    task: tokio::task::JoinHandle<Result<PullStart, tonic::Status>>,
+    min_step: u64,
+}
 
 /// A pull's response, read without codec copies ([`crate::framing`]).
 type Replies = crate::framing::Messages<<Channel_ as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody>;
@@ -185,16 +197,17 @@ type PullStart = (Replies, Result<Option<ParamsPiece>, tonic::Status>);
 impl PullTask {
     fn start(channel: &Channel_, worker: u32, min_step: u64) -> Self {
         let mut channel = channel.clone();
-        PullTask(tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let mut replies = crate::framing::pull(&mut channel, &PullRequest { worker, min_step }).await?;
             let first = replies.next_chunk(crate::framing::PARAMS_DATA).await;
             Ok((replies, first))
-        }))
+        });
+        PullTask { task, min_step }
     }
 
     /// Whether the pull ended with "stop" (waiting for it at most a second).
     async fn said_stop(mut self) -> bool {
-        match tokio::time::timeout(Duration::from_secs(1), &mut self.0).await {
+        match tokio::time::timeout(Duration::from_secs(1), &mut self.task).await {
             Ok(Ok(Ok((_, Ok(Some((chunk, _))))))) => chunk.stop,
             _ => false,
         }
@@ -203,7 +216,7 @@ impl PullTask {
 
 impl Drop for PullTask {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
     }
 }
 
@@ -393,6 +406,62 @@ struct Session<'a> {
     pending: Option<PullTask>,
     /// The parameters' buffer, reused from step to step.
     params_buffer: Vec<f32>,
+    /// The parameters this server (shard 0 of a sharded run) holds: all unless sharded.
+    range: std::ops::Range<usize>,
+    /// A sharded run: the other shards, 1 onward.
+    others: Vec<ShardLink>,
+    /// A sharded run: each shard's part of the parameters as pulled, reused.
+    parts: Vec<Vec<f32>>,
+}
+
+/// A shard other than 0: its connection and its range of the parameters.
+struct ShardLink {
+    channel: Channel_,
+    range: std::ops::Range<usize>,
+}
+
+/// What this worker joins with: its index, session and model layout.
+fn join_request(opts: &WorkerOptions, session: u64, source: &Option<Box<dyn GradientSource + Send>>) -> JoinRequest {
+    let layout = source.as_ref().expect("source present between computations").layout();
+    let num_params = layout.len() as u64;
+    let layout = layout
+        .tensors()
+        .iter()
+        .map(|t| TensorShape { name: t.name.clone(), shape: t.shape.iter().map(|&d| d as u64).collect() })
+        .collect();
+    JoinRequest { worker: opts.index, num_params, session, layout }
+}
+
+/// A sharded run: joins every other shard, checking that each is the shard its place in the
+/// worker's list says and that the list names them all. One server: nothing to do.
+async fn join_others(opts: &WorkerOptions, first: &JoinReply, request: &JoinRequest) -> Result<Vec<ShardLink>, Exit> {
+    let w = opts.index;
+    let shards = first.shards.max(1);
+    let refuse = |message: String| Exit::Fail(WorkerError::Refused { worker: w, message });
+    if shards as usize != opts.shards.len() + 1 || first.shard != 0 {
+        return Err(refuse(format!(
+            "the server at {} is shard {} of {shards}, but this worker was given {} server address(es); give it \
+             every shard's address, shard 0 first",
+            opts.server,
+            first.shard,
+            opts.shards.len() + 1
+        )));
+    }
+    let mut links = Vec::with_capacity(opts.shards.len());
+    for (i, addr) in opts.shards.iter().enumerate() {
+        let (mut client, channel) = connect_to(opts, addr).await?;
+        let reply = rpc!(w, within(opts.rpc_timeout, "join", client.join(request.clone())).await).into_inner();
+        if reply.shard as usize != i + 1 || reply.shards != shards {
+            return Err(refuse(format!(
+                "the server at {addr} is shard {} of {}, but it is listed as shard {} of {shards}; list the shards in order",
+                reply.shard,
+                reply.shards,
+                i + 1
+            )));
+        }
+        links.push(ShardLink { channel, range: reply.start as usize..reply.end as usize });
+    }
+    Ok(links)
 }
 
 async fn session(
@@ -403,15 +472,9 @@ async fn session(
     local: Local<'_>,
 ) -> Result<SessionEnd, WorkerError> {
     let w = opts.index;
-    let layout = local.source.as_ref().expect("source present between computations").layout();
-    let num_params = layout.len();
-    let layout = layout
-        .tensors()
-        .iter()
-        .map(|t| TensorShape { name: t.name.clone(), shape: t.shape.iter().map(|&d| d as u64).collect() })
-        .collect();
-    let join_request = JoinRequest { worker: w, num_params: num_params as u64, session: session_id, layout };
-    let join = match within(opts.rpc_timeout, "join", client.join(join_request)).await {
+    let join_request = join_request(opts, session_id, local.source);
+    let num_params = join_request.num_params as usize;
+    let join = match within(opts.rpc_timeout, "join", client.join(join_request.clone())).await {
         Ok(r) => r.into_inner(),
         // Not joined: wait (within the connect time-out) for the index to be free.
         Err(s) if s.code() == tonic::Code::AlreadyExists => {
@@ -427,6 +490,12 @@ async fn session(
     if join.stop {
         return Ok(SessionEnd::Stopped);
     }
+    let others = match join_others(opts, &join, &join_request).await {
+        Ok(o) => o,
+        Err(Exit::End(end)) => return Ok(end),
+        Err(Exit::Fail(e)) => return Err(e),
+    };
+    let range = if others.is_empty() { 0..num_params } else { join.start as usize..join.end as usize };
     let mut s = Session {
         opts,
         id: session_id,
@@ -445,6 +514,9 @@ async fn session(
         rule: Worker::new(WorkerId(w), OnNewerParams::FinishAndSend, join.late_notices),
         pending: None,
         params_buffer: Vec::new(),
+        parts: vec![Vec::new(); others.len() + 1],
+        range,
+        others,
     };
     match s.steps(join.step, local).await {
         Ok(never) => match never {},
@@ -512,16 +584,75 @@ impl Session<'_> {
     /// opens, which takes as long as the slowest of the N gradients (or the stall timeout):
     /// heartbeat meanwhile, so waiting is not taken for death.
     async fn pull(&mut self, min_step: u64) -> Result<Pulled, Exit> {
-        let w = self.opts.index;
         let t_pull = Instant::now();
-        let mut pull = match self.pending.take() {
+        let first = match self.pending.take() {
             Some(p) => p,
-            None => PullTask::start(&self.channel, w, min_step),
+            None => PullTask::start(&self.channel, self.opts.index, min_step),
         };
+        if !self.others.is_empty() {
+            return self.pull_shards(first, t_pull).await;
+        }
+        let buffer = std::mem::take(&mut self.params_buffer);
+        let (step, params, first_chunk) = self.read_pull(first, self.num_params, buffer).await?;
+        let seconds = first_chunk.map_or(t_pull.elapsed(), |t| t.elapsed()).as_secs_f64();
+        Ok(Pulled { step, params, seconds })
+    }
+
+    /// A sharded run: every shard's part of one step. Shards apply a step one after another,
+    /// so a part newer than the rest is matched by asking the others for that step.
+    async fn pull_shards(&mut self, first: PullTask, t_pull: Instant) -> Result<Pulled, Exit> {
+        let w = self.opts.index;
+        let n = self.others.len() + 1;
+        let min_step = first.min_step;
+        let mut tasks: Vec<Option<PullTask>> = std::iter::once(Some(first))
+            .chain(self.others.iter().map(|l| Some(PullTask::start(&l.channel, w, min_step))))
+            .collect();
+        let mut steps = vec![0; n];
+        let mut first_chunk: Option<Instant> = None;
+        loop {
+            for (i, task) in tasks.iter_mut().enumerate() {
+                let Some(task) = task.take() else { continue };
+                let len = if i == 0 { self.range.len() } else { self.others[i - 1].range.len() };
+                let buffer = std::mem::take(&mut self.parts[i]);
+                let (step, part, at) = self.read_pull(task, len, buffer).await?;
+                self.parts[i] = part;
+                steps[i] = step;
+                first_chunk = first_chunk.or(at);
+            }
+            let newest = steps.iter().copied().max().unwrap_or(min_step);
+            if steps.iter().all(|&s| s == newest) {
+                break;
+            }
+            for (i, task) in tasks.iter_mut().enumerate() {
+                if steps[i] < newest {
+                    let channel = if i == 0 { &self.channel } else { &self.others[i - 1].channel };
+                    *task = Some(PullTask::start(channel, w, newest));
+                }
+            }
+        }
+        let mut params = std::mem::take(&mut self.params_buffer);
+        params.resize(self.num_params, 0.0);
+        let ranges = std::iter::once(self.range.clone()).chain(self.others.iter().map(|l| l.range.clone()));
+        for (range, part) in ranges.zip(&self.parts) {
+            params[range].copy_from_slice(part);
+        }
+        let seconds = first_chunk.map_or(t_pull.elapsed(), |t| t.elapsed()).as_secs_f64();
+        Ok(Pulled { step: steps[0], params, seconds })
+    }
+
+    /// Reads one pull's answer into `buffer` (`len` values), heartbeating while the step
+    /// has not opened; the step, the values and when the first chunk came.
+    async fn read_pull(
+        &mut self,
+        mut pull: PullTask,
+        len: usize,
+        buffer: Vec<f32>,
+    ) -> Result<(u64, Vec<f32>, Option<Instant>), Exit> {
+        let w = self.opts.index;
         let beat = self.heartbeat_request();
         let (mut replies, first) = loop {
             tokio::select! {
-                r = &mut pull.0 => {
+                r = &mut pull.task => {
                     let r = r.unwrap_or_else(|e| Err(tonic::Status::unknown(format!("pull task failed: {e}"))));
                     break rpc!(w, r);
                 }
@@ -531,7 +662,7 @@ impl Session<'_> {
                 }
             }
         };
-        let mut asm = Assembler::with_buffer(std::mem::take(&mut self.params_buffer));
+        let mut asm = Assembler::with_buffer(buffer);
         let mut step = None;
         let mut first_chunk = None;
         let mut next = rpc!(w, first);
@@ -543,17 +674,15 @@ impl Session<'_> {
             }
             step = Some(c.step);
             let parts: Vec<&[u8]> = data.parts().collect();
-            asm.push_parts(c.offset, c.total, &parts, Encoding::from_flag(c.bf16), self.num_params)
-                .map_err(malformed)?;
+            asm.push_parts(c.offset, c.total, &parts, Encoding::from_flag(c.bf16), len).map_err(malformed)?;
             next =
                 rpc!(w, within(self.opts.rpc_timeout, "pull", replies.next_chunk(crate::framing::PARAMS_DATA)).await);
         }
-        let seconds = first_chunk.map_or(t_pull.elapsed(), |t| t.elapsed()).as_secs_f64();
         let Some(step) = step else {
             return Err(Exit::End(SessionEnd::Lost { why: "empty parameter stream".into(), joined: true }));
         };
         let params = asm.finish().map_err(malformed)?;
-        Ok(Pulled { step, params, seconds })
+        Ok((step, params, first_chunk))
     }
 
     /// Sleeps the injected delay, then computes the gradient on a blocking thread, with
@@ -611,6 +740,9 @@ impl Session<'_> {
     /// answer "late", e.g. a restarted server that reopened the step, the gradient in full).
     async fn push(&mut self, done: Computed, report: &mut WorkerReport, notice: bool) -> Result<(), Exit> {
         let w = self.opts.index;
+        if !self.others.is_empty() {
+            return self.push_shards(done, report, notice).await;
+        }
         let head = GradientChunk {
             worker: w,
             step: done.step,
@@ -664,6 +796,78 @@ impl Session<'_> {
         }
         if reply.stop {
             return Err(Exit::End(SessionEnd::Stopped));
+        }
+        Ok(())
+    }
+
+    /// A sharded run: every shard its slice, all at once. The gradient counts only if every
+    /// shard holds its slice (the coordinator decides); a shard that says "late" means the
+    /// step has closed for the whole model.
+    async fn push_shards(&mut self, done: Computed, report: &mut WorkerReport, notice: bool) -> Result<(), Exit> {
+        let w = self.opts.index;
+        let head = GradientChunk {
+            worker: w,
+            step: done.step,
+            offset: 0,
+            total: 0,
+            data: Default::default(),
+            loss: done.loss,
+            bf16: self.enc == Encoding::Bf16,
+            compute_seconds: done.seconds,
+            pull_seconds: done.pull_seconds,
+            session: self.id,
+        };
+        report.sent += 1;
+        let links = std::iter::once((self.channel.clone(), self.range.clone()))
+            .chain(self.others.iter().map(|l| (l.channel.clone(), l.range.clone())));
+        let mut pushes = tokio::task::JoinSet::new();
+        for (mut channel, range) in links {
+            let head = GradientChunk { total: range.len() as u64, ..head.clone() };
+            let enc = self.enc;
+            let slice = done.grad[range].to_vec();
+            let limit = self.opts.rpc_timeout;
+            pushes.spawn(async move {
+                if notice {
+                    let frames =
+                        crate::framing::push_frames(&GradientChunk { total: 0, ..head.clone() }, vec![Bytes::new()]);
+                    match within(limit, "push", crate::framing::push(&mut channel, frames)).await {
+                        Ok(r) if r.outcome() == PushOutcome::Late || r.stop => return (Ok(r), true),
+                        // Anything else: send the slice in full below.
+                        _ => {}
+                    }
+                }
+                let frames = crate::framing::push_frames(&head, enc.encode_chunks(slice));
+                (within(limit, "push", crate::framing::push(&mut channel, frames)).await, false)
+            });
+        }
+        let (mut late, mut stop, mut all_notices) = (false, false, true);
+        while let Some(joined) = pushes.join_next().await {
+            let (pushed, was_notice) =
+                joined.unwrap_or_else(|e| (Err(tonic::Status::unknown(format!("push task failed: {e}"))), false));
+            match pushed {
+                Ok(r) => {
+                    stop |= r.stop || r.outcome() == PushOutcome::Stopped;
+                    late |= matches!(r.outcome(), PushOutcome::Late | PushOutcome::TooStale);
+                    all_notices &= was_notice;
+                }
+                Err(s) => {
+                    if let Some(p) = self.pending.take() {
+                        if p.said_stop().await {
+                            return Err(Exit::End(SessionEnd::Stopped));
+                        }
+                    }
+                    return Err(Exit::from(lost_or_refused(w, s)));
+                }
+            }
+        }
+        if stop {
+            return Err(Exit::End(SessionEnd::Stopped));
+        }
+        report.unsent_late += u64::from(notice && late && all_notices);
+        if late {
+            report.dropped += 1;
+        } else {
+            report.accepted += 1;
         }
         Ok(())
     }

@@ -6,10 +6,11 @@
 use super::checkpointer::Checkpointer;
 use super::evaluator::Evaluator;
 use super::record::Recorder;
+use super::rule::{CommitStream, Rule};
 use super::service::{Answer, Command, Published};
 use super::{NetError, Progress, ServerOptions, TrainSummary};
 use quorum_core::server::StopReason;
-use quorum_core::{Action, Event, Outputs, ProtocolError, Server, WorkerId};
+use quorum_core::{Action, Commit, Event, Outputs, ProtocolError, WorkerId};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -29,6 +30,11 @@ pub(super) enum StopCause {
     Diverged(String),
     /// The core stopped: the last step was applied, or too few workers are alive.
     Core(StopReason),
+    /// A sharded run cannot go on (a shard's link to the coordinator broke, a commit could not
+    /// be applied); the message says what.
+    Failed(String),
+    /// The coordinator of a sharded run stopped it (for the reason it gives, if any).
+    CoordinatorStopped(String),
 }
 
 /// A run that is stopping: since when, and why (`None`: it finished).
@@ -40,7 +46,7 @@ struct Stopping {
 
 /// Everything the loop owns: the core's state machine and what carries out its decisions.
 pub(super) struct Driver {
-    server: Server,
+    rule: Rule,
     opts: ServerOptions,
     start: Instant,
     start_step: u64,
@@ -59,12 +65,12 @@ impl Driver {
     /// `opts.evaluator` moves to the evaluation thread; `opts.checkpoint` starts the
     /// checkpoint thread.
     pub(super) fn new(
-        server: Server,
+        rule: Rule,
         mut opts: ServerOptions,
         start: Instant,
         published: watch::Sender<Published>,
     ) -> Result<Self, NetError> {
-        let start_step = server.step();
+        let start_step = rule.step();
         let resumed_at = (start_step > 0).then_some(start_step);
         let rec = Recorder::new(opts.out.clone(), opts.config.workers, opts.batch, resumed_at)?;
         let checkpointer = opts
@@ -73,7 +79,7 @@ impl Driver {
             .map(|c| Checkpointer::start(c, opts.layout.clone(), opts.config.clone(), opts.run_config.clone()));
         let evaluator = Evaluator::start(opts.evaluator.take());
         Ok(Driver {
-            server,
+            rule,
             opts,
             start,
             start_step,
@@ -96,9 +102,9 @@ impl Driver {
     /// (so connected workers exit 0 rather than on a dead link).
     pub(super) fn may_exit(&self) -> bool {
         self.stopping.as_ref().is_some_and(|s| {
-            let workers = self.acks.len() >= self.server.live_workers().len() || s.since.elapsed() > STOP_GRACE;
+            let workers = self.acks.len() >= self.rule.live_workers().len() || s.since.elapsed() > STOP_GRACE;
             let evaluated = !self.evaluator_seen
-                || self.rec.evals.contains_key(&self.server.step())
+                || self.rec.evals.contains_key(&self.rule.step())
                 || s.since.elapsed() > FINAL_EVALUATION_GRACE;
             workers && evaluated
         })
@@ -109,7 +115,7 @@ impl Driver {
         if self.is_stopping() {
             return Instant::now() + Duration::from_millis(100);
         }
-        let wake = self.server.next_wakeup().map(|d| self.start + d);
+        let wake = self.rule.next_wakeup().map(|d| self.start + d);
         wake.unwrap_or_else(|| Instant::now() + Duration::from_millis(200))
     }
 
@@ -140,14 +146,51 @@ impl Driver {
                 Answer::Push(reply, gradient).send(Err(ProtocolError::Stopped));
                 return Ok(None);
             }
+            Command::Follow { hello, stream, reply } => {
+                let _ = reply.send(self.follow(&hello, stream));
+                return Ok(None);
+            }
+            Command::Report(r) => {
+                return match self.rule.on_report(now, &r) {
+                    Ok(out) => Ok(Some(out)),
+                    // A late report after the stop, or a worker the coordinator refuses: logged.
+                    Err(ProtocolError::Stopped) => Ok(None),
+                    Err(e) => {
+                        self.rec.event(&Event::Rejected {
+                            worker: WorkerId(r.worker),
+                            reason: e.to_string(),
+                            time: now.as_secs_f64(),
+                        })?;
+                        Ok(None)
+                    }
+                };
+            }
+            Command::Commit(n) => {
+                if n.stop {
+                    self.begin_stop(StopCause::CoordinatorStopped(n.reason));
+                    return Ok(None);
+                }
+                let commit =
+                    Commit { step: n.step, contributors: n.contributors.into_iter().map(WorkerId).collect(), lr: n.lr };
+                return match self.rule.on_commit(now, &commit) {
+                    Ok(out) => Ok(Some(out)),
+                    Err(e) => {
+                        self.begin_stop(StopCause::Failed(e.to_string()));
+                        Ok(None)
+                    }
+                };
+            }
+            Command::LinkLost(why) => {
+                self.begin_stop(StopCause::Failed(why));
+                return Ok(None);
+            }
             Command::Message { worker, session, msg, reply } => {
-                (worker, self.server.handle_from(now, worker, session, msg), Answer::Message(reply))
+                (worker, self.rule.handle_from(now, worker, session, msg), Answer::Message(reply))
             }
             Command::Push { worker, session, step, gradient, loss, timing, reply } => {
-                let server = &mut self.server;
-                let result = server
-                    .check_session(worker, session)
-                    .and_then(|()| server.push(now, worker, step, &gradient, loss));
+                let rule = &mut self.rule;
+                let result =
+                    rule.check_session(worker, session).and_then(|()| rule.push(now, worker, step, &gradient, loss));
                 if result.is_ok() {
                     self.rec.timing(worker, timing);
                 }
@@ -174,7 +217,25 @@ impl Driver {
 
     /// Time passed: the core's time-outs (a stopping run ticks nothing).
     pub(super) fn on_tick(&mut self) -> Option<Outputs> {
-        (!self.is_stopping()).then(|| self.server.tick(self.start.elapsed()))
+        if self.is_stopping() {
+            return None;
+        }
+        match self.rule.tick(self.start.elapsed()) {
+            Ok(out) => Some(out),
+            Err(e) => {
+                self.begin_stop(StopCause::Failed(e.to_string()));
+                None
+            }
+        }
+    }
+
+    /// A shard asks to follow this coordinator.
+    fn follow(&mut self, hello: &crate::proto::ShardReport, stream: CommitStream) -> Result<(), String> {
+        let plan = self.opts.shard.as_ref().map(|s| s.plan.clone());
+        let plan = plan.ok_or("this server is not sharded (it was started with shards = 1)")?;
+        self.rule.follow(hello, plan.len(), plan.ranges(), stream)?;
+        tracing::info!("shard {} follows the coordinator", hello.shard);
+        Ok(())
     }
 
     /// Carries out what the core decided: records its events (with divergence, evaluation,
@@ -188,7 +249,7 @@ impl Driver {
                 Action::SendParams { step, .. } | Action::BroadcastParams { step } => {
                     // Once stopping, "stop" stays published: nothing reopens the run.
                     if !self.is_stopping() && self.published.borrow().step != step {
-                        let p = Published::new(step, self.server.params(), self.opts.encoding);
+                        let p = Published::new(step, self.rule.params(), self.opts.encoding);
                         self.published.send_replace(p);
                     }
                 }
@@ -208,12 +269,13 @@ impl Driver {
             }
         }
         let Some(done) = self.rec.event(e)? else { return Ok(()) };
-        if self.opts.eval_every.is_some_and(|k| k > 0 && done.is_multiple_of(k)) {
-            self.evaluator.request(done, self.server.ema().unwrap_or(self.server.params()));
+        let whole = self.rule.whole_model();
+        if whole && self.opts.eval_every.is_some_and(|k| k > 0 && done.is_multiple_of(k)) {
+            self.evaluator.request(done, self.rule.ema().unwrap_or(self.rule.params()));
         }
-        if let Some(c) = self.checkpointer.as_mut() {
-            if c.due(done) && !self.server.is_stopped() {
-                c.request(self.server.snapshot());
+        if let Some(c) = self.checkpointer.as_mut().filter(|_| whole) {
+            if c.due(done) && !self.rule.is_stopped() {
+                c.request(self.rule.snapshot());
                 // The log reaches at least the checkpoint, so a resumed run can rebuild its
                 // records from it even after SIGKILL.
                 self.rec.flush_events()?;
@@ -253,25 +315,29 @@ impl Driver {
                 (Some(why), false)
             }
             StopCause::Core(_) => (None, false),
+            StopCause::Failed(why) => (Some(why), false),
+            StopCause::CoordinatorStopped(why) => ((!why.is_empty()).then_some(why), false),
         };
+        self.rule.stop_followers(reason.as_deref());
         self.stopping = Some(Stopping { since: Instant::now(), reason, diverged });
-        let params = self.server.ema().unwrap_or(self.server.params());
-        self.published.send_replace(Published::stopped(self.server.step(), params, self.opts.encoding));
+        let params = self.rule.ema().unwrap_or(self.rule.params());
+        self.published.send_replace(Published::stopped(self.rule.step(), params, self.opts.encoding));
     }
 
     /// After the loop: the final checkpoint and evaluation, the run directory, the summary.
     pub(super) fn finish(self) -> Result<TrainSummary, NetError> {
-        let Driver { server, opts, start_step, mut rec, checkpointer, evaluator, stopping, .. } = self;
-        let checkpoint = checkpointer.map(|c| c.finish(server.snapshot())).unwrap_or_default();
+        let Driver { rule, opts, start_step, mut rec, checkpointer, evaluator, stopping, .. } = self;
+        let whole = rule.whole_model();
+        let checkpoint = checkpointer.filter(|_| whole).map(|c| c.finish(rule.snapshot())).unwrap_or_default();
         let (stop_reason, diverged) = stopping.map_or((None, false), |s| (s.reason, s.diverged));
-        let final_params = server.ema().unwrap_or(server.params());
-        let validation = evaluator.finish(server.step(), final_params, !diverged, &mut rec)?;
-        let last_eval = rec.evals.get(&server.step()).copied();
+        let final_params = rule.ema().unwrap_or(rule.params());
+        let validation = evaluator.finish(rule.step(), final_params, whole && !diverged, &mut rec)?;
+        let last_eval = rec.evals.get(&rule.step()).copied();
         let cfg = &opts.config;
         let run = &rec.run;
-        let run_steps = server.step() - start_step;
+        let run_steps = rule.step() - start_step;
         let summary = TrainSummary {
-            steps: server.step(),
+            steps: rule.step(),
             start_step,
             wall_seconds: run.last_step_at,
             steps_per_second: if run.last_step_at > 0.0 { run_steps as f64 / run.last_step_at } else { 0.0 },

@@ -3,7 +3,7 @@
 
 use crate::encoding::Encoding;
 use quorum_compute::GradientSource;
-use quorum_core::{ParamLayout, ServerConfig, ServerSnapshot};
+use quorum_core::{ParamLayout, ServerConfig, ServerSnapshot, ShardPlan};
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -43,6 +43,19 @@ pub struct ServerOptions {
     /// refused for non-finite values (use `f32::INFINITY` for "non-finite only"); `None`: the
     /// refused gradients are only counted.
     pub divergence_loss: Option<f32>,
+    /// A sharded run: which shard this server is (`None`: the one server of the run).
+    pub shard: Option<ShardOptions>,
+}
+
+/// One shard of a sharded run.
+#[derive(Debug, Clone)]
+pub struct ShardOptions {
+    /// This server's shard, `0..plan.shards()`; shard 0 runs the coordinator.
+    pub index: u32,
+    /// How the parameters are split over the shards.
+    pub plan: ShardPlan,
+    /// Every shard but 0: shard 0's address, e.g. `http://10.0.0.1:7070`.
+    pub coordinator: Option<String>,
 }
 
 impl ServerOptions {
@@ -64,6 +77,7 @@ impl ServerOptions {
             token: None,
             tls: crate::tls::TlsFiles::default(),
             divergence_loss: None,
+            shard: None,
         }
     }
 }

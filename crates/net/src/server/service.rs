@@ -83,6 +83,18 @@ pub(super) enum Command {
         reply: PushAnswer,
     },
     StopSeen(WorkerId),
+    /// Shard 0: another shard asks to follow the coordinator; its commits go to `stream`.
+    Follow {
+        hello: ShardReport,
+        stream: super::rule::CommitStream,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Shard 0: a follower holds a worker's slice.
+    Report(ShardReport),
+    /// A follower: the coordinator committed a step, or stopped the run.
+    Commit(CommitNotice),
+    /// A sharded run's link between a shard and the coordinator broke.
+    LinkLost(String),
     /// An evaluator asked for parameters: it will report the final step's figures.
     EvaluatorPulled,
     /// An evaluator's figures for the parameters after `step` updates; the reply: stopped.
@@ -157,6 +169,10 @@ pub(super) struct Service {
     pub(super) commands: mpsc::Sender<Command>,
     pub(super) published: watch::Receiver<Published>,
     pub(super) num_params: usize,
+    /// Values a push carries: the model's, or a shard's range of them.
+    pub(super) push_len: usize,
+    /// A sharded run: this server's shard, how many there are, and its range of the parameters.
+    pub(super) shard: (u32, u32, std::ops::Range<usize>),
     /// The model's layout, which a joining worker's must equal.
     pub(super) layout: quorum_core::ParamLayout,
     pub(super) workers: u32,
@@ -216,7 +232,7 @@ impl Service {
         let mut push = crate::framing::Messages::new(body, tonic::Code::InvalidArgument);
         let mut next = next_chunk(&mut push, idle).await?;
         let first_at = Instant::now();
-        let mut asm = PushAssembler::with_buffer(self.num_params, self.buffers.take());
+        let mut asm = PushAssembler::with_buffer(self.push_len, self.buffers.take());
         while let Some((chunk, data)) = next {
             asm.add(chunk, &data).map_err(|e| Status::invalid_argument(e.to_string()))?;
             next = next_chunk(&mut push, idle).await?;
@@ -412,6 +428,10 @@ impl ParameterServer for Service {
             bf16: self.encoding == Encoding::Bf16,
             late_notices: self.late_notices,
             heartbeat_ms: self.heartbeat.map_or(0, |d| d.as_millis().max(1) as u64),
+            shard: self.shard.0,
+            shards: self.shard.1,
+            start: self.shard.2.start as u64,
+            end: self.shard.2.end as u64,
         }))
     }
 

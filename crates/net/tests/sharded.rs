@@ -1,0 +1,135 @@
+//! Sharded parameter servers on loopback: S servers each holding a range of the parameters,
+//! shard 0 coordinating one quorum for the whole model.
+
+use quorum_compute::{GradientSource, LeastSquares};
+use quorum_core::{Policy, ServerConfig, ShardPlan};
+use quorum_net::server::ShardOptions;
+use quorum_net::{run_server, run_worker, ServerOptions, TrainSummary, WorkerOptions};
+use std::path::Path;
+use std::time::Duration;
+
+type Task<T> = tokio::task::JoinHandle<Result<T, quorum_net::server::NetError>>;
+
+fn source() -> LeastSquares {
+    LeastSquares::new(90, 16, 0.1, 1)
+}
+
+fn config(workers: u32, policy: Policy, steps: u64) -> ServerConfig {
+    let mut cfg = ServerConfig::new(workers, policy, 0.2);
+    cfg.max_steps = Some(steps);
+    cfg.liveness.stall_timeout = Some(Duration::from_secs(10));
+    cfg.liveness.worker_timeout = Some(Duration::from_secs(2));
+    cfg
+}
+
+/// Starts `shards` servers (shard `k` writing its run into `dir/shard-k`), with shard `k`
+/// told the run has `claimed[k]` shards; their addresses, shard 0 first.
+async fn start_shards(cfg: &ServerConfig, dir: &Path, claimed: &[u32]) -> (Vec<String>, Vec<Task<TrainSummary>>) {
+    let src = source();
+    let mut listeners = Vec::new();
+    for _ in claimed {
+        listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let addrs: Vec<String> = listeners.iter().map(|l| format!("http://{}", l.local_addr().unwrap())).collect();
+    let mut tasks = Vec::new();
+    for (k, listener) in listeners.into_iter().enumerate() {
+        let mut opts = ServerOptions::new(cfg.clone(), src.layout().clone(), src.init_params(0));
+        opts.out = Some(dir.join(format!("shard-{k}")));
+        opts.batch = 16;
+        opts.shard = Some(ShardOptions {
+            index: k as u32,
+            plan: ShardPlan::new(src.layout(), claimed[k]).unwrap(),
+            coordinator: (k > 0).then(|| addrs[0].clone()),
+        });
+        tasks.push(tokio::spawn(run_server(listener, opts, std::future::pending())));
+    }
+    (addrs, tasks)
+}
+
+fn worker(
+    i: u32,
+    addrs: &[String],
+) -> tokio::task::JoinHandle<Result<quorum_net::worker::WorkerReport, quorum_net::worker::WorkerError>> {
+    let mut wo = WorkerOptions::new(i, addrs[0].clone());
+    wo.shards = addrs[1..].to_vec();
+    wo.connect_timeout = Duration::from_secs(5);
+    tokio::spawn(run_worker(wo, Box::new(source()) as Box<dyn GradientSource + Send>))
+}
+
+/// Every applied step in a run directory's events: (step, contributors).
+fn applied(dir: &Path) -> Vec<(u64, Vec<u64>)> {
+    let events = std::fs::read_to_string(dir.join("events.jsonl")).unwrap();
+    events
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "step_applied")
+        .map(|v| {
+            let c = v["contributors"].as_array().unwrap().iter().map(|w| w.as_u64().unwrap()).collect();
+            (v["step"].as_u64().unwrap(), c)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_shard_of_a_grpc_cluster_averages_the_same_workers_at_every_step_and_it_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 120;
+    let cfg = config(4, Policy::Sync { aggregate: 2, backups: 2 }, steps);
+    let (addrs, servers) = start_shards(&cfg, dir.path(), &[3, 3, 3]).await;
+    let workers: Vec<_> = (0..4).map(|i| worker(i, &addrs)).collect();
+    for s in servers {
+        let summary = tokio::time::timeout(Duration::from_secs(60), s).await.expect("finishes").unwrap().unwrap();
+        assert_eq!(summary.steps, steps);
+        assert!(summary.stop_reason.is_none(), "{:?}", summary.stop_reason);
+    }
+    let mut dropped = 0;
+    for w in workers {
+        let r = w.await.unwrap().unwrap();
+        assert!(r.sent > 0);
+        dropped += r.dropped;
+    }
+    let committed = applied(&dir.path().join("shard-0"));
+    assert_eq!(committed.len() as u64, steps);
+    for (i, (step, c)) in committed.iter().enumerate() {
+        assert_eq!(*step, i as u64);
+        assert_eq!(c.len(), 2, "step {step} took {c:?}");
+    }
+    for k in 1..3 {
+        assert_eq!(applied(&dir.path().join(format!("shard-{k}"))), committed, "shard {k} applied other sets");
+    }
+    // With 2 backups some gradients were late: the quorum was not simply "everyone".
+    let late_or_left_out = committed.iter().any(|(_, c)| c != &[0, 1]);
+    assert!(dropped > 0 || late_or_left_out, "no step ever took other workers than w0 and w1");
+    // The mean loss the contributors reported fell by an order of magnitude: the shards'
+    // parts of the parameters were put together and updated as one model.
+    let metrics = std::fs::read_to_string(dir.path().join("shard-0/metrics.csv")).unwrap();
+    let header: Vec<&str> = metrics.lines().next().unwrap().split(',').collect();
+    let col = header.iter().position(|h| *h == "train_loss").expect("a train_loss column");
+    let losses: Vec<f64> = metrics.lines().skip(1).filter_map(|l| l.split(',').nth(col)?.parse().ok()).collect();
+    let (first, last) = (losses[0], losses[losses.len() - 1]);
+    assert!(last < first / 10.0, "loss {first} -> {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_started_with_another_shard_count_is_refused_with_what_differs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(2, Policy::Sync { aggregate: 2, backups: 0 }, 20);
+    let (_, mut servers) = start_shards(&cfg, dir.path(), &[2, 3]).await;
+    let follower = servers.pop().unwrap();
+    let s = tokio::time::timeout(Duration::from_secs(30), follower).await.expect("stops").unwrap().unwrap();
+    let why = s.stop_reason.unwrap_or_default();
+    assert!(why.contains("shard 1 of 3 asked to follow, but this run has 2 shards"), "{why}");
+    servers.pop().unwrap().abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_given_too_few_shard_addresses_is_refused_with_how_many_there_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(1, Policy::Sync { aggregate: 1, backups: 0 }, 20);
+    let (addrs, servers) = start_shards(&cfg, dir.path(), &[2, 2]).await;
+    let e = worker(0, &addrs[..1]).await.unwrap().unwrap_err().to_string();
+    assert!(e.contains("is shard 0 of 2") && e.contains("given 1 server address"), "{e}");
+    for s in servers {
+        s.abort();
+    }
+}
