@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use quorum_compute::GradientSource;
 use quorum_core::ParamLayout;
 use quorum_net::checkpoint::{self, CheckpointError};
-use quorum_net::server::{CheckpointOptions, Progress};
+use quorum_net::server::{CheckpointOptions, Progress, ShardOptions};
 use quorum_net::worker::WorkerReport;
 use quorum_net::{ServerOptions, TrainSummary, WorkerOptions};
 use std::time::Duration;
@@ -90,6 +90,17 @@ impl Served {
         Ok(Served { layout, init, steps, evaluator: None })
     }
 
+    /// The evaluator, taken out (a sharded run evaluates the model once its shards are put
+    /// together, not in any one server).
+    pub(crate) fn take_evaluator(&mut self) -> Option<Box<dyn GradientSource + Send>> {
+        self.evaluator.take()
+    }
+
+    /// The same model for another shard's server (no evaluator).
+    pub(crate) fn share(&self) -> Self {
+        Served { layout: self.layout.clone(), init: self.init.clone(), steps: self.steps, evaluator: None }
+    }
+
     /// `params` when set, else the configured built-in model.
     pub(crate) fn from_config(cfg: &RunConfig) -> Result<Self> {
         match &cfg.params {
@@ -112,6 +123,7 @@ impl Served {
 pub(crate) fn server_options(cfg: &RunConfig, served: Served, resume: bool, progress: bool) -> Result<ServerOptions> {
     let Served { layout, init, steps, evaluator } = served;
     let server_cfg = cfg.server_config(steps)?;
+    let shard = shard_options(cfg, &server_cfg, &layout, resume)?;
     let ckpt_dir = cfg.run_dir().join("checkpoints");
     let mut opts = ServerOptions::new(server_cfg, layout, init);
     if resume {
@@ -157,12 +169,56 @@ pub(crate) fn server_options(cfg: &RunConfig, served: Served, resume: bool, prog
     if progress {
         opts.progress = Some(Box::new(progress_printer()));
     }
+    if shard.is_some() {
+        // Each shard holds a part of the model: no one server can evaluate or checkpoint it.
+        opts.evaluator = None;
+        opts.checkpoint = None;
+        opts.shard = shard;
+    }
     cfg.write_to(&cfg.run_dir())?;
     Ok(opts)
 }
 
+/// A sharded run (`shards` > 1): which shard this server is and how the model is split.
+fn shard_options(
+    cfg: &RunConfig,
+    server: &quorum_core::ServerConfig,
+    layout: &ParamLayout,
+    resume: bool,
+) -> Result<Option<ShardOptions>> {
+    if cfg.shards <= 1 {
+        return Ok(None);
+    }
+    quorum_core::check_shardable(server, cfg.shards)?;
+    if resume {
+        bail!(
+            "--resume is not built for sharded runs yet (each shard would resume from its own checkpoint); \
+             a sharded run writes no checkpoints, so run with shards = 1 to checkpoint and resume"
+        );
+    }
+    if cfg.shard > 0 && cfg.coordinator.is_none() {
+        bail!("shard {} needs shard 0's address, which runs the coordinator: --coordinator HOST:PORT", cfg.shard);
+    }
+    Ok(Some(ShardOptions {
+        index: cfg.shard,
+        plan: quorum_core::ShardPlan::new(layout, cfg.shards)?,
+        coordinator: cfg.coordinator.as_ref().map(|a| format!("http://{a}")),
+    }))
+}
+
+/// A worker's options. `server`: the server's HOST:PORT, or in a sharded run every shard's,
+/// comma-separated, shard 0 first.
 pub(crate) fn worker_options(cfg: &RunConfig, index: u32, server: &str) -> Result<WorkerOptions> {
-    let mut wo = WorkerOptions::new(index, format!("http://{server}"));
+    let servers: Vec<String> = server.split(',').map(|a| format!("http://{}", a.trim())).collect();
+    if servers.len() != cfg.shards as usize {
+        bail!(
+            "{} server address(es) for a run of shards = {}: give every shard's HOST:PORT, comma-separated, shard 0 first",
+            servers.len(),
+            cfg.shards
+        );
+    }
+    let mut wo = WorkerOptions::new(index, servers[0].clone());
+    wo.shards = servers[1..].to_vec();
     wo.connect_timeout = Duration::from_secs_f64(cfg.connect_timeout);
     wo.heartbeat_every = Duration::from_secs_f64((cfg.worker_timeout / 4.0).max(0.05));
     // A server silent for three of its worker time-outs is frozen or cut off.
@@ -243,10 +299,13 @@ pub(crate) fn stopped_early(s: &TrainSummary) -> Result<()> {
 }
 
 pub(crate) fn print_worker(i: u32, r: &WorkerReport) {
+    let used = match r.held {
+        0 => format!("{} used", r.accepted),
+        held => format!("{held} taken by every shard"),
+    };
     println!(
-        "  w{i}: {} gradients sent, {} used, {} dropped{}, {:.1} s computing{}",
+        "  w{i}: {} gradients sent, {used}, {} dropped{}, {:.1} s computing{}",
         r.sent,
-        r.accepted,
         r.dropped,
         if r.unsent_late > 0 { format!(" ({} known late, not sent)", r.unsent_late) } else { String::new() },
         r.compute_seconds,

@@ -629,3 +629,66 @@ fn the_adaptive_policy_stops_waiting_for_a_slow_worker_in_the_simulator_and_on_a
         assert_eq!(applied.len(), 40, "{mode}");
     }
 }
+
+/// Each applied step of a run directory: (step, contributors).
+fn applied_steps(run: &Path) -> Vec<(u64, Vec<u64>)> {
+    events(run)
+        .into_iter()
+        .filter(|e| e["event"] == "step_applied")
+        .map(|e| {
+            let c = e["contributors"].as_array().unwrap().iter().map(|w| w.as_u64().unwrap()).collect();
+            (e["step"].as_u64().unwrap(), c)
+        })
+        .collect()
+}
+
+#[test]
+fn shard_processes_apply_the_same_workers_at_every_step_even_when_a_contributing_worker_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (run0, run1) = (dir.path().join("shard-0"), dir.path().join("shard-1"));
+    let common = [
+        "--workers",
+        "3",
+        "--backups",
+        "1",
+        "--steps",
+        "1500",
+        "--delay",
+        "const:0.002",
+        "--lr",
+        "0.2",
+        "--shards",
+        "2",
+    ];
+    let (mut ps0, addr0) = start_ps(&[&common[..], &["--shard", "0"]].concat(), &run0);
+    let (mut ps1, addr1) = start_ps(&[&common[..], &["--shard", "1", "--coordinator", &addr0]].concat(), &run1);
+    let both = format!("{addr0},{addr1}");
+    let mut workers: Vec<Proc> = (0..3).map(|i| start_worker(&common, &both, i)).collect();
+    wait_for_steps(&run0, 20_000, Duration::from_secs(60));
+    // kill -9 a worker mid-run, possibly between its pushes to the two shards.
+    workers[2].0.kill().unwrap();
+    assert!(wait(&mut ps0, Duration::from_secs(120)).success());
+    assert!(wait(&mut ps1, Duration::from_secs(20)).success());
+    for w in &mut workers[..2] {
+        assert!(wait(w, Duration::from_secs(20)).success());
+    }
+    let committed = applied_steps(&run0);
+    assert_eq!(committed.len(), 1500);
+    assert_eq!(applied_steps(&run1), committed, "shard 1 applied other contributor sets than the coordinator");
+    assert!(committed.iter().all(|(_, c)| c.len() == 2));
+    let last_with_w2 =
+        committed.iter().rposition(|(_, c)| c.contains(&2)).expect("w2 contributed before it was killed");
+    assert!(last_with_w2 < 1450, "w2 was killed too late to matter (last counted at step {last_with_w2})");
+    assert!(json(&run0.join("summary.json"))["stop_reason"].is_null());
+}
+
+#[test]
+fn a_worker_given_one_address_for_a_sharded_run_is_told_to_list_every_shard() {
+    let o = quorum()
+        .args(["worker", "--model", "synthetic", "--shards", "2", "--ps", "127.0.0.1:1", "--index", "0"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("1 server address(es) for a run of shards = 2") && t.contains("shard 0 first"), "{t}");
+}

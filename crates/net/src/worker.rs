@@ -68,8 +68,12 @@ impl WorkerOptions {
 pub struct WorkerReport {
     /// Gradients pushed.
     pub sent: u64,
-    /// Gradients the server used.
+    /// Gradients the server used (one server; a sharded run counts `held` instead).
     pub accepted: u64,
+    /// A sharded run: gradients every shard took for the open step. Whether the step then
+    /// counted them is the coordinator's to say (its `events.jsonl`): a worker's gradient
+    /// whole on every shard after N others were is dropped there as late.
+    pub held: u64,
     /// Gradients dropped (late or too stale).
     pub dropped: u64,
     /// Late gradients reported without their values: the worker knew the step had closed.
@@ -867,7 +871,7 @@ impl Session<'_> {
         if late {
             report.dropped += 1;
         } else {
-            report.accepted += 1;
+            report.held += 1;
         }
         Ok(())
     }

@@ -62,8 +62,13 @@ pub(crate) fn serve(cfg: &RunConfig, listen: &str, resume: bool) -> Result<()> {
     let summary = rt.block_on(async {
         let listener =
             tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+        let shard = match cfg.shards {
+            1 => String::new(),
+            s if cfg.shard == 0 => format!(", shard 0 of {s} (the coordinator)"),
+            s => format!(", shard {} of {s} (coordinator {})", cfg.shard, cfg.coordinator.as_deref().unwrap_or("?")),
+        };
         println!(
-            "quorum ps: listening on {} for {} workers ({}), {model}, {steps} steps",
+            "quorum ps: listening on {} for {} workers ({}), {model}, {steps} steps{shard}",
             listener.local_addr()?,
             cfg.workers,
             cfg.shape(),

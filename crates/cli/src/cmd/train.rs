@@ -7,6 +7,7 @@ use crate::config::{RunConfig, RunFlags};
 use crate::restarts;
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use quorum_compute::GradientSource;
 use quorum_net::{run_server, run_worker, TrainSummary};
 use quorum_record::Restart;
 use std::time::Duration;
@@ -65,6 +66,9 @@ fn train_once(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
     // The data is loaded once and shared by the workers and the evaluator.
     let mut sources = cfg.sources(cfg.workers as usize + 1)?;
     let evaluator = sources.pop().expect("workers + 1 sources");
+    if cfg.shards > 1 {
+        return train_sharded(cfg, resume, sources, evaluator);
+    }
     let opts = server_options(cfg, Served::model(cfg, evaluator)?, resume, true)?;
     let steps = opts.config.max_steps.unwrap_or(0);
     let rt = runtime()?;
@@ -92,6 +96,81 @@ fn train_once(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
                 Ok(Err(e)) => println!("  w{i}: crashed: {e}"),
                 Err(_) => println!("  w{i}: did not stop within 10 s"),
             }
+        }
+        anyhow::Ok(summary)
+    })
+}
+
+/// A sharded run in this process: `shards` servers on loopback (shard `k` > 0 writing its
+/// record into `<out>/shard-<k>`), the workers pushing to all of them, and the model put
+/// together from the shards' final parts and evaluated at the end.
+fn train_sharded(
+    cfg: &RunConfig,
+    resume: bool,
+    sources: Vec<Box<dyn GradientSource + Send>>,
+    evaluator: Box<dyn GradientSource + Send>,
+) -> Result<TrainSummary> {
+    let mut served = Served::model(cfg, evaluator)?;
+    let mut evaluator = served.take_evaluator().expect("a built-in model has an evaluator");
+    let rt = runtime()?;
+    rt.block_on(async {
+        let mut listeners = Vec::new();
+        for _ in 0..cfg.shards {
+            listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.context("cannot listen on 127.0.0.1")?);
+        }
+        let addrs: Vec<String> =
+            listeners.iter().map(|l| l.local_addr().map(|a| a.to_string())).collect::<Result<_, _>>()?;
+        let mut servers = Vec::new();
+        let mut steps = 0;
+        for (k, listener) in listeners.into_iter().enumerate() {
+            let mut shard = cfg.clone();
+            shard.shard = k as u32;
+            shard.coordinator = Some(addrs[0].clone());
+            if k > 0 {
+                shard.out = Some(cfg.run_dir().join(format!("shard-{k}")));
+            }
+            let opts = server_options(&shard, served.share(), resume, k == 0)?;
+            steps = opts.config.max_steps.unwrap_or(0);
+            servers.push(tokio::spawn(run_server(listener, opts, interrupted())));
+        }
+        println!(
+            "quorum train: {} on {}, {} workers ({}), {} servers {}, {steps} steps",
+            cfg.model,
+            cfg.dataset,
+            cfg.workers,
+            cfg.shape(),
+            cfg.shards,
+            addrs.join(" ")
+        );
+        let every = addrs.join(",");
+        let mut workers = Vec::new();
+        for (i, src) in sources.into_iter().enumerate() {
+            workers.push(tokio::spawn(run_worker(worker_options(cfg, i as u32, &every)?, src)));
+        }
+        let mut summaries = Vec::new();
+        for s in servers {
+            summaries.push(s.await.context("server task")??);
+        }
+        eprintln!();
+        for (i, w) in workers.into_iter().enumerate() {
+            match tokio::time::timeout(Duration::from_secs(10), w).await {
+                Ok(Ok(Ok(r))) => print_worker(i as u32, &r),
+                Ok(Ok(Err(e))) => println!("  w{i}: failed: {e}"),
+                Ok(Err(e)) => println!("  w{i}: crashed: {e}"),
+                Err(_) => println!("  w{i}: did not stop within 10 s"),
+            }
+        }
+        let model: Vec<f32> = summaries.iter_mut().flat_map(|s| s.shard_params.take().unwrap_or_default()).collect();
+        let mut summary = summaries.swap_remove(0);
+        if !summary.diverged && model.len() == evaluator.layout().len() {
+            let e = evaluator.evaluate(&model)?;
+            summary.final_test_loss = Some(e.loss);
+            summary.final_test_accuracy = e.accuracy;
+            if let Ok(v) = evaluator.validate(&model) {
+                summary.final_validation_loss = Some(v.loss);
+                summary.final_validation_accuracy = v.accuracy;
+            }
+            std::fs::write(cfg.run_dir().join("summary.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
         }
         anyhow::Ok(summary)
     })

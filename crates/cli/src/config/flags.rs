@@ -153,6 +153,20 @@ pub struct RunFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     connect_timeout: Option<f64>,
+    /// Parameter servers the model is split over (`train` runs them all; `ps` is one of them,
+    /// see --shard; `sim` charges each server's link its share) [default: 1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shards: Option<u32>,
+    /// `quorum ps` of a sharded run: which shard this server is, 0..shards (shard 0 runs the
+    /// coordinator) [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shard: Option<u32>,
+    /// `quorum ps --shard K` with K > 0: shard 0's HOST:PORT.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    coordinator: Option<String>,
     /// Address `quorum ps` listens on [default: 0.0.0.0:7070].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -250,11 +264,6 @@ pub struct SimFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     server_bandwidth: Option<f64>,
-    /// Parameter servers the model is split over evenly (planning: `quorum ps` is one server
-    /// today) [default: 1].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    shards: Option<u32>,
     /// No gradient math: time only (for big sweeps).
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]

@@ -118,6 +118,15 @@ pub struct RunConfig {
     pub on_stall: OnStall,
     /// Seconds a worker keeps trying to reach the server before giving up.
     pub connect_timeout: f64,
+    /// Parameter servers the model is split over: `train` runs them all; `ps` is one of them
+    /// (`shard`); a worker is given every shard's address; `sim` charges each server's link
+    /// its share of every message.
+    pub shards: u32,
+    /// `quorum ps` of a sharded run: which shard this server is, 0..shards (shard 0 runs the
+    /// coordinator that decides every step's contributors for all shards).
+    pub shard: u32,
+    /// `quorum ps --shard K` with K > 0: shard 0's HOST:PORT.
+    pub coordinator: Option<String>,
     /// Address `quorum ps` listens on.
     pub listen: String,
     /// f32 | bf16: how parameters and gradients travel.
@@ -186,6 +195,9 @@ impl Default for RunConfig {
             stall_timeout: 30.0,
             on_stall: OnStall::Stop,
             connect_timeout: 60.0,
+            shards: 1,
+            shard: 0,
+            coordinator: None,
             listen: "0.0.0.0:7070".into(),
             wire: Encoding::F32,
             checkpoint_every: 0,
@@ -227,6 +239,17 @@ impl RunConfig {
         self.encoding()?;
         self.delay_sampler()?;
         self.server_config(1)?;
+        if self.shards == 0 {
+            bail!("shards must be at least 1");
+        }
+        if self.shard >= self.shards {
+            bail!(
+                "shard {} is out of range: with shards = {} the shards are numbered 0 to {}",
+                self.shard,
+                self.shards,
+                self.shards - 1
+            );
+        }
         for (key, v) in [
             ("worker-timeout", self.worker_timeout),
             ("stall-timeout", self.stall_timeout),

@@ -21,9 +21,6 @@ pub struct SimKeys {
     /// Each parameter server's link, bytes per second each way (unset: infinite): pulls and
     /// pushes queue on it.
     pub server_bandwidth: Option<f64>,
-    /// Parameter servers the model is split over evenly (planning only: `quorum ps` is one
-    /// server today).
-    pub shards: Option<u32>,
     /// No gradient math: time only (for big sweeps).
     pub timing_only: bool,
     /// Timing-only: charge messages for a model of this many parameters.
@@ -97,9 +94,6 @@ impl RunConfig {
         }
         let mut cfg = SimConfig::new(self.workers, self.policy()?, steps, delay, self.seed);
         cfg.server = self.server_config(steps)?;
-        if s.shards == Some(0) {
-            bail!("shards must be at least 1");
-        }
         if s.server_bandwidth.is_some_and(|b| !(b > 0.0 && b.is_finite())) {
             bail!("server-bandwidth must be a positive number of bytes per second");
         }
@@ -107,7 +101,7 @@ impl RunConfig {
             latency: s.latency,
             bandwidth: s.bandwidth,
             server_bandwidth: s.server_bandwidth,
-            shards: s.shards.unwrap_or(1),
+            shards: self.shards,
         };
         cfg.on_newer = s.on_newer;
         cfg.virtual_params = s.virtual_params;

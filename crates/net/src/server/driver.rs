@@ -355,6 +355,7 @@ impl Driver {
             final_validation_loss: validation.map(|e| e.loss),
             checkpoint,
             started_unix: rec.started_unix,
+            shard_params: (!whole).then(|| final_params.to_vec()),
         };
         rec.write_files(&summary)?;
         Ok(summary)

@@ -156,4 +156,8 @@ pub struct TrainSummary {
     pub checkpoint: Option<PathBuf>,
     /// Unix time the server started.
     pub started_unix: f64,
+    /// A sharded run: this shard's final parameters (its range; the EMA where kept), for a
+    /// caller that puts the model together. Not in summary.json.
+    #[serde(skip)]
+    pub shard_params: Option<Vec<f32>>,
 }
