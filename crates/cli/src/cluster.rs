@@ -123,33 +123,22 @@ impl Served {
 pub(crate) fn server_options(cfg: &RunConfig, served: Served, resume: bool, progress: bool) -> Result<ServerOptions> {
     let Served { layout, init, steps, evaluator } = served;
     let server_cfg = cfg.server_config(steps)?;
-    let shard = shard_options(cfg, &server_cfg, &layout, resume)?;
+    let shard = shard_options(cfg, &server_cfg, &layout)?;
     let ckpt_dir = cfg.run_dir().join("checkpoints");
+    // A shard's checkpoints hold its range, under a layout that names the shard and the split.
+    let ckpt_layout = shard.as_ref().map_or_else(|| layout.clone(), |s| s.plan.layout_of(&layout, s.index));
     let mut opts = ServerOptions::new(server_cfg, layout, init);
     if resume {
-        match checkpoint::load_latest(&ckpt_dir, &opts.layout, &opts.config) {
-            Ok((meta, snap, skipped)) => {
-                for s in skipped {
-                    eprintln!("warning: skipped checkpoint: {s}");
-                }
-                if meta.step >= steps {
-                    bail!(
-                        "the newest checkpoint (step {}) already completes this run of {steps} steps; \
-                         raise `steps` or `epochs` to train further",
-                        meta.step
-                    );
-                }
-                println!("resuming from step {} ({})", meta.step, ckpt_dir.display());
-                opts.restore = Some(snap);
-            }
-            Err(CheckpointError::NoneUsable { skipped, .. }) if skipped.is_empty() => {
-                bail!(
-                    "nothing to resume: no checkpoint in {}; run without --resume to start afresh",
-                    ckpt_dir.display()
-                )
-            }
-            Err(e) => return Err(e.into()),
+        let (meta, snap) = restore(cfg, &ckpt_dir, &ckpt_layout, &opts.config)?;
+        if meta.step >= steps {
+            bail!(
+                "the checkpoint of step {} already completes this run of {steps} steps; raise `steps` or `epochs` \
+                 to train further",
+                meta.step
+            );
         }
+        println!("resuming from step {} ({})", meta.step, ckpt_dir.display());
+        opts.restore = Some(snap);
     }
     opts.out = Some(cfg.run_dir());
     opts.evaluator = evaluator;
@@ -159,7 +148,8 @@ pub(crate) fn server_options(cfg: &RunConfig, served: Served, resume: bool, prog
     opts.checkpoint = Some(CheckpointOptions {
         dir: ckpt_dir,
         every_steps: (cfg.checkpoint_every > 0).then_some(cfg.checkpoint_every),
-        every_seconds: (cfg.checkpoint_seconds > 0.0).then_some(cfg.checkpoint_seconds),
+        // Shards checkpoint by steps only, so that they all write the same steps.
+        every_seconds: (cfg.checkpoint_seconds > 0.0 && cfg.shards <= 1).then_some(cfg.checkpoint_seconds),
         keep: cfg.keep_checkpoints,
     });
     opts.run_config = Some(cfg.to_toml()?);
@@ -170,13 +160,46 @@ pub(crate) fn server_options(cfg: &RunConfig, served: Served, resume: bool, prog
         opts.progress = Some(Box::new(progress_printer()));
     }
     if shard.is_some() {
-        // Each shard holds a part of the model: no one server can evaluate or checkpoint it.
+        // Each shard holds a part of the model: no one server can evaluate it.
         opts.evaluator = None;
-        opts.checkpoint = None;
         opts.shard = shard;
     }
     cfg.write_to(&cfg.run_dir())?;
     Ok(opts)
+}
+
+/// The checkpoint to resume from in `dir`: of step `resume-step` when given, else the newest
+/// that loads and matches.
+fn restore(
+    cfg: &RunConfig,
+    dir: &std::path::Path,
+    layout: &ParamLayout,
+    config: &quorum_core::ServerConfig,
+) -> Result<(checkpoint::CheckpointMeta, quorum_core::ServerSnapshot)> {
+    if let Some(step) = cfg.resume_step {
+        let listed = checkpoint::list(dir);
+        let Some((_, json)) = listed.iter().find(|(s, _)| *s == step) else {
+            let have: Vec<String> = listed.iter().map(|(s, _)| s.to_string()).collect();
+            bail!(
+                "no checkpoint of step {step} in {} (it has: {}); --resume-step names a step a checkpoint was written at",
+                dir.display(),
+                if have.is_empty() { "none".to_string() } else { have.join(", ") }
+            );
+        };
+        return Ok(checkpoint::load(json, layout, config)?);
+    }
+    match checkpoint::load_latest(dir, layout, config) {
+        Ok((meta, snap, skipped)) => {
+            for s in skipped {
+                eprintln!("warning: skipped checkpoint: {s}");
+            }
+            Ok((meta, snap))
+        }
+        Err(CheckpointError::NoneUsable { skipped, .. }) if skipped.is_empty() => {
+            bail!("nothing to resume: no checkpoint in {}; run without --resume to start afresh", dir.display())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A sharded run (`shards` > 1): which shard this server is and how the model is split.
@@ -184,18 +207,11 @@ fn shard_options(
     cfg: &RunConfig,
     server: &quorum_core::ServerConfig,
     layout: &ParamLayout,
-    resume: bool,
 ) -> Result<Option<ShardOptions>> {
     if cfg.shards <= 1 {
         return Ok(None);
     }
     quorum_core::check_shardable(server, cfg.shards)?;
-    if resume {
-        bail!(
-            "--resume is not built for sharded runs yet (each shard would resume from its own checkpoint); \
-             a sharded run writes no checkpoints, so run with shards = 1 to checkpoint and resume"
-        );
-    }
     if cfg.shard > 0 && cfg.coordinator.is_none() {
         bail!("shard {} needs shard 0's address, which runs the coordinator: --coordinator HOST:PORT", cfg.shard);
     }

@@ -692,3 +692,63 @@ fn a_worker_given_one_address_for_a_sharded_run_is_told_to_list_every_shard() {
     let t = text(&o);
     assert!(t.contains("1 server address(es) for a run of shards = 2") && t.contains("shard 0 first"), "{t}");
 }
+
+#[test]
+fn a_shard_killed_with_kill_9_stops_the_run_and_every_shard_resumes_from_a_step_all_of_them_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let (run0, run1) = (dir.path().join("shard-0"), dir.path().join("shard-1"));
+    let common = [
+        "--workers",
+        "2",
+        "--backups",
+        "0",
+        "--steps",
+        "2000",
+        "--delay",
+        "const:0.002",
+        "--lr",
+        "0.2",
+        "--shards",
+        "2",
+        "--checkpoint-every",
+        "100",
+    ];
+    let start = |resume: &[&str]| {
+        let (ps0, addr0) = start_ps(&[&common[..], &["--shard", "0"], resume].concat(), &run0);
+        let (ps1, addr1) = start_ps(&[&common[..], &["--shard", "1", "--coordinator", &addr0], resume].concat(), &run1);
+        let both = format!("{addr0},{addr1}");
+        let workers: Vec<Proc> = (0..2).map(|i| start_worker(&common, &both, i)).collect();
+        (ps0, ps1, workers)
+    };
+    let (mut ps0, mut ps1, mut workers) = start(&[]);
+    wait_for_steps(&run1, 40_000, Duration::from_secs(60));
+    ps1.0.kill().unwrap();
+    ps1.0.wait().unwrap();
+    // The coordinator cannot close a step without shard 1: it stops and says why.
+    assert!(!wait(&mut ps0, Duration::from_secs(30)).success());
+    let s = json(&run0.join("summary.json"));
+    let why = s["stop_reason"].as_str().unwrap_or_default().to_string();
+    assert!(why.contains("shard 1"), "{s}");
+    let stopped_at = s["steps"].as_u64().unwrap();
+    for w in &mut workers {
+        wait(w, Duration::from_secs(30));
+    }
+    // Every shard's newest checkpoint of a step both wrote.
+    let steps = |run: &Path| -> std::collections::BTreeSet<u64> {
+        checkpoint_steps(&run.join("checkpoints")).into_iter().collect()
+    };
+    let both = *steps(&run0).intersection(&steps(&run1)).last().expect("a step both shards checkpointed");
+    assert!(both > 0 && both <= stopped_at, "resume at {both}, stopped at {stopped_at}");
+    let (mut ps0, mut ps1, mut workers) = start(&["--resume", "--resume-step", &both.to_string()]);
+    assert!(wait(&mut ps0, Duration::from_secs(120)).success());
+    assert!(wait(&mut ps1, Duration::from_secs(20)).success());
+    for w in &mut workers {
+        assert!(wait(w, Duration::from_secs(20)).success());
+    }
+    let s = json(&run0.join("summary.json"));
+    assert_eq!((s["steps"].as_u64(), s["start_step"].as_u64()), (Some(2000), Some(both)), "{s}");
+    let resumed =
+        |run: &Path| -> Vec<(u64, Vec<u64>)> { applied_steps(run).into_iter().filter(|(t, _)| *t >= both).collect() };
+    assert_eq!(resumed(&run0).len() as u64, 2000 - both);
+    assert_eq!(resumed(&run1), resumed(&run0), "after the resume the shards applied other sets");
+}

@@ -48,6 +48,28 @@ impl ShardPlan {
         Ok(ShardPlan { ranges })
     }
 
+    /// The layout of shard `i`'s checkpoint: one tensor of its values, named for the shard,
+    /// its range and the model (a hash of every tensor's name and shape), so a checkpoint of
+    /// another shard, split or model is refused by name.
+    pub fn layout_of(&self, layout: &ParamLayout, i: u32) -> ParamLayout {
+        // FNV-1a: stable across builds and platforms (std's hasher promises neither).
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for (name, shape) in layout.fingerprint() {
+            for b in name.bytes().chain(shape.iter().flat_map(|d| (*d as u64).to_le_bytes())) {
+                hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        let r = self.range(i);
+        let name = format!(
+            "shard {i} of {}: values {}..{} of {}, model {hash:016x}",
+            self.shards(),
+            r.start,
+            r.end,
+            self.len()
+        );
+        ParamLayout::from_shapes([(name, vec![r.len()])]).expect("one tensor")
+    }
+
     /// How many shards.
     pub fn shards(&self) -> u32 {
         self.ranges.len() as u32
@@ -134,6 +156,25 @@ mod tests {
                 assert!(off <= 0.21, "S={s}: {r:?} is {off:.2} off a fair share of {fair}");
             }
         }
+    }
+
+    #[test]
+    fn a_shards_checkpoint_layout_names_the_shard_the_split_and_the_model() {
+        let l = mlp();
+        let plan = ShardPlan::new(&l, 3).unwrap();
+        let one = plan.layout_of(&l, 1);
+        assert_eq!(one.len(), plan.range(1).len());
+        let name = &one.tensors()[0].name;
+        assert!(
+            name.starts_with(&format!("shard 1 of 3: values {}..{}", plan.range(1).start, plan.range(1).end)),
+            "{name}"
+        );
+        assert_ne!(one, plan.layout_of(&l, 2));
+        assert_ne!(one, ShardPlan::new(&l, 4).unwrap().layout_of(&l, 1));
+        let other =
+            ParamLayout::from_shapes([("l0.w", vec![784, 512]), ("x", vec![512 + 512 * 512 + 512 + 5130])]).unwrap();
+        assert_eq!(other.len(), l.len());
+        assert_ne!(one, ShardPlan::new(&other, 3).unwrap().layout_of(&other, 1), "another model of the same size");
     }
 
     #[test]

@@ -170,6 +170,7 @@ fn rule(opts: &mut ServerOptions) -> Result<(rule::Rule, Option<Link>), NetError
         return Err(quorum_core::ConfigError::invalid("the shard plan does not cover the model's layout").into());
     }
     let range = s.plan.range(s.index);
+    let aggregate = opts.restore.as_ref().map_or(opts.config.policy.aggregate_hint(), |r| r.aggregate);
     let shard = match opts.restore.take() {
         Some(snap) => Shard::restore(&opts.config, &s.plan, s.index, snap)?,
         None => Shard::new(&opts.config, &s.plan, s.index, opts.init[range.clone()].to_vec())?,
@@ -177,8 +178,7 @@ fn rule(opts: &mut ServerOptions) -> Result<(rule::Rule, Option<Link>), NetError
     opts.init = Vec::new();
     let shards = s.plan.shards();
     if s.index == 0 {
-        let coordinator =
-            Coordinator::restore(opts.config.clone(), shards, shard.step(), opts.config.policy.aggregate_hint())?;
+        let coordinator = Coordinator::restore(opts.config.clone(), shards, shard.step(), aggregate)?;
         let followers = (0..shards).map(|_| None).collect();
         let role = rule::Role::Coordinator { coordinator: Box::new(coordinator), followers };
         return Ok((rule::Rule::Shard(Box::new(rule::Sharded { shard, role })), None));

@@ -120,15 +120,18 @@ fn train_sharded(
         }
         let addrs: Vec<String> =
             listeners.iter().map(|l| l.local_addr().map(|a| a.to_string())).collect::<Result<_, _>>()?;
+        let resume_step = match (resume, cfg.resume_step) {
+            (true, None) => Some(common_checkpoint(cfg)?),
+            (_, step) => step,
+        };
         let mut servers = Vec::new();
         let mut steps = 0;
         for (k, listener) in listeners.into_iter().enumerate() {
             let mut shard = cfg.clone();
             shard.shard = k as u32;
             shard.coordinator = Some(addrs[0].clone());
-            if k > 0 {
-                shard.out = Some(cfg.run_dir().join(format!("shard-{k}")));
-            }
+            shard.out = Some(shard_dir(cfg, k as u32));
+            shard.resume_step = resume_step;
             let opts = server_options(&shard, served.share(), resume, k == 0)?;
             steps = opts.config.max_steps.unwrap_or(0);
             servers.push(tokio::spawn(run_server(listener, opts, interrupted())));
@@ -173,5 +176,37 @@ fn train_sharded(
             std::fs::write(cfg.run_dir().join("summary.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
         }
         anyhow::Ok(summary)
+    })
+}
+
+/// Where shard `k` of a sharded `train` writes its record and checkpoints.
+fn shard_dir(cfg: &RunConfig, k: u32) -> std::path::PathBuf {
+    match k {
+        0 => cfg.run_dir(),
+        k => cfg.run_dir().join(format!("shard-{k}")),
+    }
+}
+
+/// The newest step every shard of a sharded `train` wrote a checkpoint of: where the run
+/// resumes (a shard killed mid-write, or a run stopped by a lost shard, leaves some shards
+/// with newer checkpoints than others).
+fn common_checkpoint(cfg: &RunConfig) -> Result<u64> {
+    let mut common: Option<std::collections::BTreeSet<u64>> = None;
+    for k in 0..cfg.shards {
+        let dir = shard_dir(cfg, k).join("checkpoints");
+        let steps: std::collections::BTreeSet<u64> =
+            quorum_net::checkpoint::list(&dir).into_iter().map(|(s, _)| s).collect();
+        common = Some(match common {
+            None => steps,
+            Some(c) => c.intersection(&steps).copied().collect(),
+        });
+    }
+    common.unwrap_or_default().last().copied().with_context(|| {
+        format!(
+            "nothing to resume: no step has a checkpoint from every one of the {} shards under {}; run without \
+             --resume to start afresh",
+            cfg.shards,
+            cfg.run_dir().display()
+        )
     })
 }

@@ -167,6 +167,11 @@ pub struct RunFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     coordinator: Option<String>,
+    /// `--resume` from the checkpoint of exactly this step [default: the newest; a sharded
+    /// `train` finds the newest every shard wrote].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resume_step: Option<u64>,
     /// Address `quorum ps` listens on [default: 0.0.0.0:7070].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -137,6 +137,10 @@ pub struct RunConfig {
     pub checkpoint_seconds: f64,
     /// Checkpoints kept.
     pub keep_checkpoints: usize,
+    /// `--resume` from the checkpoint of exactly this step (default: the newest). Every shard
+    /// of a sharded run must resume from the same step; `quorum train --shards S --resume`
+    /// finds the newest step every shard wrote.
+    pub resume_step: Option<u64>,
     /// Compute threads per process (default: all cores; `quorum train` splits them among workers).
     pub threads: Option<usize>,
     /// Run directory (`train`, `ps`: `runs/train` when unset; `sim` writes files only when set).
@@ -203,6 +207,7 @@ impl Default for RunConfig {
             checkpoint_every: 0,
             checkpoint_seconds: 600.0,
             keep_checkpoints: 3,
+            resume_step: None,
             threads: None,
             out: None,
             token_file: None,

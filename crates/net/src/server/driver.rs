@@ -33,8 +33,9 @@ pub(super) enum StopCause {
     /// A sharded run cannot go on (a shard's link to the coordinator broke, a commit could not
     /// be applied); the message says what.
     Failed(String),
-    /// The coordinator of a sharded run stopped it (for the reason it gives, if any).
-    CoordinatorStopped(String),
+    /// The coordinator of a sharded run stopped it (for the reason it gives, if any;
+    /// `broken`: because a shard was lost).
+    CoordinatorStopped { reason: String, broken: bool },
 }
 
 /// A run that is stopping: since when, and why (`None`: it finished).
@@ -42,6 +43,9 @@ struct Stopping {
     since: Instant,
     reason: Option<String>,
     diverged: bool,
+    /// A sharded run lost a shard: this shard's state may be ahead of another's, so no final
+    /// checkpoint (the newest one every shard wrote is where a resumed run starts).
+    broken: bool,
 }
 
 /// Everything the loop owns: the core's state machine and what carries out its decisions.
@@ -73,10 +77,15 @@ impl Driver {
         let start_step = rule.step();
         let resumed_at = (start_step > 0).then_some(start_step);
         let rec = Recorder::new(opts.out.clone(), opts.config.workers, opts.batch, resumed_at)?;
+        // A shard's checkpoint holds its range, under a layout naming the shard and the split.
+        let ckpt_layout = match &opts.shard {
+            Some(s) => s.plan.layout_of(&opts.layout, s.index),
+            None => opts.layout.clone(),
+        };
         let checkpointer = opts
             .checkpoint
             .clone()
-            .map(|c| Checkpointer::start(c, opts.layout.clone(), opts.config.clone(), opts.run_config.clone()));
+            .map(|c| Checkpointer::start(c, ckpt_layout, opts.config.clone(), opts.run_config.clone()));
         let evaluator = Evaluator::start(opts.evaluator.take());
         Ok(Driver {
             rule,
@@ -167,7 +176,7 @@ impl Driver {
             }
             Command::Commit(n) => {
                 if n.stop {
-                    self.begin_stop(StopCause::CoordinatorStopped(n.reason));
+                    self.begin_stop(StopCause::CoordinatorStopped { reason: n.reason, broken: n.broken });
                     return Ok(None);
                 }
                 let commit =
@@ -273,7 +282,7 @@ impl Driver {
         if whole && self.opts.eval_every.is_some_and(|k| k > 0 && done.is_multiple_of(k)) {
             self.evaluator.request(done, self.rule.ema().unwrap_or(self.rule.params()));
         }
-        if let Some(c) = self.checkpointer.as_mut().filter(|_| whole) {
+        if let Some(c) = self.checkpointer.as_mut() {
             if c.due(done) && !self.rule.is_stopped() {
                 c.request(self.rule.snapshot());
                 // The log reaches at least the checkpoint, so a resumed run can rebuild its
@@ -303,6 +312,7 @@ impl Driver {
         if self.is_stopping() {
             return;
         }
+        let broken = matches!(cause, StopCause::Failed(_) | StopCause::CoordinatorStopped { broken: true, .. });
         let (reason, diverged) = match cause {
             StopCause::Interrupted => (Some("interrupted".to_string()), false),
             StopCause::Diverged(why) => (Some(why), true),
@@ -316,10 +326,10 @@ impl Driver {
             }
             StopCause::Core(_) => (None, false),
             StopCause::Failed(why) => (Some(why), false),
-            StopCause::CoordinatorStopped(why) => ((!why.is_empty()).then_some(why), false),
+            StopCause::CoordinatorStopped { reason, .. } => ((!reason.is_empty()).then_some(reason), false),
         };
-        self.rule.stop_followers(reason.as_deref());
-        self.stopping = Some(Stopping { since: Instant::now(), reason, diverged });
+        self.rule.stop_followers(reason.as_deref(), broken);
+        self.stopping = Some(Stopping { since: Instant::now(), reason, diverged, broken });
         let params = self.rule.ema().unwrap_or(self.rule.params());
         self.published.send_replace(Published::stopped(self.rule.step(), params, self.opts.encoding));
     }
@@ -328,7 +338,8 @@ impl Driver {
     pub(super) fn finish(self) -> Result<TrainSummary, NetError> {
         let Driver { rule, opts, start_step, mut rec, checkpointer, evaluator, stopping, .. } = self;
         let whole = rule.whole_model();
-        let checkpoint = checkpointer.filter(|_| whole).map(|c| c.finish(rule.snapshot())).unwrap_or_default();
+        let broken = stopping.as_ref().is_some_and(|s| s.broken);
+        let checkpoint = checkpointer.filter(|_| !broken).map(|c| c.finish(rule.snapshot())).unwrap_or_default();
         let (stop_reason, diverged) = stopping.map_or((None, false), |s| (s.reason, s.diverged));
         let final_params = rule.ema().unwrap_or(rule.params());
         let validation = evaluator.finish(rule.step(), final_params, whole && !diverged, &mut rec)?;

@@ -230,7 +230,13 @@ impl Rule {
     pub(super) fn snapshot(&self) -> ServerSnapshot {
         match self {
             Rule::One(server) => server.snapshot(),
-            Rule::Shard(s) => s.shard.snapshot(),
+            Rule::Shard(s) => {
+                let mut snap = s.shard.snapshot();
+                if let Role::Coordinator { coordinator, .. } = &s.role {
+                    snap.aggregate = coordinator.aggregate();
+                }
+                snap
+            }
         }
     }
 
@@ -293,8 +299,9 @@ impl Rule {
         }
         if hello.step != step {
             return Err(format!(
-                "shard {k} is at step {} but the coordinator at step {step}: every shard must start from the same \
-                 checkpoint",
+                "shard {k} is at step {} but the coordinator (shard 0) at step {step}: every shard must start from \
+                 the same step; restart them all with --resume --resume-step S, S a step every shard has a \
+                 checkpoint of",
                 hello.step
             ));
         }
@@ -306,10 +313,11 @@ impl Rule {
     }
 
     /// Tells every follower the run stopped (after its last commit).
-    pub(super) fn stop_followers(&mut self, reason: Option<&str>) {
+    pub(super) fn stop_followers(&mut self, reason: Option<&str>, broken: bool) {
         if let Rule::Shard(s) = self {
             if let Role::Coordinator { followers, .. } = &mut s.role {
-                let stop = CommitNotice { stop: true, reason: reason.unwrap_or_default().into(), ..Default::default() };
+                let reason = reason.unwrap_or_default().into();
+                let stop = CommitNotice { stop: true, reason, broken, ..Default::default() };
                 for f in followers.iter().flatten() {
                     let _ = f.send(Ok(stop.clone()));
                 }
