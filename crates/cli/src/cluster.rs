@@ -338,10 +338,36 @@ pub(crate) fn check_workers(cfg: &RunConfig, t: &Topology) -> Result<()> {
             cfg.workers
         );
     }
+    if t.ps.len() != cfg.shards as usize {
+        bail!(
+            "{} lists {} parameter server(s) but the configuration says shards = {}; make them agree (each ps \
+             entry is one shard)",
+            t.source,
+            t.ps.len(),
+            cfg.shards
+        );
+    }
     Ok(())
+}
+
+/// The configuration of a server whose place the topology gives: which shard it is, where
+/// the coordinator (shard 0) is, and (shard k > 0) the run directory `<out>/shard-<k>`, as
+/// `quorum train --shards` lays them out, so that every shard can share one volume.
+pub(crate) fn as_shard(cfg: &RunConfig, t: &Topology, k: u32) -> RunConfig {
+    let mut cfg = cfg.clone();
+    cfg.shard = k;
+    if k > 0 {
+        cfg.coordinator = t.ps.first().cloned();
+        cfg.out = Some(cfg.run_dir().join(format!("shard-{k}")));
+    }
+    cfg
 }
 
 /// The cluster spec names the server's port: listen on it on every interface.
 pub(crate) fn all_interfaces(t: &Topology) -> String {
-    format!("0.0.0.0:{}", crate::config::port_of(&t.ps).unwrap_or(7070))
+    let mine = match t.role {
+        crate::topology::Role::Ps(k) => t.ps.get(k as usize),
+        crate::topology::Role::Worker(_) => t.ps.first(),
+    };
+    format!("0.0.0.0:{}", mine.and_then(|a| crate::config::port_of(a)).unwrap_or(7070))
 }

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 /// This process's job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
-    /// The parameter server.
-    Ps,
+    /// The parameter server: shard `k` of a sharded run (0 when unsharded).
+    Ps(u32),
     /// Worker with this index.
     Worker(u32),
 }
@@ -19,8 +19,8 @@ pub enum Role {
 pub struct Topology {
     /// This process's job.
     pub role: Role,
-    /// The parameter server's `host:port`.
-    pub ps: String,
+    /// Every parameter server's `host:port`, shard 0 first (one unless sharded).
+    pub ps: Vec<String>,
     /// Workers in the cluster (N + b).
     pub workers: u32,
     /// Where it came from (`TF_CONFIG`, `Slurm`).
@@ -30,13 +30,20 @@ pub struct Topology {
 impl std::fmt::Display for Topology {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let role = match self.role {
-            Role::Ps => "parameter server".to_string(),
+            Role::Ps(_) if self.ps.len() == 1 => "parameter server".to_string(),
+            Role::Ps(k) => format!("parameter server shard {k} of {}", self.ps.len()),
             Role::Worker(i) => format!("worker {i}"),
+        };
+        let servers = match self.ps.len() {
+            1 => "server".to_string(),
+            n => format!("{n} servers (shard 0 first)"),
         };
         write!(
             f,
-            "topology from {}: this process is the {role}; server {}; {} workers",
-            self.source, self.ps, self.workers
+            "topology from {}: this process is the {role}; {servers} {}; {} workers",
+            self.source,
+            self.ps.join(","),
+            self.workers
         )
     }
 }
@@ -54,17 +61,16 @@ struct TfTask {
     index: u32,
 }
 
-/// Parses `TF_CONFIG`: one `ps` entry (quorum has one parameter server); the `chief`, if
-/// any, is worker 0 and `worker[i]` follows it.
+/// Parses `TF_CONFIG`: each `ps` entry is one parameter server (several: the shards of a
+/// sharded run, `ps[0]` running the coordinator); the `chief`, if any, is worker 0 and
+/// `worker[i]` follows it.
 pub fn from_tf_config(json: &str) -> Result<Topology> {
     let c: TfConfig = serde_json::from_str(json)
         .context("TF_CONFIG is not valid: expected {\"cluster\": {\"ps\": [...], \"worker\": [...]}, \"task\": {\"type\": ..., \"index\": ...}}")?;
-    let ps = c.cluster.get("ps").map(Vec::as_slice).unwrap_or_default();
-    let ps = match ps {
-        [one] => one.clone(),
-        [] => bail!("TF_CONFIG has no cluster.ps entry: quorum needs exactly one parameter server"),
-        many => bail!("TF_CONFIG lists {} parameter servers; quorum runs exactly one (cluster.ps)", many.len()),
-    };
+    let ps = c.cluster.get("ps").cloned().unwrap_or_default();
+    if ps.is_empty() {
+        bail!("TF_CONFIG has no cluster.ps entry: quorum needs at least one parameter server");
+    }
     let chiefs = c.cluster.get("chief").map_or(0, Vec::len) as u32;
     let workers = chiefs + c.cluster.get("worker").map_or(0, Vec::len) as u32;
     if workers == 0 {
@@ -76,8 +82,8 @@ pub fn from_tf_config(json: &str) -> Result<Topology> {
         }
     }
     let role = match c.task.kind.as_str() {
-        "ps" if c.task.index == 0 => Role::Ps,
-        "ps" => bail!("TF_CONFIG task is ps {}, but there is only one parameter server", c.task.index),
+        "ps" if (c.task.index as usize) < ps.len() => Role::Ps(c.task.index),
+        "ps" => bail!("TF_CONFIG task is ps {} but cluster.ps has {} entries", c.task.index, ps.len()),
         "chief" => Role::Worker(0),
         "worker" if chiefs + c.task.index < workers => Role::Worker(chiefs + c.task.index),
         "worker" => {
@@ -154,8 +160,8 @@ pub fn from_slurm(env: impl Fn(&str) -> Option<String>, port: u16) -> Result<Opt
         .or_else(|| env("SLURM_JOB_NODELIST"))
         .context("neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST is set")?;
     let first = expand_hostlist(&nodes)?.into_iter().next().context("the Slurm node list is empty")?;
-    let role = if procid == 0 { Role::Ps } else { Role::Worker(procid - 1) };
-    Ok(Some(Topology { role, ps: format!("{first}:{port}"), workers: ntasks - 1, source: "Slurm" }))
+    let role = if procid == 0 { Role::Ps(0) } else { Role::Worker(procid - 1) };
+    Ok(Some(Topology { role, ps: vec![format!("{first}:{port}")], workers: ntasks - 1, source: "Slurm" }))
 }
 
 /// The topology from the environment: `TF_CONFIG` first, then Slurm; `None` when neither is set.
@@ -176,17 +182,29 @@ mod tests {
     #[test]
     fn tf_config_puts_the_chief_first_and_workers_after_it() {
         let t = from_tf_config(TF).unwrap();
-        assert_eq!(t, Topology { role: Role::Worker(2), ps: "ps0:7070".into(), workers: 3, source: "TF_CONFIG" });
+        assert_eq!(t, Topology { role: Role::Worker(2), ps: vec!["ps0:7070".into()], workers: 3, source: "TF_CONFIG" });
         let chief = from_tf_config(&TF.replace(r#""type": "worker", "index": 1"#, r#""type": "chief", "index": 0"#));
         assert_eq!(chief.unwrap().role, Role::Worker(0));
         let ps = from_tf_config(&TF.replace(r#""type": "worker", "index": 1"#, r#""type": "ps", "index": 0"#));
-        assert_eq!(ps.unwrap().role, Role::Ps);
+        assert_eq!(ps.unwrap().role, Role::Ps(0));
+    }
+
+    #[test]
+    fn several_ps_entries_are_the_shards_of_a_sharded_run() {
+        let three = TF.replace(r#"["ps0:7070"]"#, r#"["ps0:7070", "ps1:7070", "ps2:7070"]"#);
+        let t =
+            from_tf_config(&three.replace(r#""type": "worker", "index": 1"#, r#""type": "ps", "index": 2"#)).unwrap();
+        assert_eq!(t.role, Role::Ps(2));
+        assert_eq!(t.ps, ["ps0:7070", "ps1:7070", "ps2:7070"]);
+        assert!(t.to_string().contains("shard 2 of 3"), "{t}");
+        let worker = from_tf_config(&three).unwrap();
+        assert_eq!((worker.role, worker.ps.len()), (Role::Worker(2), 3));
+        let beyond = three.replace(r#""type": "worker", "index": 1"#, r#""type": "ps", "index": 3"#);
+        assert!(from_tf_config(&beyond).unwrap_err().to_string().contains("cluster.ps has 3 entries"));
     }
 
     #[test]
     fn tf_config_errors_name_the_problem() {
-        let two_ps = TF.replace(r#"["ps0:7070"]"#, r#"["ps0:7070", "ps1:7070"]"#);
-        assert!(from_tf_config(&two_ps).unwrap_err().to_string().contains("2 parameter servers"));
         let no_ps = TF.replace(r#", "ps": ["ps0:7070"]"#, "");
         assert!(from_tf_config(&no_ps).unwrap_err().to_string().contains("no cluster.ps"));
         let out_of_range = TF.replace(r#""index": 1"#, r#""index": 5"#);
@@ -218,7 +236,7 @@ mod tests {
             }
         };
         let t = from_slurm(env("0"), 7070).unwrap().unwrap();
-        assert_eq!(t, Topology { role: Role::Ps, ps: "n3:7070".into(), workers: 4, source: "Slurm" });
+        assert_eq!(t, Topology { role: Role::Ps(0), ps: vec!["n3:7070".into()], workers: 4, source: "Slurm" });
         assert_eq!(from_slurm(env("3"), 7070).unwrap().unwrap().role, Role::Worker(2));
         assert_eq!(from_slurm(|_| None, 7070).unwrap(), None);
     }

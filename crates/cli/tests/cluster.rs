@@ -713,14 +713,10 @@ fn a_shard_killed_with_kill_9_stops_the_run_and_every_shard_resumes_from_a_step_
         "--checkpoint-every",
         "100",
     ];
-    let start = |resume: &[&str]| {
-        let (ps0, addr0) = start_ps(&[&common[..], &["--shard", "0"], resume].concat(), &run0);
-        let (ps1, addr1) = start_ps(&[&common[..], &["--shard", "1", "--coordinator", &addr0], resume].concat(), &run1);
-        let both = format!("{addr0},{addr1}");
-        let workers: Vec<Proc> = (0..2).map(|i| start_worker(&common, &both, i)).collect();
-        (ps0, ps1, workers)
-    };
-    let (mut ps0, mut ps1, mut workers) = start(&[]);
+    let (mut ps0, addr0) = start_ps(&[&common[..], &["--shard", "0"]].concat(), &run0);
+    let (mut ps1, addr1) = start_ps(&[&common[..], &["--shard", "1", "--coordinator", &addr0]].concat(), &run1);
+    let both = format!("{addr0},{addr1}");
+    let mut workers: Vec<Proc> = (0..2).map(|i| start_worker(&common, &both, i)).collect();
     wait_for_steps(&run1, 40_000, Duration::from_secs(60));
     ps1.0.kill().unwrap();
     ps1.0.wait().unwrap();
@@ -730,25 +726,28 @@ fn a_shard_killed_with_kill_9_stops_the_run_and_every_shard_resumes_from_a_step_
     let why = s["stop_reason"].as_str().unwrap_or_default().to_string();
     assert!(why.contains("shard 1"), "{s}");
     let stopped_at = s["steps"].as_u64().unwrap();
-    for w in &mut workers {
-        wait(w, Duration::from_secs(30));
-    }
     // Every shard's newest checkpoint of a step both wrote.
     let steps = |run: &Path| -> std::collections::BTreeSet<u64> {
         checkpoint_steps(&run.join("checkpoints")).into_iter().collect()
     };
-    let both = *steps(&run0).intersection(&steps(&run1)).last().expect("a step both shards checkpointed");
-    assert!(both > 0 && both <= stopped_at, "resume at {both}, stopped at {stopped_at}");
-    let (mut ps0, mut ps1, mut workers) = start(&["--resume", "--resume-step", &both.to_string()]);
+    let resume_at = *steps(&run0).intersection(&steps(&run1)).last().expect("a step both shards checkpointed");
+    assert!(resume_at > 0 && resume_at <= stopped_at, "resume at {resume_at}, stopped at {stopped_at}");
+    // The workers were not told to stop: they wait for the servers, which come back on the
+    // same addresses from that step.
+    let again = ["--resume", "--resume-step", &resume_at.to_string()];
+    let (mut ps0, _) = start_ps(&[&common[..], &["--shard", "0", "--listen", &addr0], &again[..]].concat(), &run0);
+    let shard1 = ["--shard", "1", "--coordinator", &addr0, "--listen", &addr1];
+    let (mut ps1, _) = start_ps(&[&common[..], &shard1[..], &again[..]].concat(), &run1);
     assert!(wait(&mut ps0, Duration::from_secs(120)).success());
     assert!(wait(&mut ps1, Duration::from_secs(20)).success());
     for w in &mut workers {
-        assert!(wait(w, Duration::from_secs(20)).success());
+        assert!(wait(w, Duration::from_secs(20)).success(), "a worker did not carry on after the shards resumed");
     }
     let s = json(&run0.join("summary.json"));
-    assert_eq!((s["steps"].as_u64(), s["start_step"].as_u64()), (Some(2000), Some(both)), "{s}");
-    let resumed =
-        |run: &Path| -> Vec<(u64, Vec<u64>)> { applied_steps(run).into_iter().filter(|(t, _)| *t >= both).collect() };
-    assert_eq!(resumed(&run0).len() as u64, 2000 - both);
+    assert_eq!((s["steps"].as_u64(), s["start_step"].as_u64()), (Some(2000), Some(resume_at)), "{s}");
+    let resumed = |run: &Path| -> Vec<(u64, Vec<u64>)> {
+        applied_steps(run).into_iter().filter(|(t, _)| *t >= resume_at).collect()
+    };
+    assert_eq!(resumed(&run0).len() as u64, 2000 - resume_at);
     assert_eq!(resumed(&run1), resumed(&run0), "after the resume the shards applied other sets");
 }

@@ -2,26 +2,28 @@
 //! connection, joins, pulls the parameters of every step (reading and discarding them) and
 //! pushes a gradient that all of them share, so this process needs almost no memory per
 //! worker and the server sees exactly the traffic of that many real workers.
-//! Used by `experiments/memory.sh` (server memory against the number of workers).
+//! Used by `experiments/memory.sh` (server memory against the number of workers) and
+//! `experiments/shards_loopback.sh` (sharded servers: ADDR lists every shard, shard 0 first,
+//! comma-separated; each worker pulls from and pushes its slice to every shard at once).
 //!
-//! Usage: cargo run --release -p quorum-net --example fake_workers -- ADDR WORKERS PARAMS
+//! Usage: cargo run --release -p quorum-net --example fake_workers -- ADDR[,ADDR...] WORKERS PARAMS
 
 use quorum_net::encoding::Encoding;
 use quorum_net::proto::parameter_server_client::ParameterServerClient;
 use quorum_net::proto::{GradientChunk, JoinRequest, ParamsChunk, PullRequest};
+use tonic::transport::Channel;
 
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let [_, addr, workers, params] = &args[..] else {
-        eprintln!("usage: fake_workers ADDR WORKERS PARAMS");
+    let [_, addrs, workers, params] = &args[..] else {
+        eprintln!("usage: fake_workers ADDR[,ADDR...] WORKERS PARAMS");
         std::process::exit(2);
     };
     let workers: u32 = workers.parse().expect("WORKERS is a number");
     let params: usize = params.parse().expect("PARAMS is a number");
-    let gradient = Encoding::F32.encode_chunks(vec![1e-3; params]);
-    let tasks: Vec<_> =
-        (0..workers).map(|w| tokio::spawn(worker(format!("http://{addr}"), w, params, gradient.clone()))).collect();
+    let addrs: Vec<String> = addrs.split(',').map(|a| format!("http://{a}")).collect();
+    let tasks: Vec<_> = (0..workers).map(|w| tokio::spawn(worker(addrs.clone(), w, params))).collect();
     let mut pushes = 0;
     for t in tasks {
         pushes += t.await.expect("worker task").unwrap_or_else(|e| panic!("worker failed: {e}"));
@@ -29,53 +31,102 @@ async fn main() {
     println!("{workers} workers pushed {pushes} gradients");
 }
 
+/// One shard as a worker sees it: the connection, its range and its slice of the gradient
+/// (encoded once, shared by every push).
+struct Link {
+    channel: Channel,
+    total: u64,
+    gradient: Vec<bytes::Bytes>,
+}
+
 /// One worker until the server says stop; returns the gradients it pushed.
-async fn worker(addr: String, w: u32, params: usize, gradient: Vec<bytes::Bytes>) -> Result<u64, tonic::Status> {
-    let channel = tonic::transport::Endpoint::from_shared(addr)
-        .expect("address")
-        // The same HTTP/2 settings as quorum's workers.
-        .initial_stream_window_size(quorum_net::framing::STREAM_WINDOW)
-        .initial_connection_window_size(quorum_net::framing::CONNECTION_WINDOW)
-        .max_frame_size(quorum_net::framing::FRAME)
-        .connect()
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let mut client = ParameterServerClient::new(channel.clone());
-    let mut channel = channel;
-    let join = client
-        .join(JoinRequest { worker: w, num_params: params as u64, session: u64::from(w) + 1, layout: vec![] })
-        .await?
-        .into_inner();
-    let (mut min_step, mut pushes) = (join.step, 0);
-    if join.stop {
-        return Ok(0);
-    }
-    loop {
-        let mut stream = quorum_net::framing::pull(&mut channel, &PullRequest { worker: w, min_step }).await?;
-        let mut step = None;
-        while let Some((chunk, _)) = stream.next_chunk::<ParamsChunk>(quorum_net::framing::PARAMS_DATA).await? {
-            if chunk.stop {
-                return Ok(pushes);
-            }
-            step = Some(chunk.step);
+async fn worker(addrs: Vec<String>, w: u32, params: usize) -> Result<u64, tonic::Status> {
+    let mut links = Vec::new();
+    let mut min_step = 0;
+    for addr in addrs {
+        let channel = tonic::transport::Endpoint::from_shared(addr)
+            .expect("address")
+            // The same HTTP/2 settings as quorum's workers.
+            .initial_stream_window_size(quorum_net::framing::STREAM_WINDOW)
+            .initial_connection_window_size(quorum_net::framing::CONNECTION_WINDOW)
+            .max_frame_size(quorum_net::framing::FRAME)
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let join = ParameterServerClient::new(channel.clone())
+            .join(JoinRequest { worker: w, num_params: params as u64, session: u64::from(w) + 1, layout: vec![] })
+            .await?
+            .into_inner();
+        if join.stop {
+            return Ok(0);
         }
-        let Some(step) = step else { return Ok(pushes) };
-        let head = GradientChunk {
-            worker: w,
-            step,
-            total: params as u64,
-            loss: f32::NAN,
-            session: u64::from(w) + 1,
-            ..Default::default()
-        };
-        // As quorum's workers push: the shared gradient's bytes are not copied.
-        let reply =
-            quorum_net::framing::push(&mut channel, quorum_net::framing::push_frames(&head, gradient.clone())).await?;
+        min_step = min_step.max(join.step);
+        // Unsharded servers answer 0..0: the whole model.
+        let len = if join.shards > 1 { (join.end - join.start) as usize } else { params };
+        let gradient = Encoding::F32.encode_chunks(vec![1e-3; len]);
+        links.push(Link { channel, total: len as u64, gradient });
+    }
+    let mut pushes = 0;
+    loop {
+        // Every shard's part of one step (a shard that is behind is asked again).
+        let mut step = min_step;
+        loop {
+            let pulls: Vec<_> = links
+                .iter()
+                .map(|l| {
+                    let mut channel = l.channel.clone();
+                    tokio::spawn(async move { pull(&mut channel, w, step).await })
+                })
+                .collect();
+            let mut steps = Vec::new();
+            for p in pulls {
+                match p.await.expect("pull task")? {
+                    Some(s) => steps.push(s),
+                    None => return Ok(pushes),
+                }
+            }
+            step = *steps.iter().max().expect("one shard at least");
+            if steps.iter().all(|&s| s == step) {
+                break;
+            }
+        }
+        let mut replies = Vec::new();
+        for l in &links {
+            let head = GradientChunk {
+                worker: w,
+                step,
+                total: l.total,
+                loss: f32::NAN,
+                session: u64::from(w) + 1,
+                ..Default::default()
+            };
+            let mut channel = l.channel.clone();
+            // As quorum's workers push: the shared gradient's bytes are not copied.
+            let frames = quorum_net::framing::push_frames(&head, l.gradient.clone());
+            replies.push(tokio::spawn(async move { quorum_net::framing::push(&mut channel, frames).await }));
+        }
+        let mut stop = false;
+        for r in replies {
+            stop |= r.await.expect("push task")?.stop;
+        }
         pushes += 1;
-        if reply.stop {
+        if stop {
             break;
         }
         min_step = step + 1;
     }
     Ok(pushes)
+}
+
+/// Pulls parameters of at least `min_step` (read and dropped); their step, or `None` on "stop".
+async fn pull(channel: &mut Channel, w: u32, min_step: u64) -> Result<Option<u64>, tonic::Status> {
+    let mut stream = quorum_net::framing::pull(channel, &PullRequest { worker: w, min_step }).await?;
+    let mut step = None;
+    while let Some((chunk, _)) = stream.next_chunk::<ParamsChunk>(quorum_net::framing::PARAMS_DATA).await? {
+        if chunk.stop {
+            return Ok(None);
+        }
+        step = Some(chunk.step);
+    }
+    step.map(Some).ok_or_else(|| tonic::Status::unavailable("empty parameter stream"))
 }

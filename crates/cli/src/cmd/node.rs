@@ -1,7 +1,7 @@
 //! `quorum node`: whatever role `TF_CONFIG` or Slurm gives this process.
 
 use super::{ps::serve, worker::work};
-use crate::cluster::{all_interfaces, check_workers, resolve};
+use crate::cluster::{all_interfaces, as_shard, check_workers, resolve};
 use crate::config::RunFlags;
 use crate::topology::{self, Role};
 use anyhow::{Context, Result};
@@ -29,10 +29,23 @@ pub fn node(a: NodeArgs) -> Result<()> {
     println!("{t}");
     check_workers(&cfg, &t)?;
     if a.print_topology {
+        match t.role {
+            Role::Ps(k) => {
+                let shard = as_shard(&cfg, &t, k);
+                let coordinator = shard.coordinator.as_deref().map_or(String::new(), |c| format!(", coordinator {c}"));
+                println!(
+                    "would run: quorum ps, shard {k} of {}{coordinator}, listening on {}, run directory {}",
+                    cfg.shards,
+                    all_interfaces(&t),
+                    shard.run_dir().display()
+                );
+            }
+            Role::Worker(i) => println!("would run: quorum worker {i}, servers {}", t.ps.join(",")),
+        }
         return Ok(());
     }
     match t.role {
-        Role::Ps => serve(&cfg, &all_interfaces(&t), a.resume),
-        Role::Worker(i) => work(&cfg, i, &t.ps),
+        Role::Ps(k) => serve(&as_shard(&cfg, &t, k), &all_interfaces(&t), a.resume),
+        Role::Worker(i) => work(&cfg, i, &t.ps.join(",")),
     }
 }

@@ -1,7 +1,7 @@
 //! `quorum ps`: the parameter server of a job split across machines.
 
 use crate::cluster::{
-    all_interfaces, check_workers, interrupted, print_summary, resolve, runtime, server_options, Served,
+    all_interfaces, as_shard, check_workers, interrupted, print_summary, resolve, runtime, server_options, Served,
 };
 use crate::config::{RunConfig, RunFlags};
 use crate::topology::{self, Role};
@@ -22,17 +22,18 @@ pub struct PsArgs {
 
 /// Runs `quorum ps`.
 pub fn ps(a: PsArgs) -> Result<()> {
-    let Some(cfg) = resolve(&a.flags)? else { return Ok(()) };
+    let Some(mut cfg) = resolve(&a.flags)? else { return Ok(()) };
     let mut listen = cfg.listen.clone();
     if let Some(t) = topology::from_env(cfg.listen_port())? {
         println!("{t}");
         check_workers(&cfg, &t)?;
-        if t.role != Role::Ps {
+        let Role::Ps(k) = t.role else {
             bail!(
                 "{} says this process is not the parameter server ({t}); run `quorum worker` or `quorum node`",
                 t.source
             );
-        }
+        };
+        cfg = as_shard(&cfg, &t, k);
         listen = all_interfaces(&t);
     }
     serve(&cfg, &listen, a.resume)

@@ -13,7 +13,8 @@ use std::io::Write;
 pub struct WorkerArgs {
     #[command(flatten)]
     flags: RunFlags,
-    /// The parameter server, HOST:PORT (default: from TF_CONFIG or Slurm).
+    /// The parameter server, HOST:PORT; in a sharded run every shard's, comma-separated,
+    /// shard 0 first (default: from TF_CONFIG or Slurm).
     #[arg(long)]
     ps: Option<String>,
     /// This worker's index, 0..workers (default: from TF_CONFIG or Slurm).
@@ -34,7 +35,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
             let Role::Worker(i) = t.role else {
                 bail!("{} says this process is the parameter server; run `quorum ps` or `quorum node`", t.source)
             };
-            (ps.unwrap_or(t.ps), index.unwrap_or(i))
+            (ps.unwrap_or(t.ps.join(",")), index.unwrap_or(i))
         }
     };
     work(&cfg, index, &ps)

@@ -111,6 +111,9 @@ impl Driver {
     /// (so connected workers exit 0 rather than on a dead link).
     pub(super) fn may_exit(&self) -> bool {
         self.stopping.as_ref().is_some_and(|s| {
+            if s.broken {
+                return true;
+            }
             let workers = self.acks.len() >= self.rule.live_workers().len() || s.since.elapsed() > STOP_GRACE;
             let evaluated = !self.evaluator_seen
                 || self.rec.evals.contains_key(&self.rule.step())
@@ -330,6 +333,11 @@ impl Driver {
         };
         self.rule.stop_followers(reason.as_deref(), broken);
         self.stopping = Some(Stopping { since: Instant::now(), reason, diverged, broken });
+        if broken {
+            // Workers are not told "stop": to them the server is gone, so they keep trying to
+            // reconnect (within their connect time-out) and carry on once the shards resume.
+            return;
+        }
         let params = self.rule.ema().unwrap_or(self.rule.params());
         self.published.send_replace(Published::stopped(self.rule.step(), params, self.opts.encoding));
     }
