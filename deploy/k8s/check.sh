@@ -2,8 +2,9 @@
 # Checks a TFJob manifest offline: renders the TF_CONFIG that Kubeflow's training operator
 # gives each pod (service names <job>-<type>-<index>.<namespace>.svc:<port>), and asks
 # `quorum node --print-topology` which role that pod takes with the manifest's run.toml.
-# Every pod must resolve to its own role (the server, or worker i), and the worker count of
-# the configuration must match the Worker replicas (quorum refuses to start otherwise).
+# Every pod must resolve to its own role (the server or, with several PS replicas, its own
+# shard; or worker i), and the configuration's `workers` and `shards` must match the Worker
+# and PS replicas (quorum refuses to start otherwise).
 # Usage: deploy/k8s/check.sh [MANIFEST] [QUORUM]   (defaults: deploy/k8s/quorum-tfjob.yaml,
 # target/debug/quorum); NAMESPACE (default `default`) names the namespace.
 set -euo pipefail
@@ -42,9 +43,12 @@ check() { # TYPE INDEX EXPECTED
         echo "FAIL $1 $2: expected the $3, got: $out"
         fail=1
     else
-        echo "ok   $1-$2 -> $3 ($(echo "$out" | sed 's/.*; server /server /'))"
+        echo "ok   $1-$2 -> $3 ($(echo "$out" | tail -n 1))"
     fi
 }
-for i in $(seq 0 $((ps - 1))); do check ps "$i" "parameter server"; done
+# Several PS replicas are the shards of a sharded run (ps-0 runs the coordinator).
+for i in $(seq 0 $((ps - 1))); do
+    if [ "$ps" -gt 1 ]; then check ps "$i" "parameter server shard $i of $ps"; else check ps "$i" "parameter server"; fi
+done
 for i in $(seq 0 $((workers - 1))); do check worker "$i" "worker $i"; done
 exit $fail

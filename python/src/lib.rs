@@ -212,7 +212,8 @@ fn floats_from(obj: &Bound<'_, PyAny>, n: usize) -> PyResult<Vec<f32>> {
 impl Worker {
     /// `Worker(server, index, layout, *, token=None, tls_ca=None, tls_cert=None, tls_key=None,
     /// seed=1, connect_timeout=60.0, heartbeat_every=2.0, rpc_timeout=30.0)`: the options of
-    /// `quorum worker`. `server` is `HOST:PORT` (or a URL); `layout` is `[(name, shape), ...]`
+    /// `quorum worker`. `server` is `HOST:PORT` (or a URL), in a sharded run every shard's,
+    /// comma-separated, shard 0 first; `layout` is `[(name, shape), ...]`
     /// in the order of the flat buffers, the same as the server's.
     #[new]
     #[pyo3(signature = (server, index, layout, *, token=None, tls_ca=None, tls_cert=None, tls_key=None,
@@ -231,8 +232,10 @@ impl Worker {
         heartbeat_every: f64,
         rpc_timeout: f64,
     ) -> PyResult<Self> {
-        let server = if server.contains("://") { server } else { format!("http://{server}") };
-        let mut opts = WorkerOptions::new(index, server);
+        let url = |a: &str| if a.contains("://") { a.to_string() } else { format!("http://{a}") };
+        let servers: Vec<String> = server.split(',').map(|a| url(a.trim())).collect();
+        let mut opts = WorkerOptions::new(index, servers[0].clone());
+        opts.shards = servers[1..].to_vec();
         let secs = |name: &str, s: f64| {
             Duration::try_from_secs_f64(s)
                 .ok()
@@ -512,6 +515,7 @@ fn report_dict(py: Python<'_>, r: &WorkerReport) -> PyResult<Py<PyDict>> {
     let d = PyDict::new(py);
     d.set_item("sent", r.sent)?;
     d.set_item("accepted", r.accepted)?;
+    d.set_item("held", r.held)?;
     d.set_item("dropped", r.dropped)?;
     d.set_item("unsent_late", r.unsent_late)?;
     d.set_item("compute_seconds", r.compute_seconds)?;

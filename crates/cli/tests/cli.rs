@@ -383,4 +383,19 @@ fn the_kubernetes_manifest_resolves_every_pod_to_its_role_and_a_wrong_replica_co
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
     assert!(t.contains("TF_CONFIG describes 7 workers but the configuration says workers = 8"), "{t}");
+    // The sharded manifest: each PS pod is its own shard, ps-0 the coordinator.
+    let sharded = root.join("deploy/k8s/quorum-sharded-tfjob.yaml");
+    let o = check(&sharded);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("ok   ps-0 -> parameter server shard 0 of 2"), "{t}");
+    assert!(t.contains("ok   ps-1 -> parameter server shard 1 of 2 (would run: quorum ps, shard 1 of 2, coordinator quorum-mnist-sharded-ps-0"), "{t}");
+    assert!(t.contains("/runs/quorum-mnist-sharded/shard-1"), "{t}");
+    // Three PS pods for a configuration of two shards: refused, named.
+    let yaml = std::fs::read_to_string(&sharded).unwrap();
+    std::fs::write(&wrong, yaml.replace("    PS:\n      replicas: 2", "    PS:\n      replicas: 3")).unwrap();
+    let o = check(&wrong);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("TF_CONFIG lists 3 parameter server(s) but the configuration says shards = 2"), "{t}");
 }

@@ -79,11 +79,17 @@ async fn worker(addrs: Vec<String>, w: u32, params: usize) -> Result<u64, tonic:
                 })
                 .collect();
             let mut steps = Vec::new();
+            let mut failed = None;
             for p in pulls {
-                match p.await.expect("pull task")? {
-                    Some(s) => steps.push(s),
-                    None => return Ok(pushes),
+                match p.await.expect("pull task") {
+                    Ok(Some(s)) => steps.push(s),
+                    // "Stop" from one shard ends the run, even if another has already gone.
+                    Ok(None) => return Ok(pushes),
+                    Err(e) => failed = failed.or(Some(e)),
                 }
+            }
+            if let Some(e) = failed {
+                return Err(e);
             }
             step = *steps.iter().max().expect("one shard at least");
             if steps.iter().all(|&s| s == step) {
@@ -105,9 +111,15 @@ async fn worker(addrs: Vec<String>, w: u32, params: usize) -> Result<u64, tonic:
             let frames = quorum_net::framing::push_frames(&head, l.gradient.clone());
             replies.push(tokio::spawn(async move { quorum_net::framing::push(&mut channel, frames).await }));
         }
-        let mut stop = false;
+        let (mut stop, mut failed) = (false, None);
         for r in replies {
-            stop |= r.await.expect("push task")?.stop;
+            match r.await.expect("push task") {
+                Ok(reply) => stop |= reply.stop,
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        if let (false, Some(e)) = (stop, failed) {
+            return Err(e);
         }
         pushes += 1;
         if stop {

@@ -844,7 +844,7 @@ impl Session<'_> {
                 (within(limit, "push", crate::framing::push(&mut channel, frames)).await, false)
             });
         }
-        let (mut late, mut stop, mut all_notices) = (false, false, true);
+        let (mut late, mut stop, mut all_notices, mut failed) = (false, false, true, None);
         while let Some(joined) = pushes.join_next().await {
             let (pushed, was_notice) =
                 joined.unwrap_or_else(|e| (Err(tonic::Status::unknown(format!("push task failed: {e}"))), false));
@@ -854,18 +854,20 @@ impl Session<'_> {
                     late |= matches!(r.outcome(), PushOutcome::Late | PushOutcome::TooStale);
                     all_notices &= was_notice;
                 }
-                Err(s) => {
-                    if let Some(p) = self.pending.take() {
-                        if p.said_stop().await {
-                            return Err(Exit::End(SessionEnd::Stopped));
-                        }
-                    }
-                    return Err(Exit::from(lost_or_refused(w, s)));
-                }
+                // Heard out: another shard may say "stop" (a shard that stopped may be gone).
+                Err(s) => failed = failed.or(Some(s)),
             }
         }
         if stop {
             return Err(Exit::End(SessionEnd::Stopped));
+        }
+        if let Some(s) = failed {
+            if let Some(p) = self.pending.take() {
+                if p.said_stop().await {
+                    return Err(Exit::End(SessionEnd::Stopped));
+                }
+            }
+            return Err(Exit::from(lost_or_refused(w, s)));
         }
         report.unsent_late += u64::from(notice && late && all_notices);
         if late {
