@@ -12,6 +12,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+/// What a run stopped by a lost shard says to do.
+const RESTART: &str = "start every shard again with --resume (a sharded `quorum train --resume` finds the newest \
+                       step every shard wrote; separate shards are told the step if theirs differ)";
+
 /// Shard 0's side: the `Coordinator` service.
 pub(super) struct CoordinatorService {
     pub(super) commands: mpsc::Sender<Command>,
@@ -49,7 +53,8 @@ impl Coordinator for CoordinatorService {
                 }
             };
             // A stopped run no longer needs its followers; the driver ignores this then.
-            let _ = commands.send(Command::LinkLost(format!("{why}; the run cannot take that shard's slices"))).await;
+            let why = format!("{why}; no step can close without that shard's slices: {RESTART}");
+            let _ = commands.send(Command::LinkLost(why)).await;
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))))
     }
@@ -64,7 +69,9 @@ pub(super) async fn follow_coordinator(
     commands: mpsc::Sender<Command>,
 ) {
     let shard = hello.shard;
-    let lost = |why: String| Command::LinkLost(format!("shard {shard} lost the coordinator at {}: {why}", opts.server));
+    let lost = |why: String| {
+        Command::LinkLost(format!("shard {shard} lost the coordinator at {}: {why}; {RESTART}", opts.server))
+    };
     let channel = match crate::worker::connect(&opts).await {
         Ok((_, channel)) => channel,
         Err(e) => {
