@@ -5,7 +5,7 @@
 
 use crate::encoding::{Assembler, Encoding};
 use crate::proto::{EvaluationReport, PullRequest};
-use crate::worker::{connect, lost_or_refused, within, SessionEnd, WorkerError, WorkerOptions};
+use crate::worker::{connect, connect_to, lost_or_refused, within, SessionEnd, WorkerError, WorkerOptions};
 use quorum_compute::{ComputeError, Evaluation};
 use std::time::Duration;
 
@@ -32,7 +32,8 @@ pub type EvaluateFn = Box<dyn FnMut(u64, &[f32]) -> Result<Evaluation, ComputeEr
 
 /// Evaluates the server's parameters every `every` steps (the first evaluation at the first
 /// multiple of `every` it can pull) and once more at the end, until the server stops.
-/// `num_params`: the model's size, checked against what the server sends.
+/// `num_params`: the model's size, checked against what the server sends. In a sharded run
+/// (`opts.shards`) it pulls every shard's part of one step and reports to shard 0.
 pub async fn run_evaluator(
     opts: WorkerOptions,
     num_params: usize,
@@ -45,51 +46,31 @@ pub async fn run_evaluator(
     let mut min_step = every;
     let refused = |message: String| WorkerError::Refused { worker: NOT_A_WORKER, message };
     loop {
-        let (mut client, _) = connect(&opts).await?;
+        let mut clients = vec![connect(&opts).await?.0];
+        for addr in &opts.shards {
+            clients.push(connect_to(&opts, addr).await?.0);
+        }
         let lost = loop {
             // The pull waits until the step exists: as long as training takes to get there.
-            let pulled = client.pull(PullRequest { worker: NOT_A_WORKER, min_step }).await;
-            let mut stream = match pulled {
-                Ok(s) => s.into_inner(),
-                Err(s) => break lost_or_refused(NOT_A_WORKER, s)?,
+            let parts = match pull_all(&mut clients, min_step, opts.rpc_timeout).await? {
+                Ok(parts) => parts,
+                Err(end) => break end,
             };
-            let mut asm = Assembler::with_buffer(Vec::new());
-            let (mut step, mut stop, mut cut) = (None, false, None);
-            loop {
-                match within(opts.rpc_timeout, "pull", stream.message()).await {
-                    Ok(Some(c)) => {
-                        stop |= c.stop;
-                        step = Some(c.step);
-                        if c.total > 0 {
-                            asm.push_parts(c.offset, c.total, &[&c.data[..]], Encoding::from_flag(c.bf16), num_params)
-                                .map_err(|e| refused(format!("malformed parameters: {e}")))?;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(s) => {
-                        cut = Some(lost_or_refused(NOT_A_WORKER, s)?);
-                        break;
-                    }
-                }
-            }
-            if let Some(end) = cut {
-                break end;
-            }
-            let Some(step) = step else {
-                break SessionEnd::Lost { why: "empty parameter stream".into(), joined: true };
-            };
-            let params = match asm.finish() {
-                Ok(p) if p.len() == num_params => p,
+            let step = parts[0].step;
+            let stop = parts.iter().any(|p| p.stop);
+            // Shards hold contiguous ranges in shard order: their parts put end to end.
+            let params: Vec<f32> = parts.into_iter().flat_map(|p| p.values).collect();
+            if params.len() != num_params {
                 // A stop without parameters: nothing more to evaluate.
-                _ if stop => return Ok(report),
-                Ok(p) => {
-                    return Err(refused(format!(
-                        "the server's model has {} parameters, this evaluator's {num_params}",
-                        p.len()
-                    )))
+                if stop && params.is_empty() {
+                    return Ok(report);
                 }
-                Err(e) => return Err(refused(format!("malformed parameters: {e}"))),
-            };
+                return Err(refused(format!(
+                    "the server's model has {} parameters, this evaluator's {num_params}{}",
+                    params.len(),
+                    if opts.shards.is_empty() { "" } else { " (every shard's address given, shard 0 first?)" }
+                )));
+            }
             let mut f = evaluate.take().expect("returned after every evaluation");
             let (f, result) = tokio::task::spawn_blocking(move || {
                 let r = f(step, &params);
@@ -105,7 +86,7 @@ pub async fn run_evaluator(
                 accuracy: e.accuracy.unwrap_or(0.0),
                 has_accuracy: e.accuracy.is_some(),
             };
-            match within(opts.rpc_timeout, "report", client.report(msg)).await {
+            match within(opts.rpc_timeout, "report", clients[0].report(msg)).await {
                 Ok(_) => {
                     report.evaluations += 1;
                     report.last_step = Some(step);
@@ -133,4 +114,84 @@ pub async fn run_evaluator(
             }
         }
     }
+}
+
+/// One server's answer to a pull: the step, its values (a shard's part in a sharded run),
+/// and whether it said the run stopped.
+struct Part {
+    step: u64,
+    values: Vec<f32>,
+    stop: bool,
+}
+
+/// Every server's part of one step (at least `min_step`): shards apply a step one after
+/// another, so a part older than the newest is asked for again.
+async fn pull_all(
+    clients: &mut [crate::worker::Client],
+    min_step: u64,
+    limit: Duration,
+) -> Result<Result<Vec<Part>, SessionEnd>, WorkerError> {
+    let mut parts: Vec<Option<Part>> = clients.iter().map(|_| None).collect();
+    let mut want = min_step;
+    loop {
+        for (client, part) in clients.iter_mut().zip(parts.iter_mut()) {
+            if part.as_ref().is_some_and(|p| p.step >= want) {
+                continue;
+            }
+            match pull_part(client, want, limit).await? {
+                Ok(p) => *part = Some(p),
+                Err(end) => return Ok(Err(end)),
+            }
+        }
+        let steps: Vec<u64> = parts.iter().flatten().map(|p| p.step).collect();
+        let newest = steps.iter().copied().max().unwrap_or(want);
+        if steps.iter().all(|&s| s == newest) {
+            return Ok(Ok(parts.into_iter().flatten().collect()));
+        }
+        if parts.iter().flatten().any(|p| p.stop && p.step < newest) {
+            // A stopped shard behind the others: this run's shards disagree.
+            let why = "the shards stopped at different steps".to_string();
+            return Ok(Err(SessionEnd::Lost { why, joined: true }));
+        }
+        want = newest;
+    }
+}
+
+/// Reads one server's answer to a pull of `min_step`.
+async fn pull_part(
+    client: &mut crate::worker::Client,
+    min_step: u64,
+    limit: Duration,
+) -> Result<Result<Part, SessionEnd>, WorkerError> {
+    let refused = |message: String| WorkerError::Refused { worker: NOT_A_WORKER, message };
+    let mut stream = match client.pull(PullRequest { worker: NOT_A_WORKER, min_step }).await {
+        Ok(s) => s.into_inner(),
+        Err(s) => return lost_or_refused(NOT_A_WORKER, s).map(Err),
+    };
+    let mut asm = Assembler::with_buffer(Vec::new());
+    let (mut step, mut stop) = (None, false);
+    loop {
+        match within(limit, "pull", stream.message()).await {
+            Ok(Some(c)) => {
+                stop |= c.stop;
+                step = Some(c.step);
+                if c.total > 0 {
+                    asm.push_parts(c.offset, c.total, &[&c.data[..]], Encoding::from_flag(c.bf16), c.total as usize)
+                        .map_err(|e| refused(format!("malformed parameters: {e}")))?;
+                }
+            }
+            Ok(None) => break,
+            Err(s) => return lost_or_refused(NOT_A_WORKER, s).map(Err),
+        }
+    }
+    let Some(step) = step else {
+        return Ok(Err(SessionEnd::Lost { why: "empty parameter stream".into(), joined: true }));
+    };
+    let values = match asm.finish() {
+        Ok(v) => v,
+        // A stop without parameters.
+        Err(_) if stop => Vec::new(),
+        Err(e) => return Err(refused(format!("malformed parameters: {e}"))),
+    };
+    Ok(Ok(Part { step, values, stop }))
 }

@@ -77,11 +77,24 @@ async fn every_shard_of_a_grpc_cluster_averages_the_same_workers_at_every_step_a
     let cfg = config(4, Policy::Sync { aggregate: 2, backups: 2 }, steps);
     let (addrs, servers) = start_shards(&cfg, dir.path(), &[3, 3, 3]).await;
     let workers: Vec<_> = (0..4).map(|i| worker(i, &addrs)).collect();
+    // An evaluator pulls every shard's part every 40 steps and reports to shard 0.
+    let mut eval_opts = WorkerOptions::new(0, addrs[0].clone());
+    eval_opts.shards = addrs[1..].to_vec();
+    let mut src = source();
+    let evaluate: quorum_net::evaluate::EvaluateFn = Box::new(move |_, p| src.evaluate(p));
+    let evaluator = tokio::spawn(quorum_net::evaluate::run_evaluator(eval_opts, 90, 40, evaluate));
+    let mut final_loss = None;
     for s in servers {
+        // (A shard the evaluator pulled from waits for it to have the final parameters, not longer.)
         let summary = tokio::time::timeout(Duration::from_secs(60), s).await.expect("finishes").unwrap().unwrap();
         assert_eq!(summary.steps, steps);
         assert!(summary.stop_reason.is_none(), "{:?}", summary.stop_reason);
+        final_loss = final_loss.or(Some(summary.final_test_loss));
     }
+    let report = evaluator.await.unwrap().unwrap();
+    assert_eq!(report.last_step, Some(steps), "the evaluator evaluated the final parameters");
+    let final_loss = final_loss.flatten().expect("shard 0 recorded the evaluator's final figures");
+    assert!(final_loss < 0.05, "the model put together from the shards' parts: test loss {final_loss}");
     let mut dropped = 0;
     for w in workers {
         let r = w.await.unwrap().unwrap();

@@ -64,10 +64,14 @@ pub fn train(a: TrainArgs) -> Result<()> {
 /// One training run: server and workers in this process over loopback.
 fn train_once(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
     // The data is loaded once and shared by the workers and the evaluator.
-    let mut sources = cfg.sources(cfg.workers as usize + 1)?;
+    // (A sharded run evaluates twice over: an evaluator during the run, the model put
+    // together at the end.)
+    let extra = if cfg.shards > 1 { 2 } else { 1 };
+    let mut sources = cfg.sources(cfg.workers as usize + extra)?;
     let evaluator = sources.pop().expect("workers + 1 sources");
     if cfg.shards > 1 {
-        return train_sharded(cfg, resume, sources, evaluator);
+        let during = sources.pop().expect("workers + 2 sources");
+        return train_sharded(cfg, resume, sources, evaluator, during);
     }
     let opts = server_options(cfg, Served::model(cfg, evaluator)?, resume, true)?;
     let steps = opts.config.max_steps.unwrap_or(0);
@@ -102,13 +106,15 @@ fn train_once(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
 }
 
 /// A sharded run in this process: `shards` servers on loopback (shard `k` > 0 writing its
-/// record into `<out>/shard-<k>`), the workers pushing to all of them, and the model put
-/// together from the shards' final parts and evaluated at the end.
+/// record into `<out>/shard-<k>`), the workers pushing to all of them, an evaluator pulling
+/// every shard's part every `eval-every` steps (`during`), and the model put together from
+/// the shards' final parts for the validation split at the end.
 fn train_sharded(
     cfg: &RunConfig,
     resume: bool,
     sources: Vec<Box<dyn GradientSource + Send>>,
     evaluator: Box<dyn GradientSource + Send>,
+    mut during: Box<dyn GradientSource + Send>,
 ) -> Result<TrainSummary> {
     let mut served = Served::model(cfg, evaluator)?;
     let mut evaluator = served.take_evaluator().expect("a built-in model has an evaluator");
@@ -150,6 +156,15 @@ fn train_sharded(
         for (i, src) in sources.into_iter().enumerate() {
             workers.push(tokio::spawn(run_worker(worker_options(cfg, i as u32, &every)?, src)));
         }
+        // No one shard holds the model: an evaluator pulls every shard's part and reports to
+        // shard 0, which records it as its own evaluations (metrics.csv, the progress line).
+        let eval_task = (cfg.eval_every > 0).then(|| {
+            let num_params = during.layout().len();
+            let f: quorum_net::evaluate::EvaluateFn = Box::new(move |_, params| during.evaluate(params));
+            worker_options(cfg, 0, &every)
+                .map(|o| tokio::spawn(quorum_net::evaluate::run_evaluator(o, num_params, cfg.eval_every, f)))
+        });
+        let eval_task = eval_task.transpose()?;
         let mut summaries = Vec::new();
         for s in servers {
             summaries.push(s.await.context("server task")??);
@@ -163,12 +178,20 @@ fn train_sharded(
                 Err(_) => println!("  w{i}: did not stop within 10 s"),
             }
         }
+        if let Some(t) = eval_task {
+            if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(10), t).await {
+                println!("  evaluator: failed: {e}");
+            }
+        }
         let model: Vec<f32> = summaries.iter_mut().flat_map(|s| s.shard_params.take().unwrap_or_default()).collect();
         let mut summary = summaries.swap_remove(0);
         if !summary.diverged && model.len() == evaluator.layout().len() {
-            let e = evaluator.evaluate(&model)?;
-            summary.final_test_loss = Some(e.loss);
-            summary.final_test_accuracy = e.accuracy;
+            // The evaluator's figures for the final step stand; without it, evaluate here.
+            if summary.final_test_loss.is_none() {
+                let e = evaluator.evaluate(&model)?;
+                summary.final_test_loss = Some(e.loss);
+                summary.final_test_accuracy = e.accuracy;
+            }
             if let Ok(v) = evaluator.validate(&model) {
                 summary.final_validation_loss = Some(v.loss);
                 summary.final_validation_accuracy = v.accuracy;

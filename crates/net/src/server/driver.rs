@@ -63,6 +63,8 @@ pub(super) struct Driver {
     acks: BTreeSet<WorkerId>,
     /// An evaluator process has reported: wait for its evaluation of the final step.
     evaluator_seen: bool,
+    /// The evaluator has pulled the final parameters (all a follower shard waits for).
+    evaluator_stopped: bool,
 }
 
 impl Driver {
@@ -99,6 +101,7 @@ impl Driver {
             stopping: None,
             acks: BTreeSet::new(),
             evaluator_seen: false,
+            evaluator_stopped: false,
         })
     }
 
@@ -117,6 +120,7 @@ impl Driver {
             let workers = self.acks.len() >= self.rule.live_workers().len() || s.since.elapsed() > STOP_GRACE;
             let evaluated = !self.evaluator_seen
                 || self.rec.evals.contains_key(&self.rule.step())
+                || (self.rule.is_follower() && self.evaluator_stopped)
                 || s.since.elapsed() > FINAL_EVALUATION_GRACE;
             workers && evaluated
         })
@@ -141,6 +145,10 @@ impl Driver {
             }
             Command::EvaluatorPulled => {
                 self.evaluator_seen = true;
+                return Ok(None);
+            }
+            Command::EvaluatorStopSeen => {
+                self.evaluator_stopped = true;
                 return Ok(None);
             }
             Command::Evaluation { step, evaluation, reply } => {

@@ -240,6 +240,11 @@ impl Rule {
         }
     }
 
+    /// Whether this is a shard other than 0 (evaluations are reported to shard 0, not here).
+    pub(super) fn is_follower(&self) -> bool {
+        matches!(self, Rule::Shard(s) if matches!(s.role, Role::Follower { .. }))
+    }
+
     /// Whether this process holds the whole model (an evaluation or a checkpoint of it
     /// means something).
     pub(super) fn whole_model(&self) -> bool {

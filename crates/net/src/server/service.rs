@@ -97,6 +97,8 @@ pub(super) enum Command {
     LinkLost(String),
     /// An evaluator asked for parameters: it will report the final step's figures.
     EvaluatorPulled,
+    /// An evaluator pulled the final parameters (a shard that takes no reports may go).
+    EvaluatorStopSeen,
     /// An evaluator's figures for the parameters after `step` updates; the reply: stopped.
     Evaluation {
         step: u64,
@@ -287,6 +289,9 @@ impl Service {
         // (An evaluator's pull names no worker index: it is not one of the workers to tell.)
         if p.stop && r.worker < self.workers {
             let _ = self.commands.send(Command::StopSeen(WorkerId(r.worker))).await;
+        }
+        if p.stop && r.worker == crate::evaluate::EVALUATOR {
+            let _ = self.commands.send(Command::EvaluatorStopSeen).await;
         }
         Ok(p.frames.to_vec())
     }
