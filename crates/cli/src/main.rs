@@ -28,6 +28,9 @@ enum Command {
     Ps(Box<cmd::ps::PsArgs>),
     /// Run one worker of a multi-host job.
     Worker(Box<cmd::worker::WorkerArgs>),
+    /// Evaluate a multi-host job's parameters every K steps (every shard's part, put
+    /// together) and report to the server.
+    Evaluate(Box<cmd::evaluate::EvaluateArgs>),
     /// Draw charts (PNG and SVG) from run directories or from a table of results.
     Plot(Box<cmd::plot::PlotArgs>),
     /// Run whatever role TF_CONFIG or Slurm gives this process (server or worker).
@@ -60,6 +63,7 @@ fn main() {
         Command::Train(args) => cmd::train::train(*args),
         Command::Ps(args) => cmd::ps::ps(*args),
         Command::Worker(args) => cmd::worker::worker(*args),
+        Command::Evaluate(args) => cmd::evaluate::evaluate(*args),
         Command::Node(args) => cmd::node::node(*args),
         Command::Plot(args) => cmd::plot::run(*args),
         Command::Advise(args) => cmd::advise::run(*args),

@@ -664,11 +664,32 @@ fn shard_processes_apply_the_same_workers_at_every_step_even_when_a_contributing
     let (mut ps1, addr1) = start_ps(&[&common[..], &["--shard", "1", "--coordinator", &addr0]].concat(), &run1);
     let both = format!("{addr0},{addr1}");
     let mut workers: Vec<Proc> = (0..3).map(|i| start_worker(&common, &both, i)).collect();
+    // No shard holds the whole model: an evaluator puts every shard's part together.
+    let mut evaluator = Proc(
+        quorum()
+            .args(["evaluate", "--model", "synthetic", "--ps", &both, "--eval-every", "500"])
+            .args(common)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_for_steps(&run0, 20_000, Duration::from_secs(60));
     // kill -9 a worker mid-run, possibly between its pushes to the two shards.
     workers[2].0.kill().unwrap();
     assert!(wait(&mut ps0, Duration::from_secs(120)).success());
     assert!(wait(&mut ps1, Duration::from_secs(20)).success());
+    assert!(wait(&mut evaluator, Duration::from_secs(20)).success());
+    let evaluated: Vec<String> = std::fs::read_to_string(run0.join("metrics.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| l.split(',').nth(4).is_some_and(|c| !c.is_empty()))
+        .map(|l| l.split(',').next().unwrap().to_string())
+        .collect();
+    assert_eq!(evaluated, ["500", "1000", "1500"], "test evaluations in shard 0's metrics.csv");
+    let loss = json(&run0.join("summary.json"))["final_test_loss"].as_f64().expect("the final evaluation");
+    assert!(loss < 0.05, "the parts put together make a trained model: test loss {loss}");
     for w in &mut workers[..2] {
         assert!(wait(w, Duration::from_secs(20)).success());
     }

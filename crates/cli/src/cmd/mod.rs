@@ -1,6 +1,7 @@
 //! One file per command, as `quorum <command>` names them.
 
 pub mod advise;
+pub mod evaluate;
 pub mod node;
 pub mod plot;
 pub mod ps;
