@@ -630,6 +630,14 @@ fn the_adaptive_policy_stops_waiting_for_a_slow_worker_in_the_simulator_and_on_a
     }
 }
 
+/// Shard 0 and shard 1 of a two-shard run (`common` says `--shards 2`) as `quorum ps`
+/// processes writing into `run0` and `run1`; and both addresses, as workers take them.
+fn start_two_shards(common: &[&str], run0: &Path, run1: &Path) -> (Proc, Proc, String) {
+    let (ps0, addr0) = start_ps(&[common, &["--shard", "0"]].concat(), run0);
+    let (ps1, addr1) = start_ps(&[common, &["--shard", "1", "--coordinator", &addr0]].concat(), run1);
+    (ps0, ps1, format!("{addr0},{addr1}"))
+}
+
 /// Each applied step of a run directory: (step, contributors).
 fn applied_steps(run: &Path) -> Vec<(u64, Vec<u64>)> {
     events(run)
@@ -660,9 +668,7 @@ fn shard_processes_apply_the_same_workers_at_every_step_even_when_a_contributing
         "--shards",
         "2",
     ];
-    let (mut ps0, addr0) = start_ps(&[&common[..], &["--shard", "0"]].concat(), &run0);
-    let (mut ps1, addr1) = start_ps(&[&common[..], &["--shard", "1", "--coordinator", &addr0]].concat(), &run1);
-    let both = format!("{addr0},{addr1}");
+    let (mut ps0, mut ps1, both) = start_two_shards(&common, &run0, &run1);
     let mut workers: Vec<Proc> = (0..3).map(|i| start_worker(&common, &both, i)).collect();
     // No shard holds the whole model: an evaluator puts every shard's part together.
     let mut evaluator = Proc(
@@ -734,9 +740,8 @@ fn a_shard_killed_with_kill_9_stops_the_run_and_every_shard_resumes_from_a_step_
         "--checkpoint-every",
         "100",
     ];
-    let (mut ps0, addr0) = start_ps(&[&common[..], &["--shard", "0"]].concat(), &run0);
-    let (mut ps1, addr1) = start_ps(&[&common[..], &["--shard", "1", "--coordinator", &addr0]].concat(), &run1);
-    let both = format!("{addr0},{addr1}");
+    let (mut ps0, mut ps1, both) = start_two_shards(&common, &run0, &run1);
+    let (addr0, addr1) = both.split_once(',').unwrap();
     let mut workers: Vec<Proc> = (0..2).map(|i| start_worker(&common, &both, i)).collect();
     wait_for_steps(&run1, 40_000, Duration::from_secs(60));
     ps1.0.kill().unwrap();
@@ -756,8 +761,8 @@ fn a_shard_killed_with_kill_9_stops_the_run_and_every_shard_resumes_from_a_step_
     // The workers were not told to stop: they wait for the servers, which come back on the
     // same addresses from that step.
     let again = ["--resume", "--resume-step", &resume_at.to_string()];
-    let (mut ps0, _) = start_ps(&[&common[..], &["--shard", "0", "--listen", &addr0], &again[..]].concat(), &run0);
-    let shard1 = ["--shard", "1", "--coordinator", &addr0, "--listen", &addr1];
+    let (mut ps0, _) = start_ps(&[&common[..], &["--shard", "0", "--listen", addr0], &again[..]].concat(), &run0);
+    let shard1 = ["--shard", "1", "--coordinator", addr0, "--listen", addr1];
     let (mut ps1, _) = start_ps(&[&common[..], &shard1[..], &again[..]].concat(), &run1);
     assert!(wait(&mut ps0, Duration::from_secs(120)).success());
     assert!(wait(&mut ps1, Duration::from_secs(20)).success());

@@ -183,6 +183,24 @@ impl Optimizer {
         out
     }
 
+    /// The state slots by name, owned, as a checkpoint holds them.
+    pub fn named_slots(&self) -> Vec<(String, Vec<f32>)> {
+        self.slots().into_iter().map(|(n, v)| (n.to_string(), v.to_vec())).collect()
+    }
+
+    /// Restores state saved with [`Optimizer::named_slots`]; an unknown slot is an error.
+    pub fn restore_named(&mut self, slots: Vec<(String, Vec<f32>)>, updates: u64) -> Result<(), ConfigError> {
+        let (mut a, mut b) = (None, None);
+        for (name, v) in slots {
+            match name.as_str() {
+                "slot_a" => a = Some(v),
+                "slot_b" => b = Some(v),
+                other => return Err(ConfigError::invalid(format!("unknown optimizer slot `{other}` in checkpoint"))),
+            }
+        }
+        self.restore(a, b, updates)
+    }
+
     /// Updates applied so far.
     pub fn updates(&self) -> u64 {
         self.updates

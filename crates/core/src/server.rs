@@ -136,16 +136,7 @@ impl Server {
         if s.cfg.ema_decay.is_some() {
             s.ema = Some(snap.ema.unwrap_or_else(|| s.params.clone()));
         }
-        let mut a = None;
-        let mut b = None;
-        for (name, v) in snap.optimizer_slots {
-            match name.as_str() {
-                "slot_a" => a = Some(v),
-                "slot_b" => b = Some(v),
-                other => return Err(ConfigError::invalid(format!("unknown optimizer slot `{other}` in checkpoint"))),
-            }
-        }
-        s.opt.restore(a, b, snap.optimizer_updates)?;
+        s.opt.restore_named(snap.optimizer_slots, snap.optimizer_updates)?;
         s.step = snap.step;
         if snap.aggregate >= 1 && snap.aggregate <= s.aggregate {
             s.aggregate = snap.aggregate;
@@ -159,7 +150,7 @@ impl Server {
             step: self.step,
             params: self.params.clone(),
             ema: self.ema.clone(),
-            optimizer_slots: self.opt.slots().into_iter().map(|(n, v)| (n.to_string(), v.to_vec())).collect(),
+            optimizer_slots: self.opt.named_slots(),
             optimizer_updates: self.opt.updates(),
             aggregate: self.aggregate,
         }

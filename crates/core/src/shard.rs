@@ -128,9 +128,7 @@ impl Shard {
             }
             s.ema = Some(e);
         }
-        let slot = |name: &str| snap.optimizer_slots.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
-        let (a, b) = (slot("slot_a"), slot("slot_b"));
-        s.opt.restore(a, b, snap.optimizer_updates)?;
+        s.opt.restore_named(snap.optimizer_slots, snap.optimizer_updates)?;
         s.step = snap.step;
         Ok(s)
     }
@@ -141,7 +139,7 @@ impl Shard {
             step: self.step,
             params: self.params.clone(),
             ema: self.ema.clone(),
-            optimizer_slots: self.opt.slots().into_iter().map(|(n, v)| (n.to_string(), v.to_vec())).collect(),
+            optimizer_slots: self.opt.named_slots(),
             optimizer_updates: self.opt.updates(),
             aggregate: 0,
         }

@@ -1,9 +1,7 @@
 //! A worker: join, then forever pull the newest parameters, compute a gradient, push it.
 //! If the server goes away (a restart), it reconnects with backoff and joins again.
 
-use crate::auth::AddToken;
 use crate::encoding::{Assembler, Encoding};
-use crate::proto::parameter_server_client::ParameterServerClient;
 use crate::proto::*;
 use bytes::Bytes;
 use quorum_compute::DelaySampler;
@@ -12,8 +10,11 @@ use quorum_core::{OnNewerParams, Worker, WorkerAction, WorkerId};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::time::{Duration, Instant};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+
+mod link;
+
+use link::PullTask;
+pub(crate) use link::{connect, connect_to, lost_or_refused, within, Channel_, Client, SessionEnd};
 
 /// How a worker runs.
 #[derive(Clone)]
@@ -126,146 +127,6 @@ pub enum WorkerError {
     },
 }
 
-/// The channel with the token added to every request.
-pub(crate) type Channel_ = InterceptedService<Channel, AddToken>;
-
-/// Calls as tonic generates them (join, pull, heartbeat); pushes go over the same channel
-/// through [`crate::framing::push`].
-pub(crate) type Client = ParameterServerClient<Channel_>;
-
-/// The endpoint to dial: the address, upgraded to TLS when the options carry TLS files.
-fn endpoint(opts: &WorkerOptions, server: &str) -> Result<(tonic::transport::Endpoint, String), WorkerError> {
-    let addr = match server.strip_prefix("http://") {
-        Some(rest) if opts.tls.enabled() => format!("https://{rest}"),
-        _ => server.to_string(),
-    };
-    let invalid = |last: String| WorkerError::Unreachable { addr: addr.clone(), secs: 0.0, last };
-    let mut ep = Channel::from_shared(addr.clone()).map_err(|e| invalid(format!("invalid address: {e}")))?;
-    let host = ep.uri().host().unwrap_or("localhost").to_string();
-    if let Some(tls) = opts.tls.client(&host)? {
-        ep = ep.tls_config(tls).map_err(|e| invalid(format!("TLS set-up: {e}")))?;
-    }
-    // Keep-alive pings find a dead peer (a frozen server, a black-holed link) when no RPC is
-    // waiting; RPCs (and `connect`, handshakes included) have their own, shorter, deadlines.
-    let ep = ep
-        .http2_keep_alive_interval(opts.rpc_timeout)
-        .keep_alive_timeout(2 * opts.rpc_timeout)
-        .keep_alive_while_idle(true)
-        .initial_stream_window_size(crate::framing::STREAM_WINDOW)
-        .initial_connection_window_size(crate::framing::CONNECTION_WINDOW)
-        .max_frame_size(crate::framing::FRAME);
-    Ok((ep, addr))
-}
-
-pub(crate) async fn connect(opts: &WorkerOptions) -> Result<(Client, Channel_), WorkerError> {
-    connect_to(opts, &opts.server).await
-}
-
-/// Connects to `server` (retrying within the connect time-out).
-pub(crate) async fn connect_to(opts: &WorkerOptions, server: &str) -> Result<(Client, Channel_), WorkerError> {
-    let start = Instant::now();
-    let mut backoff = Duration::from_millis(50);
-    let (ep, addr) = endpoint(opts, server)?;
-    loop {
-        let err = match tokio::time::timeout(opts.rpc_timeout, ep.connect()).await {
-            Err(_) => format!("no answer within {:.0} s", opts.rpc_timeout.as_secs_f64()),
-            Ok(Ok(ch)) => {
-                let ch = InterceptedService::new(ch, AddToken(opts.token.clone()));
-                return Ok((ParameterServerClient::new(ch.clone()).max_decoding_message_size(8 << 20), ch));
-            }
-            // The transport error's source says why (refused, TLS handshake, ...).
-            Ok(Err(e)) => std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| format!("{e}: {s}")),
-        };
-        if start.elapsed() >= opts.connect_timeout {
-            return Err(WorkerError::Unreachable { addr, secs: start.elapsed().as_secs_f64(), last: err });
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
-    }
-}
-
-/// A pull running on its own task: the request and the wait for the first chunk.
-struct PullTask {
-    task: tokio::task::JoinHandle<Result<PullStart, tonic::Status>>,
-    min_step: u64,
-}
-
-/// A pull's response, read without codec copies ([`crate::framing`]).
-type Replies = crate::framing::Messages<<Channel_ as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody>;
-
-/// A parameter chunk's fields and its bytes as they arrived.
-type ParamsPiece = (ParamsChunk, crate::framing::Segments);
-
-type PullStart = (Replies, Result<Option<ParamsPiece>, tonic::Status>);
-
-impl PullTask {
-    fn start(channel: &Channel_, worker: u32, min_step: u64) -> Self {
-        let mut channel = channel.clone();
-        let task = tokio::spawn(async move {
-            let mut replies = crate::framing::pull(&mut channel, &PullRequest { worker, min_step }).await?;
-            let first = replies.next_chunk(crate::framing::PARAMS_DATA).await;
-            Ok((replies, first))
-        });
-        PullTask { task, min_step }
-    }
-
-    /// Whether the pull ended with "stop" (waiting for it at most a second).
-    async fn said_stop(mut self) -> bool {
-        match tokio::time::timeout(Duration::from_secs(1), &mut self.task).await {
-            Ok(Ok(Ok((_, Ok(Some((chunk, _))))))) => chunk.stop,
-            _ => false,
-        }
-    }
-}
-
-impl Drop for PullTask {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// How a session with the server ended.
-pub(crate) enum SessionEnd {
-    /// The server said stop.
-    Stopped,
-    /// The connection broke: reconnect and join again. `joined`: the session got as far as
-    /// a successful join (else the link never worked, e.g. a TLS handshake the server refused).
-    Lost { why: String, joined: bool },
-    /// The join was refused because a live process holds this index (a duplicate, or this
-    /// worker's previous incarnation not yet timed out): wait and join again.
-    IndexHeld { why: String },
-}
-
-/// A broken link (the server died or restarts) as opposed to a refusal.
-pub(crate) fn lost_or_refused(worker: u32, s: tonic::Status) -> Result<SessionEnd, WorkerError> {
-    // An HTTP/2 error is the link, not the server's answer (e.g. plain text against TLS).
-    let link = s.message().starts_with("h2 protocol error");
-    match s.code() {
-        tonic::Code::Unavailable
-        | tonic::Code::Unknown
-        | tonic::Code::Cancelled
-        | tonic::Code::Aborted
-        | tonic::Code::DeadlineExceeded => Ok(SessionEnd::Lost { why: s.message().to_string(), joined: true }),
-        _ if link => Ok(SessionEnd::Lost { why: s.message().to_string(), joined: true }),
-        _ => Err(WorkerError::Refused { worker, message: s.message().to_string() }),
-    }
-}
-
-/// Waits at most `limit` for an RPC's answer; silence is a lost link (DEADLINE_EXCEEDED).
-pub(crate) async fn within<T>(
-    limit: Duration,
-    what: &str,
-    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
-) -> Result<T, tonic::Status> {
-    match tokio::time::timeout(limit, call).await {
-        Ok(r) => r,
-        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
-            "no answer to a {what} within {:.0} s: the server is frozen or cut off",
-            limit.as_secs_f64()
-        ))),
-    }
-}
-
 /// A session id for this process: random, so no other process can guess it.
 fn new_session() -> u64 {
     use std::hash::BuildHasher;
@@ -366,6 +227,10 @@ macro_rules! rpc {
     };
 }
 
+// After the macro, which it uses.
+mod shards;
+use shards::{join_others, ShardLink};
+
 /// The worker's own state across sessions: its gradient code, the straggling it injects,
 /// and what it reports.
 struct Local<'a> {
@@ -418,12 +283,6 @@ struct Session<'a> {
     parts: Vec<Vec<f32>>,
 }
 
-/// A shard other than 0: its connection and its range of the parameters.
-struct ShardLink {
-    channel: Channel_,
-    range: std::ops::Range<usize>,
-}
-
 /// What this worker joins with: its index, session and model layout.
 fn join_request(opts: &WorkerOptions, session: u64, source: &Option<Box<dyn GradientSource + Send>>) -> JoinRequest {
     let layout = source.as_ref().expect("source present between computations").layout();
@@ -434,38 +293,6 @@ fn join_request(opts: &WorkerOptions, session: u64, source: &Option<Box<dyn Grad
         .map(|t| TensorShape { name: t.name.clone(), shape: t.shape.iter().map(|&d| d as u64).collect() })
         .collect();
     JoinRequest { worker: opts.index, num_params, session, layout }
-}
-
-/// A sharded run: joins every other shard, checking that each is the shard its place in the
-/// worker's list says and that the list names them all. One server: nothing to do.
-async fn join_others(opts: &WorkerOptions, first: &JoinReply, request: &JoinRequest) -> Result<Vec<ShardLink>, Exit> {
-    let w = opts.index;
-    let shards = first.shards.max(1);
-    let refuse = |message: String| Exit::Fail(WorkerError::Refused { worker: w, message });
-    if shards as usize != opts.shards.len() + 1 || first.shard != 0 {
-        return Err(refuse(format!(
-            "the server at {} is shard {} of {shards}, but this worker was given {} server address(es); give it \
-             every shard's address, shard 0 first",
-            opts.server,
-            first.shard,
-            opts.shards.len() + 1
-        )));
-    }
-    let mut links = Vec::with_capacity(opts.shards.len());
-    for (i, addr) in opts.shards.iter().enumerate() {
-        let (mut client, channel) = connect_to(opts, addr).await?;
-        let reply = rpc!(w, within(opts.rpc_timeout, "join", client.join(request.clone())).await).into_inner();
-        if reply.shard as usize != i + 1 || reply.shards != shards {
-            return Err(refuse(format!(
-                "the server at {addr} is shard {} of {}, but it is listed as shard {} of {shards}; list the shards in order",
-                reply.shard,
-                reply.shards,
-                i + 1
-            )));
-        }
-        links.push(ShardLink { channel, range: reply.start as usize..reply.end as usize });
-    }
-    Ok(links)
 }
 
 async fn session(
@@ -602,48 +429,6 @@ impl Session<'_> {
         Ok(Pulled { step, params, seconds })
     }
 
-    /// A sharded run: every shard's part of one step. Shards apply a step one after another,
-    /// so a part newer than the rest is matched by asking the others for that step.
-    async fn pull_shards(&mut self, first: PullTask, t_pull: Instant) -> Result<Pulled, Exit> {
-        let w = self.opts.index;
-        let n = self.others.len() + 1;
-        let min_step = first.min_step;
-        let mut tasks: Vec<Option<PullTask>> = std::iter::once(Some(first))
-            .chain(self.others.iter().map(|l| Some(PullTask::start(&l.channel, w, min_step))))
-            .collect();
-        let mut steps = vec![0; n];
-        let mut first_chunk: Option<Instant> = None;
-        loop {
-            for (i, task) in tasks.iter_mut().enumerate() {
-                let Some(task) = task.take() else { continue };
-                let len = if i == 0 { self.range.len() } else { self.others[i - 1].range.len() };
-                let buffer = std::mem::take(&mut self.parts[i]);
-                let (step, part, at) = self.read_pull(task, len, buffer).await?;
-                self.parts[i] = part;
-                steps[i] = step;
-                first_chunk = first_chunk.or(at);
-            }
-            let newest = steps.iter().copied().max().unwrap_or(min_step);
-            if steps.iter().all(|&s| s == newest) {
-                break;
-            }
-            for (i, task) in tasks.iter_mut().enumerate() {
-                if steps[i] < newest {
-                    let channel = if i == 0 { &self.channel } else { &self.others[i - 1].channel };
-                    *task = Some(PullTask::start(channel, w, newest));
-                }
-            }
-        }
-        let mut params = std::mem::take(&mut self.params_buffer);
-        params.resize(self.num_params, 0.0);
-        let ranges = std::iter::once(self.range.clone()).chain(self.others.iter().map(|l| l.range.clone()));
-        for (range, part) in ranges.zip(&self.parts) {
-            params[range].copy_from_slice(part);
-        }
-        let seconds = first_chunk.map_or(t_pull.elapsed(), |t| t.elapsed()).as_secs_f64();
-        Ok(Pulled { step: steps[0], params, seconds })
-    }
-
     /// Reads one pull's answer into `buffer` (`len` values), heartbeating while the step
     /// has not opened; the step, the values and when the first chunk came.
     async fn read_pull(
@@ -740,15 +525,10 @@ impl Session<'_> {
         Ok(Computed { step, grad, loss, seconds, pull_seconds })
     }
 
-    /// Sends the gradient, or with `notice` a late notice (no values; if the server does not
-    /// answer "late", e.g. a restarted server that reopened the step, the gradient in full).
-    async fn push(&mut self, done: Computed, report: &mut WorkerReport, notice: bool) -> Result<(), Exit> {
-        let w = self.opts.index;
-        if !self.others.is_empty() {
-            return self.push_shards(done, report, notice).await;
-        }
-        let head = GradientChunk {
-            worker: w,
+    /// The first chunk of a push of `done` (its fields; `total`: the whole gradient).
+    fn head(&self, done: &Computed) -> GradientChunk {
+        GradientChunk {
+            worker: self.opts.index,
             step: done.step,
             offset: 0,
             total: done.grad.len() as u64,
@@ -758,7 +538,28 @@ impl Session<'_> {
             compute_seconds: done.seconds,
             pull_seconds: done.pull_seconds,
             session: self.id,
-        };
+        }
+    }
+
+    /// A push that got no answer: the server may have ended the run and gone while it was on
+    /// the way, having told this worker "stop" through the next step's pull; else a lost link
+    /// (or a refusal).
+    async fn push_failed(&mut self, s: tonic::Status) -> Exit {
+        if let Some(p) = self.pending.take() {
+            if p.said_stop().await {
+                return Exit::End(SessionEnd::Stopped);
+            }
+        }
+        Exit::from(lost_or_refused(self.opts.index, s))
+    }
+
+    /// Sends the gradient, or with `notice` a late notice (no values; if the server does not
+    /// answer "late", e.g. a restarted server that reopened the step, the gradient in full).
+    async fn push(&mut self, done: Computed, report: &mut WorkerReport, notice: bool) -> Result<(), Exit> {
+        if !self.others.is_empty() {
+            return self.push_shards(done, report, notice).await;
+        }
+        let head = self.head(&done);
         report.sent += 1;
         let mut reply = None;
         if notice {
@@ -781,16 +582,7 @@ impl Session<'_> {
         };
         let reply = match pushed {
             Ok(r) => r,
-            Err(s) => {
-                // The server may have ended the run and gone while this push was on the way,
-                // having told this worker "stop" through the next step's pull.
-                if let Some(p) = self.pending.take() {
-                    if p.said_stop().await {
-                        return Err(Exit::End(SessionEnd::Stopped));
-                    }
-                }
-                return Err(Exit::from(lost_or_refused(w, s)));
-            }
+            Err(s) => return Err(self.push_failed(s).await),
         };
         match reply.outcome() {
             // A re-push after a lost reply: the server holds it once.
@@ -800,80 +592,6 @@ impl Session<'_> {
         }
         if reply.stop {
             return Err(Exit::End(SessionEnd::Stopped));
-        }
-        Ok(())
-    }
-
-    /// A sharded run: every shard its slice, all at once. The gradient counts only if every
-    /// shard holds its slice (the coordinator decides); a shard that says "late" means the
-    /// step has closed for the whole model.
-    async fn push_shards(&mut self, done: Computed, report: &mut WorkerReport, notice: bool) -> Result<(), Exit> {
-        let w = self.opts.index;
-        let head = GradientChunk {
-            worker: w,
-            step: done.step,
-            offset: 0,
-            total: 0,
-            data: Default::default(),
-            loss: done.loss,
-            bf16: self.enc == Encoding::Bf16,
-            compute_seconds: done.seconds,
-            pull_seconds: done.pull_seconds,
-            session: self.id,
-        };
-        report.sent += 1;
-        let links = std::iter::once((self.channel.clone(), self.range.clone()))
-            .chain(self.others.iter().map(|l| (l.channel.clone(), l.range.clone())));
-        let mut pushes = tokio::task::JoinSet::new();
-        for (mut channel, range) in links {
-            let head = GradientChunk { total: range.len() as u64, ..head.clone() };
-            let enc = self.enc;
-            let slice = done.grad[range].to_vec();
-            let limit = self.opts.rpc_timeout;
-            pushes.spawn(async move {
-                if notice {
-                    let frames =
-                        crate::framing::push_frames(&GradientChunk { total: 0, ..head.clone() }, vec![Bytes::new()]);
-                    match within(limit, "push", crate::framing::push(&mut channel, frames)).await {
-                        Ok(r) if r.outcome() == PushOutcome::Late || r.stop => return (Ok(r), true),
-                        // Anything else: send the slice in full below.
-                        _ => {}
-                    }
-                }
-                let frames = crate::framing::push_frames(&head, enc.encode_chunks(slice));
-                (within(limit, "push", crate::framing::push(&mut channel, frames)).await, false)
-            });
-        }
-        let (mut late, mut stop, mut all_notices, mut failed) = (false, false, true, None);
-        while let Some(joined) = pushes.join_next().await {
-            let (pushed, was_notice) =
-                joined.unwrap_or_else(|e| (Err(tonic::Status::unknown(format!("push task failed: {e}"))), false));
-            match pushed {
-                Ok(r) => {
-                    stop |= r.stop || r.outcome() == PushOutcome::Stopped;
-                    late |= matches!(r.outcome(), PushOutcome::Late | PushOutcome::TooStale);
-                    all_notices &= was_notice;
-                }
-                // Heard out: another shard may say "stop" (a shard that stopped may be gone).
-                Err(s) => failed = failed.or(Some(s)),
-            }
-        }
-        if stop {
-            return Err(Exit::End(SessionEnd::Stopped));
-        }
-        if let Some(s) = failed {
-            if let Some(p) = self.pending.take() {
-                if p.said_stop().await {
-                    return Err(Exit::End(SessionEnd::Stopped));
-                }
-            }
-            return Err(Exit::from(lost_or_refused(w, s)));
-        }
-        report.unsent_late += u64::from(notice && late && all_notices);
-        if late {
-            report.dropped += 1;
-        } else {
-            report.held += 1;
         }
         Ok(())
     }

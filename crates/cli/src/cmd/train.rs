@@ -8,6 +8,7 @@ use crate::restarts;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use quorum_compute::GradientSource;
+use quorum_net::worker::{WorkerError, WorkerReport};
 use quorum_net::{run_server, run_worker, TrainSummary};
 use quorum_record::Restart;
 use std::time::Duration;
@@ -93,14 +94,7 @@ fn train_once(cfg: &RunConfig, resume: bool) -> Result<TrainSummary> {
         }
         let summary = server.await.context("server task")??;
         eprintln!();
-        for (i, w) in workers.into_iter().enumerate() {
-            match tokio::time::timeout(Duration::from_secs(10), w).await {
-                Ok(Ok(Ok(r))) => print_worker(i as u32, &r),
-                Ok(Ok(Err(e))) => println!("  w{i}: failed: {e}"),
-                Ok(Err(e)) => println!("  w{i}: crashed: {e}"),
-                Err(_) => println!("  w{i}: did not stop within 10 s"),
-            }
-        }
+        report_workers(workers).await;
         anyhow::Ok(summary)
     })
 }
@@ -170,14 +164,7 @@ fn train_sharded(
             summaries.push(s.await.context("server task")??);
         }
         eprintln!();
-        for (i, w) in workers.into_iter().enumerate() {
-            match tokio::time::timeout(Duration::from_secs(10), w).await {
-                Ok(Ok(Ok(r))) => print_worker(i as u32, &r),
-                Ok(Ok(Err(e))) => println!("  w{i}: failed: {e}"),
-                Ok(Err(e)) => println!("  w{i}: crashed: {e}"),
-                Err(_) => println!("  w{i}: did not stop within 10 s"),
-            }
-        }
+        report_workers(workers).await;
         if let Some(t) = eval_task {
             if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(10), t).await {
                 println!("  evaluator: failed: {e}");
@@ -232,4 +219,16 @@ fn common_checkpoint(cfg: &RunConfig) -> Result<u64> {
             cfg.run_dir().display()
         )
     })
+}
+
+/// Waits (at most 10 s each) for the workers of a local run and prints what each did.
+async fn report_workers(workers: Vec<tokio::task::JoinHandle<Result<WorkerReport, WorkerError>>>) {
+    for (i, w) in workers.into_iter().enumerate() {
+        match tokio::time::timeout(Duration::from_secs(10), w).await {
+            Ok(Ok(Ok(r))) => print_worker(i as u32, &r),
+            Ok(Ok(Err(e))) => println!("  w{i}: failed: {e}"),
+            Ok(Err(e)) => println!("  w{i}: crashed: {e}"),
+            Err(_) => println!("  w{i}: did not stop within 10 s"),
+        }
+    }
 }
