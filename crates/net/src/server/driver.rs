@@ -63,8 +63,9 @@ pub(super) struct Driver {
     acks: BTreeSet<WorkerId>,
     /// An evaluator process has reported: wait for its evaluation of the final step.
     evaluator_seen: bool,
-    /// The evaluator has pulled the final parameters (all a follower shard waits for).
-    evaluator_stopped: bool,
+    /// The newest step whose parameters the evaluator pulled (a follower shard waits for the
+    /// final step's, not for a report: reports go to shard 0).
+    evaluator_got: Option<u64>,
 }
 
 impl Driver {
@@ -101,7 +102,7 @@ impl Driver {
             stopping: None,
             acks: BTreeSet::new(),
             evaluator_seen: false,
-            evaluator_stopped: false,
+            evaluator_got: None,
         })
     }
 
@@ -120,7 +121,7 @@ impl Driver {
             let workers = self.acks.len() >= self.rule.live_workers().len() || s.since.elapsed() > STOP_GRACE;
             let evaluated = !self.evaluator_seen
                 || self.rec.evals.contains_key(&self.rule.step())
-                || (self.rule.is_follower() && self.evaluator_stopped)
+                || (self.rule.is_follower() && self.evaluator_got.is_some_and(|s| s >= self.rule.step()))
                 || s.since.elapsed() > FINAL_EVALUATION_GRACE;
             workers && evaluated
         })
@@ -147,8 +148,8 @@ impl Driver {
                 self.evaluator_seen = true;
                 return Ok(None);
             }
-            Command::EvaluatorStopSeen => {
-                self.evaluator_stopped = true;
+            Command::EvaluatorGot(step) => {
+                self.evaluator_got = self.evaluator_got.max(Some(step));
                 return Ok(None);
             }
             Command::Evaluation { step, evaluation, reply } => {

@@ -97,8 +97,9 @@ pub(super) enum Command {
     LinkLost(String),
     /// An evaluator asked for parameters: it will report the final step's figures.
     EvaluatorPulled,
-    /// An evaluator pulled the final parameters (a shard that takes no reports may go).
-    EvaluatorStopSeen,
+    /// An evaluator got the parameters of this step (a shard that takes no reports may go
+    /// once it has the final step's).
+    EvaluatorGot(u64),
     /// An evaluator's figures for the parameters after `step` updates; the reply: stopped.
     Evaluation {
         step: u64,
@@ -290,8 +291,8 @@ impl Service {
         if p.stop && r.worker < self.workers {
             let _ = self.commands.send(Command::StopSeen(WorkerId(r.worker))).await;
         }
-        if p.stop && r.worker == crate::evaluate::EVALUATOR {
-            let _ = self.commands.send(Command::EvaluatorStopSeen).await;
+        if r.worker == crate::evaluate::EVALUATOR {
+            let _ = self.commands.send(Command::EvaluatorGot(p.step)).await;
         }
         Ok(p.frames.to_vec())
     }
