@@ -756,14 +756,29 @@ fn a_shard_killed_with_kill_9_stops_the_run_and_every_shard_resumes_from_a_step_
     let steps = |run: &Path| -> std::collections::BTreeSet<u64> {
         checkpoint_steps(&run.join("checkpoints")).into_iter().collect()
     };
+    // Shard 1 loses its newest checkpoint (as if killed before writing it), so the shards'
+    // newest checkpoints differ: each taking its own would start them at different steps.
+    let newest1 = *steps(&run1).last().expect("shard 1 wrote checkpoints");
+    for ext in ["json", "safetensors"] {
+        std::fs::remove_file(run1.join("checkpoints").join(format!("ckpt-{newest1:010}.{ext}"))).unwrap();
+    }
     let resume_at = *steps(&run0).intersection(&steps(&run1)).last().expect("a step both shards checkpointed");
     assert!(resume_at > 0 && resume_at <= stopped_at, "resume at {resume_at}, stopped at {stopped_at}");
+    assert!(*steps(&run0).last().unwrap() > resume_at, "shard 0 has a newer checkpoint than the common one");
     // The workers were not told to stop: they wait for the servers, which come back on the
-    // same addresses from that step.
-    let again = ["--resume", "--resume-step", &resume_at.to_string()];
-    let (mut ps0, _) = start_ps(&[&common[..], &["--shard", "0", "--listen", addr0], &again[..]].concat(), &run0);
-    let shard1 = ["--shard", "1", "--coordinator", addr0, "--listen", addr1];
-    let (mut ps1, _) = start_ps(&[&common[..], &shard1[..], &again[..]].concat(), &run1);
+    // same addresses, each with a plain --resume, and agree on the newest common step. Shard 1
+    // starts first and waits for the coordinator; the coordinator waits for shard 1's list.
+    let shard1 = ["--shard", "1", "--coordinator", addr0, "--listen", addr1, "--resume"];
+    let mut ps1 = Proc(
+        quorum()
+            .args(["ps", "--model", "synthetic", "--out", run1.to_str().unwrap()])
+            .args([&common[..], &shard1[..]].concat())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (mut ps0, _) = start_ps(&[&common[..], &["--shard", "0", "--listen", addr0, "--resume"]].concat(), &run0);
     assert!(wait(&mut ps0, Duration::from_secs(120)).success());
     assert!(wait(&mut ps1, Duration::from_secs(20)).success());
     for w in &mut workers {

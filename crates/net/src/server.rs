@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 
+pub mod agree;
 mod checkpointer;
 mod driver;
 mod evaluator;
@@ -43,6 +44,9 @@ pub enum NetError {
     /// A TLS file could not be used.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// The shards could not agree on the step a resumed run starts from.
+    #[error("{0}")]
+    Agree(String),
 }
 
 /// Serves on `listener` until the run finishes (`max_steps`), stalls, or `shutdown` resolves.
@@ -54,6 +58,7 @@ pub async fn run_server(
 ) -> Result<TrainSummary, NetError> {
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(1024);
     let (rule, link) = rule(&mut opts)?;
+    let driver_start = rule.step();
     let start = Instant::now();
     let (pub_tx, pub_rx) = watch::channel(Published::new(rule.step(), rule.params(), opts.encoding));
     let shard = match &opts.shard {
@@ -85,7 +90,7 @@ pub async fn run_server(
     };
     let service = Arc::new(service);
     let token = crate::auth::CheckToken(opts.token.clone());
-    let coordinator = follow::CoordinatorService { commands: cmd_tx };
+    let coordinator = follow::CoordinatorService { commands: cmd_tx, start: driver_start };
     let routes = Routes {
         generated: InterceptedService::new(
             ParameterServerServer::from_arc(service.clone()).max_decoding_message_size(8 << 20),

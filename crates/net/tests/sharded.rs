@@ -146,3 +146,61 @@ async fn a_worker_given_too_few_shard_addresses_is_refused_with_how_many_there_a
         s.abort();
     }
 }
+
+/// Shard 0 agreeing on the resume step with `shards` - 1 others on a fresh loopback port.
+async fn agreeing(shards: u32, steps: Vec<u64>) -> (String, Task<(tokio::net::TcpListener, u64)>) {
+    use quorum_net::server::agree::{agree_as_coordinator, Agreement};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let a = Agreement { shards, steps, token: None, tls: Default::default() };
+    (addr, tokio::spawn(agree_as_coordinator(listener, a)))
+}
+
+fn offer(addr: &str, shard: u32, shards: u32, steps: Vec<u64>) -> Task<u64> {
+    let mut to = WorkerOptions::new(shard, addr.to_string());
+    to.connect_timeout = Duration::from_secs(5);
+    tokio::spawn(async move { quorum_net::server::agree::agree_as_follower(&to, shard, shards, steps).await })
+}
+
+#[tokio::test]
+async fn shards_with_different_checkpoints_all_resume_from_the_newest_step_every_one_of_them_has() {
+    let (addr, coordinator) = agreeing(3, vec![300, 200, 100]).await;
+    let one = offer(&addr, 1, 3, vec![200, 100]);
+    // A worker that calls while the shards agree hears "not ready" (it tries again), not a refusal.
+    let mut client =
+        quorum_net::proto::parameter_server_client::ParameterServerClient::connect(addr.clone()).await.unwrap();
+    let join = client.join(quorum_net::proto::JoinRequest { worker: 0, ..Default::default() }).await.unwrap_err();
+    assert_eq!(join.code(), tonic::Code::Unavailable, "{join:?}");
+    assert!(join.message().contains("every shard must be started with --resume"), "{}", join.message());
+    // Shard 1 is still waiting: nobody starts until every shard has offered.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!one.is_finished() && !coordinator.is_finished());
+    let two = offer(&addr, 2, 3, vec![300, 200]);
+    assert_eq!(one.await.unwrap().unwrap(), 200);
+    assert_eq!(two.await.unwrap().unwrap(), 200);
+    let (listener, step) = coordinator.await.unwrap().unwrap();
+    assert_eq!(step, 200);
+    // The run gets its listener back, on the same address.
+    assert_eq!(format!("http://{}", listener.local_addr().unwrap()), addr);
+}
+
+#[tokio::test]
+async fn shards_without_a_common_checkpoint_are_all_told_which_steps_each_has() {
+    let (addr, coordinator) = agreeing(2, vec![300]).await;
+    let e = offer(&addr, 1, 2, vec![200]).await.unwrap().unwrap_err().to_string();
+    assert!(e.contains("no step has a checkpoint on every shard (shard 0: 300; shard 1: 200)"), "{e}");
+    let e = coordinator.await.unwrap().unwrap_err().to_string();
+    assert!(e.contains("without --resume to start afresh"), "{e}");
+}
+
+#[tokio::test]
+async fn a_shard_started_without_resume_while_the_coordinator_resumes_is_told_to_add_resume() {
+    let (addr, coordinator) = agreeing(2, vec![300]).await;
+    let mut client = quorum_net::proto::coordinator_client::CoordinatorClient::connect(addr.clone()).await.unwrap();
+    let hello = quorum_net::proto::ShardReport { shard: 1, shards: 2, ..Default::default() };
+    let e = client.follow(tokio_stream::iter([hello])).await.unwrap_err();
+    assert!(e.message().contains("shard 1 was started without --resume"), "{}", e.message());
+    // The coordinator still waits for shard 1's offer, and takes it when it comes.
+    assert_eq!(offer(&addr, 1, 2, vec![300]).await.unwrap().unwrap(), 300);
+    assert_eq!(coordinator.await.unwrap().unwrap().1, 300);
+}

@@ -6,7 +6,7 @@
 use super::service::{shutting_down, Command};
 use crate::proto::coordinator_client::CoordinatorClient;
 use crate::proto::coordinator_server::Coordinator;
-use crate::proto::{CommitNotice, ShardReport};
+use crate::proto::{CommitNotice, ResumeAt, ResumeOffer, ShardReport};
 use std::pin::Pin;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::{Stream, StreamExt};
@@ -19,6 +19,8 @@ const RESTART: &str = "start every shard again with --resume (a sharded `quorum 
 /// Shard 0's side: the `Coordinator` service.
 pub(super) struct CoordinatorService {
     pub(super) commands: mpsc::Sender<Command>,
+    /// The step this run started from: what an offer of checkpoints is answered with.
+    pub(super) start: u64,
 }
 
 type NoticeStream = Pin<Box<dyn Stream<Item = Result<CommitNotice, Status>> + Send>>;
@@ -57,6 +59,10 @@ impl Coordinator for CoordinatorService {
             let _ = commands.send(Command::LinkLost(why)).await;
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))))
+    }
+
+    async fn resume(&self, req: Request<ResumeOffer>) -> Result<Response<ResumeAt>, Status> {
+        super::agree::answer_running(self.start, req.get_ref()).map(Response::new)
     }
 }
 
