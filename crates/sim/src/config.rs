@@ -107,6 +107,9 @@ impl SimConfig {
         if self.network.latency < 0.0 || self.network.bandwidth.is_some_and(|b| b <= 0.0) {
             return Err(ConfigError::invalid("network latency must be >= 0 and bandwidth > 0"));
         }
+        if !(self.network.jitter.is_finite() && self.network.jitter >= 0.0) {
+            return Err(ConfigError::invalid("jitter must be a finite number of seconds >= 0"));
+        }
         for f in &self.faults {
             f.validate(self.server.workers)?;
         }

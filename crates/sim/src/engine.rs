@@ -7,13 +7,17 @@ use crate::queue::EventQueue;
 use crate::report::{MetricRow, SimReport, Summary};
 use quorum_compute::delay::DelaySampler;
 use quorum_compute::{BatchId, GradientSource};
-use quorum_core::{Action, ConfigError, Event, ParamLayout, Server, Step, ToServer, Worker, WorkerAction, WorkerId};
+use quorum_core::{Action, Commit, ConfigError, Event, ParamLayout, Step, ToServer, Worker, WorkerAction, WorkerId};
 use quorum_record::{quantile, RunRecord};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use sharded::Rule;
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
+
+mod faults;
+mod sharded;
 
 /// Why a simulation could not run.
 #[derive(Debug, Error)]
@@ -38,6 +42,17 @@ pub enum SimError {
         at: f64,
         /// The server's step.
         step: Step,
+    },
+    /// Two shards applied different contributors at some step: the one-quorum invariant
+    /// broken (a bug in the core or the simulator, never expected).
+    #[error("the shards disagree at step {step}: {why} (shard {shard}; a bug, never expected)")]
+    ShardsDisagree {
+        /// The first shard found to disagree with the coordinator.
+        shard: u32,
+        /// The first step they differ at.
+        step: Step,
+        /// What each applied.
+        why: String,
     },
     /// Virtual time stopped: too many events at one instant.
     #[error("virtual time stopped at {at:.3} s: {events} events at the same instant (a wake-up re-scheduled at \"now\" forever)")]
@@ -90,6 +105,36 @@ enum SimEvent {
         worker: WorkerId,
         life: u32,
     },
+    /// Sharded: a worker's gradient, of which shard `shard` takes its slice.
+    Slice {
+        shard: u32,
+        from: WorkerId,
+        life: u32,
+        step: Step,
+        grad: Arc<Vec<f32>>,
+        loss: Option<f32>,
+    },
+    /// Sharded: shard `shard` holds `from`'s slice of `step` (to the coordinator).
+    Report {
+        shard: u32,
+        from: WorkerId,
+        step: Step,
+        loss: Option<f32>,
+    },
+    /// Sharded: the coordinator's commit reaches shard `shard`.
+    CommitAt {
+        shard: u32,
+        commit: Commit,
+    },
+    /// Sharded: shard `shard`'s part of the parameters of `step`, to a worker.
+    ParamPart {
+        to: WorkerId,
+        life: u32,
+        shard: u32,
+        step: Step,
+        params: Arc<Vec<f32>>,
+        transfer: f64,
+    },
 }
 
 impl SimEvent {
@@ -132,7 +177,7 @@ impl SimWorker {
 struct Engine<'a> {
     cfg: &'a SimConfig,
     source: Option<&'a mut (dyn GradientSource + 'a)>,
-    server: Server,
+    rule: Rule,
     workers: Vec<SimWorker>,
     queue: EventQueue<SimEvent>,
     delay: DelaySampler,
@@ -145,9 +190,14 @@ struct Engine<'a> {
     record: RunRecord,
     grad: Vec<f32>,
     done: bool,
+    /// An evaluation due at this step (and the metrics row it fills), waiting for every
+    /// shard to have applied it.
+    pending_eval: Option<(u64, usize)>,
     /// The servers' links: parameters out, gradients in.
     down: ServerLink,
     up: ServerLink,
+    /// The network's own random stream (jitter).
+    net_rng: ChaCha8Rng,
 }
 
 /// Which way a message crosses the servers' links.
@@ -177,7 +227,7 @@ pub fn simulate<'a>(
     let bytes = 4 * if source.is_some() { layout.len() } else { cfg.virtual_params };
     let mut server_cfg = cfg.server.clone();
     server_cfg.max_steps = Some(cfg.steps);
-    let server = Server::new(server_cfg, layout, init)?;
+    let rule = Rule::new(server_cfg, cfg.network.shards, cfg.server.workers, layout, init)?;
     let workers = (0..cfg.server.workers)
         .map(|i| {
             let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
@@ -221,11 +271,12 @@ pub fn simulate<'a>(
         validation_accuracy: None,
         delay: cfg.delay.to_string(),
         seed: cfg.seed,
+        shards: None,
     };
     let mut engine = Engine {
         cfg,
         source,
-        server,
+        rule,
         workers,
         queue: EventQueue::default(),
         delay: cfg.delay.sampler()?,
@@ -245,8 +296,14 @@ pub fn simulate<'a>(
         record: RunRecord::new(cfg.server.workers, batch, cfg.record_arrivals),
         grad: Vec::new(),
         done: false,
+        pending_eval: None,
         down: ServerLink::default(),
         up: ServerLink::default(),
+        net_rng: {
+            let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+            rng.set_stream(u64::MAX);
+            rng
+        },
     };
     engine.run()?;
     engine.finish()
@@ -294,7 +351,11 @@ impl Engine<'_> {
             // A frozen worker handles nothing until it thaws.
             let frozen = |w: WorkerId, workers: &[SimWorker]| workers[w.index()].frozen_until > now;
             match ev {
-                SimEvent::Params { to, .. } | SimEvent::ComputeDone { worker: to, .. } if frozen(to, &self.workers) => {
+                SimEvent::Params { to, .. }
+                | SimEvent::ParamPart { to, .. }
+                | SimEvent::ComputeDone { worker: to, .. }
+                    if frozen(to, &self.workers) =>
+                {
                     let until = self.workers[to.index()].frozen_until;
                     self.queue.push(until, ev);
                 }
@@ -331,8 +392,23 @@ impl Engine<'_> {
                     if self.tick_at.is_some_and(|t| t <= now) {
                         self.tick_at = None;
                     }
-                    let out = self.server.tick(now);
+                    let out = self.rule.tick(now);
                     self.carry_out(now, out)?;
+                }
+                SimEvent::Slice { shard, from, life, step, grad, loss } => {
+                    match self.on_slice(now, shard, from, life, step, &grad, loss)? {
+                        Flow::End => break,
+                        Flow::Next | Flow::Skip => {}
+                    }
+                }
+                SimEvent::Report { shard, from, step, loss } => self.on_report(now, shard, from, step, loss)?,
+                SimEvent::CommitAt { shard, commit } => self.on_commit_at(now, shard, &commit)?,
+                SimEvent::ParamPart { to, life, shard, step, params, transfer } => {
+                    let w = &self.workers[to.index()];
+                    if w.life != life || w.down || !w.joined {
+                        continue;
+                    }
+                    self.on_part(now, to, shard, step, params, transfer)?;
                 }
             }
             if self.done {
@@ -343,61 +419,32 @@ impl Engine<'_> {
             // scan of the queue runs only once the cheap tests say so.)
             if !self.cfg.faults.is_empty()
                 && now > last_news + quiet_limit
-                && !self.server.is_stopped()
+                && !self.rule.is_stopped()
                 && self.queue.all(SimEvent::is_quiet)
             {
-                return Err(SimError::Hang { at: now.as_secs_f64(), step: self.server.step() });
+                return Err(SimError::Hang { at: now.as_secs_f64(), step: self.rule.step() });
             }
-            if let Some(t) = self.server.next_wakeup() {
+            if let Some(t) = self.rule.next_wakeup() {
                 if self.tick_at.is_none_or(|s| t < s) {
                     self.tick_at = Some(t.max(now));
                     self.queue.push(t.max(now), SimEvent::Tick);
                 }
             }
         }
-        Ok(())
-    }
-
-    /// A crashed worker's new process starts: a fresh worker rule, a join in a new session.
-    fn restart(&mut self, now: Duration, id: WorkerId) {
-        let w = &mut self.workers[id.index()];
-        w.sm = Worker::new(id, self.cfg.on_newer, self.cfg.server.policy.late_notices());
-        (w.down, w.joined, w.latest, w.computing_on) = (false, false, None, None);
-        let session = w.session(id);
-        self.send_to_server(now, id, ToServer::Join { session });
-        if let Some(beat) = self.beat_every() {
-            let life = self.workers[id.index()].life;
-            self.queue.push(now + beat, SimEvent::Beat { worker: id, life });
-        }
-    }
-
-    /// Back from a freeze: join again (the same session), as a real worker whose link timed
-    /// out does, to learn the newest step.
-    fn thaw(&mut self, now: Duration, id: WorkerId) {
-        let w = &self.workers[id.index()];
-        if !w.down && w.frozen_until <= now {
-            let session = w.session(id);
-            self.send_to_server(now, id, ToServer::Join { session });
-        }
-    }
-
-    /// A live, joined, unfrozen worker heartbeats, and schedules its next beat.
-    fn beat(&mut self, now: Duration, worker: WorkerId, life: u32) {
-        let w = &self.workers[worker.index()];
-        if w.life == life && !w.down && !w.sm.is_stopped() {
-            let joined = w.joined;
-            let next = w.frozen_until.max(now) + self.beat_every().unwrap_or(Duration::from_secs(1));
-            if w.frozen_until <= now && joined {
-                self.send_to_server(now, worker, ToServer::Heartbeat);
+        // The coordinator's last commits may still be on their way to the other shards: they
+        // arrive (every shard ends on the same step), and the last evaluation runs.
+        while let Some((now, ev)) = self.queue.pop() {
+            if let SimEvent::CommitAt { shard, commit } = ev {
+                self.on_commit_at(now, shard, &commit)?;
             }
-            self.queue.push(next, SimEvent::Beat { worker, life });
         }
+        Ok(())
     }
 
     /// A message reaches the server.
     fn on_to_server(&mut self, now: Duration, from: WorkerId, session: u64, msg: ToServer) -> Result<Flow, SimError> {
         let (is_join, is_beat) = (matches!(msg, ToServer::Join { .. }), matches!(msg, ToServer::Heartbeat));
-        let handled = self.server.handle_from(now, from, session, msg);
+        let handled = self.rule.handle_from(now, from, session, msg);
         if is_join && handled.is_ok() && self.workers[from.index()].session(from) == session {
             self.workers[from.index()].joined = true;
         }
@@ -436,7 +483,7 @@ impl Engine<'_> {
         match &self.published {
             Some((s, p)) if *s == step => p.clone(),
             _ => {
-                let p = Arc::new(self.server.params().to_vec());
+                let p = Arc::new(self.rule.params());
                 self.published = Some((step, p.clone()));
                 p
             }
@@ -457,14 +504,24 @@ impl Engine<'_> {
         let own = self.link_delay(now, w, bytes);
         let busy = self.cfg.network.server_seconds(bytes);
         if busy <= 0.0 {
-            return own;
+            return own + self.jitter();
         }
         let link = match dir {
             Direction::Down => &mut self.down,
             Direction::Up => &mut self.up,
         };
         let t = now.as_secs_f64();
-        own.max(link.send(t, busy) - t + self.cfg.network.latency)
+        own.max(link.send(t, busy) - t + self.cfg.network.latency) + self.jitter()
+    }
+
+    /// A message's extra delay on the way to or from a server (none without jitter).
+    fn jitter(&mut self) -> f64 {
+        let mean = self.cfg.network.jitter;
+        if mean <= 0.0 {
+            return 0.0;
+        }
+        // Exponential with this mean, by inversion.
+        -mean * (1.0 - rand::Rng::random::<f64>(&mut self.net_rng)).ln()
     }
 
     /// A message's delay on `w`'s link: the network's, times a slow link's factor.
@@ -483,42 +540,11 @@ impl Engine<'_> {
         self.queue.push(arrive, SimEvent::ToServer { from, session, msg });
     }
 
-    /// How often workers heartbeat: a quarter of the server's worker time-out, as the real
-    /// server tells its workers; none without a time-out.
-    fn beat_every(&self) -> Option<Duration> {
-        self.cfg.server.liveness.worker_timeout.map(|t| t / 4)
-    }
-
-    fn inject(&mut self, now: Duration, i: usize) {
-        let f = &self.cfg.faults[i];
-        let id = WorkerId(f.worker);
-        let w = &mut self.workers[id.index()];
-        match f.kind {
-            crate::fault::FaultKind::Crash { restart_after } => {
-                if w.down {
-                    return;
-                }
-                w.down = true;
-                w.life += 1;
-                if let Some(r) = restart_after {
-                    self.queue.push(at(now, r), SimEvent::Restart(id));
-                }
-            }
-            crate::fault::FaultKind::Freeze { seconds } => {
-                let until = at(now, seconds).max(w.frozen_until);
-                w.frozen_until = until;
-                self.queue.push(until, SimEvent::Thaw(id));
-            }
-            crate::fault::FaultKind::SlowLink { factor, seconds } => {
-                w.slow = Some((factor, at(now, seconds)));
-            }
-            crate::fault::FaultKind::Lag { factor, seconds } => {
-                w.lag = Some((factor, at(now, seconds)));
-            }
-        }
-    }
-
     fn carry_out(&mut self, now: Duration, out: quorum_core::Outputs) -> Result<(), SimError> {
+        let sharded = matches!(self.rule, Rule::Sharded(_));
+        if sharded {
+            self.sharded_actions(now, &out);
+        }
         for e in out.events {
             self.observe(now, &e)?;
             if self.cfg.record_events {
@@ -527,9 +553,11 @@ impl Engine<'_> {
         }
         for a in out.actions {
             match a {
+                // Sharded: each shard sends its own part (`sharded_actions`, and on each commit).
+                Action::SendParams { .. } | Action::BroadcastParams { .. } if sharded => {}
                 Action::SendParams { to, step } => self.send_params(now, to, step),
                 Action::BroadcastParams { step } => {
-                    for w in self.server.live_workers() {
+                    for w in self.rule.live_workers() {
                         self.send_params(now, w, step);
                     }
                 }
@@ -545,7 +573,7 @@ impl Engine<'_> {
     fn observe(&mut self, now: Duration, e: &Event) -> Result<(), SimError> {
         let Some(done_steps) = self.record.observe(e) else { return Ok(()) };
         let loss = self.record.updates.last().and_then(|u| u.loss);
-        let mut row = MetricRow {
+        let row = MetricRow {
             step: done_steps,
             virtual_seconds: now.as_secs_f64(),
             examples: self.record.examples,
@@ -560,27 +588,41 @@ impl Engine<'_> {
             }
         }
         let due = self.cfg.eval_every.is_some_and(|k| done_steps % k == 0) || done_steps == self.cfg.steps;
-        if due {
-            let params: Vec<f32> = match (self.cfg.eval_on, self.server.ema()) {
-                (EvalOn::Ema, Some(e)) => e.to_vec(),
-                _ => self.server.params().to_vec(),
-            };
-            if let Some(src) = self.source.as_mut() {
-                let ev = src.evaluate(&params)?;
-                row.test_loss = Some(ev.loss);
-                row.test_accuracy = ev.accuracy;
-                let reached = self.cfg.target.is_some_and(|t| ev.accuracy.is_some_and(|a| a >= t));
-                let s = &mut self.report.summary;
-                if reached && s.target_step.is_none() {
-                    s.target_step = Some(done_steps);
-                    s.target_seconds = Some(row.virtual_seconds);
-                    s.target_examples = Some(row.examples);
-                    self.done |= self.cfg.stop_at_target;
-                }
-            }
-        }
         if self.source.is_some() {
             self.report.metrics.push(row);
+            if due {
+                self.pending_eval = Some((done_steps, self.report.metrics.len() - 1));
+                self.evaluate_when_whole()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the evaluation due, once the whole model has the parameters of its step (at once
+    /// on one server; sharded, once the last shard has applied the step).
+    fn evaluate_when_whole(&mut self) -> Result<(), SimError> {
+        let Some((done_steps, row)) = self.pending_eval else { return Ok(()) };
+        if !self.rule.whole_at(done_steps) {
+            return Ok(());
+        }
+        self.pending_eval = None;
+        let params: Vec<f32> = match (self.cfg.eval_on, self.rule.ema()) {
+            (EvalOn::Ema, Some(e)) => e,
+            _ => self.rule.params(),
+        };
+        let Some(src) = self.source.as_mut() else { return Ok(()) };
+        let ev = src.evaluate(&params)?;
+        let row = &mut self.report.metrics[row];
+        row.test_loss = Some(ev.loss);
+        row.test_accuracy = ev.accuracy;
+        let (seconds, examples) = (row.virtual_seconds, row.examples);
+        let reached = self.cfg.target.is_some_and(|t| ev.accuracy.is_some_and(|a| a >= t));
+        let s = &mut self.report.summary;
+        if reached && s.target_step.is_none() {
+            s.target_step = Some(done_steps);
+            s.target_seconds = Some(seconds);
+            s.target_examples = Some(examples);
+            self.done |= self.cfg.stop_at_target;
         }
         Ok(())
     }
@@ -604,6 +646,12 @@ impl Engine<'_> {
                 // the networked worker's long-poll pull, in virtual time.
                 WorkerAction::AwaitParams { .. } => {}
                 // A late notice: the step and the worker, no values (so no gradient math).
+                WorkerAction::NotifyLate { step } if matches!(self.rule, Rule::Sharded(_)) => {
+                    // Every shard would answer "late": the step has closed (the worker has newer
+                    // parameters), and shard 0's record says so.
+                    self.record_push(id);
+                    self.record_late(now, id, step);
+                }
                 WorkerAction::NotifyLate { step } => {
                     self.record_push(id);
                     let session = self.workers[id.index()].session(id);
@@ -630,6 +678,10 @@ impl Engine<'_> {
                     };
                     // Divergence is judged where the server judges it (`quorum_core::diverged`):
                     // the applied step's loss, and non-finite gradients refused on arrival.
+                    if matches!(self.rule, Rule::Sharded(_)) {
+                        self.push_slices(now, id, step, Arc::new(gradient), loss);
+                        continue;
+                    }
                     let session = self.workers[id.index()].session(id);
                     let arrive = at(now, self.server_delay(now, id, self.bytes, Direction::Up));
                     self.queue.push(
@@ -651,9 +703,10 @@ impl Engine<'_> {
     }
 
     fn finish(mut self) -> Result<SimReport, SimError> {
+        self.report.summary.shards = self.rule.check_one_quorum()?;
         let record = std::mem::replace(&mut self.record, RunRecord::new(0, 0, false));
         let s = &mut self.report.summary;
-        s.steps = self.server.step();
+        s.steps = self.rule.step();
         s.virtual_seconds = record.last_step_at;
         s.accepted = record.accepted;
         s.dropped = record.dropped;
@@ -672,9 +725,9 @@ impl Engine<'_> {
             s.final_test_loss = m.test_loss;
             s.final_test_accuracy = m.test_accuracy;
         }
-        self.report.final_params = self.server.params().to_vec();
-        self.report.final_eval_params = match (self.cfg.eval_on, self.server.ema()) {
-            (EvalOn::Ema, Some(e)) => e.to_vec(),
+        self.report.final_params = self.rule.params();
+        self.report.final_eval_params = match (self.cfg.eval_on, self.rule.ema()) {
+            (EvalOn::Ema, Some(e)) => e,
             _ => self.report.final_params.clone(),
         };
         self.report.step_seconds = record.step_seconds;

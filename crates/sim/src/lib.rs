@@ -25,5 +25,5 @@ pub use fault::{check_invariants, Fault, FaultKind, InvariantBroken};
 pub use network::NetworkModel;
 pub use quorum_compute::delay::{DelayError, DelayModel, DelaySampler};
 pub use quorum_record::quantile;
-pub use report::{Arrival, MetricRow, SimReport, Summary, WorkerStats};
+pub use report::{Arrival, MetricRow, ShardCheck, SimReport, Summary, WorkerStats};
 pub use sweep::{sweep_backups, SweepRow};

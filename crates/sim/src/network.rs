@@ -16,8 +16,15 @@ pub struct NetworkModel {
     /// servers' links never queue). Every parameter pull and gradient push crosses it.
     #[serde(default)]
     pub server_bandwidth: Option<f64>,
-    /// Parameter servers the model is split over, evenly: a message to or from "the server"
-    /// is `shards` messages of 1/`shards` the size, one per server link, in parallel.
+    /// Extra delay of each message to or from a parameter server: exponential with this mean,
+    /// seconds, drawn per message (and per server), so that servers see messages in
+    /// different orders, as on a real network.
+    #[serde(default)]
+    pub jitter: f64,
+    /// Parameter servers the model is split over: a message to or from "the server" is
+    /// `shards` messages, each of its shard's part, one per server link, in parallel. With
+    /// more than one the simulator runs the sharded rule (a coordinator and a shard per
+    /// server, one `latency` apart), as the networked servers do.
     #[serde(default = "one")]
     pub shards: u32,
 }
@@ -28,7 +35,7 @@ fn one() -> u32 {
 
 impl Default for NetworkModel {
     fn default() -> Self {
-        NetworkModel { latency: 0.0, bandwidth: None, server_bandwidth: None, shards: 1 }
+        NetworkModel { latency: 0.0, bandwidth: None, server_bandwidth: None, jitter: 0.0, shards: 1 }
     }
 }
 

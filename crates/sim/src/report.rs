@@ -70,6 +70,26 @@ pub struct Summary {
     pub delay: String,
     /// Seed.
     pub seed: u64,
+    /// A sharded run (`network.shards` > 1): what the one-quorum check found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shards: Option<ShardCheck>,
+}
+
+/// A sharded run's check: every shard applied the coordinator's contributors at every step
+/// (the run fails otherwise), and how often each shard's own first N would have differed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ShardCheck {
+    /// Shards (servers) in the run.
+    pub shards: u32,
+    /// Steps every shard applied with exactly the coordinator's contributors.
+    pub steps_agreed: u64,
+    /// Steps at which some shard's first N slices (what a per-shard "first N" rule, such as
+    /// TensorFlow's per-variable accumulators, would have averaged) were not the coordinator's
+    /// set: there different parts of the model would have averaged different workers' work.
+    pub first_n_would_differ: u64,
+    /// Gradients that reached some shards but not all (a worker that died half-way through
+    /// its pushes, or a slice that reached a shard after the step closed): none of them counted.
+    pub partial: u64,
 }
 
 /// Everything a run produced.

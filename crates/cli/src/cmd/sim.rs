@@ -132,6 +132,13 @@ fn print_summary(cfg: &SimConfig, r: &SimReport) {
     if s.policy == "async" {
         println!("  mean staleness        {:.2}", s.mean_staleness);
     }
+    if let Some(c) = &s.shards {
+        println!(
+            "  one quorum            all {} shards applied the coordinator's contributors at all {} steps \
+             (each shard's own first N would have differed at {}; {} gradients reached some shards only)",
+            c.shards, c.steps_agreed, c.first_n_would_differ, c.partial
+        );
+    }
     if s.policy == "adaptive" {
         let changes = r.events.iter().filter(|e| matches!(e, Event::AggregateChanged { .. })).count();
         let mean = s.accepted as f64 / s.steps.max(1) as f64;

@@ -269,6 +269,12 @@ pub struct SimFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     server_bandwidth: Option<f64>,
+    /// Extra delay of each message to or from a parameter server: exponential with this mean,
+    /// seconds, drawn per message and server (so shards see workers in different orders)
+    /// [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jitter: Option<f64>,
     /// No gradient math: time only (for big sweeps).
     #[arg(long)]
     #[serde(skip_serializing_if = "is_false")]

@@ -21,6 +21,9 @@ pub struct SimKeys {
     /// Each parameter server's link, bytes per second each way (unset: infinite): pulls and
     /// pushes queue on it.
     pub server_bandwidth: Option<f64>,
+    /// Extra delay of each message to or from a parameter server: exponential with this mean,
+    /// seconds, drawn per message and server.
+    pub jitter: f64,
     /// No gradient math: time only (for big sweeps).
     pub timing_only: bool,
     /// Timing-only: charge messages for a model of this many parameters.
@@ -101,6 +104,7 @@ impl RunConfig {
             latency: s.latency,
             bandwidth: s.bandwidth,
             server_bandwidth: s.server_bandwidth,
+            jitter: s.jitter,
             shards: self.shards,
         };
         cfg.on_newer = s.on_newer;
