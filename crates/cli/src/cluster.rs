@@ -155,6 +155,7 @@ pub(crate) fn server_options(cfg: &RunConfig, served: Served, resume: bool, prog
     opts.run_config = Some(cfg.to_toml()?);
     opts.token = cfg.token()?;
     opts.tls = cfg.tls();
+    opts.window = cfg.window()?;
     opts.divergence_loss = Some(cfg.divergence_loss.map_or(f32::INFINITY, |l| l as f32));
     if progress {
         opts.progress = Some(Box::new(progress_printer()));
@@ -243,6 +244,7 @@ pub(crate) fn worker_options(cfg: &RunConfig, index: u32, server: &str) -> Resul
     wo.seed = cfg.seed;
     wo.token = cfg.token()?;
     wo.tls = cfg.tls();
+    wo.window = cfg.window()?;
     Ok(wo)
 }
 

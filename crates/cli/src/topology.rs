@@ -143,33 +143,90 @@ pub fn expand_hostlist(list: &str) -> Result<Vec<String>> {
     Ok(hosts)
 }
 
+/// Expands Slurm's tasks-per-node list such as `2(x3),1` into a count per node.
+fn expand_tasks_per_node(list: &str) -> Result<Vec<u32>> {
+    let mut counts = Vec::new();
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        let bad = || format!("bad entry `{part}` in Slurm's tasks per node `{list}`");
+        let (n, times) = match part.split_once("(x") {
+            Some((n, rest)) => (n, rest.strip_suffix(')').with_context(bad)?.parse::<usize>().with_context(bad)?),
+            None => (part, 1),
+        };
+        let n: u32 = n.parse().with_context(bad)?;
+        counts.extend(std::iter::repeat_n(n, times));
+    }
+    Ok(counts)
+}
+
 /// Reads Slurm's variables (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_STEP_NODELIST` or
-/// `SLURM_JOB_NODELIST`): task 0 is the parameter server on the first node, listening on
-/// `port`; task k is worker k − 1.
-pub fn from_slurm(env: impl Fn(&str) -> Option<String>, port: u16) -> Result<Option<Topology>> {
+/// `SLURM_JOB_NODELIST`): tasks 0..`shards` are the parameter servers (shard k on task k's
+/// node, listening on `port` + k, so that shards sharing a node do not collide), the tasks
+/// after them the workers. With more than one shard the nodes of the shards come from
+/// `SLURM_STEP_TASKS_PER_NODE` (or `SLURM_TASKS_PER_NODE`) under Slurm's default block
+/// distribution; a shard that finds itself elsewhere (`SLURMD_NODENAME`) says so.
+pub fn from_slurm(env: impl Fn(&str) -> Option<String>, port: u16, shards: u32) -> Result<Option<Topology>> {
     let Some(procid) = env("SLURM_PROCID") else { return Ok(None) };
     let procid: u32 = procid.parse().with_context(|| format!("SLURM_PROCID `{procid}` is not a number"))?;
     let ntasks: u32 = env("SLURM_NTASKS")
         .context("SLURM_PROCID is set but SLURM_NTASKS is not; run under srun")?
         .parse()
         .context("SLURM_NTASKS is not a number")?;
-    if ntasks < 2 {
-        bail!("Slurm gave {ntasks} task(s); quorum needs one for the parameter server and at least one worker");
+    let shards = shards.max(1);
+    if ntasks <= shards {
+        bail!(
+            "Slurm gave {ntasks} task(s); quorum needs {shards} for the parameter server(s) (shards = {shards}) and at \
+             least one worker: srun -n {} or more",
+            shards + 1
+        );
     }
     let nodes = env("SLURM_STEP_NODELIST")
         .or_else(|| env("SLURM_JOB_NODELIST"))
         .context("neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST is set")?;
-    let first = expand_hostlist(&nodes)?.into_iter().next().context("the Slurm node list is empty")?;
-    let role = if procid == 0 { Role::Ps(0) } else { Role::Worker(procid - 1) };
-    Ok(Some(Topology { role, ps: vec![format!("{first}:{port}")], workers: ntasks - 1, source: "Slurm" }))
+    let hosts = expand_hostlist(&nodes)?;
+    let first = hosts.first().context("the Slurm node list is empty")?;
+    let ps = if shards == 1 {
+        vec![format!("{first}:{port}")]
+    } else {
+        let per_node = env("SLURM_STEP_TASKS_PER_NODE").or_else(|| env("SLURM_TASKS_PER_NODE")).context(
+            "a sharded run under Slurm needs SLURM_STEP_TASKS_PER_NODE (or SLURM_TASKS_PER_NODE) to find each \
+             shard's node; run under srun",
+        )?;
+        let counts = expand_tasks_per_node(&per_node)?;
+        // Block distribution: each node's tasks in turn.
+        let node_of_task: Vec<&String> =
+            hosts.iter().zip(&counts).flat_map(|(h, &n)| std::iter::repeat_n(h, n as usize)).collect();
+        (0..shards)
+            .map(|k| {
+                let host = node_of_task.get(k as usize).with_context(|| {
+                    format!("Slurm's tasks per node `{per_node}` on nodes `{nodes}` place no task {k}")
+                })?;
+                Ok(format!("{host}:{}", u32::from(port) + k))
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
+    if procid < shards {
+        if let (Some(me), Some(planned)) = (env("SLURMD_NODENAME"), ps[procid as usize].rsplit_once(':')) {
+            if me != planned.0 {
+                bail!(
+                    "this is shard {procid}, on node {me}, but under Slurm's block distribution task {procid} runs on \
+                     {}: run srun with --distribution=block (the default), or start the shards with quorum ps --shard \
+                     and the workers with --ps",
+                    planned.0
+                );
+            }
+        }
+    }
+    let role = if procid < shards { Role::Ps(procid) } else { Role::Worker(procid - shards) };
+    Ok(Some(Topology { role, ps, workers: ntasks - shards, source: "Slurm" }))
 }
 
-/// The topology from the environment: `TF_CONFIG` first, then Slurm; `None` when neither is set.
-pub fn from_env(port: u16) -> Result<Option<Topology>> {
+/// The topology from the environment: `TF_CONFIG` first, then Slurm (with `shards`
+/// servers); `None` when neither is set.
+pub fn from_env(port: u16, shards: u32) -> Result<Option<Topology>> {
     if let Ok(tf) = std::env::var("TF_CONFIG") {
         return from_tf_config(&tf).map(Some);
     }
-    from_slurm(|k| std::env::var(k).ok(), port)
+    from_slurm(|k| std::env::var(k).ok(), port, shards)
 }
 
 #[cfg(test)]
@@ -235,9 +292,36 @@ mod tests {
                 _ => None,
             }
         };
-        let t = from_slurm(env("0"), 7070).unwrap().unwrap();
+        let t = from_slurm(env("0"), 7070, 1).unwrap().unwrap();
         assert_eq!(t, Topology { role: Role::Ps(0), ps: vec!["n3:7070".into()], workers: 4, source: "Slurm" });
-        assert_eq!(from_slurm(env("3"), 7070).unwrap().unwrap().role, Role::Worker(2));
-        assert_eq!(from_slurm(|_| None, 7070).unwrap(), None);
+        assert_eq!(from_slurm(env("3"), 7070, 1).unwrap().unwrap().role, Role::Worker(2));
+        assert_eq!(from_slurm(|_| None, 7070, 1).unwrap(), None);
+    }
+
+    #[test]
+    fn slurm_tasks_zero_to_s_are_the_shards_on_their_block_nodes_each_on_its_own_port() {
+        // 7 tasks, 2 on each of n3 and n4 and 3 on n5: with 3 shards, tasks 0 and 1 are on
+        // n3 and task 2 on n4; tasks 3..6 are workers 0..3.
+        let env = |procid: &'static str, node: &'static str| {
+            move |k: &str| match k {
+                "SLURM_PROCID" => Some(procid.to_string()),
+                "SLURM_NTASKS" => Some("7".to_string()),
+                "SLURM_JOB_NODELIST" => Some("n[3-5]".to_string()),
+                "SLURM_TASKS_PER_NODE" => Some("2(x2),3".to_string()),
+                "SLURMD_NODENAME" => Some(node.to_string()),
+                _ => None,
+            }
+        };
+        let t = from_slurm(env("2", "n4"), 7070, 3).unwrap().unwrap();
+        assert_eq!(t.ps, ["n3:7070", "n3:7071", "n4:7072"]);
+        assert_eq!((t.role, t.workers), (Role::Ps(2), 4));
+        assert_eq!(from_slurm(env("3", "n4"), 7070, 3).unwrap().unwrap().role, Role::Worker(0));
+        // A shard placed elsewhere (cyclic distribution) is told what to do.
+        let e = from_slurm(env("1", "n4"), 7070, 3).unwrap_err().to_string();
+        assert!(e.contains("task 1 runs on n3") && e.contains("--distribution=block"), "{e}");
+        let e = from_slurm(env("1", "n3"), 7070, 7).unwrap_err().to_string();
+        assert!(e.contains("srun -n 8 or more"), "{e}");
+        assert_eq!(expand_tasks_per_node("2(x3),1").unwrap(), [2, 2, 2, 1]);
+        assert!(expand_tasks_per_node("2(x").is_err());
     }
 }

@@ -399,3 +399,29 @@ fn the_kubernetes_manifest_resolves_every_pod_to_its_role_and_a_wrong_replica_co
     assert!(!o.status.success(), "{t}");
     assert!(t.contains("TF_CONFIG lists 3 parameter server(s) but the configuration says shards = 2"), "{t}");
 }
+
+#[test]
+fn under_slurm_the_first_tasks_are_the_shards_each_on_its_node_and_port_and_the_rest_workers() {
+    let node = |procid: &str, me: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_quorum"))
+            .args(["node", "--print-topology", "--shards", "2", "--workers", "3"])
+            .env_remove("TF_CONFIG")
+            .env("SLURM_PROCID", procid)
+            .env("SLURM_NTASKS", "5")
+            .env("SLURM_JOB_NODELIST", "n[1-2]")
+            .env("SLURM_TASKS_PER_NODE", "1,4")
+            .env("SLURMD_NODENAME", me)
+            .output()
+            .unwrap();
+        (o.status.success(), text(&o))
+    };
+    let (ok, t) = node("1", "n2");
+    assert!(ok, "{t}");
+    assert!(t.contains("parameter server shard 1 of 2; 2 servers (shard 0 first) n1:7070,n2:7071; 3 workers"), "{t}");
+    assert!(t.contains("coordinator n1:7070, listening on 0.0.0.0:7071"), "{t}");
+    let (ok, t) = node("4", "n2");
+    assert!(ok && t.contains("this process is the worker 2"), "{t}");
+    // Task 1 placed on n1 (not the block distribution): refused, with what to do.
+    let (ok, t) = node("1", "n1");
+    assert!(!ok && t.contains("--distribution=block"), "{t}");
+}

@@ -37,11 +37,10 @@ fn transport(c: &mut Criterion) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(run_server(listener, opts, std::future::pending()));
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .initial_stream_window_size(quorum_net::framing::STREAM_WINDOW)
-            .initial_connection_window_size(quorum_net::framing::CONNECTION_WINDOW)
-            .max_frame_size(quorum_net::framing::FRAME)
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
+        // quorum's workers' HTTP/2 settings.
+        let ch = quorum_net::framing::Window::default()
+            .endpoint(ep.max_frame_size(quorum_net::framing::FRAME))
             .connect()
             .await
             .unwrap();

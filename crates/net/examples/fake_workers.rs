@@ -7,11 +7,18 @@
 //! comma-separated; each worker pulls from and pushes its slice to every shard at once).
 //!
 //! Usage: cargo run --release -p quorum-net --example fake_workers -- ADDR[,ADDR...] WORKERS PARAMS
+//! (QUORUM_TOKEN: the join token of a server that needs one; QUORUM_H2_WINDOW: the HTTP/2
+//! windows, `adaptive` (quorum's default) or bytes).
 
+use quorum_net::auth::{AddToken, Token};
 use quorum_net::encoding::Encoding;
+use quorum_net::framing::Window;
 use quorum_net::proto::parameter_server_client::ParameterServerClient;
 use quorum_net::proto::{GradientChunk, JoinRequest, ParamsChunk, PullRequest};
-use tonic::transport::Channel;
+use tonic::service::interceptor::InterceptedService;
+
+/// A connection, with the join token when the server needs one.
+type Channel = InterceptedService<tonic::transport::Channel, AddToken>;
 
 #[tokio::main]
 async fn main() {
@@ -23,7 +30,8 @@ async fn main() {
     let workers: u32 = workers.parse().expect("WORKERS is a number");
     let params: usize = params.parse().expect("PARAMS is a number");
     let addrs: Vec<String> = addrs.split(',').map(|a| format!("http://{a}")).collect();
-    let tasks: Vec<_> = (0..workers).map(|w| tokio::spawn(worker(addrs.clone(), w, params))).collect();
+    let window = std::env::var("QUORUM_H2_WINDOW").map_or(Ok(Window::default()), |w| Window::parse(&w)).unwrap();
+    let tasks: Vec<_> = (0..workers).map(|w| tokio::spawn(worker(addrs.clone(), w, params, window))).collect();
     let mut pushes = 0;
     for t in tasks {
         pushes += t.await.expect("worker task").unwrap_or_else(|e| panic!("worker failed: {e}"));
@@ -40,19 +48,18 @@ struct Link {
 }
 
 /// One worker until the server says stop; returns the gradients it pushed.
-async fn worker(addrs: Vec<String>, w: u32, params: usize) -> Result<u64, tonic::Status> {
+async fn worker(addrs: Vec<String>, w: u32, params: usize, window: Window) -> Result<u64, tonic::Status> {
     let mut links = Vec::new();
     let mut min_step = 0;
     for addr in addrs {
         let channel = tonic::transport::Endpoint::from_shared(addr)
             .expect("address")
             // The same HTTP/2 settings as quorum's workers.
-            .initial_stream_window_size(quorum_net::framing::STREAM_WINDOW)
-            .initial_connection_window_size(quorum_net::framing::CONNECTION_WINDOW)
-            .max_frame_size(quorum_net::framing::FRAME)
-            .connect()
-            .await
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            .max_frame_size(quorum_net::framing::FRAME);
+        let channel =
+            window.endpoint(channel).connect().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let token = std::env::var("QUORUM_TOKEN").ok().map(|t| Token::new(t).expect("a usable QUORUM_TOKEN"));
+        let channel = InterceptedService::new(channel, AddToken(token));
         let join = ParameterServerClient::new(channel.clone())
             .join(JoinRequest { worker: w, num_params: params as u64, session: u64::from(w) + 1, layout: vec![] })
             .await?

@@ -1,7 +1,7 @@
 //! The parameter server: gRPC handlers that translate, and one loop that owns the state machine.
 
 use crate::checkpoint;
-use crate::framing::{CONNECTION_WINDOW, FRAME, STREAM_WINDOW};
+use crate::framing::FRAME;
 use crate::proto::coordinator_server::CoordinatorServer;
 use crate::proto::parameter_server_server::ParameterServerServer;
 use quorum_core::{Coordinator, Server, Shard};
@@ -105,16 +105,14 @@ pub async fn run_server(
         s.set_nodelay(true)?;
         Ok::<_, std::io::Error>(s)
     });
-    let mut builder = tonic::transport::Server::builder();
+    // Parameters and gradients are megabytes: HTTP/2's fixed 64 KiB default window would
+    // make every transfer wait for window updates.
+    let mut builder = opts.window.server(tonic::transport::Server::builder());
     if let Some(tls) = opts.tls.server()? {
         builder = builder.tls_config(tls)?;
     }
     let grpc = tokio::spawn(
         builder
-            // Parameters and gradients are megabytes: HTTP/2's 64 KiB default window would
-            // make every transfer wait for window updates.
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(FRAME)
             .add_service(routes)
             .add_service(InterceptedService::new(CoordinatorServer::new(coordinator), token))

@@ -44,6 +44,8 @@ pub struct WorkerOptions {
     /// TLS files: `ca` to trust the server, `cert` + `key` to present for mutual TLS. With
     /// any of them the worker speaks TLS (an `http://` address is upgraded to `https://`).
     pub tls: crate::tls::TlsFiles,
+    /// The HTTP/2 flow-control windows (default: sized to the link).
+    pub window: crate::framing::Window,
 }
 
 impl WorkerOptions {
@@ -60,6 +62,7 @@ impl WorkerOptions {
             seed: 1,
             token: None,
             tls: crate::tls::TlsFiles::default(),
+            window: crate::framing::Window::default(),
         }
     }
 }

@@ -24,7 +24,7 @@ pub struct NodeArgs {
 /// Runs `quorum node`: the role `TF_CONFIG` or Slurm gives this process.
 pub fn node(a: NodeArgs) -> Result<()> {
     let Some(cfg) = resolve(&a.flags)? else { return Ok(()) };
-    let t = topology::from_env(cfg.listen_port())?
+    let t = topology::from_env(cfg.listen_port(), cfg.shards)?
         .context("quorum node needs TF_CONFIG or Slurm variables (SLURM_PROCID, ...); use `quorum ps` / `quorum worker` otherwise")?;
     println!("{t}");
     check_workers(&cfg, &t)?;

@@ -25,7 +25,7 @@ pub struct PsArgs {
 pub fn ps(a: PsArgs) -> Result<()> {
     let Some(mut cfg) = resolve(&a.flags)? else { return Ok(()) };
     let mut listen = cfg.listen.clone();
-    if let Some(t) = topology::from_env(cfg.listen_port())? {
+    if let Some(t) = topology::from_env(cfg.listen_port(), cfg.shards)? {
         println!("{t}");
         check_workers(&cfg, &t)?;
         let Role::Ps(k) = t.role else {
@@ -121,6 +121,7 @@ async fn agree_on_resume_step(
     to.connect_timeout = std::time::Duration::from_secs_f64(cfg.connect_timeout);
     to.token = cfg.token()?;
     to.tls = cfg.tls();
+    to.window = cfg.window()?;
     let step = agree_as_follower(&to, cfg.shard, cfg.shards, steps).await?;
     Ok((listener, step))
 }

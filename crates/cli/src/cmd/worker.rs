@@ -28,7 +28,7 @@ pub fn worker(a: WorkerArgs) -> Result<()> {
     let (ps, index) = match (a.ps, a.index) {
         (Some(ps), Some(i)) => (ps, i),
         (ps, index) => {
-            let t = topology::from_env(7070)?
+            let t = topology::from_env(cfg.listen_port(), cfg.shards)?
                 .context("give --ps HOST:PORT and --index I, or run under TF_CONFIG or Slurm")?;
             println!("{t}");
             check_workers(&cfg, &t)?;

@@ -180,6 +180,11 @@ pub struct RunFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     wire: Option<String>,
+    /// HTTP/2 flow-control windows: adaptive (sized to each link's bandwidth-delay product)
+    /// or a fixed size in bytes per stream [default: adaptive].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http2_window: Option<String>,
     /// Checkpoint every this many steps, 0 = only at the end [default: 0].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -131,6 +131,8 @@ pub struct RunConfig {
     pub listen: String,
     /// f32 | bf16: how parameters and gradients travel.
     pub wire: Encoding,
+    /// HTTP/2 flow-control windows: "adaptive" (sized to each link) or bytes per stream.
+    pub http2_window: String,
     /// Checkpoint every this many steps (0: only at the end and on Ctrl-C / SIGTERM).
     pub checkpoint_every: u64,
     /// Also checkpoint every this many seconds (0: off; default 600, as TensorFlow's).
@@ -204,6 +206,7 @@ impl Default for RunConfig {
             coordinator: None,
             listen: "0.0.0.0:7070".into(),
             wire: Encoding::F32,
+            http2_window: "adaptive".into(),
             checkpoint_every: 0,
             checkpoint_seconds: 600.0,
             keep_checkpoints: 3,
@@ -242,6 +245,7 @@ impl RunConfig {
         self.synthetic_dim()?;
         self.engine.check_built()?;
         self.encoding()?;
+        self.window()?;
         self.delay_sampler()?;
         self.server_config(1)?;
         if self.shards == 0 {
@@ -334,6 +338,11 @@ impl RunConfig {
     /// The port of `listen` (7070 when it names none).
     pub fn listen_port(&self) -> u16 {
         port_of(&self.listen).unwrap_or(7070)
+    }
+
+    /// The HTTP/2 windows.
+    pub fn window(&self) -> Result<quorum_net::framing::Window> {
+        quorum_net::framing::Window::parse(&self.http2_window).map_err(anyhow::Error::msg)
     }
 
     /// The wire encoding.
@@ -572,6 +581,7 @@ mod tests {
             ("model = \"resnet\"\n", "resnet"),
             ("dataset = \"imagenet\"\n", "imagenet"),
             ("wire = \"fp8\"\n", "unknown variant `fp8`, expected `f32` or `bf16`"),
+            ("http2-window = \"1024\"\n", "give \"adaptive\" (sized to the link) or a window in bytes, at least 65535"),
             ("on-stall = \"panic\"\n", "unknown variant `panic`, expected one of `stop`, `lower`, `lower_aggregate`"),
             ("policy = \"deadline\"\n", "needs deadline-timeout"),
             ("delay = \"weibull:1\"\n", "weibull"),

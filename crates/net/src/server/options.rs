@@ -39,6 +39,8 @@ pub struct ServerOptions {
     /// TLS files: with a certificate and key the server speaks TLS; with a CA as well,
     /// workers must present a certificate signed by it (mutual TLS).
     pub tls: crate::tls::TlsFiles,
+    /// The HTTP/2 flow-control windows (default: sized to the link).
+    pub window: crate::framing::Window,
     /// Stop as diverged once a step's mean loss is non-finite or above this, or a gradient is
     /// refused for non-finite values (use `f32::INFINITY` for "non-finite only"); `None`: the
     /// refused gradients are only counted.
@@ -76,6 +78,7 @@ impl ServerOptions {
             progress: None,
             token: None,
             tls: crate::tls::TlsFiles::default(),
+            window: crate::framing::Window::default(),
             divergence_loss: None,
             shard: None,
         }

@@ -34,9 +34,8 @@ fn endpoint(opts: &WorkerOptions, server: &str) -> Result<(tonic::transport::End
         .http2_keep_alive_interval(opts.rpc_timeout)
         .keep_alive_timeout(2 * opts.rpc_timeout)
         .keep_alive_while_idle(true)
-        .initial_stream_window_size(crate::framing::STREAM_WINDOW)
-        .initial_connection_window_size(crate::framing::CONNECTION_WINDOW)
         .max_frame_size(crate::framing::FRAME);
+    let ep = opts.window.endpoint(ep);
     Ok((ep, addr))
 }
 
