@@ -4,7 +4,8 @@
 # N light workers in one other process (crates/net/examples/fake_workers.rs: each its own
 # connection, pulling every step's parameters and pushing a full gradient). Records the
 # server's peak resident memory (VmHWM) for each N.
-# WINDOW: the HTTP/2 windows of the server and the workers (default adaptive; or bytes).
+# WINDOW: the HTTP/2 windows of the server and the workers (default 2097152, quorum's; or
+# adaptive).
 # Usage: experiments/memory.sh [STEPS] [PARAMS] [N...]   -> runs/memory/memory.csv
 QUORUM=${QUORUM:-target/release/quorum}
 source "$(dirname "$0")/common.sh"
@@ -22,10 +23,10 @@ echo "workers,params,steps,wall_seconds,peak_rss_mib,model_mib" > "$RUNS/memory.
 for n in "${SIZES[@]}"; do
     dir="$RUNS/n$n"
     "$Q" ps --model "synthetic:$PARAMS" --workers "$n" --backups 0 --lr 0.1 --steps "$STEPS" --eval-every 0 \
-        --http2-window "${WINDOW:-adaptive}" --worker-timeout 600 --stall-timeout 600 --listen 127.0.0.1:0 --out "$dir" > "$dir.ps.log" 2>&1 &
+        --http2-window "${WINDOW:-2097152}" --worker-timeout 600 --stall-timeout 600 --listen 127.0.0.1:0 --out "$dir" > "$dir.ps.log" 2>&1 &
     ps_pid=$!
     addr=$(ps_address "$dir.ps.log") || exit 1
-    QUORUM_H2_WINDOW=${WINDOW:-adaptive} "$LOAD" "$addr" "$n" "$PARAMS" > "$dir.load.log" 2>&1 &
+    QUORUM_H2_WINDOW=${WINDOW:-2097152} "$LOAD" "$addr" "$n" "$PARAMS" > "$dir.load.log" 2>&1 &
     load_pid=$!
     peak=0
     while kill -0 "$ps_pid" 2>/dev/null; do

@@ -8,7 +8,7 @@
 //!
 //! Usage: cargo run --release -p quorum-net --example fake_workers -- ADDR[,ADDR...] WORKERS PARAMS
 //! (QUORUM_TOKEN: the join token of a server that needs one; QUORUM_H2_WINDOW: the HTTP/2
-//! windows, `adaptive` (quorum's default) or bytes).
+//! windows, bytes (default quorum's 2 MiB) or `adaptive`).
 
 use quorum_net::auth::{AddToken, Token};
 use quorum_net::encoding::Encoding;

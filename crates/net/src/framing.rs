@@ -31,21 +31,28 @@ use tonic::{Code, Status};
 
 /// The HTTP/2 flow-control windows: how far a sender may run ahead of the receiver, and so
 /// what one waiting push or pull can hold in buffers (a server with N workers holds up to N).
-/// One stream moves at most a window per round trip: 2 MiB caps it near 200 MB/s at 10 ms.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// One stream moves at most a window per round trip: 2 MiB caps it near 200 MB/s at 10 ms,
+/// so a link with latency needs its bandwidth-delay product (docs/results.md §10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Window {
     /// Sized to the link: each connection measures its bandwidth-delay product with pings
-    /// and grows its windows to it (hyper's estimate, from 64 KiB up to 16 MiB a stream), so
-    /// a window stays small on a LAN (little memory per waiting worker) and grows on a
-    /// link with latency.
-    #[default]
+    /// and grows its windows to it (hyper's estimate, from 64 KiB up to 16 MiB a stream).
+    /// 1.78x the 2 MiB window at 10 ms; but on loopback some runs of a small model stay slow
+    /// (3 of 14 MNIST MLP runs at a fifth to a third of the speed), so it is not the default.
     Adaptive,
     /// Fixed, bytes per stream (a connection's is twice that).
     Fixed(u32),
 }
 
-/// A fixed window that served loopback and LANs (the default before adaptive windows).
+/// The default window: HTTP/2's 64 KiB would make every megabyte wait for window updates;
+/// 2 MiB serves loopback and LANs (up to 4 GB/s at 0.5 ms) with ~1 MiB per waiting worker.
 pub const STREAM_WINDOW: u32 = 2 << 20;
+
+impl Default for Window {
+    fn default() -> Self {
+        Window::Fixed(STREAM_WINDOW)
+    }
+}
 
 impl Window {
     /// `adaptive`, or a size in bytes (at least 64 KiB, HTTP/2's default).
@@ -55,8 +62,8 @@ impl Window {
             n => match n.parse::<u32>() {
                 Ok(b) if b >= 65_535 => Ok(Window::Fixed(b)),
                 _ => Err(format!(
-                    "http2-window = {n:?}: give \"adaptive\" (sized to the link) or a window in bytes, at least \
-                     65535 (e.g. 16777216 for 16 MiB)"
+                    "http2-window = {n:?}: give a window in bytes, at least 65535 (about the link's bandwidth times \
+                     its round trip, e.g. 16777216 for 16 MiB), or \"adaptive\""
                 )),
             },
         }
@@ -499,7 +506,7 @@ mod tests {
     fn a_window_is_adaptive_or_at_least_http2s_default_size() {
         assert_eq!(Window::parse("adaptive"), Ok(Window::Adaptive));
         assert_eq!(Window::parse("16777216"), Ok(Window::Fixed(16 << 20)));
-        assert_eq!(Window::default(), Window::Adaptive);
+        assert_eq!(Window::default(), Window::Fixed(2 << 20));
         for bad in ["1024", "big", "-1"] {
             assert!(Window::parse(bad).unwrap_err().contains("adaptive"), "{bad}");
         }

@@ -180,8 +180,9 @@ pub struct RunFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     wire: Option<String>,
-    /// HTTP/2 flow-control windows: adaptive (sized to each link's bandwidth-delay product)
-    /// or a fixed size in bytes per stream [default: adaptive].
+    /// HTTP/2 flow-control window per stream, bytes (about the link's bandwidth times its
+    /// round trip), or `adaptive` (grown to each link's measured bandwidth-delay product)
+    /// [default: 2097152].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     http2_window: Option<String>,

@@ -131,7 +131,7 @@ pub struct RunConfig {
     pub listen: String,
     /// f32 | bf16: how parameters and gradients travel.
     pub wire: Encoding,
-    /// HTTP/2 flow-control windows: "adaptive" (sized to each link) or bytes per stream.
+    /// HTTP/2 flow-control windows: bytes per stream, or "adaptive" (grown to each link).
     pub http2_window: String,
     /// Checkpoint every this many steps (0: only at the end and on Ctrl-C / SIGTERM).
     pub checkpoint_every: u64,
@@ -206,7 +206,7 @@ impl Default for RunConfig {
             coordinator: None,
             listen: "0.0.0.0:7070".into(),
             wire: Encoding::F32,
-            http2_window: "adaptive".into(),
+            http2_window: quorum_net::framing::STREAM_WINDOW.to_string(),
             checkpoint_every: 0,
             checkpoint_seconds: 600.0,
             keep_checkpoints: 3,
@@ -581,7 +581,7 @@ mod tests {
             ("model = \"resnet\"\n", "resnet"),
             ("dataset = \"imagenet\"\n", "imagenet"),
             ("wire = \"fp8\"\n", "unknown variant `fp8`, expected `f32` or `bf16`"),
-            ("http2-window = \"1024\"\n", "give \"adaptive\" (sized to the link) or a window in bytes, at least 65535"),
+            ("http2-window = \"1024\"\n", "give a window in bytes, at least 65535"),
             ("on-stall = \"panic\"\n", "unknown variant `panic`, expected one of `stop`, `lower`, `lower_aggregate`"),
             ("policy = \"deadline\"\n", "needs deadline-timeout"),
             ("delay = \"weibull:1\"\n", "weibull"),
