@@ -769,18 +769,32 @@ fn a_shard_killed_with_kill_9_stops_the_run_and_every_shard_resumes_from_a_step_
     // same addresses, each with a plain --resume, and agree on the newest common step. Shard 1
     // starts first and waits for the coordinator; the coordinator waits for shard 1's list.
     let shard1 = ["--shard", "1", "--coordinator", addr0, "--listen", addr1, "--resume"];
+    let log = |k: u32| std::fs::File::create(dir.path().join(format!("ps{k}.log"))).unwrap();
     let mut ps1 = Proc(
         quorum()
             .args(["ps", "--model", "synthetic", "--out", run1.to_str().unwrap()])
             .args([&common[..], &shard1[..]].concat())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log(1))
             .spawn()
             .unwrap(),
     );
-    let (mut ps0, _) = start_ps(&[&common[..], &["--shard", "0", "--listen", addr0, "--resume"]].concat(), &run0);
-    assert!(wait(&mut ps0, Duration::from_secs(120)).success());
-    assert!(wait(&mut ps1, Duration::from_secs(20)).success());
+    let mut cmd = quorum();
+    cmd.args(["ps", "--model", "synthetic", "--out", run0.to_str().unwrap()]);
+    cmd.args([&common[..], &["--shard", "0", "--listen", addr0, "--resume"]].concat());
+    let mut ps0 = Proc(spawn_ps(cmd.stderr(log(0))).0);
+    let (ok0, ok1) =
+        (wait(&mut ps0, Duration::from_secs(120)).success(), wait(&mut ps1, Duration::from_secs(20)).success());
+    let logs = || {
+        let read = |k: u32| std::fs::read_to_string(dir.path().join(format!("ps{k}.log"))).unwrap_or_default();
+        format!(
+            "shard 0: {}\nshard 1: {}\nsummary: {:?}",
+            read(0),
+            read(1),
+            std::fs::read_to_string(run0.join("summary.json"))
+        )
+    };
+    assert!(ok0 && ok1, "a resumed shard failed: {}", logs());
     for w in &mut workers {
         assert!(wait(w, Duration::from_secs(20)).success(), "a worker did not carry on after the shards resumed");
     }

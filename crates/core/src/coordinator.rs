@@ -102,6 +102,12 @@ impl Coordinator {
         Ok(self.after(out))
     }
 
+    /// The session of the process that holds worker `w`'s index, if one joined: the only
+    /// process the other shards may serve as `w`.
+    pub fn session(&self, w: WorkerId) -> Option<u64> {
+        self.rule.session(w)
+    }
+
     /// Checks that `session` holds worker `w`'s index (see [`Server::check_session`]).
     pub fn check_session(&self, w: WorkerId, session: u64) -> Result<(), ProtocolError> {
         self.rule.check_session(w, session)

@@ -70,6 +70,13 @@ pub enum ProtocolError {
         /// How long silence takes to free the index (the worker time-out).
         timeout: std::time::Duration,
     },
+    /// A shard other than 0 has not yet heard from the coordinator which process holds this
+    /// worker index (the worker joined shard 0 a moment ago): join again.
+    #[error("this shard has not yet heard from the coordinator (shard 0) that this process is worker {worker}; join again in a moment")]
+    NotConfirmed {
+        /// The index asked for.
+        worker: WorkerId,
+    },
     /// A message for a worker index from a process that is not the one that joined as it.
     #[error("a message for worker {worker} came from a process that did not join as it (another process holds worker {worker}'s session); each worker must use its own index")]
     WrongSession {

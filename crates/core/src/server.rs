@@ -191,6 +191,11 @@ impl Server {
         self.stopped
     }
 
+    /// The session of the process that holds worker `w`'s index, if one joined.
+    pub fn session(&self, w: WorkerId) -> Option<u64> {
+        self.slots.get(w.index()).and_then(|s| s.session)
+    }
+
     /// Workers currently considered alive, sorted.
     pub fn live_workers(&self) -> Vec<WorkerId> {
         self.slots.iter().enumerate().filter(|(_, s)| s.alive).map(|(i, _)| WorkerId(i as u32)).collect()

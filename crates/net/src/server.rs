@@ -204,6 +204,7 @@ fn rule(opts: &mut ServerOptions) -> Result<(rule::Rule, Option<Link>), NetError
         ..Default::default()
     };
     let sessions = vec![None; opts.config.workers as usize];
-    let role = rule::Role::Follower { link: tx, sessions, stopped: false };
+    let timeout = opts.config.liveness.worker_timeout.unwrap_or(Duration::from_secs(30));
+    let role = rule::Role::Follower { link: tx, sessions, timeout, stopped: false };
     Ok((rule::Rule::Shard(Box::new(rule::Sharded { shard, role })), Some((hello, rx))))
 }

@@ -147,6 +147,35 @@ async fn a_worker_given_too_few_shard_addresses_is_refused_with_how_many_there_a
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_with_the_token_cannot_take_a_live_workers_index_on_another_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 300;
+    let mut cfg = config(1, Policy::Sync { aggregate: 1, backups: 0 }, steps);
+    cfg.liveness.stall_timeout = Some(Duration::from_secs(5));
+    let (addrs, servers) = start_shards(&cfg, dir.path(), &[2, 2]).await;
+    let real = worker(0, &addrs);
+    // Once the real worker 0 trains, an impostor joins shard 1 as worker 0 in its own session.
+    let events = dir.path().join("shard-1/events.jsonl");
+    while std::fs::read_to_string(&events).map_or(0, |t| t.matches("step_applied").count()) < 5 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut impostor =
+        quorum_net::proto::parameter_server_client::ParameterServerClient::connect(addrs[1].clone()).await.unwrap();
+    let join = quorum_net::proto::JoinRequest { worker: 0, num_params: 90, session: 999_999, layout: vec![] };
+    let e = impostor.join(join).await.unwrap_err();
+    // Shard 1 serves as worker 0 only the process the coordinator (shard 0) took.
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    assert!(e.message().contains("held by another live process"), "{}", e.message());
+    // The real worker's slices still count on both shards: the run ends with all its steps.
+    for s in servers {
+        let summary = tokio::time::timeout(Duration::from_secs(60), s).await.expect("finishes").unwrap().unwrap();
+        assert_eq!((summary.steps, summary.stop_reason), (steps, None));
+    }
+    assert!(real.await.unwrap().unwrap().sent >= steps);
+    assert_eq!(applied(&dir.path().join("shard-1")), applied(&dir.path().join("shard-0")));
+}
+
 /// Shard 0 agreeing on the resume step with `shards` - 1 others on a fresh loopback port.
 async fn agreeing(shards: u32, steps: Vec<u64>) -> (String, Task<(tokio::net::TcpListener, u64)>) {
     use quorum_net::server::agree::{agree_as_coordinator, Agreement};

@@ -187,6 +187,10 @@ impl Driver {
                 };
             }
             Command::Commit(n) => {
+                if n.session_only {
+                    self.rule.on_session(WorkerId(n.worker), n.session);
+                    return Ok(None);
+                }
                 if n.stop {
                     self.begin_stop(StopCause::CoordinatorStopped { reason: n.reason, broken: n.broken });
                     return Ok(None);

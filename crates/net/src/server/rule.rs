@@ -37,10 +37,17 @@ pub(super) enum Role {
     /// Another shard: it reports slices over its link and applies what the coordinator commits.
     Follower {
         link: mpsc::UnboundedSender<ShardReport>,
-        /// The session that joined as each worker (pushes must come from it).
+        /// The session the coordinator took as each worker (joins and pushes must come from it).
         sessions: Vec<Option<u64>>,
+        /// The worker time-out (what a refused join is told to wait for).
+        timeout: Duration,
         stopped: bool,
     },
+}
+
+/// The notice that the coordinator took session `session` as worker `w`.
+fn session_notice(w: WorkerId, session: u64) -> CommitNotice {
+    CommitNotice { session_only: true, worker: w.0, session, ..Default::default() }
 }
 
 /// The notice a commit travels to followers as.
@@ -66,11 +73,17 @@ impl Rule {
             Rule::Shard(s) => s,
         };
         match &mut s.role {
-            Role::Coordinator { coordinator, .. } => {
+            Role::Coordinator { coordinator, followers } => {
+                let joined = matches!(msg, ToServer::Join { .. });
                 let out = coordinator.handle(now, from, session, msg)?;
+                // The followers serve as `from` only the process the coordinator took.
+                if joined {
+                    let n = session_notice(from, session);
+                    followers.iter().flatten().for_each(|f| drop(f.send(Ok(n.clone()))));
+                }
                 s.coordinated(now, out)
             }
-            Role::Follower { sessions, stopped, .. } => {
+            Role::Follower { sessions, stopped, timeout, .. } => {
                 if *stopped {
                     return Err(ProtocolError::Stopped);
                 }
@@ -80,11 +93,15 @@ impl Rule {
                 let mut out = Outputs::default();
                 match msg {
                     // The coordinator (shard 0) keeps the worker's liveness and refuses a second
-                    // live process; a follower serves the process that joined last.
-                    ToServer::Join { session } => {
-                        *held = Some(session);
+                    // live process; a follower serves only the process the coordinator took
+                    // (a join it has not heard of yet is told to wait and join again).
+                    ToServer::Join { session } if *held == Some(session) => {
                         out.actions.push(Action::SendParams { to: from, step: s.shard.step() });
                     }
+                    ToServer::Join { .. } if held.is_none() => {
+                        return Err(ProtocolError::NotConfirmed { worker: from })
+                    }
+                    ToServer::Join { .. } => return Err(ProtocolError::IndexInUse { worker: from, timeout: *timeout }),
                     ToServer::Push { .. } => return Err(ProtocolError::MisroutedPush { worker: from }),
                     ToServer::Heartbeat | ToServer::Leave => {}
                 }
@@ -262,6 +279,17 @@ impl Rule {
         s.coordinated(now, out)
     }
 
+    /// A follower hears which process the coordinator took as worker `w`.
+    pub(super) fn on_session(&mut self, w: WorkerId, session: u64) {
+        if let Rule::Shard(s) = self {
+            if let Role::Follower { sessions, .. } = &mut s.role {
+                if let Some(held) = sessions.get_mut(w.index()) {
+                    *held = Some(session);
+                }
+            }
+        }
+    }
+
     /// A follower's side of a commit.
     pub(super) fn on_commit(&mut self, now: Duration, c: &Commit) -> Result<Outputs, ProtocolError> {
         let Rule::Shard(s) = self else { return Err(ProtocolError::UnknownShard { shard: 0, shards: 1 }) };
@@ -280,7 +308,7 @@ impl Rule {
             return Err("this server is not sharded (it was started with shards = 1)".into());
         };
         let step = s.shard.step();
-        let Role::Coordinator { followers, .. } = &mut s.role else {
+        let Role::Coordinator { followers, coordinator } = &mut s.role else {
             return Err("this server is not shard 0, the coordinator".into());
         };
         let k = hello.shard as usize;
@@ -312,6 +340,12 @@ impl Rule {
         }
         if followers[k].as_ref().is_some_and(|f| !f.is_closed()) {
             return Err(format!("shard {k} already follows this coordinator"));
+        }
+        // The workers the coordinator took before this shard followed.
+        for w in 0..coordinator.config().workers {
+            if let Some(session) = coordinator.session(WorkerId(w)) {
+                let _ = stream.send(Ok(session_notice(WorkerId(w), session)));
+            }
         }
         followers[k] = Some(stream);
         Ok(())

@@ -200,7 +200,7 @@ pub(super) fn status(e: ProtocolError) -> Status {
         }
         ProtocolError::UnknownWorker { .. } => Status::failed_precondition(e.to_string()),
         // The index is held by a live process: a restarted worker waits for it to time out.
-        ProtocolError::IndexInUse { .. } => Status::already_exists(e.to_string()),
+        ProtocolError::IndexInUse { .. } | ProtocolError::NotConfirmed { .. } => Status::already_exists(e.to_string()),
         ProtocolError::WrongSession { .. } => Status::permission_denied(e.to_string()),
         _ => Status::invalid_argument(e.to_string()),
     }

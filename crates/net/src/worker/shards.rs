@@ -36,7 +36,15 @@ pub(super) async fn join_others(
     let mut links = Vec::with_capacity(opts.shards.len());
     for (i, addr) in opts.shards.iter().enumerate() {
         let (mut client, channel) = connect_to(opts, addr).await?;
-        let reply = rpc!(w, within(opts.rpc_timeout, "join", client.join(request.clone())).await).into_inner();
+        let reply = match within(opts.rpc_timeout, "join", client.join(request.clone())).await {
+            Ok(r) => r.into_inner(),
+            // This shard has not heard from the coordinator that this process holds the index
+            // (yet, or another one does): wait and join again, as at shard 0.
+            Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                return Err(Exit::End(SessionEnd::IndexHeld { why: s.message().to_string() }))
+            }
+            Err(s) => return Err(Exit::from(lost_or_refused(w, s))),
+        };
         if reply.shard as usize != i + 1 || reply.shards != shards {
             return Err(refuse(format!(
                 "the server at {addr} is shard {} of {}, but it is listed as shard {} of {shards}; list the shards in order",
