@@ -156,10 +156,11 @@ impl Rule {
         }
     }
 
-    /// Whether every shard has applied `step` - 1 (its parameters are those of `step`).
+    /// Whether the whole model's parameters can be read for `step`: at once on one server
+    /// (as before sharding), sharded once every shard has applied `step` - 1.
     pub(super) fn whole_at(&self, step: Step) -> bool {
         match self {
-            Rule::One(s) => s.step() == step,
+            Rule::One(_) => true,
             Rule::Sharded(x) => x.shards.iter().all(|s| s.step() == step),
         }
     }
