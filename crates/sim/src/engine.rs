@@ -511,7 +511,7 @@ impl Engine<'_> {
             Direction::Up => &mut self.up,
         };
         let t = now.as_secs_f64();
-        own.max(link.send(t, busy) - t + self.cfg.network.latency) + self.jitter()
+        own.max(link.through(t, busy, self.cfg.network.latency)) + self.jitter()
     }
 
     /// A message's extra delay on the way to or from a server (none without jitter).

@@ -59,6 +59,12 @@ pub struct ServerLink {
 }
 
 impl ServerLink {
+    /// A message of `busy` link-seconds handed to the link at `now`: the seconds until it
+    /// has crossed and travelled `latency` beyond.
+    pub fn through(&mut self, now: f64, busy: f64, latency: f64) -> f64 {
+        self.send(now, busy) - now + latency
+    }
+
     /// A message of `busy` link-seconds handed to the link at `now`: when it has crossed.
     pub fn send(&mut self, now: f64, busy: f64) -> f64 {
         if busy <= 0.0 {

@@ -201,17 +201,12 @@ fn shard_dir(cfg: &RunConfig, k: u32) -> std::path::PathBuf {
 /// resumes (a shard killed mid-write, or a run stopped by a lost shard, leaves some shards
 /// with newer checkpoints than others).
 fn common_checkpoint(cfg: &RunConfig) -> Result<u64> {
-    let mut common: Option<std::collections::BTreeSet<u64>> = None;
-    for k in 0..cfg.shards {
-        let dir = shard_dir(cfg, k).join("checkpoints");
-        let steps: std::collections::BTreeSet<u64> =
-            quorum_net::checkpoint::list(&dir).into_iter().map(|(s, _)| s).collect();
-        common = Some(match common {
-            None => steps,
-            Some(c) => c.intersection(&steps).copied().collect(),
-        });
-    }
-    common.unwrap_or_default().last().copied().with_context(|| {
+    let lists: Vec<Vec<u64>> = (0..cfg.shards)
+        .map(|k| {
+            quorum_net::checkpoint::list(&shard_dir(cfg, k).join("checkpoints")).into_iter().map(|(s, _)| s).collect()
+        })
+        .collect();
+    quorum_net::server::agree::newest_common(lists.iter().map(Vec::as_slice)).with_context(|| {
         format!(
             "nothing to resume: no step has a checkpoint from every one of the {} shards under {}; run without \
              --resume to start afresh",

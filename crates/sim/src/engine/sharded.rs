@@ -271,7 +271,7 @@ impl Engine<'_> {
         let part = part_bytes(bytes, &x.plan, k);
         let t = now.as_secs_f64();
         let transfer = match total {
-            Some(bw) => own.max(x.down[k as usize].send(t, part as f64 / bw) - t + self.cfg.network.latency),
+            Some(bw) => own.max(x.down[k as usize].through(t, part as f64 / bw, self.cfg.network.latency)),
             None => own,
         };
         let transfer = transfer + self.jitter();
@@ -327,7 +327,7 @@ impl Engine<'_> {
         let mut arrivals = Vec::new();
         for k in 0..x.shards.len() {
             let arrive = match bw {
-                Some(bw) => own.max(x.up[k].send(t, part_bytes(bytes, &x.plan, k as u32) as f64 / bw) - t + latency),
+                Some(bw) => own.max(x.up[k].through(t, part_bytes(bytes, &x.plan, k as u32) as f64 / bw, latency)),
                 None => own,
             };
             arrivals.push(arrive);
