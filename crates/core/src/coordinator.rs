@@ -9,12 +9,17 @@
 //!
 //! Workers join, beat and leave at the coordinator (shard 0 hosts it); shards report the
 //! slices they hold with [`Coordinator::slice_held`].
+//!
+//! Async runs too: a worker's gradient is applied once every shard holds its slice, as one
+//! update of its own, with its staleness counted here (updates committed since the step it
+//! was computed on) and dropped beyond `max_staleness` exactly as one server drops it.
 
 use crate::error::{ConfigError, ProtocolError};
 use crate::event::Event;
 use crate::ids::{Step, WorkerId};
 use crate::layout::ParamLayout;
 use crate::message::ToServer;
+use crate::policy::Policy;
 use crate::server::{Outputs, Server, ServerConfig, ServerSnapshot};
 use crate::shard::{check_shardable, Commit};
 use std::collections::BTreeMap;
@@ -138,6 +143,9 @@ impl Coordinator {
             return Ok(Outputs::default());
         }
         let (_, loss) = self.reports.remove(&(step, from)).unwrap_or_default();
+        // A worker's gradients complete in the order it pushed them: an older one still
+        // reported by some shards only never will be (its process died half-way).
+        self.reports.retain(|(s, w), _| *w != from || *s > step);
         let out = self.rule.push(now, from, step, &[], loss)?;
         Ok(self.after(out))
     }
@@ -149,16 +157,23 @@ impl Coordinator {
     }
 
     /// The commits among `out`'s events, in order.
-    pub fn commits(out: &Outputs) -> impl Iterator<Item = Commit> + '_ {
-        out.events.iter().filter_map(Commit::from_event)
+    pub fn commits(out: &Outputs) -> Vec<Commit> {
+        Commit::from_events(&out.events)
     }
 
-    /// Once a step closes, reports of slices for closed steps that never became whole (a
-    /// worker that died half-way through its pushes) are forgotten.
+    /// Once a step closes, reports of slices that can no longer count are forgotten: in
+    /// sync, those for closed steps that never became whole (a worker that died half-way
+    /// through its pushes); in async, those beyond the staleness bound.
     fn after(&mut self, out: Outputs) -> Outputs {
         if out.events.iter().any(|e| matches!(e, Event::StepApplied { .. })) {
             let open = self.rule.step();
-            self.reports.retain(|(step, _), _| *step + 1 >= open);
+            match self.rule.config().policy {
+                Policy::Async { max_staleness: Some(max) } => {
+                    self.reports.retain(|(step, _), _| open - step <= max);
+                }
+                Policy::Async { max_staleness: None } => {}
+                _ => self.reports.retain(|(step, _), _| *step + 1 >= open),
+            }
         }
         out
     }

@@ -11,6 +11,13 @@
 //!
 //! Holding slices costs one slice per worker that pushes before the step closes (at most
 //! N + b slices of `1/S` of the model), where the single server keeps one running sum.
+//!
+//! Async runs keep their meaning: every gradient is applied on its own, in the order the
+//! coordinator completes them, each with the staleness the coordinator measured. A shard
+//! then holds slices computed on older parameters too (a worker's slice waits until the
+//! coordinator has heard from every shard), and drops one once it can no longer be
+//! committed: beyond `max_staleness`, or older than a slice of the same worker just applied
+//! (a process that died having reached some shards only).
 
 use crate::ema;
 use crate::error::{ConfigError, ProtocolError};
@@ -33,17 +40,34 @@ pub struct Commit {
     pub contributors: Vec<WorkerId>,
     /// The learning rate of the step.
     pub lr: f32,
+    /// The contributors' gradients were computed on the parameters of `step - staleness`:
+    /// 0 in sync and deadline runs, the gradient's age in async runs.
+    pub staleness: u64,
 }
 
 impl Commit {
-    /// The commit a coordinator's [`Event::StepApplied`] stands for.
-    pub fn from_event(e: &Event) -> Option<Commit> {
-        match e {
-            Event::StepApplied { step, contributors, lr, .. } => {
-                Some(Commit { step: *step, contributors: contributors.clone(), lr: *lr })
+    /// The step whose parameters the contributors' gradients were computed on.
+    pub fn read_step(&self) -> Step {
+        self.step.saturating_sub(self.staleness)
+    }
+
+    /// The commits a coordinator's outputs stand for, in order: one per
+    /// [`Event::StepApplied`], with the staleness of the [`Event::GradientAccepted`] that
+    /// closed it (an async update takes one gradient, accepted just before it is applied).
+    pub fn from_events(events: &[Event]) -> Vec<Commit> {
+        let mut staleness = 0;
+        let mut commits = Vec::new();
+        for e in events {
+            match e {
+                Event::GradientAccepted { staleness: s, .. } => staleness = *s,
+                Event::StepApplied { step, contributors, lr, .. } => {
+                    commits.push(Commit { step: *step, contributors: contributors.clone(), lr: *lr, staleness });
+                    staleness = 0;
+                }
+                _ => {}
             }
-            _ => None,
         }
+        commits
     }
 }
 
@@ -56,6 +80,11 @@ pub enum SliceOutcome {
     AlreadyHeld,
     /// Its step has closed: dropped unread.
     Late,
+    /// Async: computed on parameters more than `max_staleness` updates old; dropped unread.
+    TooStale {
+        /// Updates this shard applied since.
+        staleness: u64,
+    },
 }
 
 /// A shard's state machine.
@@ -70,8 +99,11 @@ pub struct Shard {
     opt: Optimizer,
     step: Step,
     opened_at: Duration,
-    /// Each worker's slice for the open step, if held.
-    held: Vec<Option<Vec<f32>>>,
+    /// Async: every gradient is its own update (`Some`, with the staleness bound if any).
+    asynchronous: Option<Option<u64>>,
+    /// Each worker's slices held, with the step each was computed on (sync: at most one,
+    /// for the open step).
+    held: Vec<Vec<(Step, Vec<f32>)>>,
     /// Buffers of slices already applied or dropped, reused.
     spare: Vec<Vec<f32>>,
     sum: Vec<f32>,
@@ -109,7 +141,11 @@ impl Shard {
             params: init,
             step: 0,
             opened_at: Duration::ZERO,
-            held: vec![None; cfg.workers as usize],
+            asynchronous: match cfg.policy {
+                Policy::Async { max_staleness } => Some(max_staleness),
+                _ => None,
+            },
+            held: vec![Vec::new(); cfg.workers as usize],
             spare: Vec::new(),
         })
     }
@@ -170,19 +206,29 @@ impl Shard {
         self.step
     }
 
+    /// Slices held, waiting for the coordinator's decision.
+    pub fn held_slices(&self) -> usize {
+        self.held.iter().map(Vec::len).sum()
+    }
+
     /// Takes worker `from`'s slice of a gradient computed on the parameters of `step`.
     /// [`SliceOutcome::Held`] means the coordinator must hear of it.
     pub fn on_slice(&mut self, from: WorkerId, step: Step, slice: &[f32]) -> Result<SliceOutcome, ProtocolError> {
         if from.index() >= self.held.len() {
             return Err(ProtocolError::UnknownWorker { worker: from, workers: self.workers });
         }
-        if step < self.step {
-            return Ok(SliceOutcome::Late);
-        }
         if step > self.step {
             return Err(ProtocolError::FutureStep { worker: from, step, current: self.step });
         }
-        if self.held[from.index()].is_some() {
+        match self.asynchronous {
+            None if step < self.step => return Ok(SliceOutcome::Late),
+            // The coordinator is at this shard's step or past it: it would drop this too.
+            Some(Some(max)) if self.step - step > max => {
+                return Ok(SliceOutcome::TooStale { staleness: self.step - step })
+            }
+            _ => {}
+        }
+        if self.held[from.index()].iter().any(|(s, _)| *s == step) {
             return Ok(SliceOutcome::AlreadyHeld);
         }
         if slice.len() != self.params.len() {
@@ -195,14 +241,14 @@ impl Shard {
         let mut buf = self.spare.pop().unwrap_or_default();
         buf.clear();
         buf.extend_from_slice(slice);
-        self.held[from.index()] = Some(buf);
+        self.held[from.index()].push((step, buf));
         Ok(SliceOutcome::Held)
     }
 
-    /// Applies the coordinator's commit: the mean of exactly `commit.contributors`' slices,
-    /// with the optimizer and EMA, and opens the next step. Every contributor's slice must be
-    /// held (the coordinator commits only workers every shard reported whole); an `Err`
-    /// leaves the shard as it was.
+    /// Applies the coordinator's commit: the mean of exactly `commit.contributors`' slices
+    /// (computed on the parameters of [`Commit::read_step`]), with the optimizer and EMA, and
+    /// opens the next step. Every contributor's slice must be held (the coordinator commits
+    /// only workers every shard reported whole); an `Err` leaves the shard as it was.
     pub fn on_commit(&mut self, now: Duration, commit: &Commit) -> Result<Outputs, ProtocolError> {
         let bad = |why: String| ProtocolError::BadCommit { shard: self.index, step: commit.step, why };
         if commit.step != self.step {
@@ -211,14 +257,22 @@ impl Shard {
         if commit.contributors.is_empty() {
             return Err(bad("it names no contributor".into()));
         }
+        if commit.staleness > 0 && self.asynchronous.is_none() {
+            return Err(bad(format!(
+                "it applies gradients {} updates old, and this run is not async",
+                commit.staleness
+            )));
+        }
+        let read = commit.read_step();
         let missing: Vec<String> = commit
             .contributors
             .iter()
-            .filter(|w| self.held.get(w.index()).is_none_or(|h| h.is_none()))
+            .filter(|w| slice_of(&self.held, **w, read).is_none())
             .map(|w| w.to_string())
             .collect();
         if !missing.is_empty() {
-            return Err(bad(format!("this shard holds no slice from {}", missing.join(", "))));
+            let of = if read == commit.step { String::new() } else { format!(" computed on step {read}") };
+            return Err(bad(format!("this shard holds no slice{of} from {}", missing.join(", "))));
         }
         let mut seen = vec![false; self.held.len()];
         if commit.contributors.iter().any(|w| std::mem::replace(&mut seen[w.index()], true)) {
@@ -227,7 +281,7 @@ impl Shard {
         // Summed in the commit's (sorted) order: the same sum on every run, whatever the
         // arrival order was.
         for (i, w) in commit.contributors.iter().enumerate() {
-            let g = self.held[w.index()].as_deref().unwrap_or_default();
+            let g = slice_of(&self.held, *w, read).unwrap_or_default();
             if i == 0 {
                 self.sum.copy_from_slice(g);
             } else {
@@ -244,14 +298,33 @@ impl Shard {
         let mut out = Outputs::default();
         let since_open = now.saturating_sub(self.opened_at).as_secs_f64();
         let time = now.as_secs_f64();
-        for (i, h) in self.held.iter_mut().enumerate() {
-            let Some(buf) = h.take() else { continue };
+        let next = self.step + 1;
+        for (i, held) in self.held.iter_mut().enumerate() {
             let worker = WorkerId(i as u32);
-            if !seen[i] {
-                let reason = DropReason::Late;
-                out.events.push(Event::GradientDropped { worker, step: self.step, reason, since_open, time });
+            let mut k = 0;
+            while k < held.len() {
+                let step = held[k].0;
+                let applied = seen[i] && step == read;
+                let reason = match self.asynchronous {
+                    _ if applied => None,
+                    // Sync: everything held was for this step; the commit leaves it out.
+                    None => Some(DropReason::Late),
+                    // Async: the coordinator has decided every older slice of a worker it
+                    // just applied (it completes each worker's gradients in order), and will
+                    // drop any slice more than `max` updates old.
+                    Some(_) if seen[i] && step < read => Some(DropReason::Late),
+                    Some(Some(max)) if next - step > max => Some(DropReason::TooStale { staleness: next - step }),
+                    Some(_) => {
+                        k += 1;
+                        continue;
+                    }
+                };
+                if let Some(reason) = reason {
+                    out.events.push(Event::GradientDropped { worker, step, reason, since_open, time });
+                }
+                let (_, buf) = held.swap_remove(k);
+                self.spare.push(buf);
             }
-            self.spare.push(buf);
         }
         out.events.push(Event::StepApplied {
             step: self.step,
@@ -262,17 +335,22 @@ impl Shard {
             loss: None,
             time,
         });
-        self.step += 1;
+        self.step = next;
         self.opened_at = now;
         out.actions.push(Action::BroadcastParams { step: self.step });
         Ok(out)
     }
 }
 
-/// Whether a run with this configuration can be split over `shards` servers. The sync and
-/// deadline policies (with or without backups and late notices) can; the async and adaptive
-/// policies and global-norm clipping need every shard's figures at each update and are not
-/// built for more than one shard yet.
+/// Worker `w`'s slice computed on the parameters of `step`, if held.
+fn slice_of(held: &[Vec<(Step, Vec<f32>)>], w: WorkerId, step: Step) -> Option<&[f32]> {
+    held.get(w.index())?.iter().find(|(s, _)| *s == step).map(|(_, g)| g.as_slice())
+}
+
+/// Whether a run with this configuration can be split over `shards` servers. The sync,
+/// deadline and async policies (with or without backups, late notices, a staleness bound)
+/// can; the adaptive policy and global-norm clipping need every shard's figures at each
+/// update and are not built for more than one shard yet.
 pub fn check_shardable(cfg: &ServerConfig, shards: u32) -> Result<(), ConfigError> {
     if shards <= 1 {
         return Ok(());
@@ -280,13 +358,12 @@ pub fn check_shardable(cfg: &ServerConfig, shards: u32) -> Result<(), ConfigErro
     let refuse = |what: &str| {
         Err(ConfigError::invalid(format!(
             "{what} is not supported with {shards} shards yet (every shard would need the others' figures at each \
-             update); run it on one server (shards = 1), or use the sync or deadline policy without clip_norm"
+             update); run it on one server (shards = 1), or use the sync, deadline or async policy without clip_norm"
         )))
     };
     match cfg.policy {
-        Policy::Async { .. } => refuse("the async policy"),
         Policy::Adaptive { .. } => refuse("the adaptive policy"),
-        Policy::Sync { .. } | Policy::Deadline { .. } if cfg.clip_norm.is_some() => refuse("clip_norm"),
-        Policy::Sync { .. } | Policy::Deadline { .. } => Ok(()),
+        _ if cfg.clip_norm.is_some() => refuse("clip_norm"),
+        Policy::Sync { .. } | Policy::Deadline { .. } | Policy::Async { .. } => Ok(()),
     }
 }

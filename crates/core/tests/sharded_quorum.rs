@@ -21,9 +21,19 @@ impl Rng {
 }
 
 enum Msg {
-    Slice { worker: WorkerId, step: Step, shard: u32 },
-    Report { shard: u32, worker: WorkerId, step: Step },
-    Commit { shard: u32, commit: Commit },
+    Slice {
+        worker: WorkerId,
+        step: Step,
+        shard: u32,
+    },
+    /// The next report on its way from `shard` to the coordinator: one stream per shard.
+    Report {
+        shard: u32,
+    },
+    /// The next commit on its way to `shard`: one stream per shard, delivered in order.
+    Commit {
+        shard: u32,
+    },
 }
 
 /// The gradient worker `w` computes on the parameters of `step`: a function of both, like a
@@ -66,6 +76,11 @@ fn run(cfg: ServerConfig, shards: u32, seed: u64, dying: Option<(u32, Step, Vec<
     let mut dead = vec![false; workers as usize];
     let mut commits = Vec::new();
     let mut applied = vec![Vec::new(); shards as usize];
+    let mut streams = vec![std::collections::VecDeque::new(); shards as usize];
+    let mut reports = vec![std::collections::VecDeque::new(); shards as usize];
+    // Slices each worker has sent that no shard has taken yet: a worker pushes its next
+    // gradient once every shard answered its last push.
+    let mut unanswered = vec![0u32; workers as usize];
     for w in 0..workers {
         coord.handle(now, WorkerId(w), u64::from(w), ToServer::Join { session: u64::from(w) }).unwrap();
     }
@@ -77,7 +92,7 @@ fn run(cfg: ServerConfig, shards: u32, seed: u64, dying: Option<(u32, Step, Vec<
         let same = steps.iter().all(|&s| s == steps[0]);
         for w in 0..workers {
             let i = w as usize;
-            if dead[i] || stopped || !same || pushed[i].is_some_and(|p| p >= steps[0]) {
+            if dead[i] || stopped || !same || unanswered[i] > 0 || pushed[i].is_some_and(|p| p >= steps[0]) {
                 continue;
             }
             let step = steps[0];
@@ -91,6 +106,7 @@ fn run(cfg: ServerConfig, shards: u32, seed: u64, dying: Option<(u32, Step, Vec<
                 _ => (0..shards).collect(),
             };
             for k in reached {
+                unanswered[i] += 1;
                 queue.push(Msg::Slice { worker: WorkerId(w), step, shard: k });
             }
         }
@@ -104,16 +120,22 @@ fn run(cfg: ServerConfig, shards: u32, seed: u64, dying: Option<(u32, Step, Vec<
             Msg::Slice { worker, step, shard: k } => {
                 let g = gradient(worker, step, layout.len());
                 let outcome = shard[k as usize].on_slice(worker, step, &g[plan.range(k)]).unwrap();
+                unanswered[worker.index()] -= 1;
                 if outcome == SliceOutcome::Held {
-                    queue.push(Msg::Report { shard: k, worker, step });
+                    reports[k as usize].push_back((worker, step));
+                    queue.push(Msg::Report { shard: k });
                 }
             }
-            Msg::Report { shard: k, worker, step } => match coord.slice_held(now, k, worker, step, None) {
-                Ok(out) => coord_out.push(out),
-                Err(ProtocolError::Stopped) => {}
-                Err(e) => panic!("report refused: {e}"),
-            },
-            Msg::Commit { shard: k, commit } => {
+            Msg::Report { shard: k } => {
+                let (worker, step) = reports[k as usize].pop_front().expect("one message per report sent");
+                match coord.slice_held(now, k, worker, step, None) {
+                    Ok(out) => coord_out.push(out),
+                    Err(ProtocolError::Stopped) => {}
+                    Err(e) => panic!("report refused: {e}"),
+                }
+            }
+            Msg::Commit { shard: k } => {
+                let commit = streams[k as usize].pop_front().expect("one message per commit sent");
                 let out = shard[k as usize].on_commit(now, &commit).unwrap();
                 for e in &out.events {
                     if let Event::StepApplied { step, contributors, .. } = e {
@@ -126,7 +148,8 @@ fn run(cfg: ServerConfig, shards: u32, seed: u64, dying: Option<(u32, Step, Vec<
             stopped |= out.actions.iter().any(|a| matches!(a, Action::Stop { .. }));
             for commit in Coordinator::commits(&out) {
                 for k in 0..shards {
-                    queue.push(Msg::Commit { shard: k, commit: commit.clone() });
+                    streams[k as usize].push_back(commit.clone());
+                    queue.push(Msg::Commit { shard: k });
                 }
                 commits.push(commit);
             }
@@ -138,7 +161,7 @@ fn run(cfg: ServerConfig, shards: u32, seed: u64, dying: Option<(u32, Step, Vec<
     for c in &commits {
         let mut sum = vec![0.0f32; layout.len()];
         for (i, w) in c.contributors.iter().enumerate() {
-            let g = gradient(*w, c.step, layout.len());
+            let g = gradient(*w, c.read_step(), layout.len());
             if i == 0 {
                 sum.copy_from_slice(&g);
             } else {
@@ -165,7 +188,7 @@ fn check(o: &Outcome, steps: Step) {
         assert_eq!(a, &expected, "shard {k} applied other contributor sets than the coordinator committed");
     }
     if let Some((w, at)) = o.death {
-        for c in o.commits.iter().filter(|c| c.step >= at) {
+        for c in o.commits.iter().filter(|c| c.read_step() >= at) {
             assert!(
                 !c.contributors.contains(&w),
                 "{w} died after pushing to some shards at step {at}, yet counts in {c:?}"
@@ -194,6 +217,27 @@ proptest! {
         check(&o, steps);
         for c in &o.commits {
             prop_assert_eq!(c.contributors.len() as u32, aggregate);
+        }
+    }
+
+    #[test]
+    fn async_updates_apply_the_same_gradient_of_the_same_age_on_every_shard(
+        workers in 1u32..5, shards in 2u32..5, bound in proptest::option::of(0u64..3), seed in any::<u64>(),
+        dies in any::<bool>(), at in 0u64..4, reached_mask in any::<u8>(),
+    ) {
+        let steps = 8;
+        let mut cfg = ServerConfig::new(workers, Policy::Async { max_staleness: bound }, 0.1);
+        cfg.optimizer = OptimizerConfig::Momentum { momentum: 0.9, nesterov: false };
+        cfg.max_steps = Some(steps);
+        let dying = (dies && workers > 1).then(|| {
+            let reached: Vec<u32> = (0..shards).filter(|k| reached_mask & (1 << k) != 0).take(shards as usize - 1).collect();
+            (workers - 1, at, reached)
+        });
+        let o = run(cfg, shards, seed, dying);
+        check(&o, steps);
+        for c in &o.commits {
+            prop_assert_eq!(c.contributors.len(), 1, "an async update applies one gradient");
+            prop_assert!(bound.is_none_or(|b| c.staleness <= b), "{:?} is staler than the bound {:?}", c, bound);
         }
     }
 
@@ -227,9 +271,9 @@ fn a_worker_whose_slices_reached_some_shards_only_never_counts_even_when_it_was_
         coord.slice_held(t, 0, WorkerId(w), 0, None).unwrap();
     }
     let out = coord.slice_held(t, 1, WorkerId(0), 0, None).unwrap();
-    assert_eq!(Coordinator::commits(&out).count(), 0, "w0 complete: one of two");
+    assert_eq!(Coordinator::commits(&out).len(), 0, "w0 complete: one of two");
     let out = coord.slice_held(t, 1, WorkerId(1), 0, None).unwrap();
-    let commit = Coordinator::commits(&out).next().expect("w0 and w1 complete: the step closes");
+    let commit = Coordinator::commits(&out).into_iter().next().expect("w0 and w1 complete: the step closes");
     assert_eq!(commit.contributors, vec![WorkerId(0), WorkerId(1)]);
     let out = s0.on_commit(t, &commit).unwrap();
     assert!(
@@ -247,7 +291,7 @@ fn a_commit_naming_a_slice_the_shard_lacks_is_refused_and_changes_nothing() {
     let plan = ShardPlan::new(&layout(), 2).unwrap();
     let mut s = Shard::new(&cfg, &plan, 1, vec![0.5; plan.range(1).len()]).unwrap();
     s.on_slice(WorkerId(0), 0, &vec![1.0; plan.range(1).len()]).unwrap();
-    let commit = Commit { step: 0, contributors: vec![WorkerId(0), WorkerId(1)], lr: 0.1 };
+    let commit = Commit { step: 0, contributors: vec![WorkerId(0), WorkerId(1)], lr: 0.1, staleness: 0 };
     let e = s.on_commit(Duration::ZERO, &commit).unwrap_err().to_string();
     assert!(e.contains("shard 1 cannot apply the commit of step 0") && e.contains("no slice from w1"), "{e}");
     assert_eq!(s.step(), 0);
@@ -258,10 +302,12 @@ fn a_commit_naming_a_slice_the_shard_lacks_is_refused_and_changes_nothing() {
 
 #[test]
 fn policies_a_sharded_run_cannot_keep_yet_are_refused_with_what_to_do() {
-    let mut cfg = ServerConfig::new(2, Policy::Async { max_staleness: None }, 0.1);
+    let mut cfg = ServerConfig::new(2, Policy::Adaptive { min: 1, max: 2 }, 0.1);
     let e = Coordinator::new(cfg.clone(), 2).unwrap_err().to_string();
-    assert!(e.contains("the async policy is not supported with 2 shards") && e.contains("shards = 1"), "{e}");
+    assert!(e.contains("the adaptive policy is not supported with 2 shards") && e.contains("shards = 1"), "{e}");
     assert!(Coordinator::new(cfg.clone(), 1).is_ok(), "one shard is today's server: every policy");
+    cfg.policy = Policy::Async { max_staleness: None };
+    assert!(Coordinator::new(cfg.clone(), 2).is_ok(), "async runs sharded");
     cfg.policy = Policy::Sync { aggregate: 2, backups: 0 };
     cfg.clip_norm = Some(1.0);
     assert!(Coordinator::new(cfg, 3).unwrap_err().to_string().contains("clip_norm"));
@@ -275,7 +321,7 @@ fn a_shard_restored_from_its_snapshot_continues_identically() {
     let plan = ShardPlan::new(&layout(), 3).unwrap();
     let n = plan.range(2).len();
     let mut a = Shard::new(&cfg, &plan, 2, vec![0.1; n]).unwrap();
-    let commit = |step| Commit { step, contributors: vec![WorkerId(0)], lr: 0.01 };
+    let commit = |step| Commit { step, contributors: vec![WorkerId(0)], lr: 0.01, staleness: 0 };
     let g: Vec<f32> = (0..n).map(|i| i as f32 - 3.0).collect();
     a.on_slice(WorkerId(0), 0, &g).unwrap();
     a.on_commit(Duration::ZERO, &commit(0)).unwrap();
@@ -287,4 +333,35 @@ fn a_shard_restored_from_its_snapshot_continues_identically() {
     assert_eq!(a.params(), b.params());
     assert_eq!(a.ema(), b.ema());
     assert_eq!(b.step(), 2);
+}
+
+#[test]
+fn an_async_shard_holds_older_slices_until_the_coordinator_can_no_longer_apply_them() {
+    let cfg = ServerConfig::new(3, Policy::Async { max_staleness: Some(1) }, 0.1);
+    let plan = ShardPlan::new(&layout(), 2).unwrap();
+    let n = plan.range(0).len();
+    let mut s = Shard::new(&cfg, &plan, 0, vec![0.0; n]).unwrap();
+    let commit = |step, w, staleness| Commit { step, contributors: vec![WorkerId(w)], lr: 0.1, staleness };
+    for w in 0..3 {
+        assert_eq!(s.on_slice(WorkerId(w), 0, &vec![1.0; n]).unwrap(), SliceOutcome::Held);
+    }
+    s.on_commit(Duration::ZERO, &commit(0, 0, 0)).unwrap();
+    assert_eq!(s.held_slices(), 2, "w1's and w2's gradients of step 0 may still be applied (staleness 1)");
+    let e = s.on_commit(Duration::ZERO, &commit(1, 0, 1)).unwrap_err().to_string();
+    assert!(e.contains("no slice computed on step 0 from w0"), "w0's step-0 slice was applied once: {e}");
+    let out = s.on_commit(Duration::ZERO, &commit(1, 1, 1)).unwrap();
+    assert!(
+        out.events.iter().any(|e| matches!(
+            e,
+            Event::GradientDropped { worker: WorkerId(2), step: 0, reason: DropReason::TooStale { staleness: 2 }, .. }
+        )),
+        "at step 2, w2's step-0 slice is beyond the bound: {:?}",
+        out.events
+    );
+    assert_eq!(s.held_slices(), 0);
+    assert_eq!(s.on_slice(WorkerId(2), 0, &vec![1.0; n]).unwrap(), SliceOutcome::TooStale { staleness: 2 });
+    let mut sync = Shard::new(&sync_cfg(1, 0, 10), &plan, 0, vec![0.0; n]).unwrap();
+    sync.on_slice(WorkerId(0), 0, &vec![1.0; n]).unwrap();
+    let e = sync.on_commit(Duration::ZERO, &commit(0, 0, 1)).unwrap_err().to_string();
+    assert!(e.contains("this run is not async"), "{e}");
 }

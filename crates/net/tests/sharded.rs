@@ -124,6 +124,43 @@ async fn every_shard_of_a_grpc_cluster_averages_the_same_workers_at_every_step_a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_grpc_cluster_applies_each_gradient_once_on_every_shard_with_its_staleness_and_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps = 300;
+    let mut cfg = config(4, Policy::Async { max_staleness: None }, steps);
+    cfg.schedule = quorum_core::LrSchedule::constant(0.05);
+    let (addrs, servers) = start_shards(&cfg, dir.path(), &[3, 3, 3]).await;
+    let workers: Vec<_> = (0..4).map(|i| worker(i, &addrs)).collect();
+    for s in servers {
+        let summary = tokio::time::timeout(Duration::from_secs(60), s).await.expect("finishes").unwrap().unwrap();
+        assert_eq!(summary.steps, steps);
+        assert!(summary.stop_reason.is_none(), "{:?}", summary.stop_reason);
+    }
+    for w in workers {
+        assert!(w.await.unwrap().unwrap().sent > 0);
+    }
+    let committed = applied(&dir.path().join("shard-0"));
+    assert_eq!(committed.len() as u64, steps);
+    assert!(committed.iter().all(|(_, c)| c.len() == 1), "an async update applies one gradient");
+    for k in 1..3 {
+        assert_eq!(applied(&dir.path().join(format!("shard-{k}"))), committed, "shard {k} applied other updates");
+    }
+    let events = std::fs::read_to_string(dir.path().join("shard-0/events.jsonl")).unwrap();
+    let stale = events
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "gradient_accepted" && v["staleness"].as_u64().unwrap() > 0)
+        .count();
+    assert!(stale > 0, "four workers pushing as they finish: some gradients were computed on older parameters");
+    let metrics = std::fs::read_to_string(dir.path().join("shard-0/metrics.csv")).unwrap();
+    let header: Vec<&str> = metrics.lines().next().unwrap().split(',').collect();
+    let col = header.iter().position(|h| *h == "train_loss").expect("a train_loss column");
+    let losses: Vec<f64> = metrics.lines().skip(1).filter_map(|l| l.split(',').nth(col)?.parse().ok()).collect();
+    let (first, last) = (losses[0], losses[losses.len() - 1]);
+    assert!(last < first / 10.0, "loss {first} -> {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_started_with_another_shard_count_is_refused_with_what_differs() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(2, Policy::Sync { aggregate: 2, backups: 0 }, 20);

@@ -650,7 +650,7 @@ impl Engine<'_> {
                     // Every shard would answer "late": the step has closed (the worker has newer
                     // parameters), and shard 0's record says so.
                     self.record_push(id);
-                    self.record_late(now, id, step);
+                    self.record_drop(now, id, step, quorum_core::DropReason::Late);
                 }
                 WorkerAction::NotifyLate { step } => {
                     self.record_push(id);

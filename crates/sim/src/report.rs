@@ -86,6 +86,8 @@ pub struct ShardCheck {
     /// Steps at which some shard's first N slices (what a per-shard "first N" rule, such as
     /// TensorFlow's per-variable accumulators, would have averaged) were not the coordinator's
     /// set: there different parts of the model would have averaged different workers' work.
+    /// Async: updates at which some shard's own arrival order would have applied another
+    /// gradient than the coordinator's.
     pub first_n_would_differ: u64,
     /// Gradients that reached some shards but not all (a worker that died half-way through
     /// its pushes, or a slice that reached a shard after the step closed): none of them counted.

@@ -133,9 +133,10 @@ fn print_summary(cfg: &SimConfig, r: &SimReport) {
         println!("  mean staleness        {:.2}", s.mean_staleness);
     }
     if let Some(c) = &s.shards {
+        let own = if s.policy == "async" { "arrival order" } else { "first N" };
         println!(
             "  one quorum            all {} shards applied the coordinator's contributors at all {} steps \
-             (each shard's own first N would have differed at {}; {} gradients reached some shards only)",
+             (each shard's own {own} would have differed at {}; {} gradients reached some shards only)",
             c.shards, c.steps_agreed, c.first_n_would_differ, c.partial
         );
     }

@@ -195,8 +195,8 @@ impl Driver {
                     self.begin_stop(StopCause::CoordinatorStopped { reason: n.reason, broken: n.broken });
                     return Ok(None);
                 }
-                let commit =
-                    Commit { step: n.step, contributors: n.contributors.into_iter().map(WorkerId).collect(), lr: n.lr };
+                let contributors = n.contributors.into_iter().map(WorkerId).collect();
+                let commit = Commit { step: n.step, contributors, lr: n.lr, staleness: n.staleness };
                 return match self.rule.on_commit(now, &commit) {
                     Ok(out) => Ok(Some(out)),
                     Err(e) => {

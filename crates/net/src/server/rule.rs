@@ -56,6 +56,7 @@ pub(super) fn notice(c: &Commit) -> CommitNotice {
         step: c.step,
         contributors: c.contributors.iter().map(|w| w.0).collect(),
         lr: c.lr,
+        staleness: c.staleness,
         ..Default::default()
     }
 }
@@ -153,6 +154,10 @@ impl Rule {
                     since_open,
                     time,
                 });
+            }
+            SliceOutcome::TooStale { staleness } => {
+                let reason = DropReason::TooStale { staleness };
+                out.events.push(Event::GradientDropped { worker: from, step, reason, since_open: f64::NAN, time });
             }
             SliceOutcome::AlreadyHeld => out.events.push(Event::GradientRepeated { worker: from, step, time }),
             SliceOutcome::Held => {
@@ -382,7 +387,7 @@ impl Sharded {
     fn coordinated(&mut self, now: Duration, out: Outputs) -> Result<Outputs, ProtocolError> {
         let Role::Coordinator { followers, .. } = &self.role else { return Ok(out) };
         let mut done = Outputs { actions: Vec::new(), events: out.events };
-        for commit in done.events.iter().filter_map(Commit::from_event) {
+        for commit in Commit::from_events(&done.events) {
             for f in followers.iter().flatten() {
                 let _ = f.send(Ok(notice(&commit)));
             }

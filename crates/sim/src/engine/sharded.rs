@@ -7,8 +7,14 @@
 //! part of one step. A worker that crashes while its slices are on the way loses those not yet
 //! through (a cut stream), so it can die having reached some shards only.
 //!
-//! At the end every shard's applied (step, contributors) must equal the coordinator's: the
-//! one-quorum invariant, checked on every sharded simulation ([`SimError::ShardsDisagree`]).
+//! Async runs pull as the networked worker does: after its push, a worker asks every shard for
+//! parameters newer than the step it computed on (its request reaches a shard with its slice,
+//! or with the coordinator's answer); a shard answers once it has applied that step; parts of
+//! different steps are matched by asking the lagging shards for the newest.
+//!
+//! At the end every shard's applied commits (step, contributors, staleness) must equal the
+//! coordinator's: the one-quorum invariant, checked on every sharded simulation
+//! ([`SimError::ShardsDisagree`]).
 
 use super::{at, Engine, SimError, SimEvent};
 use crate::network::ServerLink;
@@ -42,11 +48,16 @@ pub(super) struct Sharded {
     published: Vec<Option<(Step, Arc<Vec<f32>>)>>,
     /// For each worker, the newest slice of parameters from each shard, and its transfer time.
     parts: Vec<Vec<Option<Part>>>,
-    /// The coordinator's commits, and each shard's applied steps: (step, contributors).
-    committed: Vec<(Step, Vec<WorkerId>)>,
-    applied: Vec<Vec<(Step, Vec<WorkerId>)>>,
-    /// Each shard's slices in the order it took them, per step.
+    /// Async: the step each worker asked each shard for, until that part arrives; and the
+    /// requests each shard has not answered yet (it is behind).
+    asked: Vec<Vec<Option<Step>>>,
+    parked: Vec<Vec<Option<Step>>>,
+    /// The coordinator's commits, and each shard's applied commits.
+    committed: Vec<Commit>,
+    applied: Vec<Vec<Commit>>,
+    /// Each shard's slices in the order it took them, per step; and (async) in arrival order.
     held: Vec<BTreeMap<Step, Vec<WorkerId>>>,
+    arrivals: Vec<Vec<(Step, WorkerId)>>,
     /// A timing-only run's gradient: zeros, one value per shard.
     zeros: Arc<Vec<f32>>,
 }
@@ -74,16 +85,20 @@ impl Rule {
         let shard = |k: u32| Shard::new(&cfg, &plan, k, init[plan.range(k)].to_vec());
         let shard_list = (0..shards).map(shard).collect::<Result<Vec<_>, _>>()?;
         let s = shards as usize;
+        let w = workers as usize;
         Ok(Rule::Sharded(Box::new(Sharded {
             coordinator: Coordinator::new(cfg, shards)?,
             shards: shard_list,
             down: vec![ServerLink::default(); s],
             up: vec![ServerLink::default(); s],
             published: vec![None; s],
-            parts: vec![vec![None; s]; workers as usize],
+            parts: vec![vec![None; s]; w],
+            asked: vec![vec![None; s]; w],
+            parked: vec![vec![None; w]; s],
             committed: Vec::new(),
             applied: vec![Vec::new(); s],
             held: vec![BTreeMap::new(); s],
+            arrivals: vec![Vec::new(); s],
             zeros: Arc::new(vec![0.0; if timing_only { s } else { 0 }]),
             plan,
         })))
@@ -176,11 +191,14 @@ impl Rule {
     pub(super) fn forget_parts(&mut self, w: WorkerId) {
         if let Some(x) = self.sharded() {
             x.parts[w.index()].iter_mut().for_each(|p| *p = None);
+            x.asked[w.index()].iter_mut().for_each(|p| *p = None);
+            x.parked.iter_mut().for_each(|p| p[w.index()] = None);
         }
     }
 
     /// Checks the one-quorum invariant: every shard applied exactly the coordinator's
-    /// commits. Also counts the steps where some shard's own first N differ from them.
+    /// commits. Also counts the steps where some shard's own choice would have differed from
+    /// them: its first N slices (sync), its arrival order (async).
     pub(super) fn check_one_quorum(&self) -> Result<Option<ShardCheck>, SimError> {
         let Rule::Sharded(x) = self else { return Ok(None) };
         for (k, applied) in x.applied.iter().enumerate() {
@@ -197,12 +215,17 @@ impl Rule {
                 });
             }
         }
-        let differs = |(step, set): &&(Step, Vec<WorkerId>)| {
+        let asynchronous = matches!(x.coordinator.config().policy, quorum_core::Policy::Async { .. });
+        let differs = |(i, c): (usize, &Commit)| {
+            if asynchronous {
+                let own = |order: &Vec<(Step, WorkerId)>| order.get(i).copied();
+                return x.arrivals.iter().any(|order| own(order) != Some((c.read_step(), c.contributors[0])));
+            }
             x.held.iter().any(|h| {
                 let mut first: Vec<WorkerId> =
-                    h.get(step).map_or(&[][..], |v| v).iter().take(set.len()).copied().collect();
+                    h.get(&c.step).map_or(&[][..], |v| v).iter().take(c.contributors.len()).copied().collect();
                 first.sort();
-                &first != set
+                first != c.contributors
             })
         };
         let mut reached: BTreeMap<(Step, WorkerId), usize> = BTreeMap::new();
@@ -215,22 +238,22 @@ impl Rule {
             partial: reached.values().filter(|&&n| n < x.shards.len()).count() as u64,
             shards: x.shards.len() as u32,
             steps_agreed: x.committed.len() as u64,
-            first_n_would_differ: x.committed.iter().filter(differs).count() as u64,
+            first_n_would_differ: x.committed.iter().enumerate().filter(|&c| differs(c)).count() as u64,
         }))
     }
 }
 
 impl Engine<'_> {
     /// The coordinator's outputs in a sharded run: its commits cross to every shard (at once
-    /// to shard 0, where it runs); a worker it (re)admits gets every shard's parameters.
+    /// to shard 0, where it runs); a worker it (re)admits gets every shard's parameters (async:
+    /// also a worker whose gradient it applied or dropped, of the coordinator's step).
     pub(super) fn sharded_actions(&mut self, now: Duration, out: &Outputs) {
         let latency = self.cfg.network.latency;
+        let asynchronous = self.asynchronous();
         let Some(x) = self.rule.sharded() else { return };
-        let mut commits = Vec::new();
-        for c in out.events.iter().filter_map(Commit::from_event) {
-            x.committed.push((c.step, c.contributors.clone()));
-            commits.push(c);
-        }
+        let commits = Commit::from_events(&out.events);
+        x.committed.extend(commits.iter().cloned());
+        let step = x.coordinator.step();
         for c in commits {
             for k in 0..x.shards.len() as u32 {
                 let when = if k == 0 { now } else { at(now, latency) };
@@ -240,9 +263,33 @@ impl Engine<'_> {
         for a in &out.actions {
             if let quorum_core::Action::SendParams { to, .. } = a {
                 for k in 0..self.shard_count() {
-                    self.send_part(now, *to, k);
+                    if asynchronous {
+                        self.ask(now, *to, k, step);
+                    } else {
+                        self.send_part(now, *to, k);
+                    }
                 }
             }
+        }
+    }
+
+    fn asynchronous(&self) -> bool {
+        matches!(self.cfg.server.policy, quorum_core::Policy::Async { .. })
+    }
+
+    /// Async: worker `w` asks shard `k` for its parameters of `step` or newer; a shard that
+    /// has not applied the step yet answers once it has.
+    fn ask(&mut self, now: Duration, w: WorkerId, k: u32, step: Step) {
+        let Some(x) = self.rule.sharded() else { return };
+        let asked = &mut x.asked[w.index()][k as usize];
+        if asked.is_some_and(|a| a >= step) {
+            return;
+        }
+        *asked = Some(step);
+        if x.shards[k as usize].step() >= step {
+            self.send_part(now, w, k);
+        } else {
+            x.parked[k as usize][w.index()] = Some(step);
         }
     }
 
@@ -291,12 +338,37 @@ impl Engine<'_> {
         transfer: f64,
     ) -> Result<(), SimError> {
         let have = self.workers[to.index()].latest.as_ref().map(|l| l.0);
+        let asynchronous = self.asynchronous();
         let Some(x) = self.rule.sharded() else { return Ok(()) };
+        let asked = &mut x.asked[to.index()];
+        if asked[shard as usize].is_some_and(|a| step >= a) {
+            asked[shard as usize] = None;
+        }
         let parts = &mut x.parts[to.index()];
         if parts[shard as usize].as_ref().is_some_and(|p| p.0 > step) {
             return Ok(());
         }
         parts[shard as usize] = Some((step, params, transfer));
+        if asynchronous && asked.iter().all(Option::is_none) {
+            // Every part asked for is in: parts of different steps are matched by asking the
+            // lagging shards for the newest one's step, as the networked worker does.
+            let steps: Vec<Option<Step>> = parts.iter().map(|p| p.as_ref().map(|p| p.0)).collect();
+            let newest = steps.iter().flatten().copied().max().unwrap_or(step);
+            for (k, s) in steps.iter().enumerate() {
+                if s.is_some_and(|s| s < newest) {
+                    self.ask(now, to, k as u32, newest);
+                }
+            }
+            return self.take_parts(now, to, newest, have);
+        }
+        self.take_parts(now, to, step, have)
+    }
+
+    /// A worker that holds every shard's part of `step`, newer than what it has, reads them
+    /// as the parameters of that step.
+    fn take_parts(&mut self, now: Duration, to: WorkerId, step: Step, have: Option<Step>) -> Result<(), SimError> {
+        let Some(x) = self.rule.sharded() else { return Ok(()) };
+        let parts = &x.parts[to.index()];
         if !parts.iter().all(|p| p.as_ref().is_some_and(|p| p.0 == step)) || have.is_some_and(|h| h >= step) {
             return Ok(());
         }
@@ -369,6 +441,9 @@ impl Engine<'_> {
         if outcome == SliceOutcome::Held {
             x.held[k as usize].entry(step).or_default().push(from);
         }
+        if matches!(outcome, SliceOutcome::Held | SliceOutcome::TooStale { .. }) {
+            x.arrivals[k as usize].push((step, from));
+        }
         match outcome {
             SliceOutcome::Held if k == 0 => {
                 let out = x.coordinator.slice_held(now, 0, from, step, loss)?;
@@ -378,17 +453,26 @@ impl Engine<'_> {
                 self.queue.push(at(now, latency), SimEvent::Report { shard: k, from, step, loss });
             }
             // Shard 0's record, as the networked shard 0 keeps it.
-            SliceOutcome::Late if k == 0 => self.record_late(now, from, step),
+            SliceOutcome::Late if k == 0 => self.record_drop(now, from, step, DropReason::Late),
             SliceOutcome::Late | SliceOutcome::AlreadyHeld => {}
+            SliceOutcome::TooStale { staleness } => {
+                if k == 0 {
+                    self.record_drop(now, from, step, DropReason::TooStale { staleness });
+                }
+                // The worker, told "too stale", asks every shard for newer parameters.
+                for k in 0..self.shard_count() {
+                    self.ask(now, from, k, step + 1);
+                }
+            }
         }
         Ok(super::Flow::Next)
     }
 
-    /// Shard 0's record of a gradient that came late (a slice after its step closed, or a late
-    /// notice), as the networked shard 0 records it.
-    pub(super) fn record_late(&mut self, now: Duration, worker: WorkerId, step: Step) {
+    /// Shard 0's record of a gradient it dropped on arrival (a slice after its step closed, a
+    /// late notice, a slice beyond the staleness bound), as the networked shard 0 records it.
+    pub(super) fn record_drop(&mut self, now: Duration, worker: WorkerId, step: Step, reason: DropReason) {
         let time = now.as_secs_f64();
-        let e = Event::GradientDropped { worker, step, reason: DropReason::Late, since_open: f64::NAN, time };
+        let e = Event::GradientDropped { worker, step, reason, since_open: f64::NAN, time };
         self.record.observe(&e);
         if self.cfg.record_events {
             self.report.events.push(e);
@@ -410,13 +494,22 @@ impl Engine<'_> {
     }
 
     /// A commit reached shard `k`: it applies it and sends its new parameters to every live
-    /// worker; once every shard has, an evaluation due at that step runs.
+    /// worker (async: to the workers waiting for this step); once every shard has, an
+    /// evaluation due at that step runs.
     pub(super) fn on_commit_at(&mut self, now: Duration, k: u32, commit: &Commit) -> Result<(), SimError> {
+        let asynchronous = self.asynchronous();
         let Some(x) = self.rule.sharded() else { return Ok(()) };
         let out = x.shards[k as usize].on_commit(now, commit)?;
-        x.applied[k as usize].push((commit.step, commit.contributors.clone()));
+        x.applied[k as usize].push(commit.clone());
+        let step = x.shards[k as usize].step();
+        let waiting: Vec<WorkerId> = x.parked[k as usize]
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(w, p)| p.take_if(|p| *p <= step).map(|_| WorkerId(w as u32)))
+            .collect();
         if out.actions.iter().any(|a| matches!(a, quorum_core::Action::BroadcastParams { .. })) && !self.done {
-            for w in self.rule.live_workers() {
+            let to = if asynchronous { waiting } else { self.rule.live_workers() };
+            for w in to {
                 self.send_part(now, w, k);
             }
         }
