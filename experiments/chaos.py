@@ -5,10 +5,13 @@ while a seeded schedule kills (-9) and restarts workers, freezes (SIGSTOP) and t
 and restarts it with `--resume`. With `--shards S` the model is split over S `quorum ps`
 processes: a server kill takes one shard at random (the run stops, naming it), and every
 shard restarts with `--resume --resume-step` the newest step all of them checkpointed.
+With `--policy async` the same soak runs the async policy (each gradient its own update).
 Then it checks, from the run's files:
 
 - every step applied exactly once across the restarts, in order, with N distinct
-  contributors, each of whose gradients was accepted for that step;
+  contributors, each of whose gradients was accepted for that step (async: one contributor,
+  whose gradient was accepted just before with the step it was computed on + its staleness
+  = the step);
 - no checkpointed step lost: each restart resumed from the newest checkpoint on disk;
 - the run reaches the accuracy of an undisturbed run of the same job (run first);
 - every process that was not killed on purpose exits 0 (with shards: but the shards a
@@ -17,7 +20,8 @@ Then it checks, from the run's files:
 
 It prints the counts (faults, steps, longest and median pause between steps).
 
-Usage: experiments/chaos.py [--seconds 180] [--seed 1] [--shards 1] [--quorum target/release/quorum]
+Usage: experiments/chaos.py [--seconds 180] [--seed 1] [--shards 1] [--policy sync|async]
+                            [--quorum target/release/quorum]
 Exit status 0 when every check holds.
 """
 
@@ -38,10 +42,14 @@ N, B = 4, 2
 WORKERS = N + B
 
 
+POLICY = "sync"
+
+
 def job(steps):
     # The synthetic least-squares model: the test loss says how far from the optimum.
-    return ["--model", "synthetic", "--workers", str(WORKERS), "--backups", str(B),
-            "--steps", str(steps), "--delay", "exp:0.02", "--lr", "0.2", "--eval-every", "500"]
+    policy = ["--backups", str(B), "--lr", "0.2"] if POLICY == "sync" else ["--policy", "async", "--lr", "0.01"]
+    return ["--model", "synthetic", "--workers", str(WORKERS), *policy,
+            "--steps", str(steps), "--delay", "exp:0.02", "--eval-every", "500"]
 
 
 def start_ps(q, args, out, log, listen="127.0.0.1:0"):
@@ -108,11 +116,20 @@ def events(run):
 
 
 def check_steps(evs, steps):
-    """Each step once, in order, N distinct contributors, each accepted for that step."""
-    accepted, nxt = set(), 0
+    """Each step once, in order, N distinct contributors, each accepted for that step (async:
+    one, accepted just before, its step + staleness = the step)."""
+    accepted, nxt, last = set(), 0, None
     for e in evs:
         if e["event"] == "gradient_accepted":
             accepted.add((e["step"], e["worker"]))
+            last = e
+        elif e["event"] == "step_applied" and POLICY == "async":
+            c = e["contributors"]
+            assert e["step"] == nxt, f"step {e['step']} applied when {nxt} was due"
+            assert last is not None and c == [last["worker"]], f"update {nxt}: contributors {c}, accepted {last}"
+            assert last["step"] + last["staleness"] == nxt, f"update {nxt} applies {last} (its staleness does not add up)"
+            last = None
+            nxt += 1
         elif e["event"] == "step_applied":
             c = e["contributors"]
             assert e["step"] == nxt, f"step {e['step']} applied when {nxt} was due"
@@ -130,7 +147,10 @@ def main():
     ap.add_argument("--quorum", default=os.environ.get("QUORUM", "target/release/quorum"))
     ap.add_argument("--out", default=None)
     ap.add_argument("--shards", type=int, default=1)
+    ap.add_argument("--policy", choices=["sync", "async"], default="sync")
     a = ap.parse_args()
+    global POLICY
+    POLICY = a.policy
     q = a.quorum
     rnd = random.Random(a.seed)
     root = Path(a.out or tempfile.mkdtemp(prefix="quorum-chaos-"))
@@ -239,7 +259,8 @@ def main():
     evs = events(run)
     try:
         check_steps(evs, steps)
-        check(True, f"all {steps} steps applied once, in order, with {N} distinct accepted contributors")
+        each = f"{N} distinct accepted contributors" if POLICY == "sync" else "the gradient accepted just before"
+        check(True, f"all {steps} steps applied once, in order, with {each}")
     except AssertionError as e:
         check(False, f"steps: {e}")
     if a.shards > 1:
