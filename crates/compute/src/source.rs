@@ -58,7 +58,8 @@ pub trait GradientSource {
     fn batch_size(&self) -> usize;
 
     /// Mean gradient over the mini-batch `batch` at `params`, written into `grad`
-    /// (resized to the layout's length); returns the mini-batch loss.
+    /// (resized to the layout's length); returns the mini-batch loss. `grad` may hold an
+    /// earlier gradient (workers reuse the buffer): write every value.
     fn gradient(&mut self, params: &[f32], batch: BatchId, grad: &mut Vec<f32>) -> Result<f32, ComputeError>;
 
     /// Loss (and accuracy, where it means something) on the test set.

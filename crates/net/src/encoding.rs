@@ -75,55 +75,89 @@ impl Encoding {
     }
 
     /// Appends the values in the concatenation of `parts` (a chunk as it arrived, in pieces)
-    /// to `out`; `None` when the length is not whole values.
+    /// to `out`; `None` when the length is not whole values. Values are appended as they are
+    /// read (no zeroed buffer first), a value that straddles two pieces joined on the way.
     pub fn decode_parts_into(self, parts: &[&[u8]], out: &mut Vec<f32>) -> Option<()> {
+        let width = self.width();
         let len: usize = parts.iter().map(|p| p.len()).sum();
-        if !len.is_multiple_of(self.width()) {
+        if !len.is_multiple_of(width) {
             return None;
         }
-        let old = out.len();
-        out.resize(old + len / self.width(), 0.0);
-        let dst = &mut out[old..];
-        // Little-endian bytes are the values' memory on this machine: one memcpy per piece.
-        #[cfg(target_endian = "little")]
-        if self == Encoding::F32 {
-            let mut rest = bytemuck::cast_slice_mut::<f32, u8>(dst);
-            for p in parts {
-                let (head, tail) = rest.split_at_mut(p.len());
-                head.copy_from_slice(p);
-                rest = tail;
-            }
-            return Some(());
-        }
-        // A value may straddle two pieces: join them first.
-        let joined;
-        let bytes: &[u8] = match parts {
-            [one] => one,
-            _ => {
-                joined = parts.concat();
-                &joined
-            }
+        out.reserve(len / width);
+        let value = |b: &[u8]| match self {
+            Encoding::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            Encoding::Bf16 => half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
         };
-        match self {
-            Encoding::F32 => {
-                for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
-                    *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let mut carry = [0u8; 4];
+        let mut held = 0;
+        for p in parts {
+            let mut p: &[u8] = p;
+            if held > 0 {
+                let take = (width - held).min(p.len());
+                carry[held..held + take].copy_from_slice(&p[..take]);
+                (held, p) = (held + take, &p[take..]);
+                if held < width {
+                    continue;
                 }
+                out.push(value(&carry));
             }
-            Encoding::Bf16 => {
-                for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *d = half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+            let whole = p.len() - p.len() % width;
+            match self {
+                // Written out per encoding so each loop compiles to straight vector code.
+                Encoding::F32 => {
+                    out.extend(p[..whole].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
                 }
+                Encoding::Bf16 => out.extend(
+                    p[..whole]
+                        .chunks_exact(2)
+                        .map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
+                ),
             }
+            held = p.len() - whole;
+            carry[..held].copy_from_slice(&p[whole..]);
         }
         Some(())
     }
 }
 
+/// Buffers of values handed back once the bytes made of them have been sent, for the next
+/// gradient: a gradient buffer is then neither zeroed nor faulted in again every step.
+#[derive(Clone, Default)]
+pub struct Recycled(std::sync::Arc<std::sync::Mutex<Vec<Vec<f32>>>>);
+
+impl Recycled {
+    /// Buffers kept at most (one being sent, one being filled).
+    const KEPT: usize = 2;
+
+    /// A buffer handed back earlier (its values stale: overwrite them), or a new one.
+    pub fn take(&self) -> Vec<f32> {
+        self.0.lock().map(|mut b| b.pop()).ok().flatten().unwrap_or_default()
+    }
+
+    /// Keeps `buffer` for a later [`Recycled::take`].
+    pub fn give(&self, buffer: Vec<f32>) {
+        if let Ok(mut kept) = self.0.lock() {
+            if kept.len() < Self::KEPT {
+                kept.push(buffer);
+            }
+        }
+    }
+}
+
 /// `f32` values seen as their little-endian bytes, so a gradient can be sent without copying
-/// it into a byte buffer first (little-endian targets only).
+/// it into a byte buffer first (little-endian targets only); handed back to its [`Recycled`]
+/// when the last byte of it has been sent.
 #[cfg(target_endian = "little")]
-struct LeF32(Vec<f32>);
+struct LeF32(Vec<f32>, Option<Recycled>);
+
+#[cfg(target_endian = "little")]
+impl Drop for LeF32 {
+    fn drop(&mut self) {
+        if let Some(r) = self.1.take() {
+            r.give(std::mem::take(&mut self.0));
+        }
+    }
+}
 
 #[cfg(target_endian = "little")]
 impl AsRef<[u8]> for LeF32 {
@@ -136,16 +170,26 @@ impl Encoding {
     /// Encodes values into wire chunks of [`CHUNK_VALUES`] (at least one, possibly empty).
     /// `f32` on little-endian machines moves the buffer into the chunks without copying.
     pub fn encode_chunks(self, values: Vec<f32>) -> Vec<Bytes> {
+        self.encode_chunks_recycled(values, None)
+    }
+
+    /// [`Encoding::encode_chunks`], handing `values` back to `recycle` once sent (`f32` on
+    /// little-endian machines; otherwise they are copied and handed back at once).
+    pub fn encode_chunks_recycled(self, values: Vec<f32>, recycle: Option<&Recycled>) -> Vec<Bytes> {
         if values.is_empty() {
             return vec![Bytes::new()];
         }
         #[cfg(target_endian = "little")]
         if self == Encoding::F32 {
             let n = values.len();
-            let all = Bytes::from_owner(LeF32(values));
+            let all = Bytes::from_owner(LeF32(values, recycle.cloned()));
             return (0..n).step_by(CHUNK_VALUES).map(|i| all.slice(4 * i..4 * (i + CHUNK_VALUES).min(n))).collect();
         }
-        values.chunks(CHUNK_VALUES).map(|c| Bytes::from(self.encode(c))).collect()
+        let chunks = values.chunks(CHUNK_VALUES).map(|c| Bytes::from(self.encode(c))).collect();
+        if let Some(r) = recycle {
+            r.give(values);
+        }
+        chunks
     }
 }
 
@@ -326,8 +370,9 @@ mod tests {
         let v: Vec<f32> = (0..37).map(|i| i as f32 * 0.75 - 9.0).collect();
         for enc in [Encoding::F32, Encoding::Bf16] {
             let bytes = enc.encode(&v);
-            // Cuts inside values (every odd cut splits a bf16 value, most split an f32 one).
-            for cuts in [vec![1], vec![3, 4, 9], vec![0, 0, 5, 70]] {
+            // Cuts inside values (every odd cut splits a bf16 value, most split an f32 one; 1, 2,
+            // 3 spread the first f32 value over four pieces).
+            for cuts in [vec![1], vec![3, 4, 9], vec![0, 0, 5, 70], vec![1, 2, 3, 6]] {
                 let mut parts = Vec::new();
                 let mut at = 0;
                 for c in cuts.into_iter().chain([bytes.len()]) {
@@ -339,6 +384,26 @@ mod tests {
                 assert_eq!(a.finish().unwrap(), v, "{enc:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_sent_gradient_buffer_comes_back_for_the_next_one_once_its_bytes_are_gone() {
+        let pool = Recycled::default();
+        let v: Vec<f32> = (0..2 * CHUNK_VALUES + 1).map(|i| i as f32).collect();
+        let at = v.as_ptr();
+        let chunks = Encoding::F32.encode_chunks_recycled(v, Some(&pool));
+        let mut back = Vec::new();
+        Encoding::F32.decode_parts_into(&chunks.iter().map(|c| &c[..]).collect::<Vec<_>>(), &mut back).unwrap();
+        assert_eq!(back[2 * CHUNK_VALUES], (2 * CHUNK_VALUES) as f32);
+        assert!(pool.take().is_empty(), "still being sent: not handed back yet");
+        let last = chunks[2].clone();
+        drop(chunks);
+        assert!(pool.take().is_empty(), "one chunk still holds the buffer");
+        drop(last);
+        let reused = pool.take();
+        assert_eq!((reused.as_ptr(), reused.len()), (at, 2 * CHUNK_VALUES + 1), "the same buffer, whole");
+        Encoding::Bf16.encode_chunks_recycled(reused, Some(&pool));
+        assert_eq!(pool.take().len(), 2 * CHUNK_VALUES + 1, "bf16 copies, so hands it back at once");
     }
 
     #[test]

@@ -278,6 +278,8 @@ struct Session<'a> {
     pending: Option<PullTask>,
     /// The parameters' buffer, reused from step to step.
     params_buffer: Vec<f32>,
+    /// Gradient buffers, handed back once pushed and reused.
+    grads: crate::encoding::Recycled,
     /// The parameters this server (shard 0 of a sharded run) holds: all unless sharded.
     range: std::ops::Range<usize>,
     /// A sharded run: the other shards, 1 onward.
@@ -348,6 +350,7 @@ async fn session(
         rule: Worker::new(WorkerId(w), OnNewerParams::FinishAndSend, join.late_notices),
         pending: None,
         params_buffer: Vec::new(),
+        grads: Default::default(),
         parts: vec![Vec::new(); others.len() + 1],
         range,
         others,
@@ -492,8 +495,8 @@ impl Session<'_> {
         let Pulled { step, params, seconds: pull_seconds } = pulled;
         let mut src = local.source.take().expect("source is returned after every computation");
         let t0 = Instant::now();
+        let mut grad = self.grads.take();
         let mut task = tokio::task::spawn_blocking(move || {
-            let mut grad = Vec::new();
             let r = src.gradient(&params, BatchId { worker: WorkerId(w), step }, &mut grad).map(|loss| (loss, grad));
             (src, r, params)
         });
@@ -579,7 +582,8 @@ impl Session<'_> {
         let pushed = match reply {
             Some(r) => Ok(r),
             None => {
-                let frames = crate::framing::push_frames(&head, self.enc.encode_chunks(done.grad));
+                let frames =
+                    crate::framing::push_frames(&head, self.enc.encode_chunks_recycled(done.grad, Some(&self.grads)));
                 within(self.opts.rpc_timeout, "push", crate::framing::push(&mut self.channel, frames)).await
             }
         };

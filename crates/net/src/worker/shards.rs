@@ -134,6 +134,8 @@ impl Session<'_> {
                 (within(limit, "push", crate::framing::push(&mut channel, frames)).await, false)
             });
         }
+        // Each shard's slice is a copy: the whole gradient's buffer serves the next one.
+        self.grads.give(done.grad);
         let (mut late, mut stop, mut all_notices, mut failed) = (false, false, true, None);
         while let Some(joined) = pushes.join_next().await {
             let (pushed, was_notice) =
