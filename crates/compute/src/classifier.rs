@@ -389,6 +389,8 @@ mod tests {
     fn the_native_cnn_gradient_is_burns_gradient() {
         engines_agree(ModelSpec::Cnn { channels: [3, 4, 5, 6] }, tiny(24, 1, 8, 8), 6);
         engines_agree(ModelSpec::Cnn { channels: [2, 3, 3, 2] }, tiny(12, 3, 4, 9), 5);
+        // Layers 2 to 4 by Winograd (eight input channels and more, even sides).
+        engines_agree(ModelSpec::Cnn { channels: [8, 8, 16, 16] }, tiny(24, 1, 8, 8), 6);
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod cnn;
 mod gemm;
 mod mlp;
 mod ops;
+mod winograd;
 
 use crate::model::ModelSpec;
 use quorum_core::ParamLayout;

@@ -13,6 +13,7 @@ pub(crate) fn fill_rows(dst: &mut [f32], bias: &[f32]) {
 }
 
 /// max(x, 0) in place.
+#[multiversion::multiversion(targets = "simd")]
 pub(crate) fn relu(x: &mut [f32]) {
     for v in x {
         *v = v.max(0.0);
@@ -20,6 +21,7 @@ pub(crate) fn relu(x: &mut [f32]) {
 }
 
 /// Zeroes `grad` where the ReLU output `out` is not positive (the ReLU's derivative).
+#[multiversion::multiversion(targets = "simd")]
 pub(crate) fn relu_backward(grad: &mut [f32], out: &[f32]) {
     for (g, &o) in grad.iter_mut().zip(out) {
         if o <= 0.0 {
@@ -29,6 +31,7 @@ pub(crate) fn relu_backward(grad: &mut [f32], out: &[f32]) {
 }
 
 /// Column sums of a `rows × dst.len()` matrix into `dst`.
+#[multiversion::multiversion(targets = "simd")]
 pub(crate) fn col_sums(dst: &mut [f32], m: &[f32]) {
     dst.fill(0.0);
     for row in m.chunks_exact(dst.len()) {
@@ -39,6 +42,7 @@ pub(crate) fn col_sums(dst: &mut [f32], m: &[f32]) {
 }
 
 /// Row sums of a `dst.len() × cols` matrix into `dst`.
+#[multiversion::multiversion(targets = "simd")]
 pub(crate) fn row_sums(dst: &mut [f32], m: &[f32]) {
     let cols = m.len() / dst.len();
     for (d, row) in dst.iter_mut().zip(m.chunks_exact(cols)) {
@@ -103,6 +107,7 @@ impl Shape {
 /// image `n`), so a run may start or end inside an image. Row `ci·9 + ky·3 + kx`, column
 /// `(n·h + y − rows.start)·w + x` holds `x[ci, n, y+ky−1, x+kx−1]` (0 outside the image). A
 /// convolution of those rows is then `weights[cout × c·9] · cols`.
+#[multiversion::multiversion(targets = "simd")]
 pub(crate) fn im2col(cols: &mut Vec<f32>, x: &[f32], s: Shape, rows: Range<usize>) {
     let (h, w) = (s.h, s.w);
     let width = rows.len() * w;
@@ -169,6 +174,7 @@ pub(crate) fn flip_kernels(dst: &mut Vec<f32>, weights: &[f32], cout: usize, c: 
 
 /// 2×2, stride-2 max pooling of `x` (shape `s`, even sides) into `out`; `arg` keeps which of
 /// the four won (0..4, row-major in the window; the first on ties) for the backward pass.
+#[multiversion::multiversion(targets = "simd")]
 pub(crate) fn max_pool(out: &mut Vec<f32>, arg: &mut Vec<u8>, x: &[f32], s: Shape) {
     let (ho, wo) = (s.h / 2, s.w / 2);
     // Every value is written below.
@@ -196,6 +202,7 @@ pub(crate) fn max_pool(out: &mut Vec<f32>, arg: &mut Vec<u8>, x: &[f32], s: Shap
 
 /// The adjoint of [`max_pool`] after a ReLU: each pooled gradient goes to the input that won
 /// its window, unless the window's maximum `pooled` is 0 (the ReLU cut it off there).
+#[multiversion::multiversion(targets = "simd")]
 pub(crate) fn max_pool_relu_backward(dx: &mut Vec<f32>, dout: &[f32], pooled: &[f32], arg: &[u8], s: Shape) {
     let (ho, wo) = (s.h / 2, s.w / 2);
     // Every input is in exactly one window, and all four of each window are written.
