@@ -174,10 +174,10 @@ fn input_channel(
                 let row = &channel[(n * h + y) * w..][..w];
                 e[0] = 0.0;
                 o[tw] = 0.0;
-                let (od, ev) = (&mut o[..tw], &mut e[1..=tw]);
-                for k in 0..tw {
-                    od[k] = row[2 * k];
-                    ev[k] = row[2 * k + 1];
+                let (pairs, _) = row.as_chunks::<2>();
+                for ((od, ev), p) in o[..tw].iter_mut().zip(&mut e[1..=tw]).zip(pairs) {
+                    *od = p[0];
+                    *ev = p[1];
                 }
             } else {
                 e.fill(0.0);
