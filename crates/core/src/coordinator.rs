@@ -169,7 +169,7 @@ impl Coordinator {
             let open = self.rule.step();
             match self.rule.config().policy {
                 Policy::Async { max_staleness: Some(max) } => {
-                    self.reports.retain(|(step, _), _| open - step <= max);
+                    self.reports.retain(|(step, _), _| open.saturating_sub(*step) <= max);
                 }
                 Policy::Async { max_staleness: None } => {}
                 _ => self.reports.retain(|(step, _), _| *step + 1 >= open),
