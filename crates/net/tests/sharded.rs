@@ -160,6 +160,96 @@ async fn an_async_grpc_cluster_applies_each_gradient_once_on_every_shard_with_it
     assert!(last < first / 10.0, "loss {first} -> {last}");
 }
 
+/// A worker whose gradients turn non-finite from step `from` on.
+struct Diverging {
+    inner: LeastSquares,
+    from: u64,
+}
+
+impl GradientSource for Diverging {
+    fn layout(&self) -> &quorum_core::ParamLayout {
+        self.inner.layout()
+    }
+    fn init_params(&self, seed: u64) -> Vec<f32> {
+        self.inner.init_params(seed)
+    }
+    fn batch_size(&self) -> usize {
+        self.inner.batch_size()
+    }
+    fn gradient(
+        &mut self,
+        params: &[f32],
+        batch: quorum_compute::BatchId,
+        grad: &mut Vec<f32>,
+    ) -> Result<f32, quorum_compute::ComputeError> {
+        let loss = self.inner.gradient(params, batch, grad)?;
+        if batch.step >= self.from {
+            // In both shards' ranges: each shard sees it.
+            grad[3] = f32::NAN;
+            let last = grad.len() - 1;
+            grad[last] = f32::NAN;
+        }
+        Ok(loss)
+    }
+    fn evaluate(&mut self, params: &[f32]) -> Result<quorum_compute::Evaluation, quorum_compute::ComputeError> {
+        self.inner.evaluate(params)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sharded_run_that_diverges_before_its_first_evaluation_ends_at_once_evaluator_included() {
+    // The run stops at step 5, long before the evaluator's first evaluation (step 50): it had
+    // pulled from shard 0 only. Both shards see the non-finite slices; the follower leaves the
+    // stop to the coordinator, and waits for the evaluator's pull of the final parameters
+    // (else shard 0 waits for an evaluation that can no longer come).
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(2, Policy::Sync { aggregate: 2, backups: 0 }, 1000);
+    let src = source();
+    let mut listeners = Vec::new();
+    for _ in 0..2 {
+        listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let addrs: Vec<String> = listeners.iter().map(|l| format!("http://{}", l.local_addr().unwrap())).collect();
+    let mut servers = Vec::new();
+    for (k, listener) in listeners.into_iter().enumerate() {
+        let mut opts = ServerOptions::new(cfg.clone(), src.layout().clone(), src.init_params(0));
+        opts.out = Some(dir.path().join(format!("shard-{k}")));
+        opts.divergence_loss = Some(1e6);
+        opts.shard = Some(ShardOptions {
+            index: k as u32,
+            plan: ShardPlan::new(src.layout(), 2).unwrap(),
+            coordinator: (k > 0).then(|| addrs[0].clone()),
+        });
+        servers.push(tokio::spawn(run_server(listener, opts, std::future::pending())));
+    }
+    let mut eval_opts = WorkerOptions::new(0, addrs[0].clone());
+    eval_opts.shards = addrs[1..].to_vec();
+    let mut eval_src = source();
+    let evaluate: quorum_net::evaluate::EvaluateFn = Box::new(move |_, p| eval_src.evaluate(p));
+    let evaluator = tokio::spawn(quorum_net::evaluate::run_evaluator(eval_opts, 90, 50, evaluate));
+    let mut workers = Vec::new();
+    for i in 0..2 {
+        let mut wo = WorkerOptions::new(i, addrs[0].clone());
+        wo.shards = addrs[1..].to_vec();
+        let src: Box<dyn GradientSource + Send> =
+            if i == 0 { Box::new(Diverging { inner: source(), from: 5 }) } else { Box::new(source()) };
+        workers.push(tokio::spawn(run_worker(wo, src)));
+    }
+    let started = std::time::Instant::now();
+    for s in servers {
+        let summary =
+            tokio::time::timeout(Duration::from_secs(30), s).await.expect("every shard exits").unwrap().unwrap();
+        let why = summary.stop_reason.unwrap_or_default();
+        assert!(why.contains("training diverged"), "{why}");
+    }
+    let report = tokio::time::timeout(Duration::from_secs(30), evaluator).await.expect("the evaluator ends").unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+    for w in workers {
+        let _ = w.await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_started_with_another_shard_count_is_refused_with_what_differs() {
     let dir = tempfile::tempdir().unwrap();

@@ -171,6 +171,10 @@ impl Driver {
                 let _ = reply.send(self.follow(&hello, stream));
                 return Ok(None);
             }
+            Command::Report(r) if !r.diverged.is_empty() => {
+                self.begin_stop(StopCause::Diverged(r.diverged));
+                return Ok(None);
+            }
             Command::Report(r) => {
                 return match self.rule.on_report(now, &r) {
                     Ok(out) => Ok(Some(out)),
@@ -192,6 +196,9 @@ impl Driver {
                     return Ok(None);
                 }
                 if n.stop {
+                    // The evaluator may have pulled from shard 0 only so far: wait for its pull
+                    // of this shard's final part too.
+                    self.evaluator_seen |= n.evaluator;
                     self.begin_stop(StopCause::CoordinatorStopped { reason: n.reason, broken: n.broken });
                     return Ok(None);
                 }
@@ -229,7 +236,11 @@ impl Driver {
             }
             Err(e) => {
                 if matches!(e, ProtocolError::NonFinite { .. }) && self.opts.divergence_loss.is_some() {
-                    self.begin_stop(StopCause::Diverged(format!("training diverged ({e})")));
+                    let why = format!("training diverged ({e})");
+                    // A follower leaves the stop to the coordinator, which ends the run for all.
+                    if !self.rule.report_divergence(&why) {
+                        self.begin_stop(StopCause::Diverged(why));
+                    }
                 }
                 if e != ProtocolError::Stopped {
                     self.rec.event(&Event::Rejected { worker, reason: e.to_string(), time: now.as_secs_f64() })?;
@@ -344,7 +355,7 @@ impl Driver {
             StopCause::Failed(why) => (Some(why), false),
             StopCause::CoordinatorStopped { reason, .. } => ((!reason.is_empty()).then_some(reason), false),
         };
-        self.rule.stop_followers(reason.as_deref(), broken);
+        self.rule.stop_followers(reason.as_deref(), broken, self.evaluator_seen);
         self.stopping = Some(Stopping { since: Instant::now(), reason, diverged, broken });
         if broken {
             // Workers are not told "stop": to them the server is gone, so they keep trying to

@@ -35,13 +35,13 @@ impl Coordinator for CoordinatorService {
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("a follower must first say which shard it is"))?;
+        let shard = hello.shard;
         let (tx, rx) = mpsc::unbounded_channel();
         let (reply, answer) = oneshot::channel();
         let follow = Command::Follow { hello, stream: tx, reply };
         self.commands.send(follow).await.map_err(shutting_down)?;
         answer.await.map_err(shutting_down)?.map_err(Status::failed_precondition)?;
         let commands = self.commands.clone();
-        let shard = hello.shard;
         tokio::spawn(async move {
             let why = loop {
                 match reports.message().await {

@@ -284,6 +284,18 @@ impl Rule {
         s.coordinated(now, out)
     }
 
+    /// A follower tells the coordinator the run diverged (`why`): the coordinator ends the run
+    /// for every shard, so this shard does not stop on its own. `false` if this is not a
+    /// follower.
+    pub(super) fn report_divergence(&mut self, why: &str) -> bool {
+        let Rule::Shard(s) = self else { return false };
+        let Role::Follower { link, .. } = &s.role else { return false };
+        let report = ShardReport { shard: s.shard.index(), diverged: why.to_string(), ..Default::default() };
+        // A closed link is noticed by the link task, which stops the run.
+        let _ = link.send(report);
+        true
+    }
+
     /// A follower hears which process the coordinator took as worker `w`.
     pub(super) fn on_session(&mut self, w: WorkerId, session: u64) {
         if let Rule::Shard(s) = self {
@@ -356,12 +368,13 @@ impl Rule {
         Ok(())
     }
 
-    /// Tells every follower the run stopped (after its last commit).
-    pub(super) fn stop_followers(&mut self, reason: Option<&str>, broken: bool) {
+    /// Tells every follower the run stopped (after its last commit), and whether an evaluator
+    /// will pull the final parameters.
+    pub(super) fn stop_followers(&mut self, reason: Option<&str>, broken: bool, evaluator: bool) {
         if let Rule::Shard(s) = self {
             if let Role::Coordinator { followers, .. } = &mut s.role {
                 let reason = reason.unwrap_or_default().into();
-                let stop = CommitNotice { stop: true, reason, broken, ..Default::default() };
+                let stop = CommitNotice { stop: true, reason, broken, evaluator, ..Default::default() };
                 for f in followers.iter().flatten() {
                     let _ = f.send(Ok(stop.clone()));
                 }
