@@ -1,5 +1,8 @@
 //! The networked cluster on loopback (port 0) with the synthetic model.
 
+mod common;
+
+use common::Hooked;
 use quorum_compute::{GradientSource, LeastSquares};
 use quorum_core::{Policy, ServerConfig};
 use quorum_net::proto::PushOutcome;
@@ -213,47 +216,6 @@ async fn a_restarted_server_resumes_from_its_checkpoint_and_workers_reconnect() 
     assert_eq!(second.steps, first.steps + 50);
     for w in restarted_workers {
         w.await.unwrap().unwrap();
-    }
-}
-
-/// The synthetic model with a hook the test runs before each gradient (to signal, arm a
-/// fault, or panic as broken user code would).
-#[derive(Clone)]
-struct Hooked {
-    inner: LeastSquares,
-    before: std::sync::Arc<dyn Fn(quorum_compute::BatchId) -> Result<(), quorum_compute::ComputeError> + Send + Sync>,
-}
-
-impl Hooked {
-    fn new(
-        inner: &LeastSquares,
-        before: impl Fn(quorum_compute::BatchId) -> Result<(), quorum_compute::ComputeError> + Send + Sync + 'static,
-    ) -> Self {
-        Hooked { inner: inner.clone(), before: std::sync::Arc::new(before) }
-    }
-}
-
-impl GradientSource for Hooked {
-    fn layout(&self) -> &quorum_core::ParamLayout {
-        self.inner.layout()
-    }
-    fn init_params(&self, seed: u64) -> Vec<f32> {
-        self.inner.init_params(seed)
-    }
-    fn batch_size(&self) -> usize {
-        self.inner.batch_size()
-    }
-    fn gradient(
-        &mut self,
-        params: &[f32],
-        batch: quorum_compute::BatchId,
-        out: &mut Vec<f32>,
-    ) -> Result<f32, quorum_compute::ComputeError> {
-        (self.before)(batch)?;
-        self.inner.gradient(params, batch, out)
-    }
-    fn evaluate(&mut self, params: &[f32]) -> Result<quorum_compute::Evaluation, quorum_compute::ComputeError> {
-        self.inner.evaluate(params)
     }
 }
 

@@ -1,6 +1,9 @@
 //! Sharded parameter servers on loopback: S servers each holding a range of the parameters,
 //! shard 0 coordinating one quorum for the whole model.
 
+mod common;
+
+use common::Hooked;
 use quorum_compute::{GradientSource, LeastSquares};
 use quorum_core::{Policy, ServerConfig, ShardPlan};
 use quorum_net::server::ShardOptions;
@@ -70,6 +73,14 @@ fn applied(dir: &Path) -> Vec<(u64, Vec<u64>)> {
         .collect()
 }
 
+/// The mean loss the contributors reported at each step, from a run directory's metrics.
+fn train_losses(dir: &Path) -> Vec<f64> {
+    let metrics = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+    let header: Vec<&str> = metrics.lines().next().unwrap().split(',').collect();
+    let col = header.iter().position(|h| *h == "train_loss").expect("a train_loss column");
+    metrics.lines().skip(1).filter_map(|l| l.split(',').nth(col)?.parse().ok()).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_shard_of_a_grpc_cluster_averages_the_same_workers_at_every_step_and_it_trains() {
     let dir = tempfile::tempdir().unwrap();
@@ -115,10 +126,7 @@ async fn every_shard_of_a_grpc_cluster_averages_the_same_workers_at_every_step_a
     assert!(dropped > 0 || late_or_left_out, "no step ever took other workers than w0 and w1");
     // The mean loss the contributors reported fell by an order of magnitude: the shards'
     // parts of the parameters were put together and updated as one model.
-    let metrics = std::fs::read_to_string(dir.path().join("shard-0/metrics.csv")).unwrap();
-    let header: Vec<&str> = metrics.lines().next().unwrap().split(',').collect();
-    let col = header.iter().position(|h| *h == "train_loss").expect("a train_loss column");
-    let losses: Vec<f64> = metrics.lines().skip(1).filter_map(|l| l.split(',').nth(col)?.parse().ok()).collect();
+    let losses = train_losses(&dir.path().join("shard-0"));
     let (first, last) = (losses[0], losses[losses.len() - 1]);
     assert!(last < first / 10.0, "loss {first} -> {last}");
 }
@@ -136,12 +144,15 @@ async fn an_async_grpc_cluster_applies_each_gradient_once_on_every_shard_with_it
         assert_eq!(summary.steps, steps);
         assert!(summary.stop_reason.is_none(), "{:?}", summary.stop_reason);
     }
+    // Every worker ends well; one that joined late may have found the 300 quick updates done.
     for w in workers {
-        assert!(w.await.unwrap().unwrap().sent > 0);
+        w.await.unwrap().unwrap();
     }
     let committed = applied(&dir.path().join("shard-0"));
     assert_eq!(committed.len() as u64, steps);
     assert!(committed.iter().all(|(_, c)| c.len() == 1), "an async update applies one gradient");
+    let who: std::collections::BTreeSet<u64> = committed.iter().map(|(_, c)| c[0]).collect();
+    assert!(who.len() >= 2, "the updates came from several workers: {who:?}");
     for k in 1..3 {
         assert_eq!(applied(&dir.path().join(format!("shard-{k}"))), committed, "shard {k} applied other updates");
     }
@@ -152,48 +163,9 @@ async fn an_async_grpc_cluster_applies_each_gradient_once_on_every_shard_with_it
         .filter(|v| v["event"] == "gradient_accepted" && v["staleness"].as_u64().unwrap() > 0)
         .count();
     assert!(stale > 0, "four workers pushing as they finish: some gradients were computed on older parameters");
-    let metrics = std::fs::read_to_string(dir.path().join("shard-0/metrics.csv")).unwrap();
-    let header: Vec<&str> = metrics.lines().next().unwrap().split(',').collect();
-    let col = header.iter().position(|h| *h == "train_loss").expect("a train_loss column");
-    let losses: Vec<f64> = metrics.lines().skip(1).filter_map(|l| l.split(',').nth(col)?.parse().ok()).collect();
+    let losses = train_losses(&dir.path().join("shard-0"));
     let (first, last) = (losses[0], losses[losses.len() - 1]);
     assert!(last < first / 10.0, "loss {first} -> {last}");
-}
-
-/// A worker whose gradients turn non-finite from step `from` on.
-struct Diverging {
-    inner: LeastSquares,
-    from: u64,
-}
-
-impl GradientSource for Diverging {
-    fn layout(&self) -> &quorum_core::ParamLayout {
-        self.inner.layout()
-    }
-    fn init_params(&self, seed: u64) -> Vec<f32> {
-        self.inner.init_params(seed)
-    }
-    fn batch_size(&self) -> usize {
-        self.inner.batch_size()
-    }
-    fn gradient(
-        &mut self,
-        params: &[f32],
-        batch: quorum_compute::BatchId,
-        grad: &mut Vec<f32>,
-    ) -> Result<f32, quorum_compute::ComputeError> {
-        let loss = self.inner.gradient(params, batch, grad)?;
-        if batch.step >= self.from {
-            // In both shards' ranges: each shard sees it.
-            grad[3] = f32::NAN;
-            let last = grad.len() - 1;
-            grad[last] = f32::NAN;
-        }
-        Ok(loss)
-    }
-    fn evaluate(&mut self, params: &[f32]) -> Result<quorum_compute::Evaluation, quorum_compute::ComputeError> {
-        self.inner.evaluate(params)
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,8 +203,14 @@ async fn a_sharded_run_that_diverges_before_its_first_evaluation_ends_at_once_ev
     for i in 0..2 {
         let mut wo = WorkerOptions::new(i, addrs[0].clone());
         wo.shards = addrs[1..].to_vec();
-        let src: Box<dyn GradientSource + Send> =
-            if i == 0 { Box::new(Diverging { inner: source(), from: 5 }) } else { Box::new(source()) };
+        // Worker 0's gradients turn non-finite from step 5 on, in both shards' ranges.
+        let diverging = Hooked::altering(&source(), |batch, grad| {
+            if batch.step >= 5 {
+                let last = grad.len() - 1;
+                (grad[3], grad[last]) = (f32::NAN, f32::NAN);
+            }
+        });
+        let src: Box<dyn GradientSource + Send> = if i == 0 { Box::new(diverging) } else { Box::new(source()) };
         workers.push(tokio::spawn(run_worker(wo, src)));
     }
     let started = std::time::Instant::now();

@@ -135,13 +135,14 @@ impl Cnn {
             let plane = s.plane();
             let bias = &params[t[2 * i + 1].range()];
             conv.out.resize(cout * plane, 0.0);
-            if by_winograd(s, self.winograd) {
+            let by_wg = by_winograd(s, self.winograd);
+            if by_wg {
                 self.wg.set_kernels(&params[t[2 * i].range()], cout, s.c);
                 self.wg.convolve(&mut conv.out, input, s, cout, Finish::BiasRelu(bias), self.winograd_run_bytes);
             }
+            // Otherwise by im2col, run by run.
             let weights = Mat::new(&params[t[2 * i].range()], cout, s.c * 9);
-            let im2col_runs = runs(b * s.h, s.c * 9 * s.w, self.run_bytes).filter(|_| !by_winograd(s, self.winograd));
-            for run in im2col_runs {
+            for run in runs(b * s.h, s.c * 9 * s.w, self.run_bytes).filter(|_| !by_wg) {
                 let width = run.len() * s.w;
                 im2col(&mut self.cols, input, s, run.clone());
                 let out = &mut conv.out[run.start * s.w..];
@@ -249,20 +250,22 @@ mod tests {
     use super::*;
     use crate::model::ModelSpec;
 
-    #[test]
-    fn the_gradient_is_the_same_whether_the_batch_goes_in_one_run_or_row_by_row() {
+    /// The loss and gradient of `spec` (8×8 one-channel images, 5 classes) on a batch of
+    /// three, computed by `cnn`.
+    fn batch_gradient(spec: ModelSpec, mut cnn: Cnn) -> (f32, Vec<f32>) {
         let (b, image) = (3, (1, 8, 8));
-        let spec = ModelSpec::Cnn { channels: [4, 4, 8, 8] };
         let layout = spec.layout(image, 5);
         let params = spec.init(&layout, 7);
         let x: Vec<f32> = (0..b * 64).map(|i| ((i * 37) % 11) as f32 / 11.0 - 0.4).collect();
-        let labels = [0u8, 3, 4];
-        let gradient = |run_bytes: usize| {
-            let mut cnn = Cnn { run_bytes, ..Cnn::default() };
-            let mut grad = vec![f32::NAN; layout.len()];
-            let loss = cnn.loss_and_gradient(&layout, &params, &x, image, &labels, &mut grad);
-            (loss, grad)
-        };
+        let mut grad = vec![f32::NAN; layout.len()];
+        let loss = cnn.loss_and_gradient(&layout, &params, &x, image, &[0, 3, 4], &mut grad);
+        (loss, grad)
+    }
+
+    #[test]
+    fn the_gradient_is_the_same_whether_the_batch_goes_in_one_run_or_row_by_row() {
+        let spec = ModelSpec::Cnn { channels: [4, 4, 8, 8] };
+        let gradient = |run_bytes: usize| batch_gradient(spec.clone(), Cnn { run_bytes, ..Cnn::default() });
         let (whole_loss, whole) = gradient(usize::MAX / 8);
         // One row of one image a run: every run boundary falls inside an image.
         let (rows_loss, rows) = gradient(1);
@@ -275,21 +278,16 @@ mod tests {
 
     #[test]
     fn the_gradient_by_winograd_is_the_gradient_by_im2col() {
-        let (b, image) = (3, (1, 8, 8));
         let spec = ModelSpec::Cnn { channels: [8, 8, 16, 16] };
-        let layout = spec.layout(image, 5);
-        let params = spec.init(&layout, 7);
-        let x: Vec<f32> = (0..b * 64).map(|i| ((i * 37) % 11) as f32 / 11.0 - 0.4).collect();
-        let labels = [0u8, 3, 4];
         let gradient = |winograd: bool| {
-            let mut cnn = Cnn { winograd, run_bytes: 4 << 10, winograd_run_bytes: 4 << 10, ..Cnn::default() };
-            let mut grad = vec![f32::NAN; layout.len()];
-            let loss = cnn.loss_and_gradient(&layout, &params, &x, image, &labels, &mut grad);
-            (loss, grad)
+            let cnn = Cnn { winograd, run_bytes: 4 << 10, winograd_run_bytes: 4 << 10, ..Cnn::default() };
+            batch_gradient(spec.clone(), cnn)
         };
         // Layers 2 to 4 have 8 or more input channels: by Winograd (forward and the input's
         // gradient); the first (one channel) by im2col either way.
-        assert!(by_winograd(Shape { c: 8, b, h: 8, w: 8 }, true) && !by_winograd(Shape { c: 1, b, h: 8, w: 8 }, true));
+        assert!(
+            by_winograd(Shape { c: 8, b: 3, h: 8, w: 8 }, true) && !by_winograd(Shape { c: 1, b: 3, h: 8, w: 8 }, true)
+        );
         let ((wl, wg), (il, ig)) = (gradient(true), gradient(false));
         assert!((wl - il).abs() < 1e-5, "loss {wl} by Winograd, {il} by im2col");
         for (i, (a, r)) in wg.iter().zip(&ig).enumerate() {
