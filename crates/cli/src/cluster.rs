@@ -156,6 +156,7 @@ pub(crate) fn server_options(cfg: &RunConfig, served: Served, resume: bool, prog
     opts.token = cfg.token()?;
     opts.tls = cfg.tls();
     opts.window = cfg.window()?;
+    opts.shared_memory = cfg.shared_memory;
     opts.divergence_loss = Some(cfg.divergence_loss.map_or(f32::INFINITY, |l| l as f32));
     if progress {
         opts.progress = Some(Box::new(progress_printer()));
@@ -245,6 +246,7 @@ pub(crate) fn worker_options(cfg: &RunConfig, index: u32, server: &str) -> Resul
     wo.token = cfg.token()?;
     wo.tls = cfg.tls();
     wo.window = cfg.window()?;
+    wo.shared_memory = cfg.shared_memory;
     Ok(wo)
 }
 
@@ -322,8 +324,9 @@ pub(crate) fn print_worker(i: u32, r: &WorkerReport) {
         held => format!("{held} taken by every shard"),
     };
     println!(
-        "  w{i}: {} gradients sent, {used}, {} dropped{}, {:.1} s computing{}",
+        "  w{i}: {} gradients sent{}, {used}, {} dropped{}, {:.1} s computing{}",
         r.sent,
+        if r.shm_pushes > 0 { format!(" ({} through shared memory)", r.shm_pushes) } else { String::new() },
         r.dropped,
         if r.unsent_late > 0 { format!(" ({} known late, not sent)", r.unsent_late) } else { String::new() },
         r.compute_seconds,

@@ -41,6 +41,8 @@ fn train_with_the_synthetic_model_writes_every_output() {
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("sync N=2 b=1"), "{}", text(&o));
+    // Workers in the server's process are on its host: gradients go through shared memory.
+    assert!(text(&o).contains("through shared memory"), "{}", text(&o));
     let s = json(&out.join("summary.json"));
     assert_eq!(s["steps"], 300);
     assert_eq!(s["policy"], "sync");
@@ -286,7 +288,17 @@ fn kill_9_of_the_server_then_resume_completes_the_run_with_the_same_accuracy() {
     let mut first: Vec<&str> = common.to_vec();
     first.extend(["--checkpoint-every", "50"]);
     let (mut ps, addr) = start_ps(&first, &run);
-    let mut workers: Vec<Proc> = (0..2).map(|i| start_worker(&common, &addr, i)).collect();
+    let killed = ps.0.id();
+    // Worker 0's report goes to a file: it says how its gradients travelled.
+    let report = dir.path().join("w0.out");
+    let w0 = quorum()
+        .args(["worker", "--model", "synthetic", "--ps", &addr, "--index", "0"])
+        .args(common)
+        .stdout(std::fs::File::create(&report).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut workers = vec![Proc(w0), start_worker(&common, &addr, 1)];
     let ckpt = run.join("checkpoints");
     let start = Instant::now();
     while checkpoint_steps(&ckpt).iter().all(|&s| s < 100) {
@@ -311,6 +323,18 @@ fn kill_9_of_the_server_then_resume_completes_the_run_with_the_same_accuracy() {
     assert!(s["final_test_loss"].as_f64().unwrap() < 0.05, "{s}");
     for w in &mut workers {
         assert!(wait(w, Duration::from_secs(20)).success(), "workers reconnect and finish");
+    }
+    // The workers, on the server's host, pushed through its shared memory, and through the
+    // restarted server's after reconnecting; the file the killed server could not remove
+    // was removed by the restarted one.
+    let report = std::fs::read_to_string(&report).unwrap();
+    assert!(report.contains("through shared memory"), "{report}");
+    if let Ok(files) = std::fs::read_dir("/dev/shm") {
+        let left: Vec<_> = files
+            .flatten()
+            .filter(|f| f.file_name().to_string_lossy().starts_with(&format!("quorum-{killed}-")))
+            .collect();
+        assert!(left.is_empty(), "the killed server's shared memory is still there: {left:?}");
     }
     // The killed server never wrote metrics.csv; the resumed one rebuilt the killed run's
     // rows from its event log, so the file has every update once, in order.

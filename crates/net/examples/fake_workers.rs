@@ -139,7 +139,7 @@ async fn worker(addrs: Vec<String>, w: u32, params: usize, window: Window) -> Re
 
 /// Pulls parameters of at least `min_step` (read and dropped); their step, or `None` on "stop".
 async fn pull(channel: &mut Channel, w: u32, min_step: u64) -> Result<Option<u64>, tonic::Status> {
-    let mut stream = quorum_net::framing::pull(channel, &PullRequest { worker: w, min_step }).await?;
+    let mut stream = quorum_net::framing::pull(channel, &PullRequest { worker: w, min_step, shm: false }).await?;
     let mut step = None;
     while let Some((chunk, _)) = stream.next_chunk::<ParamsChunk>(quorum_net::framing::PARAMS_DATA).await? {
         if chunk.stop {

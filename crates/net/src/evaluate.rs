@@ -164,7 +164,7 @@ async fn pull_part(
     limit: Duration,
 ) -> Result<Result<Part, SessionEnd>, WorkerError> {
     let refused = |message: String| WorkerError::Refused { worker: NOT_A_WORKER, message };
-    let mut stream = match client.pull(PullRequest { worker: NOT_A_WORKER, min_step }).await {
+    let mut stream = match client.pull(PullRequest { worker: NOT_A_WORKER, min_step, shm: false }).await {
         Ok(s) => s.into_inner(),
         Err(s) => return lost_or_refused(NOT_A_WORKER, s).map(Err),
     };

@@ -596,7 +596,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_body_is_read_up_to_one_message_and_no_further() {
-        let small = message_frame(&PullRequest { worker: 2, min_step: 7 });
+        let small = message_frame(&PullRequest { worker: 2, min_step: 7, shm: false });
         let body = Body::new(http_body_util::Full::new(small));
         let req: PullRequest = read_request(body, std::time::Duration::from_secs(1)).await.unwrap();
         assert_eq!((req.worker, req.min_step), (2, 7));

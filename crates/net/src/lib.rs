@@ -17,6 +17,7 @@ pub mod evaluate;
 pub mod framing;
 pub mod params_file;
 pub mod server;
+pub mod shm;
 pub mod tensorboard;
 pub mod tls;
 pub mod worker;

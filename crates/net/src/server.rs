@@ -60,7 +60,8 @@ pub async fn run_server(
     let (rule, link) = rule(&mut opts)?;
     let driver_start = rule.step();
     let start = Instant::now();
-    let (pub_tx, pub_rx) = watch::channel(Published::new(rule.step(), rule.params(), opts.encoding));
+    let shm = shared_memory(&opts);
+    let (pub_tx, pub_rx) = watch::channel(Published::new(rule.step(), rule.params(), opts.encoding, shm.as_deref()));
     let shard = match &opts.shard {
         Some(s) => (s.index, s.plan.shards(), s.plan.range(s.index)),
         None => (0, 1, 0..opts.layout.len()),
@@ -87,6 +88,7 @@ pub async fn run_server(
         late_notices: opts.config.policy.late_notices(),
         heartbeat: opts.config.liveness.worker_timeout.map(|t| t / 4),
         certificates_name_workers: opts.tls.ca.is_some(),
+        shm: shm.clone(),
     };
     let service = Arc::new(service);
     let token = crate::auth::CheckToken(opts.token.clone());
@@ -121,7 +123,7 @@ pub async fn run_server(
             }),
     );
 
-    let mut driver = Driver::new(rule, opts, start, pub_tx)?;
+    let mut driver = Driver::new(rule, opts, start, pub_tx, shm)?;
     tokio::pin!(shutdown);
     // The loop only selects and dispatches; the driver does the rest.
     loop {
@@ -153,6 +155,24 @@ pub async fn run_server(
         grpc.abort();
     }
     driver.finish()
+}
+
+/// The shared memory this server offers the workers on its host: for one server (not a
+/// shard) sending `f32` values, unless turned off; none (gRPC only) if it cannot be made.
+fn shared_memory(opts: &ServerOptions) -> Option<Arc<crate::shm::SharedRegion>> {
+    if !opts.shared_memory || opts.shard.is_some() || opts.encoding != crate::Encoding::F32 {
+        return None;
+    }
+    match crate::shm::SharedRegion::create(opts.layout.len(), opts.config.workers as usize) {
+        Ok(r) => {
+            tracing::debug!("workers on this host move parameters and gradients through {}", r.path().display());
+            Some(Arc::new(r))
+        }
+        Err(e) => {
+            tracing::warn!("no shared memory for workers on this host ({e}): every worker uses gRPC alone");
+            None
+        }
+    }
 }
 
 /// What a follower's link task starts with: its hello and the reports the loop sends it.

@@ -46,6 +46,9 @@ pub struct WorkerOptions {
     pub tls: crate::tls::TlsFiles,
     /// The HTTP/2 flow-control windows (default: sized to the link).
     pub window: crate::framing::Window,
+    /// Use the server's shared memory for parameters and gradients when the server offers it
+    /// and this worker can open it (it runs on the server's host): [`crate::shm`].
+    pub shared_memory: bool,
 }
 
 impl WorkerOptions {
@@ -63,6 +66,7 @@ impl WorkerOptions {
             token: None,
             tls: crate::tls::TlsFiles::default(),
             window: crate::framing::Window::default(),
+            shared_memory: true,
         }
     }
 }
@@ -82,6 +86,9 @@ pub struct WorkerReport {
     pub dropped: u64,
     /// Late gradients reported without their values: the worker knew the step had closed.
     pub unsent_late: u64,
+    /// Gradients whose values went through the server's shared memory, not over gRPC (a
+    /// worker on the server's host).
+    pub shm_pushes: u64,
     /// Seconds spent computing gradients (excluding injected delay).
     pub compute_seconds: f64,
     /// Times it reconnected after losing the server.
@@ -286,6 +293,8 @@ struct Session<'a> {
     others: Vec<ShardLink>,
     /// A sharded run: each shard's part of the parameters as pulled, reused.
     parts: Vec<Vec<f32>>,
+    /// The server's shared memory, when this worker is on its host ([`crate::shm`]).
+    shm: Option<crate::shm::SharedRegion>,
 }
 
 /// What this worker joins with: its index, session and model layout.
@@ -332,6 +341,7 @@ async fn session(
         Err(Exit::Fail(e)) => return Err(e),
     };
     let range = if others.is_empty() { 0..num_params } else { join.start as usize..join.end as usize };
+    let shm = shared_memory(opts, &join, others.is_empty(), num_params);
     let mut s = Session {
         opts,
         id: session_id,
@@ -354,6 +364,7 @@ async fn session(
         parts: vec![Vec::new(); others.len() + 1],
         range,
         others,
+        shm,
     };
     match s.steps(join.step, local).await {
         Ok(never) => match never {},
@@ -362,7 +373,36 @@ async fn session(
     }
 }
 
+/// The server's shared memory, if it offers one this worker can use: one server (not
+/// sharded), `f32` values, and a file this worker can open that holds the join's nonce (on
+/// another host there is no such file: gRPC alone, said once at debug level).
+fn shared_memory(
+    opts: &WorkerOptions,
+    join: &JoinReply,
+    one_server: bool,
+    len: usize,
+) -> Option<crate::shm::SharedRegion> {
+    if !opts.shared_memory || !one_server || join.shm_path.is_empty() || join.bf16 {
+        return None;
+    }
+    match crate::shm::SharedRegion::open(&join.shm_path, join.shm_nonce, len, opts.index) {
+        Ok(r) => {
+            tracing::debug!("worker {}: parameters and gradients through shared memory", opts.index);
+            Some(r)
+        }
+        Err(e) => {
+            tracing::debug!("worker {}: no shared memory with the server ({e}): gRPC alone", opts.index);
+            None
+        }
+    }
+}
+
 impl Session<'_> {
+    /// Asks for the parameters of `min_step` or later (through shared memory where there is one).
+    fn start_pull(&self, min_step: u64) -> PullTask {
+        PullTask::start(&self.channel, self.opts.index, min_step, self.shm.is_some())
+    }
+
     fn heartbeat_request(&self) -> HeartbeatRequest {
         HeartbeatRequest { worker: self.opts.index, session: self.id }
     }
@@ -399,7 +439,7 @@ impl Session<'_> {
                 match action {
                     WorkerAction::AwaitParams { after } => {
                         min_step = after + 1;
-                        self.pending = Some(PullTask::start(&self.channel, self.opts.index, min_step));
+                        self.pending = Some(self.start_pull(min_step));
                     }
                     WorkerAction::Push { .. } | WorkerAction::NotifyLate { .. } => {
                         let notice = matches!(action, WorkerAction::NotifyLate { .. });
@@ -424,7 +464,7 @@ impl Session<'_> {
         let t_pull = Instant::now();
         let first = match self.pending.take() {
             Some(p) => p,
-            None => PullTask::start(&self.channel, self.opts.index, min_step),
+            None => self.start_pull(min_step),
         };
         if !self.others.is_empty() {
             return self.pull_shards(first, t_pull).await;
@@ -441,20 +481,34 @@ impl Session<'_> {
         &mut self,
         mut pull: PullTask,
         len: usize,
-        buffer: Vec<f32>,
+        mut buffer: Vec<f32>,
     ) -> Result<(u64, Vec<f32>, Option<Instant>), Exit> {
         let w = self.opts.index;
         let beat = self.heartbeat_request();
         let (mut replies, first) = loop {
-            tokio::select! {
-                r = &mut pull.task => {
-                    let r = r.unwrap_or_else(|e| Err(tonic::Status::unknown(format!("pull task failed: {e}"))));
-                    break rpc!(w, r);
+            let (replies, first) = loop {
+                tokio::select! {
+                    r = &mut pull.task => {
+                        let r = r.unwrap_or_else(|e| Err(tonic::Status::unknown(format!("pull task failed: {e}"))));
+                        break rpc!(w, r);
+                    }
+                    _ = tokio::time::sleep(self.heartbeat_every) => {
+                        // A silent server (frozen, cut off) ends the session; a refusal too.
+                        rpc!(w, within(self.opts.rpc_timeout, "heartbeat", self.beat.heartbeat(beat)).await);
+                    }
                 }
-                _ = tokio::time::sleep(self.heartbeat_every) => {
-                    // A silent server (frozen, cut off) ends the session; a refusal too.
-                    rpc!(w, within(self.opts.rpc_timeout, "heartbeat", self.beat.heartbeat(beat)).await);
-                }
+            };
+            let shared = match &first {
+                Ok(Some((c, _))) if c.shm && !c.stop => Some(c.step),
+                _ => None,
+            };
+            let Some(step) = shared else { break (replies, first) };
+            let at = Instant::now();
+            match self.shm.as_ref().map(|r| r.read_params(step, &mut buffer)) {
+                Some(Ok(())) => return Ok((step, buffer, Some(at))),
+                // Rewritten while copied (the server went several steps on meanwhile): ask
+                // again, over gRPC.
+                _ => pull = PullTask::start(&self.channel, w, step, false),
             }
         };
         let mut asm = Assembler::with_buffer(buffer);
@@ -544,6 +598,8 @@ impl Session<'_> {
             compute_seconds: done.seconds,
             pull_seconds: done.pull_seconds,
             session: self.id,
+            shm: false,
+            shm_seq: 0,
         }
     }
 
@@ -582,8 +638,20 @@ impl Session<'_> {
         let pushed = match reply {
             Some(r) => Ok(r),
             None => {
-                let frames =
-                    crate::framing::push_frames(&head, self.enc.encode_chunks_recycled(done.grad, Some(&self.grads)));
+                let frames = match &self.shm {
+                    // The values go into this worker's slot; the push names the write.
+                    Some(region) => {
+                        report.shm_pushes += 1;
+                        let shm_seq = region.write_gradient(self.opts.index, done.step, &done.grad);
+                        self.grads.give(done.grad);
+                        let head = GradientChunk { shm: true, shm_seq, ..head };
+                        crate::framing::push_frames(&head, vec![Bytes::new()])
+                    }
+                    None => crate::framing::push_frames(
+                        &head,
+                        self.enc.encode_chunks_recycled(done.grad, Some(&self.grads)),
+                    ),
+                };
                 within(self.opts.rpc_timeout, "push", crate::framing::push(&mut self.channel, frames)).await
             }
         };

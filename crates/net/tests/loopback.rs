@@ -691,13 +691,13 @@ async fn any_grpc_client_can_push_and_the_push_route_checks_the_token_and_the_sh
     let mut anonymous = ParameterServerClient::new(channel.clone());
     let refused = anonymous.push(tokio_stream::iter(gradient.clone())).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
-    let refused = anonymous.pull(PullRequest { worker: 0, min_step: 0 }).await.unwrap_err();
+    let refused = anonymous.pull(PullRequest { worker: 0, min_step: 0, shm: false }).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
 
     let mut client = ParameterServerClient::with_interceptor(channel, AddToken(Some(secret)));
     client.join(JoinRequest { worker: 0, num_params: 64, session: 0, layout: vec![] }).await.unwrap();
     let mut params = Vec::new();
-    let mut stream = client.pull(PullRequest { worker: 0, min_step: 0 }).await.unwrap().into_inner();
+    let mut stream = client.pull(PullRequest { worker: 0, min_step: 0, shm: false }).await.unwrap().into_inner();
     while let Some(c) = stream.next().await {
         let c = c.unwrap();
         assert_eq!((c.step, c.offset, c.total, c.stop), (0, 0, 64, false));

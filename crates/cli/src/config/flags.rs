@@ -186,6 +186,11 @@ pub struct RunFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     http2_window: Option<String>,
+    /// Workers on the server's host move parameters and gradients through shared memory;
+    /// `false`: every value over gRPC [default: true].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shared_memory: Option<bool>,
     /// Checkpoint every this many steps, 0 = only at the end [default: 0].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

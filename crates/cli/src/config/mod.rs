@@ -133,6 +133,9 @@ pub struct RunConfig {
     pub wire: Encoding,
     /// HTTP/2 flow-control windows: bytes per stream, or "adaptive" (grown to each link).
     pub http2_window: String,
+    /// Workers on the server's host move parameters and gradients through shared memory
+    /// (false: every value over gRPC).
+    pub shared_memory: bool,
     /// Checkpoint every this many steps (0: only at the end and on Ctrl-C / SIGTERM).
     pub checkpoint_every: u64,
     /// Also checkpoint every this many seconds (0: off; default 600, as TensorFlow's).
@@ -207,6 +210,7 @@ impl Default for RunConfig {
             listen: "0.0.0.0:7070".into(),
             wire: Encoding::F32,
             http2_window: quorum_net::framing::STREAM_WINDOW.to_string(),
+            shared_memory: true,
             checkpoint_every: 0,
             checkpoint_seconds: 600.0,
             keep_checkpoints: 3,

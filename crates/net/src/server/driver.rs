@@ -66,6 +66,8 @@ pub(super) struct Driver {
     /// The newest step whose parameters the evaluator pulled (a follower shard waits for the
     /// final step's, not for a report: reports go to shard 0).
     evaluator_got: Option<u64>,
+    /// Shared memory with the workers on this host: each step's parameters are written there.
+    shm: Option<std::sync::Arc<crate::shm::SharedRegion>>,
 }
 
 impl Driver {
@@ -76,6 +78,7 @@ impl Driver {
         mut opts: ServerOptions,
         start: Instant,
         published: watch::Sender<Published>,
+        shm: Option<std::sync::Arc<crate::shm::SharedRegion>>,
     ) -> Result<Self, NetError> {
         let start_step = rule.step();
         let resumed_at = (start_step > 0).then_some(start_step);
@@ -103,6 +106,7 @@ impl Driver {
             acks: BTreeSet::new(),
             evaluator_seen: false,
             evaluator_got: None,
+            shm,
         })
     }
 
@@ -285,7 +289,7 @@ impl Driver {
                 Action::SendParams { step, .. } | Action::BroadcastParams { step } => {
                     // Once stopping, "stop" stays published: nothing reopens the run.
                     if !self.is_stopping() && self.published.borrow().step != step {
-                        let p = Published::new(step, self.rule.params(), self.opts.encoding);
+                        let p = Published::new(step, self.rule.params(), self.opts.encoding, self.shm.as_deref());
                         self.published.send_replace(p);
                     }
                 }

@@ -47,6 +47,9 @@ pub struct ServerOptions {
     pub divergence_loss: Option<f32>,
     /// A sharded run: which shard this server is (`None`: the one server of the run).
     pub shard: Option<ShardOptions>,
+    /// Offer workers on this host shared memory for parameters and gradients ([`crate::shm`];
+    /// one server, `f32` values); workers elsewhere use gRPC either way.
+    pub shared_memory: bool,
 }
 
 /// One shard of a sharded run.
@@ -81,6 +84,7 @@ impl ServerOptions {
             window: crate::framing::Window::default(),
             divergence_loss: None,
             shard: None,
+            shared_memory: true,
         }
     }
 }

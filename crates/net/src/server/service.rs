@@ -5,6 +5,7 @@
 use crate::encoding::{Assembler, Encoding, CHUNK_VALUES};
 use crate::proto::parameter_server_server::{ParameterServer, ParameterServerServer};
 use crate::proto::*;
+use crate::shm::SharedRegion;
 use quorum_core::{DropReason, Event, ProtocolError, ToServer, WorkerId};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,39 +19,68 @@ use tonic::{Request, Response, Status, Streaming};
 pub(super) struct Published {
     pub(super) step: u64,
     /// The pull's response body: the parameters encoded in wire chunks, each behind its
-    /// message prefix ([`crate::framing::chunk_frames`]); built once per step, shared by every pull.
-    pub(super) frames: Arc<Vec<bytes::Bytes>>,
+    /// message prefix ([`crate::framing::chunk_frames`]); built once per step, shared by every
+    /// pull. With shared memory, built only if a pull over gRPC asks (from the step's slot).
+    frames: Arc<std::sync::OnceLock<Arc<Vec<bytes::Bytes>>>>,
     pub(super) stop: bool,
+    /// The parameters are in the shared memory's slot for `step`.
+    pub(super) in_shm: bool,
+    enc: Encoding,
 }
 
 impl Published {
-    pub(super) fn new(step: u64, params: &[f32], enc: Encoding) -> Self {
-        Self::chunks(step, params, enc, false)
+    /// The parameters of `step`: written to the shared memory where there is one, else
+    /// encoded for pulls at once.
+    pub(super) fn new(step: u64, params: &[f32], enc: Encoding, shm: Option<&SharedRegion>) -> Self {
+        match shm {
+            Some(region) => {
+                region.publish(step, params);
+                Published { step, frames: Default::default(), stop: false, in_shm: true, enc }
+            }
+            None => Self::encoded(step, params, enc, false),
+        }
     }
 
-    /// The parameters in wire chunks, each chunk flagged `stop` or not.
-    fn chunks(step: u64, params: &[f32], enc: Encoding, stop_chunks: bool) -> Self {
-        let chunks = enc.encode_chunks(params.to_vec());
-        let mut frames = Vec::with_capacity(2 * chunks.len());
-        for (i, data) in chunks.into_iter().enumerate() {
-            let fields = ParamsChunk {
-                step,
-                offset: (i * CHUNK_VALUES) as u64,
-                total: params.len() as u64,
-                data: Default::default(),
-                stop: stop_chunks,
-                bf16: enc == Encoding::Bf16,
-            };
-            frames.extend(crate::framing::chunk_frames(&fields, crate::framing::PARAMS_DATA, data));
-        }
-        Published { step, frames: Arc::new(frames), stop: false }
+    fn encoded(step: u64, params: &[f32], enc: Encoding, stop: bool) -> Self {
+        let frames = Arc::new(std::sync::OnceLock::from(Arc::new(pull_body(step, params, enc, stop))));
+        Published { step, frames, stop, in_shm: false, enc }
     }
 
     /// "Stop", with the final parameters: a worker stops at the first chunk; an evaluator
     /// reads them all and evaluates the final step.
     pub(super) fn stopped(step: u64, params: &[f32], enc: Encoding) -> Self {
-        Published { stop: true, ..Self::chunks(step, params, enc, true) }
+        Self::encoded(step, params, enc, true)
     }
+
+    /// The body of a pull over gRPC; `None` if the parameters were only in shared memory and
+    /// their slot has been rewritten since (by a later step, published by now or soon).
+    pub(super) fn frames(&self, shm: Option<&SharedRegion>) -> Option<Arc<Vec<bytes::Bytes>>> {
+        if let Some(f) = self.frames.get() {
+            return Some(f.clone());
+        }
+        let mut params = Vec::new();
+        shm?.read_params(self.step, &mut params).ok()?;
+        Some(self.frames.get_or_init(|| Arc::new(pull_body(self.step, &params, self.enc, self.stop))).clone())
+    }
+}
+
+/// The parameters in wire chunks, each chunk flagged `stop` or not.
+fn pull_body(step: u64, params: &[f32], enc: Encoding, stop: bool) -> Vec<bytes::Bytes> {
+    let chunks = enc.encode_chunks(params.to_vec());
+    let mut frames = Vec::with_capacity(2 * chunks.len());
+    for (i, data) in chunks.into_iter().enumerate() {
+        let fields = ParamsChunk {
+            step,
+            offset: (i * CHUNK_VALUES) as u64,
+            total: params.len() as u64,
+            data: Default::default(),
+            stop,
+            bf16: enc == Encoding::Bf16,
+            shm: false,
+        };
+        frames.extend(crate::framing::chunk_frames(&fields, crate::framing::PARAMS_DATA, data));
+    }
+    frames
 }
 
 pub(super) type Reply = oneshot::Sender<Result<Vec<Event>, ProtocolError>>;
@@ -189,6 +219,8 @@ pub(super) struct Service {
     pub(super) certificates_name_workers: bool,
     /// The heartbeat interval workers are told (a quarter of the worker time-out).
     pub(super) heartbeat: Option<Duration>,
+    /// Shared memory offered to workers on this host.
+    pub(super) shm: Option<Arc<SharedRegion>>,
 }
 
 pub(super) fn status(e: ProtocolError) -> Status {
@@ -235,12 +267,23 @@ impl Service {
         let mut push = crate::framing::Messages::new(body, tonic::Code::InvalidArgument);
         let mut next = next_chunk(&mut push, idle).await?;
         let first_at = Instant::now();
-        let mut asm = PushAssembler::with_buffer(self.push_len, self.buffers.take());
-        while let Some((chunk, data)) = next {
-            asm.add(chunk, &data).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            next = next_chunk(&mut push, idle).await?;
-        }
-        let (head, gradient) = asm.finish().map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (head, gradient) = match next {
+            Some((chunk, _)) if chunk.shm => {
+                let gradient = self.read_shared(&chunk)?;
+                if next_chunk(&mut push, idle).await?.is_some() {
+                    return Err(Status::invalid_argument("a push through shared memory is one chunk"));
+                }
+                (chunk, gradient)
+            }
+            _ => {
+                let mut asm = PushAssembler::with_buffer(self.push_len, self.buffers.take());
+                while let Some((chunk, data)) = next {
+                    asm.add(chunk, &data).map_err(|e| Status::invalid_argument(e.to_string()))?;
+                    next = next_chunk(&mut push, idle).await?;
+                }
+                asm.finish().map_err(|e| Status::invalid_argument(e.to_string()))?
+            }
+        };
         let timing =
             Timing { compute: head.compute_seconds, transfer: head.pull_seconds + first_at.elapsed().as_secs_f64() };
         let loss = (!head.loss.is_nan()).then_some(head.loss);
@@ -269,6 +312,34 @@ impl Service {
         self.buffers.give_back(buffer);
         Ok((head, result))
     }
+
+    /// A gradient pushed through shared memory: copied out of the worker's slot, if it is
+    /// whole and still the one the push names.
+    fn read_shared(&self, c: &GradientChunk) -> Result<Vec<f32>, Status> {
+        let Some(region) = &self.shm else {
+            return Err(Status::failed_precondition(
+                "this server offers no shared memory: push the gradient's values (join again)",
+            ));
+        };
+        if c.total as usize != region.len() {
+            return Err(Status::invalid_argument(format!(
+                "a gradient of {} values in shared memory; the model has {}",
+                c.total,
+                region.len()
+            )));
+        }
+        let mut gradient = self.buffers.take();
+        match region.read_gradient(c.worker, c.step, c.shm_seq, &mut gradient) {
+            Ok(()) => Ok(gradient),
+            Err(e) => {
+                self.buffers.give_back(gradient);
+                Err(Status::invalid_argument(format!(
+                    "worker {}'s gradient of step {} in shared memory: {e} (push it again)",
+                    c.worker, c.step
+                )))
+            }
+        }
+    }
 }
 
 impl Service {
@@ -280,12 +351,21 @@ impl Service {
             self.commands.send(Command::EvaluatorPulled).await.map_err(shutting_down)?;
         }
         let mut rx = self.published.clone();
-        let p = loop {
+        let (p, body) = loop {
             let p = rx.borrow_and_update().clone();
-            if p.stop || p.step >= r.min_step {
-                break p;
+            if !p.stop && p.step < r.min_step {
+                rx.changed().await.map_err(shutting_down)?;
+                continue;
             }
-            rx.changed().await.map_err(shutting_down)?;
+            if let Some(region) = self.shm.as_ref().filter(|_| r.shm && p.in_shm && !p.stop) {
+                let fields = ParamsChunk { step: p.step, total: region.len() as u64, shm: true, ..Default::default() };
+                break (p, vec![crate::framing::message_frame(&fields)]);
+            }
+            match p.frames(self.shm.as_deref()) {
+                Some(frames) => break (p, frames.to_vec()),
+                // Overtaken while encoded: take the newer step's.
+                None => tokio::task::yield_now().await,
+            }
         };
         // (An evaluator's pull names no worker index: it is not one of the workers to tell.)
         if p.stop && r.worker < self.workers {
@@ -294,7 +374,7 @@ impl Service {
         if r.worker == crate::evaluate::EVALUATOR {
             let _ = self.commands.send(Command::EvaluatorGot(p.step)).await;
         }
-        Ok(p.frames.to_vec())
+        Ok(body)
     }
 
     /// `ParameterServer.Push`, read from the HTTP/2 body without tonic's codec copies
@@ -438,6 +518,8 @@ impl ParameterServer for Service {
             shards: self.shard.1,
             start: self.shard.2.start as u64,
             end: self.shard.2.end as u64,
+            shm_path: self.shm.as_ref().map_or(String::new(), |r| r.path().display().to_string()),
+            shm_nonce: self.shm.as_ref().map_or(0, |r| r.nonce()),
         }))
     }
 

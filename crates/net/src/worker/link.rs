@@ -81,10 +81,11 @@ type ParamsPiece = (ParamsChunk, crate::framing::Segments);
 type PullStart = (Replies, Result<Option<ParamsPiece>, tonic::Status>);
 
 impl PullTask {
-    pub(super) fn start(channel: &Channel_, worker: u32, min_step: u64) -> Self {
+    /// With `shm`, the parameters are to be read from the server's shared memory.
+    pub(super) fn start(channel: &Channel_, worker: u32, min_step: u64, shm: bool) -> Self {
         let mut channel = channel.clone();
         let task = tokio::spawn(async move {
-            let mut replies = crate::framing::pull(&mut channel, &PullRequest { worker, min_step }).await?;
+            let mut replies = crate::framing::pull(&mut channel, &PullRequest { worker, min_step, shm }).await?;
             let first = replies.next_chunk(crate::framing::PARAMS_DATA).await;
             Ok((replies, first))
         });

@@ -66,7 +66,7 @@ impl Session<'_> {
         let n = self.others.len() + 1;
         let min_step = first.min_step;
         let mut tasks: Vec<Option<PullTask>> = std::iter::once(Some(first))
-            .chain(self.others.iter().map(|l| Some(PullTask::start(&l.channel, w, min_step))))
+            .chain(self.others.iter().map(|l| Some(PullTask::start(&l.channel, w, min_step, false))))
             .collect();
         let mut steps = vec![0; n];
         let mut first_chunk: Option<Instant> = None;
@@ -87,7 +87,7 @@ impl Session<'_> {
             for (i, task) in tasks.iter_mut().enumerate() {
                 if steps[i] < newest {
                     let channel = if i == 0 { &self.channel } else { &self.others[i - 1].channel };
-                    *task = Some(PullTask::start(channel, w, newest));
+                    *task = Some(PullTask::start(channel, w, newest, false));
                 }
             }
         }

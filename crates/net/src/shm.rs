@@ -1,0 +1,373 @@
+//! Shared memory between a server and the workers on its host: parameters and gradients
+//! move through one mapped file instead of the loopback socket, while every request, reply
+//! and check still goes over gRPC.
+//!
+//! Over loopback a step's bytes are copied many times: the server's parameters into each
+//! worker's socket and out again, each gradient into the socket, out, and into a buffer,
+//! with HTTP/2 framing on the way. With the file, the server writes each step's parameters
+//! once and every worker on the host copies them out; a worker writes its gradient once and
+//! the server copies it in. What travels over gRPC is a pull's answer or a push with no
+//! values, flagged `shm`: the values are in the file.
+//!
+//! The file (under `/dev/shm`, mode 0600, removed when the server ends) holds `param_slots`
+//! slots for parameters (step `s` in slot `s % param_slots`) and one slot per worker for its
+//! gradient. Every slot is a sequence lock: its writer makes the sequence odd, writes, and
+//! makes it even again; a reader copies the values out and keeps them only if the sequence
+//! was even and unchanged across its copy (else the slot was rewritten under it: the worker
+//! pulls over gRPC instead, the server refuses the push). A worker learns the file's path
+//! and a random nonce in the join reply and uses the file only if it can open it and finds
+//! the nonce inside: a worker on another host finds no such file, and falls back to gRPC.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+
+/// Identifies a quorum shared-memory file ("QUORUMSM").
+const MAGIC: u64 = u64::from_le_bytes(*b"QUORUMSM");
+/// The layout's version; a file of another version is not used.
+const VERSION: u64 = 1;
+/// Bytes of the file's header and of each slot's header (a cache line each).
+const HEADER: usize = 64;
+/// Parameter slots: a worker's copy of step `s` is spoiled only if the server publishes
+/// `s + PARAM_SLOTS` while it copies.
+pub const PARAM_SLOTS: usize = 4;
+/// File names start with this, then the owning server's process id.
+const PREFIX: &str = "quorum-";
+
+/// Why a slot's values could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SlotError {
+    /// The writer rewrote the slot while it was read (or is writing it now).
+    #[error("the values were rewritten while they were read")]
+    Rewritten,
+    /// The slot holds another step's values, or another push's.
+    #[error("the slot holds other values than the ones asked for")]
+    Other,
+}
+
+/// A mapped shared-memory file: the server's own (created, removed on drop) or a worker's view.
+pub struct SharedRegion {
+    map: memmap2::MmapRaw,
+    path: PathBuf,
+    owner: bool,
+    nonce: u64,
+    len: usize,
+    param_slots: usize,
+    gradient_slots: usize,
+}
+
+impl std::fmt::Debug for SharedRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedRegion").field("path", &self.path).field("len", &self.len).finish()
+    }
+}
+
+/// Bytes of one slot holding `len` values, header included, rounded to a cache line.
+fn slot_bytes(len: usize) -> usize {
+    (HEADER + 4 * len).div_ceil(HEADER) * HEADER
+}
+
+fn file_bytes(len: usize, slots: usize) -> usize {
+    HEADER + slots * slot_bytes(len)
+}
+
+impl SharedRegion {
+    /// Creates the file for a server of `len` values and `workers` workers, in `/dev/shm`
+    /// where there is one (else the temporary directory), first removing files left by
+    /// servers that died without removing theirs.
+    pub fn create(len: usize, workers: usize) -> std::io::Result<Self> {
+        let dir = Path::new("/dev/shm");
+        let dir = if dir.is_dir() { dir.to_path_buf() } else { std::env::temp_dir() };
+        remove_abandoned(&dir);
+        let nonce: u64 = rand::random();
+        let path = dir.join(format!("{PREFIX}{}-{nonce:016x}", std::process::id()));
+        let mut open = std::fs::OpenOptions::new();
+        open.read(true).write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o600);
+        let file = open.open(&path)?;
+        let slots = PARAM_SLOTS + workers;
+        let mapped = file.set_len(file_bytes(len, slots) as u64).and_then(|()| memmap2::MmapRaw::map_raw(&file));
+        let map = match mapped {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        };
+        let region =
+            SharedRegion { map, path, owner: true, nonce, len, param_slots: PARAM_SLOTS, gradient_slots: workers };
+        for (i, v) in [MAGIC, VERSION, nonce, PARAM_SLOTS as u64, workers as u64, len as u64].into_iter().enumerate() {
+            region.word(0, i).store(v, Ordering::Relaxed);
+        }
+        Ok(region)
+    }
+
+    /// Opens a server's file as worker `worker` of a model of `len` values: `Err` says why
+    /// it cannot be used (not on this host, another run's, another model's).
+    pub fn open(path: &str, nonce: u64, len: usize, worker: u32) -> Result<Self, String> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(|e| format!("{path}: {e}"))?;
+        let size = file.metadata().map_err(|e| e.to_string())?.len() as usize;
+        if size < HEADER {
+            return Err(format!("{path} is too short to be a quorum shared-memory file"));
+        }
+        let map = memmap2::MmapRaw::map_raw(&file).map_err(|e| format!("mapping {path}: {e}"))?;
+        let mut region =
+            SharedRegion { map, path: path.into(), owner: false, nonce, len, param_slots: 0, gradient_slots: 0 };
+        let h: Vec<u64> = (0..6).map(|i| region.word(0, i).load(Ordering::Acquire)).collect();
+        if h[0] != MAGIC || h[1] != VERSION || h[2] != nonce {
+            return Err(format!("{path} is not this server's shared-memory file (another run's, or another host's)"));
+        }
+        if h[5] != len as u64 {
+            return Err(format!("{path} holds {} values per slot, not {len}", h[5]));
+        }
+        (region.param_slots, region.gradient_slots) = (h[3] as usize, h[4] as usize);
+        if worker as usize >= region.gradient_slots
+            || size < file_bytes(len, region.param_slots + region.gradient_slots)
+        {
+            return Err(format!("{path} has no gradient slot for worker {worker}"));
+        }
+        Ok(region)
+    }
+
+    /// The file's path (for the join reply).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The random number in the file's header that tells a worker it opened the right file.
+    pub fn nonce(&self) -> u64 {
+        self.nonce
+    }
+
+    /// Values per slot.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether slots hold no values (a model without parameters).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The `i`-th 8-byte word of the header at byte `at`.
+    fn word(&self, at: usize, i: usize) -> &AtomicU64 {
+        debug_assert!(at + 8 * (i + 1) <= self.map.len() && i < HEADER / 8);
+        // SAFETY: in bounds (the file was sized for every slot before mapping, and `open`
+        // checked its size), 8-byte aligned (the map is page-aligned, headers are at multiples
+        // of 64), and only ever accessed atomically, by every process.
+        unsafe { &*(self.map.as_mut_ptr().add(at + 8 * i) as *const AtomicU64) }
+    }
+
+    fn slot_at(&self, slot: usize) -> usize {
+        HEADER + slot * slot_bytes(self.len)
+    }
+
+    /// Writes `values` for `step` into `slot`; returns the slot's new sequence number.
+    fn write(&self, slot: usize, step: u64, values: &[f32]) -> u64 {
+        assert_eq!(values.len(), self.len, "a slot holds the whole model");
+        let at = self.slot_at(slot);
+        let seq = self.word(at, 0);
+        let odd = seq.load(Ordering::Relaxed) | 1;
+        seq.store(odd, Ordering::Relaxed);
+        fence(Ordering::Release);
+        // SAFETY: the slot's data lies in the map (sized for it); this process is the slot's
+        // only writer (the server for parameter slots, worker `w` for slot `w`'s gradient).
+        // Readers in other processes may copy concurrently: they discard what they copied
+        // unless the sequence number was even and unchanged across the copy.
+        unsafe {
+            std::ptr::copy_nonoverlapping(values.as_ptr(), self.map.as_mut_ptr().add(at + HEADER) as *mut f32, self.len)
+        };
+        self.word(at, 1).store(step, Ordering::Relaxed);
+        seq.store(odd + 1, Ordering::Release);
+        odd + 1
+    }
+
+    /// Copies `slot`'s values into `out` if they are `step`'s (and, with `expect`, the
+    /// write with that sequence number) and were not rewritten meanwhile.
+    fn read(&self, slot: usize, step: u64, expect: Option<u64>, out: &mut Vec<f32>) -> Result<(), SlotError> {
+        let at = self.slot_at(slot);
+        let before = self.word(at, 0).load(Ordering::Acquire);
+        if before & 1 == 1 {
+            return Err(SlotError::Rewritten);
+        }
+        if before == 0 || self.word(at, 1).load(Ordering::Relaxed) != step || expect.is_some_and(|e| e != before) {
+            return Err(SlotError::Other);
+        }
+        out.clear();
+        out.reserve(self.len);
+        // SAFETY: the data lies in the map; `out` has room for `len` values, which the copy
+        // initialises before `set_len`. A concurrent writer can tear the copy: then the
+        // sequence number differs below and the values are not used.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(at + HEADER) as *const f32, out.as_mut_ptr(), self.len);
+            out.set_len(self.len);
+        }
+        fence(Ordering::Acquire);
+        if self.word(at, 0).load(Ordering::Relaxed) != before {
+            return Err(SlotError::Rewritten);
+        }
+        Ok(())
+    }
+
+    /// The server: publishes the parameters of `step`.
+    pub fn publish(&self, step: u64, params: &[f32]) {
+        self.write(step as usize % self.param_slots, step, params);
+    }
+
+    /// A worker: copies the parameters of `step` into `out`.
+    pub fn read_params(&self, step: u64, out: &mut Vec<f32>) -> Result<(), SlotError> {
+        self.read(step as usize % self.param_slots, step, None, out)
+    }
+
+    /// Worker `worker`: writes its gradient of `step`; the push names the returned sequence number.
+    pub fn write_gradient(&self, worker: u32, step: u64, gradient: &[f32]) -> u64 {
+        self.write(self.gradient_slot(worker), step, gradient)
+    }
+
+    /// The server: copies worker `worker`'s gradient of `step`, written as `seq`, into `out`.
+    pub fn read_gradient(&self, worker: u32, step: u64, seq: u64, out: &mut Vec<f32>) -> Result<(), SlotError> {
+        if worker as usize >= self.gradient_slots {
+            return Err(SlotError::Other);
+        }
+        self.read(self.gradient_slot(worker), step, Some(seq), out)
+    }
+
+    fn gradient_slot(&self, worker: u32) -> usize {
+        assert!((worker as usize) < self.gradient_slots, "worker {worker} has no gradient slot");
+        self.param_slots + worker as usize
+    }
+}
+
+impl Drop for SharedRegion {
+    fn drop(&mut self) {
+        if self.owner {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Removes the files in `dir` of servers that are no longer running (killed before they could
+/// remove their own): their process id, in the name, names no live process.
+fn remove_abandoned(dir: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return; // No way to tell a live process here: leave them.
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(PREFIX)).and_then(|r| r.split('-').next()) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_reads_the_parameters_the_server_published_and_the_server_the_gradient_the_worker_wrote() {
+        let server = SharedRegion::create(5, 2).unwrap();
+        let worker = SharedRegion::open(server.path().to_str().unwrap(), server.nonce(), 5, 1).unwrap();
+        server.publish(7, &[1.0, 2.0, 3.0, 4.0, 5.0]);
+        let mut got = Vec::new();
+        worker.read_params(7, &mut got).unwrap();
+        assert_eq!(got, [1.0, 2.0, 3.0, 4.0, 5.0]);
+        let seq = worker.write_gradient(1, 7, &[0.5; 5]);
+        server.read_gradient(1, 7, seq, &mut got).unwrap();
+        assert_eq!(got, [0.5; 5]);
+    }
+
+    #[test]
+    fn parameters_overwritten_by_a_later_step_are_not_read_as_the_earlier_one() {
+        let server = SharedRegion::create(3, 1).unwrap();
+        server.publish(1, &[1.0; 3]);
+        server.publish(1 + PARAM_SLOTS as u64, &[2.0; 3]);
+        let mut got = Vec::new();
+        assert_eq!(server.read_params(1, &mut got), Err(SlotError::Other));
+        server.read_params(1 + PARAM_SLOTS as u64, &mut got).unwrap();
+        assert_eq!(got, [2.0; 3]);
+    }
+
+    #[test]
+    fn a_gradient_rewritten_after_its_push_named_it_is_refused() {
+        let server = SharedRegion::create(2, 1).unwrap();
+        let seq = server.write_gradient(0, 3, &[1.0, 1.0]);
+        server.write_gradient(0, 3, &[9.0, 9.0]);
+        let mut got = Vec::new();
+        assert_eq!(server.read_gradient(0, 3, seq, &mut got), Err(SlotError::Other));
+        assert_eq!(server.read_gradient(5, 3, seq, &mut got), Err(SlotError::Other), "no such worker");
+    }
+
+    #[test]
+    fn a_slot_being_written_is_not_read() {
+        let server = SharedRegion::create(2, 1).unwrap();
+        server.publish(2, &[1.0, 1.0]);
+        // A writer stopped half-way (the sequence number odd).
+        let at = server.slot_at(2);
+        server.word(at, 0).fetch_add(1, Ordering::Relaxed);
+        assert_eq!(server.read_params(2, &mut Vec::new()), Err(SlotError::Rewritten));
+    }
+
+    #[test]
+    fn a_file_of_another_run_or_model_or_worker_count_is_not_used() {
+        let server = SharedRegion::create(4, 2).unwrap();
+        let path = server.path().to_str().unwrap().to_string();
+        assert!(SharedRegion::open(&path, server.nonce() ^ 1, 4, 0).unwrap_err().contains("not this server's"));
+        assert!(SharedRegion::open(&path, server.nonce(), 5, 0).unwrap_err().contains("not 5"));
+        assert!(SharedRegion::open(&path, server.nonce(), 4, 2).unwrap_err().contains("no gradient slot"));
+        assert!(SharedRegion::open("/nonexistent/quorum-1-0", 1, 4, 0).is_err());
+    }
+
+    #[test]
+    fn the_server_removes_its_file_when_it_ends() {
+        let path = {
+            let server = SharedRegion::create(4, 1).unwrap();
+            let path = server.path().to_path_buf();
+            assert!(path.exists());
+            path
+        };
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_file_left_by_a_dead_server_is_removed_by_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        // No process has this id (beyond the kernel's largest, 2^22).
+        let dead = dir.path().join(format!("{PREFIX}4999999-00000000000000aa"));
+        let live = dir.path().join(format!("{PREFIX}{}-00000000000000bb", std::process::id()));
+        let other = dir.path().join("unrelated-file");
+        for p in [&dead, &live, &other] {
+            std::fs::write(p, b"x").unwrap();
+        }
+        remove_abandoned(dir.path());
+        assert!(!dead.exists());
+        assert!(live.exists() && other.exists());
+    }
+
+    #[test]
+    fn a_reader_never_keeps_a_torn_copy_while_the_writer_rewrites() {
+        // Each write fills the slot with one value; a torn copy would mix two.
+        let server = std::sync::Arc::new(SharedRegion::create(4096, 1).unwrap());
+        let writer = {
+            let s = server.clone();
+            std::thread::spawn(move || {
+                for i in 0..2000u64 {
+                    s.publish(0, &vec![i as f32; 4096]);
+                }
+            })
+        };
+        let mut got = Vec::new();
+        while !writer.is_finished() {
+            if server.read_params(0, &mut got).is_ok() {
+                assert!(got.iter().all(|&v| v == got[0]), "a torn copy was kept");
+            }
+        }
+        writer.join().unwrap();
+        server.read_params(0, &mut got).unwrap();
+        assert_eq!(got[0], 1999.0);
+    }
+}

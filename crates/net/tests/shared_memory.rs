@@ -1,0 +1,59 @@
+//! Workers on the server's host move parameters and gradients through its shared memory
+//! (`quorum_net::shm`); every request still goes over gRPC, on loopback here.
+
+use quorum_compute::{GradientSource, LeastSquares};
+use quorum_core::{Policy, ServerConfig};
+use quorum_net::worker::WorkerReport;
+use quorum_net::{run_server, run_worker, ServerOptions, WorkerOptions};
+use std::time::Duration;
+
+/// A sync run of 2 workers, N = 2, over `steps` steps: the server offers shared memory when
+/// `offer`, and worker `i` uses it when `use_it[i]`. Its final test loss and worker reports.
+async fn run(offer: bool, use_it: [bool; 2], steps: u64) -> (f32, Vec<WorkerReport>) {
+    let src = LeastSquares::new(64, 16, 0.1, 1);
+    let mut cfg = ServerConfig::new(2, Policy::Sync { aggregate: 2, backups: 0 }, 0.2);
+    cfg.max_steps = Some(steps);
+    cfg.liveness.stall_timeout = Some(Duration::from_secs(10));
+    let mut opts = ServerOptions::new(cfg, src.layout().clone(), src.init_params(0));
+    opts.evaluator = Some(Box::new(src.clone()));
+    opts.shared_memory = offer;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let workers: Vec<_> = (0..2)
+        .map(|i| {
+            let mut wo = WorkerOptions::new(i, format!("http://{addr}"));
+            wo.shared_memory = use_it[i as usize];
+            tokio::spawn(run_worker(wo, Box::new(src.clone()) as Box<dyn GradientSource + Send>))
+        })
+        .collect();
+    let summary = tokio::time::timeout(Duration::from_secs(60), server).await.expect("finishes").unwrap().unwrap();
+    assert_eq!(summary.steps, steps);
+    let mut reports = Vec::new();
+    for w in workers {
+        reports.push(w.await.unwrap().unwrap());
+    }
+    (summary.final_test_loss.unwrap(), reports)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_through_shared_memory_reach_bit_for_bit_the_parameters_they_reach_over_grpc() {
+    // Two gradients a step: their sum is the same in either order, so the runs must agree
+    // to the last bit whatever the transport.
+    let (grpc, r) = run(false, [true, true], 60).await;
+    assert!(r.iter().all(|w| w.sent == 60 && w.shm_pushes == 0), "no shared memory offered: {r:?}");
+    let (shared, r) = run(true, [true, true], 60).await;
+    assert!(r.iter().all(|w| w.sent == 60 && w.shm_pushes == 60), "every push through shared memory: {r:?}");
+    assert_eq!(shared.to_bits(), grpc.to_bits(), "shared memory {shared} against gRPC {grpc}");
+    assert!(grpc < 0.05, "it trains: test loss {grpc}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_declines_shared_memory_trains_over_grpc_beside_one_that_uses_it() {
+    // Worker 1's pulls are answered with the parameters encoded from the shared memory's slot
+    // (the server writes each step there only); the evaluator's too.
+    let (mixed, r) = run(true, [true, false], 60).await;
+    assert_eq!((r[0].shm_pushes, r[1].shm_pushes), (60, 0), "{r:?}");
+    let (grpc, _) = run(false, [false, false], 60).await;
+    assert_eq!(mixed.to_bits(), grpc.to_bits(), "mixed {mixed} against gRPC {grpc}");
+}
