@@ -324,12 +324,12 @@ pub(crate) fn print_worker(i: u32, r: &WorkerReport) {
         held => format!("{held} taken by every shard"),
     };
     println!(
-        "  w{i}: {} gradients sent{}, {used}, {} dropped{}, {:.1} s computing{}",
+        "  w{i}: {} gradients sent, {used}, {} dropped{}, {:.1} s computing{}{}",
         r.sent,
-        if r.shm_pushes > 0 { format!(" ({} through shared memory)", r.shm_pushes) } else { String::new() },
         r.dropped,
         if r.unsent_late > 0 { format!(" ({} known late, not sent)", r.unsent_late) } else { String::new() },
         r.compute_seconds,
+        if r.shm_pushes > 0 { format!(", {} through shared memory", r.shm_pushes) } else { String::new() },
         if r.reconnects > 0 { format!(", {} reconnects", r.reconnects) } else { String::new() }
     );
 }

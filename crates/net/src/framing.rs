@@ -358,6 +358,7 @@ pub fn response(pieces: impl IntoIterator<Item = Bytes, IntoIter: Send + 'static
     Status::ok("").add_header(&mut trailers).expect("an OK status is a valid header");
     let frames = pieces
         .into_iter()
+        .filter(|b| !b.is_empty())
         .map(|b| Ok::<_, Status>(http_body::Frame::data(b)))
         .chain(std::iter::once(Ok(http_body::Frame::trailers(trailers))));
     let mut resp = http::Response::new(Body::new(http_body_util::StreamBody::new(tokio_stream::iter(frames))));
@@ -443,12 +444,15 @@ where
 
 /// Sends a call to `path` with `frames` as its body; the response's messages, or the
 /// error tonic's generated client would give.
+///
+/// Empty pieces are left out: each would go as an empty HTTP/2 data frame, and a peer's flood
+/// guard closes a connection that sends a few hundred of those (`too_many_data_frames`).
 async fn call<S>(channel: &mut S, path: &'static str, frames: Vec<Bytes>) -> Result<Messages<S::ResponseBody>, Status>
 where
     S: tonic::client::GrpcService<Body>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let pieces = frames.into_iter().map(|b| Ok::<_, Status>(http_body::Frame::data(b)));
+    let pieces = frames.into_iter().filter(|b| !b.is_empty()).map(|b| Ok::<_, Status>(http_body::Frame::data(b)));
     let body = Body::new(http_body_util::StreamBody::new(tokio_stream::iter(pieces)));
     let mut req = http::Request::new(body);
     *req.method_mut() = http::Method::POST;

@@ -57,3 +57,12 @@ async fn a_worker_that_declines_shared_memory_trains_over_grpc_beside_one_that_u
     let (grpc, _) = run(false, [false, false], 60).await;
     assert_eq!(mixed.to_bits(), grpc.to_bits(), "mixed {mixed} against gRPC {grpc}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_that_carry_no_values_keep_the_connection_through_a_long_run() {
+    // A push through shared memory is a small message; an empty HTTP/2 data frame after it
+    // would count against the server's flood guard, which closes the connection after a few
+    // hundred of them (the workers would reconnect, "lost the parameter server").
+    let (_, r) = run(true, [true, true], 1000).await;
+    assert!(r.iter().all(|w| w.shm_pushes == 1000 && w.reconnects == 0), "{r:?}");
+}
