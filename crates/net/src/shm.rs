@@ -86,7 +86,7 @@ impl SharedRegion {
         std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o600);
         let file = open.open(&path)?;
         let slots = PARAM_SLOTS + workers;
-        let mapped = file.set_len(file_bytes(len, slots) as u64).and_then(|()| memmap2::MmapRaw::map_raw(&file));
+        let mapped = reserve(&file, file_bytes(len, slots)).and_then(|()| memmap2::MmapRaw::map_raw(&file));
         let map = match mapped {
             Ok(m) => m,
             Err(e) => {
@@ -246,6 +246,22 @@ impl Drop for SharedRegion {
     }
 }
 
+/// Sizes the file to `bytes`, with the memory behind it reserved where the system allows: a
+/// write into a mapped page that a full `/dev/shm` cannot back would kill the process
+/// (SIGBUS); a reservation that does not fit fails here instead, and the server uses gRPC.
+fn reserve(file: &std::fs::File, bytes: usize) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain system call on an open descriptor.
+        let err = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, bytes as libc::off_t) };
+        if err != 0 {
+            return Err(std::io::Error::from_raw_os_error(err));
+        }
+    }
+    file.set_len(bytes as u64)
+}
+
 /// Removes the files in `dir` of servers that are no longer running (killed before they could
 /// remove their own): their process id, in the name, names no live process.
 fn remove_abandoned(dir: &Path) {
@@ -320,6 +336,14 @@ mod tests {
         assert!(SharedRegion::open(&path, server.nonce(), 5, 0).unwrap_err().contains("not 5"));
         assert!(SharedRegion::open(&path, server.nonce(), 4, 2).unwrap_err().contains("no gradient slot"));
         assert!(SharedRegion::open("/nonexistent/quorum-1-0", 1, 4, 0).is_err());
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_region_larger_than_the_machine_can_back_is_refused_when_made_not_when_written() {
+        // 5 slots of 2^40 values: 20 TiB. Only sized (not reserved), the file would be made,
+        // and the first write to a page that memory cannot back would kill the process.
+        assert!(SharedRegion::create(1 << 40, 1).is_err());
     }
 
     #[test]
