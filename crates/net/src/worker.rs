@@ -499,12 +499,13 @@ impl Session<'_> {
                 }
             };
             let shared = match &first {
-                Ok(Some((c, _))) if c.shm && !c.stop => Some(c.step),
+                Ok(Some((c, _))) if c.shm && !c.stop => Some((c.step, c.shm_nonce)),
                 _ => None,
             };
-            let Some(step) = shared else { break (replies, first) };
+            let Some((step, nonce)) = shared else { break (replies, first) };
             let at = Instant::now();
-            match self.shm.as_ref().map(|r| r.read_params(step, &mut buffer)) {
+            // (Another nonce: a restarted server's file, which this session has not opened.)
+            match self.shm.as_ref().filter(|r| r.nonce() == nonce).map(|r| r.read_params(step, &mut buffer)) {
                 Some(Ok(())) => return Ok((step, buffer, Some(at))),
                 // Rewritten while copied (the server went several steps on meanwhile): ask
                 // again, over gRPC.

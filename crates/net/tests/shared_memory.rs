@@ -66,3 +66,53 @@ async fn pushes_that_carry_no_values_keep_the_connection_through_a_long_run() {
     let (_, r) = run(true, [true, true], 1000).await;
     assert!(r.iter().all(|w| w.shm_pushes == 1000 && w.reconnects == 0), "{r:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_naming_a_write_the_servers_memory_does_not_hold_is_told_to_join_again() {
+    // As a worker's push lands after a server restart: the new server's file holds nothing of
+    // it. "Aborted" makes the worker join again (and open the new file); a refusal would end it.
+    use quorum_net::proto::parameter_server_client::ParameterServerClient;
+    use quorum_net::proto::GradientChunk;
+    let src = LeastSquares::new(64, 16, 0.1, 1);
+    let mut cfg = ServerConfig::new(1, Policy::Sync { aggregate: 1, backups: 0 }, 0.2);
+    cfg.max_steps = Some(1);
+    let opts = ServerOptions::new(cfg, src.layout().clone(), src.init_params(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let push = GradientChunk { worker: 0, step: 0, total: 64, shm: true, shm_seq: 2, ..Default::default() };
+    let refused = ParameterServerClient::new(channel).push(tokio_stream::iter(vec![push])).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Aborted, "{refused:?}");
+    assert!(refused.message().contains("join again"), "{}", refused.message());
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_answered_in_shared_memory_names_the_file_the_join_named() {
+    // A worker compares the nonce with its file's: one opened from an earlier server (which
+    // restarted) is not read.
+    use quorum_net::proto::parameter_server_client::ParameterServerClient;
+    use quorum_net::proto::{JoinRequest, ParamsChunk, PullRequest};
+    let src = LeastSquares::new(64, 16, 0.1, 1);
+    let mut cfg = ServerConfig::new(1, Policy::Sync { aggregate: 1, backups: 0 }, 0.2);
+    cfg.max_steps = Some(1);
+    let opts = ServerOptions::new(cfg, src.layout().clone(), src.init_params(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let mut channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let join = ParameterServerClient::new(channel.clone())
+        .join(JoinRequest { worker: 0, num_params: 64, session: 1, layout: vec![] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!join.shm_path.is_empty() && join.shm_nonce != 0, "{join:?}");
+    let mut replies =
+        quorum_net::framing::pull(&mut channel, &PullRequest { worker: 0, min_step: 0, shm: true }).await.unwrap();
+    let (first, data): (ParamsChunk, _) = replies.next_chunk(quorum_net::framing::PARAMS_DATA).await.unwrap().unwrap();
+    assert!(first.shm && data.is_empty(), "{first:?}");
+    assert_eq!((first.step, first.total, first.shm_nonce), (0, 64, join.shm_nonce));
+    server.abort();
+}

@@ -77,6 +77,7 @@ fn pull_body(step: u64, params: &[f32], enc: Encoding, stop: bool) -> Vec<bytes:
             stop,
             bf16: enc == Encoding::Bf16,
             shm: false,
+            shm_nonce: 0,
         };
         frames.extend(crate::framing::chunk_frames(&fields, crate::framing::PARAMS_DATA, data));
     }
@@ -314,11 +315,13 @@ impl Service {
     }
 
     /// A gradient pushed through shared memory: copied out of the worker's slot, if it is
-    /// whole and still the one the push names.
+    /// whole and still the one the push names. If not, the worker is told to join again
+    /// ("aborted", as a worker unknown here is): its push may have reached a restarted server,
+    /// whose file (if any) it has not opened.
     fn read_shared(&self, c: &GradientChunk) -> Result<Vec<f32>, Status> {
         let Some(region) = &self.shm else {
-            return Err(Status::failed_precondition(
-                "this server offers no shared memory: push the gradient's values (join again)",
+            return Err(Status::aborted(
+                "this server offers no shared memory (it may have restarted): join again, and push the gradient's values",
             ));
         };
         if c.total as usize != region.len() {
@@ -333,8 +336,8 @@ impl Service {
             Ok(()) => Ok(gradient),
             Err(e) => {
                 self.buffers.give_back(gradient);
-                Err(Status::invalid_argument(format!(
-                    "worker {}'s gradient of step {} in shared memory: {e} (push it again)",
+                Err(Status::aborted(format!(
+                    "worker {}'s gradient of step {} in shared memory: {e} (the server may have restarted: join again)",
                     c.worker, c.step
                 )))
             }
@@ -358,7 +361,8 @@ impl Service {
                 continue;
             }
             if let Some(region) = self.shm.as_ref().filter(|_| r.shm && p.in_shm && !p.stop) {
-                let fields = ParamsChunk { step: p.step, total: region.len() as u64, shm: true, ..Default::default() };
+                let (step, total, shm_nonce) = (p.step, region.len() as u64, region.nonce());
+                let fields = ParamsChunk { step, total, shm: true, shm_nonce, ..Default::default() };
                 break (p, vec![crate::framing::message_frame(&fields)]);
             }
             match p.frames(self.shm.as_deref()) {
