@@ -67,12 +67,11 @@ async fn pushes_that_carry_no_values_keep_the_connection_through_a_long_run() {
     assert!(r.iter().all(|w| w.shm_pushes == 1000 && w.reconnects == 0), "{r:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_push_naming_a_write_the_servers_memory_does_not_hold_is_told_to_join_again() {
-    // As a worker's push lands after a server restart: the new server's file holds nothing of
-    // it. "Aborted" makes the worker join again (and open the new file); a refusal would end it.
-    use quorum_net::proto::parameter_server_client::ParameterServerClient;
-    use quorum_net::proto::GradientChunk;
+/// A server (shared memory on) for one worker and one step of the synthetic model (64
+/// values), and a plain channel to it, for tests that speak the protocol by hand.
+async fn one_worker_server(
+) -> (tokio::task::JoinHandle<Result<quorum_net::TrainSummary, quorum_net::server::NetError>>, tonic::transport::Channel)
+{
     let src = LeastSquares::new(64, 16, 0.1, 1);
     let mut cfg = ServerConfig::new(1, Policy::Sync { aggregate: 1, backups: 0 }, 0.2);
     cfg.max_steps = Some(1);
@@ -81,6 +80,16 @@ async fn a_push_naming_a_write_the_servers_memory_does_not_hold_is_told_to_join_
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    (server, channel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_naming_a_write_the_servers_memory_does_not_hold_is_told_to_join_again() {
+    // As a worker's push lands after a server restart: the new server's file holds nothing of
+    // it. "Aborted" makes the worker join again (and open the new file); a refusal would end it.
+    use quorum_net::proto::parameter_server_client::ParameterServerClient;
+    use quorum_net::proto::GradientChunk;
+    let (server, channel) = one_worker_server().await;
     let push = GradientChunk { worker: 0, step: 0, total: 64, shm: true, shm_seq: 2, ..Default::default() };
     let refused = ParameterServerClient::new(channel).push(tokio_stream::iter(vec![push])).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Aborted, "{refused:?}");
@@ -94,15 +103,7 @@ async fn a_pull_answered_in_shared_memory_names_the_file_the_join_named() {
     // restarted) is not read.
     use quorum_net::proto::parameter_server_client::ParameterServerClient;
     use quorum_net::proto::{JoinRequest, ParamsChunk, PullRequest};
-    let src = LeastSquares::new(64, 16, 0.1, 1);
-    let mut cfg = ServerConfig::new(1, Policy::Sync { aggregate: 1, backups: 0 }, 0.2);
-    cfg.max_steps = Some(1);
-    let opts = ServerOptions::new(cfg, src.layout().clone(), src.init_params(0));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
-    let mut channel =
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let (server, mut channel) = one_worker_server().await;
     let join = ParameterServerClient::new(channel.clone())
         .join(JoinRequest { worker: 0, num_params: 64, session: 1, layout: vec![] })
         .await
