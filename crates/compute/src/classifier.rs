@@ -198,27 +198,55 @@ impl GradientSource for Classifier {
     }
 
     fn gradient(&mut self, params: &[f32], batch: BatchId, grad: &mut Vec<f32>) -> Result<f32, ComputeError> {
-        check_len(params, &self.layout)?;
-        self.plan.indices(batch.worker, batch.step, &mut self.idx);
-        let d = &self.train;
         match &mut self.compute {
-            Compute::Native(native) => {
-                self.x.clear();
-                self.labels.clear();
-                for &i in &self.idx {
-                    self.x.extend_from_slice(d.image(i));
-                    self.labels.push(d.labels[i]);
-                }
+            Compute::Native(_) => {
                 // Every value is overwritten: no need to zero a buffer of the right size.
                 if grad.len() != self.layout.len() {
                     grad.clear();
                     grad.resize(self.layout.len(), 0.0);
                 }
-                let image = (d.channels, d.height, d.width);
-                Ok(native.loss_and_gradient(&self.layout, params, &self.x, image, &self.labels, grad))
+                self.gradient_into(params, batch, grad)
             }
             #[cfg(feature = "burn")]
-            Compute::Burn(_, burn) => burn.gradient(&self.spec, &self.layout, params, d, &self.idx, grad),
+            Compute::Burn(_, burn) => {
+                check_len(params, &self.layout)?;
+                self.plan.indices(batch.worker, batch.step, &mut self.idx);
+                burn.gradient(&self.spec, &self.layout, params, &self.train, &self.idx, grad)
+            }
+        }
+    }
+
+    fn gradient_into(&mut self, params: &[f32], batch: BatchId, out: &mut [f32]) -> Result<f32, ComputeError> {
+        #[cfg(feature = "burn")]
+        if let Compute::Burn(..) = self.compute {
+            // burn's engines hand back a buffer: copied.
+            let mut grad = Vec::new();
+            let loss = self.gradient(params, batch, &mut grad)?;
+            if grad.len() != out.len() {
+                return Err(ComputeError::WrongGradientLength { got: out.len(), expected: grad.len() });
+            }
+            out.copy_from_slice(&grad);
+            return Ok(loss);
+        }
+        check_len(params, &self.layout)?;
+        if out.len() != self.layout.len() {
+            return Err(ComputeError::WrongGradientLength { got: out.len(), expected: self.layout.len() });
+        }
+        self.plan.indices(batch.worker, batch.step, &mut self.idx);
+        let d = &self.train;
+        self.x.clear();
+        self.labels.clear();
+        for &i in &self.idx {
+            self.x.extend_from_slice(d.image(i));
+            self.labels.push(d.labels[i]);
+        }
+        let image = (d.channels, d.height, d.width);
+        match &mut self.compute {
+            Compute::Native(native) => {
+                Ok(native.loss_and_gradient(&self.layout, params, &self.x, image, &self.labels, out))
+            }
+            #[cfg(feature = "burn")]
+            Compute::Burn(..) => unreachable!("burn's engines are handled above"),
         }
     }
 
@@ -430,6 +458,25 @@ mod tests {
         let mut clf = Classifier::new(ModelSpec::Mlp { hidden: vec![4] }, d.clone(), d.clone(), d, 4, 1, 0).unwrap();
         let e = clf.gradient(&[0.0; 3], BatchId { worker: WorkerId(0), step: 0 }, &mut Vec::new()).unwrap_err();
         assert!(e.to_string().contains("3 values"), "{e}");
+    }
+
+    #[test]
+    fn a_gradient_written_in_place_is_the_gradient_and_a_slice_of_the_wrong_length_is_refused() {
+        let d = tiny(16, 1, 4, 6);
+        for spec in [ModelSpec::Mlp { hidden: vec![5] }, ModelSpec::Cnn { channels: [2, 2, 3, 3] }] {
+            let mut clf = Classifier::new(spec, d.clone(), d.clone(), d.clone(), 4, 1, 0).unwrap();
+            let params = clf.init_params(2);
+            let b = BatchId { worker: WorkerId(1), step: 3 };
+            let mut g = Vec::new();
+            let loss = clf.gradient(&params, b, &mut g).unwrap();
+            // Stale values in the slot (as in a reused shared-memory slot) are all overwritten.
+            let mut slot = vec![f32::NAN; g.len()];
+            let loss_in_place = clf.gradient_into(&params, b, &mut slot).unwrap();
+            assert_eq!(loss.to_bits(), loss_in_place.to_bits());
+            assert!(g.iter().zip(&slot).all(|(a, b)| a.to_bits() == b.to_bits()), "the same bits");
+            let e = clf.gradient_into(&params, b, &mut vec![0.0; g.len() - 1]).unwrap_err();
+            assert!(matches!(e, ComputeError::WrongGradientLength { .. }), "{e}");
+        }
     }
 
     #[test]

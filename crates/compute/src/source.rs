@@ -32,6 +32,14 @@ pub enum ComputeError {
         /// Values expected.
         expected: usize,
     },
+    /// The slice a gradient is to be written into does not match the model's layout.
+    #[error("the gradient's buffer has {got} values but the model has {expected}")]
+    WrongGradientLength {
+        /// Values the buffer holds.
+        got: usize,
+        /// Values the model has.
+        expected: usize,
+    },
     /// A dataset could not be used; the message names the file and the problem.
     #[error("{0}")]
     Data(String),
@@ -41,6 +49,12 @@ pub enum ComputeError {
     /// Gradient code outside quorum failed (an exception in a Python gradient function).
     #[error("{0}")]
     Failed(String),
+}
+
+thread_local! {
+    /// The buffer of [`GradientSource::gradient_into`]'s default, kept by each thread for its
+    /// next gradient (a model's worth of memory is not allocated and faulted in every time).
+    static BUFFER: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// A model plus its data, seen as a function from flat parameters to gradients.
@@ -61,6 +75,28 @@ pub trait GradientSource {
     /// (resized to the layout's length); returns the mini-batch loss. `grad` may hold an
     /// earlier gradient (workers reuse the buffer): write every value.
     fn gradient(&mut self, params: &[f32], batch: BatchId, grad: &mut Vec<f32>) -> Result<f32, ComputeError>;
+
+    /// The same gradient written straight into `out` (the layout's length; every value
+    /// overwritten), e.g. a worker's slot of memory shared with the server, so that it is not
+    /// computed into a buffer and copied there. The default does exactly that (computes into a
+    /// buffer the thread keeps, then copies); sources whose computation can write into any
+    /// slice override it.
+    fn gradient_into(&mut self, params: &[f32], batch: BatchId, out: &mut [f32]) -> Result<f32, ComputeError> {
+        let mut grad = BUFFER.take();
+        let loss = self.gradient(params, batch, &mut grad);
+        let copied = match loss {
+            Ok(_) if grad.len() != out.len() => {
+                Err(ComputeError::WrongGradientLength { got: out.len(), expected: grad.len() })
+            }
+            Ok(loss) => {
+                out.copy_from_slice(&grad);
+                Ok(loss)
+            }
+            Err(e) => Err(e),
+        };
+        BUFFER.set(grad);
+        copied
+    }
 
     /// Loss (and accuracy, where it means something) on the test set.
     fn evaluate(&mut self, params: &[f32]) -> Result<Evaluation, ComputeError>;

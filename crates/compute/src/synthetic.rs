@@ -91,6 +91,23 @@ mod tests {
     use quorum_core::WorkerId;
 
     #[test]
+    fn the_default_gradient_into_a_slice_is_the_gradient_and_refuses_a_slice_of_another_length() {
+        let mut ls = LeastSquares::new(5, 8, 0.1, 3);
+        let params: Vec<f32> = vec![0.3, -0.2, 0.1, 0.5, -0.4];
+        let b = BatchId { worker: WorkerId(1), step: 2 };
+        let mut g = Vec::new();
+        let loss = ls.gradient(&params, b, &mut g).unwrap();
+        for _ in 0..2 {
+            // (Twice: the second reuses the thread's buffer.)
+            let mut out = [f32::NAN; 5];
+            assert_eq!(ls.gradient_into(&params, b, &mut out).unwrap(), loss);
+            assert_eq!(out[..], g[..]);
+        }
+        let e = ls.gradient_into(&params, b, &mut [0.0; 4]).unwrap_err();
+        assert!(matches!(e, ComputeError::WrongGradientLength { got: 4, expected: 5 }), "{e}");
+    }
+
+    #[test]
     fn gradient_matches_finite_differences_of_the_batch_loss() {
         let mut ls = LeastSquares::new(5, 8, 0.1, 3);
         let params: Vec<f32> = vec![0.3, -0.2, 0.1, 0.5, -0.4];

@@ -5,8 +5,8 @@
 //! Over loopback a step's bytes are copied many times: the server's parameters into each
 //! worker's socket and out again, each gradient into the socket, out, and into a buffer,
 //! with HTTP/2 framing on the way. With the file, the server writes each step's parameters
-//! once and every worker on the host copies them out; a worker writes its gradient once and
-//! the server copies it in. What travels over gRPC is a pull's answer or a push with no
+//! once and every worker on the host copies them out; a worker computes its gradient straight
+//! into its slot ([`GradientWrite`]) and the server copies it in. What travels over gRPC is a pull's answer or a push with no
 //! values, flagged `shm`: the values are in the file.
 //!
 //! The file (under `/dev/shm`, mode 0600, removed when the server ends) holds `param_slots`
@@ -20,6 +20,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Identifies a quorum shared-memory file ("QUORUMSM").
 const MAGIC: u64 = u64::from_le_bytes(*b"QUORUMSM");
@@ -162,14 +163,28 @@ impl SharedRegion {
         HEADER + slot * slot_bytes(self.len)
     }
 
-    /// Writes `values` for `step` into `slot`; returns the slot's new sequence number.
-    fn write(&self, slot: usize, step: u64, values: &[f32]) -> u64 {
-        assert_eq!(values.len(), self.len, "a slot holds the whole model");
-        let at = self.slot_at(slot);
+    /// Starts a write into the slot at byte `at`: its sequence number made odd (returned).
+    fn begin(&self, at: usize) -> u64 {
         let seq = self.word(at, 0);
         let odd = seq.load(Ordering::Relaxed) | 1;
         seq.store(odd, Ordering::Relaxed);
         fence(Ordering::Release);
+        odd
+    }
+
+    /// Ends the write `odd` began into the slot at byte `at`, of `step`'s values; returns the
+    /// slot's new sequence number.
+    fn end(&self, at: usize, odd: u64, step: u64) -> u64 {
+        self.word(at, 1).store(step, Ordering::Relaxed);
+        self.word(at, 0).store(odd + 1, Ordering::Release);
+        odd + 1
+    }
+
+    /// Writes `values` for `step` into `slot`; returns the slot's new sequence number.
+    fn write(&self, slot: usize, step: u64, values: &[f32]) -> u64 {
+        assert_eq!(values.len(), self.len, "a slot holds the whole model");
+        let at = self.slot_at(slot);
+        let odd = self.begin(at);
         // SAFETY: the slot's data lies in the map (sized for it); this process is the slot's
         // only writer (the server for parameter slots, worker `w` for slot `w`'s gradient).
         // Readers in other processes may copy concurrently: they discard what they copied
@@ -177,9 +192,7 @@ impl SharedRegion {
         unsafe {
             std::ptr::copy_nonoverlapping(values.as_ptr(), self.map.as_mut_ptr().add(at + HEADER) as *mut f32, self.len)
         };
-        self.word(at, 1).store(step, Ordering::Relaxed);
-        seq.store(odd + 1, Ordering::Release);
-        odd + 1
+        self.end(at, odd, step)
     }
 
     /// Copies `slot`'s values into `out` if they are `step`'s (and, with `expect`, the
@@ -232,9 +245,67 @@ impl SharedRegion {
         self.read(self.gradient_slot(worker), step, Some(seq), out)
     }
 
+    /// Worker `worker`: lends its gradient slot to be computed into, so the gradient is
+    /// written once, in place, not computed into a buffer and copied ([`GradientWrite`]).
+    /// The slot reads as being written (a push naming it is refused) until
+    /// [`GradientWrite::finish`].
+    pub fn gradient_write(self: &Arc<Self>, worker: u32) -> GradientWrite {
+        let at = self.slot_at(self.gradient_slot(worker));
+        let odd = self.begin(at);
+        GradientWrite { region: Arc::clone(self), at, odd }
+    }
+
     fn gradient_slot(&self, worker: u32) -> usize {
         assert!((worker as usize) < self.gradient_slots, "worker {worker} has no gradient slot");
         self.param_slots + worker as usize
+    }
+}
+
+/// A worker's gradient slot lent for one gradient ([`SharedRegion::gradient_write`]): the
+/// values to write every one of, then [`GradientWrite::finish`] with the step they are for.
+/// Holds the mapping, so it can travel to the thread that computes.
+pub struct GradientWrite {
+    region: Arc<SharedRegion>,
+    at: usize,
+    odd: u64,
+}
+
+impl GradientWrite {
+    /// Values in the slot (the model's).
+    pub fn len(&self) -> usize {
+        self.region.len
+    }
+
+    /// Whether the slot holds no values (a model without parameters).
+    pub fn is_empty(&self) -> bool {
+        self.region.len == 0
+    }
+
+    /// The slot's values (the model's length), to be overwritten.
+    pub fn values(&mut self) -> &mut [f32] {
+        // SAFETY: the slot's data lies in the map (sized for it) and is 4-byte aligned (the
+        // map is page-aligned, slots and headers are multiples of 64 bytes). This process is
+        // the slot's only writer, and a worker lends its slot to one computation at a time
+        // (`&mut self` for as long as the slice lives). Any value is a valid `f32`. The server,
+        // in another process, copies the slot only when a push names a finished write, and
+        // discards its copy if the sequence number moved meanwhile.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.region.map.as_mut_ptr().add(self.at + HEADER) as *mut f32,
+                self.region.len,
+            )
+        }
+    }
+
+    /// Ends the write: the values are `step`'s. The push names the returned sequence number.
+    pub fn finish(self, step: u64) -> u64 {
+        self.region.end(self.at, self.odd, step)
+    }
+}
+
+impl std::fmt::Debug for GradientWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GradientWrite").field("len", &self.region.len).finish()
     }
 }
 
@@ -326,6 +397,23 @@ mod tests {
         let at = server.slot_at(2);
         server.word(at, 0).fetch_add(1, Ordering::Relaxed);
         assert_eq!(server.read_params(2, &mut Vec::new()), Err(SlotError::Rewritten));
+    }
+
+    #[test]
+    fn a_gradient_computed_in_place_is_read_once_finished_and_not_while_it_is_written() {
+        let server = SharedRegion::create(3, 2).unwrap();
+        let worker = Arc::new(SharedRegion::open(server.path().to_str().unwrap(), server.nonce(), 3, 1).unwrap());
+        let before = worker.write_gradient(1, 4, &[1.0; 3]);
+        let mut write = worker.gradient_write(1);
+        write.values().copy_from_slice(&[0.5, 1.5, 2.5]);
+        let mut got = Vec::new();
+        // Half-way: neither the earlier push nor anything else can be read from the slot.
+        assert_eq!(server.read_gradient(1, 4, before, &mut got), Err(SlotError::Rewritten));
+        let seq = write.finish(5);
+        assert_ne!(seq, before);
+        server.read_gradient(1, 5, seq, &mut got).unwrap();
+        assert_eq!(got, [0.5, 1.5, 2.5]);
+        assert_eq!(server.read_gradient(1, 4, before, &mut got), Err(SlotError::Other), "the earlier push is gone");
     }
 
     #[test]

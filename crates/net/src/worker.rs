@@ -261,10 +261,35 @@ struct Pulled {
 /// A gradient computed on a step's parameters.
 struct Computed {
     step: u64,
-    grad: Vec<f32>,
+    grad: Gradient,
     loss: f32,
     seconds: f64,
     pull_seconds: f64,
+}
+
+/// Where a gradient was computed into.
+enum Gradient {
+    /// A buffer, sent over gRPC.
+    Buffer(Vec<f32>),
+    /// This worker's slot of the server's shared memory, written in place: the push names it.
+    Shared(crate::shm::GradientWrite),
+}
+
+impl Gradient {
+    fn len(&self) -> usize {
+        match self {
+            Gradient::Buffer(g) => g.len(),
+            Gradient::Shared(w) => w.len(),
+        }
+    }
+
+    /// The values in a buffer (copied out of a shared slot, which sharded runs never use).
+    fn into_buffer(self) -> Vec<f32> {
+        match self {
+            Gradient::Buffer(g) => g,
+            Gradient::Shared(mut w) => w.values().to_vec(),
+        }
+    }
 }
 
 /// One joined session with the server: the links, what the join said, and the worker rule
@@ -294,7 +319,7 @@ struct Session<'a> {
     /// A sharded run: each shard's part of the parameters as pulled, reused.
     parts: Vec<Vec<f32>>,
     /// The server's shared memory, when this worker is on its host ([`crate::shm`]).
-    shm: Option<crate::shm::SharedRegion>,
+    shm: Option<std::sync::Arc<crate::shm::SharedRegion>>,
 }
 
 /// What this worker joins with: its index, session and model layout.
@@ -381,14 +406,14 @@ fn shared_memory(
     join: &JoinReply,
     one_server: bool,
     len: usize,
-) -> Option<crate::shm::SharedRegion> {
+) -> Option<std::sync::Arc<crate::shm::SharedRegion>> {
     if !opts.shared_memory || !one_server || join.shm_path.is_empty() || join.bf16 {
         return None;
     }
     match crate::shm::SharedRegion::open(&join.shm_path, join.shm_nonce, len, opts.index) {
         Ok(r) => {
             tracing::debug!("worker {}: parameters and gradients through shared memory", opts.index);
-            Some(r)
+            Some(std::sync::Arc::new(r))
         }
         Err(e) => {
             tracing::debug!("worker {}: no shared memory with the server ({e}): gRPC alone", opts.index);
@@ -550,10 +575,19 @@ impl Session<'_> {
         let Pulled { step, params, seconds: pull_seconds } = pulled;
         let mut src = local.source.take().expect("source is returned after every computation");
         let t0 = Instant::now();
-        let mut grad = self.grads.take();
+        // Into this worker's slot of the server's shared memory where there is one (no copy
+        // there afterwards), else into a buffer for gRPC.
+        let mut grad = match &self.shm {
+            Some(region) => Gradient::Shared(region.gradient_write(w)),
+            None => Gradient::Buffer(self.grads.take()),
+        };
         let mut task = tokio::task::spawn_blocking(move || {
-            let r = src.gradient(&params, BatchId { worker: WorkerId(w), step }, &mut grad).map(|loss| (loss, grad));
-            (src, r, params)
+            let batch = BatchId { worker: WorkerId(w), step };
+            let loss = match &mut grad {
+                Gradient::Buffer(g) => src.gradient(&params, batch, g),
+                Gradient::Shared(slot) => src.gradient_into(&params, batch, slot.values()),
+            };
+            (src, loss.map(|loss| (loss, grad)), params)
         });
         let beat = self.heartbeat_request();
         let (src, result, params) = loop {
@@ -639,19 +673,16 @@ impl Session<'_> {
         let pushed = match reply {
             Some(r) => Ok(r),
             None => {
-                let frames = match &self.shm {
-                    // The values go into this worker's slot; the push names the write.
-                    Some(region) => {
+                let frames = match done.grad {
+                    // The values are in this worker's slot; the push names the write.
+                    Gradient::Shared(write) => {
                         report.shm_pushes += 1;
-                        let shm_seq = region.write_gradient(self.opts.index, done.step, &done.grad);
-                        self.grads.give(done.grad);
-                        let head = GradientChunk { shm: true, shm_seq, ..head };
+                        let head = GradientChunk { shm: true, shm_seq: write.finish(done.step), ..head };
                         crate::framing::push_frames(&head, vec![Bytes::new()])
                     }
-                    None => crate::framing::push_frames(
-                        &head,
-                        self.enc.encode_chunks_recycled(done.grad, Some(&self.grads)),
-                    ),
+                    Gradient::Buffer(grad) => {
+                        crate::framing::push_frames(&head, self.enc.encode_chunks_recycled(grad, Some(&self.grads)))
+                    }
                 };
                 within(self.opts.rpc_timeout, "push", crate::framing::push(&mut self.channel, frames)).await
             }

@@ -111,6 +111,7 @@ impl Session<'_> {
         notice: bool,
     ) -> Result<(), Exit> {
         let head = self.head(&done);
+        let grad = done.grad.into_buffer();
         report.sent += 1;
         let links = std::iter::once((self.channel.clone(), self.range.clone()))
             .chain(self.others.iter().map(|l| (l.channel.clone(), l.range.clone())));
@@ -118,7 +119,7 @@ impl Session<'_> {
         for (mut channel, range) in links {
             let head = GradientChunk { total: range.len() as u64, ..head.clone() };
             let enc = self.enc;
-            let slice = done.grad[range].to_vec();
+            let slice = grad[range].to_vec();
             let limit = self.opts.rpc_timeout;
             pushes.spawn(async move {
                 if notice {
@@ -135,7 +136,7 @@ impl Session<'_> {
             });
         }
         // Each shard's slice is a copy: the whole gradient's buffer serves the next one.
-        self.grads.give(done.grad);
+        self.grads.give(grad);
         let (mut late, mut stop, mut all_notices, mut failed) = (false, false, true, None);
         while let Some(joined) = pushes.join_next().await {
             let (pushed, was_notice) =
