@@ -64,7 +64,9 @@ ENGINE = os.environ.get("ENGINE", "native")
 
 def quorum(binary, model):
     env = dict(os.environ, RAYON_NUM_THREADS="1")
-    out = subprocess.run([binary, "10", model, ENGINE], env=env, capture_output=True, text=True, check=True)
+    # gradient_time times the CNN a tenth as often as the MLP: 50 MLP and 5 CNN gradients
+    # (after warm-up ones), their median.
+    out = subprocess.run([binary, "50", model, ENGINE], env=env, capture_output=True, text=True, check=True)
     row = out.stdout.strip().splitlines()[-1].split(",")
     return float(row[3]) / 1e3
 
@@ -101,6 +103,13 @@ def main():
     for label, _ in builds:
         q = statistics.median(cnn[label])
         print(f"| CNN: quorum's whole gradient, {label} | {q * 1e3:.1f} | {q / cnn_floor:.2f} (goal <= 1.5) |")
+    # The same ratios round by round (each against its own round's measurements), for the spread.
+    print()
+    for label, _ in builds:
+        m = sorted(q / n for q, n in zip(mlp[label], numpy_mlp))
+        c = sorted(q * p / cnn_flops() for q, p in zip(cnn[label], peaks))
+        print(f"{label}, round by round: MLP {', '.join(f'{x:.2f}' for x in m)} (median {statistics.median(m):.2f}); "
+              f"CNN {', '.join(f'{x:.2f}' for x in c)} (median {statistics.median(c):.2f})")
 
 
 if __name__ == "__main__":
