@@ -119,7 +119,10 @@ async fn every_shard_of_a_grpc_cluster_averages_the_same_workers_at_every_step_a
     let steps = 120;
     let cfg = config(4, Policy::Sync { aggregate: 2, backups: 2 }, steps);
     let (addrs, servers) = start_shards(&cfg, dir.path(), &[3, 3, 3]).await;
-    let workers: Vec<_> = (0..4).map(|i| worker(i, &addrs)).collect();
+    // The first gradients meet: two workers cannot close all 120 quick steps before the
+    // other two join (they did on a loaded core).
+    let workers: Vec<_> =
+        meeting_sources(4).into_iter().enumerate().map(|(i, src)| worker_with(i as u32, &addrs, src)).collect();
     // An evaluator pulls every shard's part every 40 steps and reports to shard 0.
     let mut eval_opts = WorkerOptions::new(0, addrs[0].clone());
     eval_opts.shards = addrs[1..].to_vec();
