@@ -220,13 +220,7 @@ impl GradientSource for Classifier {
         #[cfg(feature = "burn")]
         if let Compute::Burn(..) = self.compute {
             // burn's engines hand back a buffer: copied.
-            let mut grad = Vec::new();
-            let loss = self.gradient(params, batch, &mut grad)?;
-            if grad.len() != out.len() {
-                return Err(ComputeError::WrongGradientLength { got: out.len(), expected: grad.len() });
-            }
-            out.copy_from_slice(&grad);
-            return Ok(loss);
+            return crate::source::gradient_via_buffer(self, params, batch, out);
         }
         check_len(params, &self.layout)?;
         if out.len() != self.layout.len() {

@@ -32,5 +32,5 @@ pub use delay::{DelayError, DelayModel, DelaySampler};
 pub use model::ModelSpec;
 #[cfg(feature = "models")]
 pub use native::Engine;
-pub use source::{BatchId, ComputeError, Evaluation, GradientSource};
+pub use source::{gradient_via_buffer, BatchId, ComputeError, Evaluation, GradientSource};
 pub use synthetic::LeastSquares;

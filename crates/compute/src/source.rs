@@ -82,20 +82,7 @@ pub trait GradientSource {
     /// buffer the thread keeps, then copies); sources whose computation can write into any
     /// slice override it.
     fn gradient_into(&mut self, params: &[f32], batch: BatchId, out: &mut [f32]) -> Result<f32, ComputeError> {
-        let mut grad = BUFFER.take();
-        let loss = self.gradient(params, batch, &mut grad);
-        let copied = match loss {
-            Ok(_) if grad.len() != out.len() => {
-                Err(ComputeError::WrongGradientLength { got: out.len(), expected: grad.len() })
-            }
-            Ok(loss) => {
-                out.copy_from_slice(&grad);
-                Ok(loss)
-            }
-            Err(e) => Err(e),
-        };
-        BUFFER.set(grad);
-        copied
+        gradient_via_buffer(self, params, batch, out)
     }
 
     /// Loss (and accuracy, where it means something) on the test set.
@@ -111,6 +98,30 @@ pub trait GradientSource {
     fn train_examples(&self) -> Option<usize> {
         None
     }
+}
+
+/// [`GradientSource::gradient_into`] by way of [`GradientSource::gradient`]: into a buffer
+/// the thread keeps, then copied into `out` (the default, and what sources whose computation
+/// hands back a buffer of its own do).
+pub fn gradient_via_buffer<S: GradientSource + ?Sized>(
+    source: &mut S,
+    params: &[f32],
+    batch: BatchId,
+    out: &mut [f32],
+) -> Result<f32, ComputeError> {
+    let mut grad = BUFFER.take();
+    let copied = match source.gradient(params, batch, &mut grad) {
+        Ok(_) if grad.len() != out.len() => {
+            Err(ComputeError::WrongGradientLength { got: out.len(), expected: grad.len() })
+        }
+        Ok(loss) => {
+            out.copy_from_slice(&grad);
+            Ok(loss)
+        }
+        Err(e) => Err(e),
+    };
+    BUFFER.set(grad);
+    copied
 }
 
 /// Checks a parameter buffer's length against a layout.

@@ -90,11 +90,14 @@ mod tests {
     use super::*;
     use quorum_core::WorkerId;
 
+    /// A small problem, parameters to take its gradient at, and a batch.
+    fn problem() -> (LeastSquares, Vec<f32>, BatchId) {
+        (LeastSquares::new(5, 8, 0.1, 3), vec![0.3, -0.2, 0.1, 0.5, -0.4], BatchId { worker: WorkerId(1), step: 2 })
+    }
+
     #[test]
     fn the_default_gradient_into_a_slice_is_the_gradient_and_refuses_a_slice_of_another_length() {
-        let mut ls = LeastSquares::new(5, 8, 0.1, 3);
-        let params: Vec<f32> = vec![0.3, -0.2, 0.1, 0.5, -0.4];
-        let b = BatchId { worker: WorkerId(1), step: 2 };
+        let (mut ls, params, b) = problem();
         let mut g = Vec::new();
         let loss = ls.gradient(&params, b, &mut g).unwrap();
         for _ in 0..2 {
@@ -109,9 +112,7 @@ mod tests {
 
     #[test]
     fn gradient_matches_finite_differences_of_the_batch_loss() {
-        let mut ls = LeastSquares::new(5, 8, 0.1, 3);
-        let params: Vec<f32> = vec![0.3, -0.2, 0.1, 0.5, -0.4];
-        let b = BatchId { worker: WorkerId(1), step: 2 };
+        let (mut ls, params, b) = problem();
         let mut g = Vec::new();
         ls.gradient(&params, b, &mut g).unwrap();
         let h = 1e-2;

@@ -180,21 +180,6 @@ impl SharedRegion {
         odd + 1
     }
 
-    /// Writes `values` for `step` into `slot`; returns the slot's new sequence number.
-    fn write(&self, slot: usize, step: u64, values: &[f32]) -> u64 {
-        assert_eq!(values.len(), self.len, "a slot holds the whole model");
-        let at = self.slot_at(slot);
-        let odd = self.begin(at);
-        // SAFETY: the slot's data lies in the map (sized for it); this process is the slot's
-        // only writer (the server for parameter slots, worker `w` for slot `w`'s gradient).
-        // Readers in other processes may copy concurrently: they discard what they copied
-        // unless the sequence number was even and unchanged across the copy.
-        unsafe {
-            std::ptr::copy_nonoverlapping(values.as_ptr(), self.map.as_mut_ptr().add(at + HEADER) as *mut f32, self.len)
-        };
-        self.end(at, odd, step)
-    }
-
     /// Copies `slot`'s values into `out` if they are `step`'s (and, with `expect`, the
     /// write with that sequence number) and were not rewritten meanwhile.
     fn read(&self, slot: usize, step: u64, expect: Option<u64>, out: &mut Vec<f32>) -> Result<(), SlotError> {
@@ -224,17 +209,22 @@ impl SharedRegion {
 
     /// The server: publishes the parameters of `step`.
     pub fn publish(&self, step: u64, params: &[f32]) {
-        self.write(step as usize % self.param_slots, step, params);
+        assert_eq!(params.len(), self.len, "a slot holds the whole model");
+        let at = self.slot_at(step as usize % self.param_slots);
+        let odd = self.begin(at);
+        // SAFETY: the slot's data lies in the map (sized for it); the server is the only
+        // writer of parameter slots. Workers in other processes may copy concurrently: they
+        // discard what they copied unless the sequence number was even and unchanged across
+        // the copy.
+        unsafe {
+            std::ptr::copy_nonoverlapping(params.as_ptr(), self.map.as_mut_ptr().add(at + HEADER) as *mut f32, self.len)
+        };
+        self.end(at, odd, step);
     }
 
     /// A worker: copies the parameters of `step` into `out`.
     pub fn read_params(&self, step: u64, out: &mut Vec<f32>) -> Result<(), SlotError> {
         self.read(step as usize % self.param_slots, step, None, out)
-    }
-
-    /// Worker `worker`: writes its gradient of `step`; the push names the returned sequence number.
-    pub fn write_gradient(&self, worker: u32, step: u64, gradient: &[f32]) -> u64 {
-        self.write(self.gradient_slot(worker), step, gradient)
     }
 
     /// The server: copies worker `worker`'s gradient of `step`, written as `seq`, into `out`.
@@ -355,15 +345,22 @@ fn remove_abandoned(dir: &Path) {
 mod tests {
     use super::*;
 
+    /// Worker `worker`'s gradient of `step` written into its slot; the write's sequence number.
+    fn write_gradient(region: &Arc<SharedRegion>, worker: u32, step: u64, values: &[f32]) -> u64 {
+        let mut write = region.gradient_write(worker);
+        write.values().copy_from_slice(values);
+        write.finish(step)
+    }
+
     #[test]
     fn a_worker_reads_the_parameters_the_server_published_and_the_server_the_gradient_the_worker_wrote() {
         let server = SharedRegion::create(5, 2).unwrap();
-        let worker = SharedRegion::open(server.path().to_str().unwrap(), server.nonce(), 5, 1).unwrap();
+        let worker = Arc::new(SharedRegion::open(server.path().to_str().unwrap(), server.nonce(), 5, 1).unwrap());
         server.publish(7, &[1.0, 2.0, 3.0, 4.0, 5.0]);
         let mut got = Vec::new();
         worker.read_params(7, &mut got).unwrap();
         assert_eq!(got, [1.0, 2.0, 3.0, 4.0, 5.0]);
-        let seq = worker.write_gradient(1, 7, &[0.5; 5]);
+        let seq = write_gradient(&worker, 1, 7, &[0.5; 5]);
         server.read_gradient(1, 7, seq, &mut got).unwrap();
         assert_eq!(got, [0.5; 5]);
     }
@@ -381,9 +378,9 @@ mod tests {
 
     #[test]
     fn a_gradient_rewritten_after_its_push_named_it_is_refused() {
-        let server = SharedRegion::create(2, 1).unwrap();
-        let seq = server.write_gradient(0, 3, &[1.0, 1.0]);
-        server.write_gradient(0, 3, &[9.0, 9.0]);
+        let server = Arc::new(SharedRegion::create(2, 1).unwrap());
+        let seq = write_gradient(&server, 0, 3, &[1.0, 1.0]);
+        write_gradient(&server, 0, 3, &[9.0, 9.0]);
         let mut got = Vec::new();
         assert_eq!(server.read_gradient(0, 3, seq, &mut got), Err(SlotError::Other));
         assert_eq!(server.read_gradient(5, 3, seq, &mut got), Err(SlotError::Other), "no such worker");
@@ -403,7 +400,7 @@ mod tests {
     fn a_gradient_computed_in_place_is_read_once_finished_and_not_while_it_is_written() {
         let server = SharedRegion::create(3, 2).unwrap();
         let worker = Arc::new(SharedRegion::open(server.path().to_str().unwrap(), server.nonce(), 3, 1).unwrap());
-        let before = worker.write_gradient(1, 4, &[1.0; 3]);
+        let before = write_gradient(&worker, 1, 4, &[1.0; 3]);
         let mut write = worker.gradient_write(1);
         write.values().copy_from_slice(&[0.5, 1.5, 2.5]);
         let mut got = Vec::new();
