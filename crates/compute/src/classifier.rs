@@ -7,7 +7,7 @@ use crate::batch::BatchPlan;
 use crate::burn_engine::BurnEngine;
 use crate::data::Dataset;
 use crate::model::ModelSpec;
-use crate::native::{Engine, Native};
+use crate::native::{Engine, Labelled, Native};
 use crate::source::{check_len, BatchId, ComputeError, Evaluation, GradientSource};
 use quorum_core::ParamLayout;
 use std::sync::Arc;
@@ -217,9 +217,19 @@ impl GradientSource for Classifier {
     }
 
     fn gradient_into(&mut self, params: &[f32], batch: BatchId, out: &mut [f32]) -> Result<f32, ComputeError> {
+        self.gradient_into_unless(params, batch, out, &|| false)
+    }
+
+    fn gradient_into_unless(
+        &mut self,
+        params: &[f32],
+        batch: BatchId,
+        out: &mut [f32],
+        overtaken: &dyn Fn() -> bool,
+    ) -> Result<f32, ComputeError> {
         #[cfg(feature = "burn")]
         if let Compute::Burn(..) = self.compute {
-            // burn's engines hand back a buffer: copied.
+            // burn's engines hand back a buffer (copied), and run to the end.
             return crate::source::gradient_via_buffer(self, params, batch, out);
         }
         check_len(params, &self.layout)?;
@@ -234,14 +244,18 @@ impl GradientSource for Classifier {
             self.x.extend_from_slice(d.image(i));
             self.labels.push(d.labels[i]);
         }
-        let image = (d.channels, d.height, d.width);
+        let examples = Labelled { x: &self.x, image: (d.channels, d.height, d.width), labels: &self.labels };
         match &mut self.compute {
             Compute::Native(native) => {
-                Ok(native.loss_and_gradient(&self.layout, params, &self.x, image, &self.labels, out))
+                native.loss_and_gradient(&self.layout, params, examples, out, overtaken).ok_or(ComputeError::Abandoned)
             }
             #[cfg(feature = "burn")]
             Compute::Burn(..) => unreachable!("burn's engines are handled above"),
         }
+    }
+
+    fn can_abandon(&self) -> bool {
+        matches!(self.compute, Compute::Native(_))
     }
 
     fn evaluate(&mut self, params: &[f32]) -> Result<Evaluation, ComputeError> {
@@ -470,6 +484,41 @@ mod tests {
             assert!(g.iter().zip(&slot).all(|(a, b)| a.to_bits() == b.to_bits()), "the same bits");
             let e = clf.gradient_into(&params, b, &mut vec![0.0; g.len() - 1]).unwrap_err();
             assert!(matches!(e, ComputeError::WrongGradientLength { .. }), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_computation_stops_between_layers_once_overtaken_and_is_the_gradient_when_not() {
+        let d = tiny(16, 1, 4, 6);
+        for spec in [ModelSpec::Mlp { hidden: vec![5] }, ModelSpec::Cnn { channels: [2, 2, 3, 3] }] {
+            let mut clf = Classifier::new(spec.clone(), d.clone(), d.clone(), d.clone(), 4, 1, 0).unwrap();
+            assert!(clf.can_abandon());
+            let params = clf.init_params(2);
+            let b = BatchId { worker: WorkerId(1), step: 3 };
+            let mut g = Vec::new();
+            let loss = clf.gradient(&params, b, &mut g).unwrap();
+            let asks = std::cell::Cell::new(0);
+            let mut slot = vec![f32::NAN; g.len()];
+            let never = || {
+                asks.set(asks.get() + 1);
+                false
+            };
+            let kept = clf.gradient_into_unless(&params, b, &mut slot, &never).unwrap();
+            assert_eq!(loss.to_bits(), kept.to_bits(), "{spec:?}");
+            assert!(g.iter().zip(&slot).all(|(a, b)| a.to_bits() == b.to_bits()), "{spec:?}: the same bits");
+            let between = asks.replace(0);
+            assert!(between >= 2, "{spec:?}: asked between layers, not once ({between})");
+            // Overtaken at the second question: it stops there, asking no more.
+            let at_second = || {
+                asks.set(asks.get() + 1);
+                asks.get() >= 2
+            };
+            let e = clf.gradient_into_unless(&params, b, &mut slot, &at_second).unwrap_err();
+            assert!(matches!(e, ComputeError::Abandoned), "{spec:?}: {e}");
+            assert_eq!(asks.get(), 2, "{spec:?}");
+            // The engine is whole after stopping half-way: the next gradient is the same.
+            assert_eq!(clf.gradient_into_unless(&params, b, &mut slot, &|| false).unwrap().to_bits(), loss.to_bits());
+            assert!(g.iter().zip(&slot).all(|(a, b)| a.to_bits() == b.to_bits()), "{spec:?}: after a stop");
         }
     }
 

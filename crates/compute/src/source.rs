@@ -49,6 +49,10 @@ pub enum ComputeError {
     /// Gradient code outside quorum failed (an exception in a Python gradient function).
     #[error("{0}")]
     Failed(String),
+    /// The computation stopped half-way because its result was no longer wanted
+    /// ([`GradientSource::gradient_into_unless`]); what it wrote is no gradient.
+    #[error("the computation was abandoned: its step closed without it")]
+    Abandoned,
 }
 
 thread_local! {
@@ -83,6 +87,27 @@ pub trait GradientSource {
     /// slice override it.
     fn gradient_into(&mut self, params: &[f32], batch: BatchId, out: &mut [f32]) -> Result<f32, ComputeError> {
         gradient_via_buffer(self, params, batch, out)
+    }
+
+    /// [`GradientSource::gradient_into`], stopped between two stages of the computation
+    /// (layers, passes) as soon as `overtaken()` says its result is no longer wanted (the
+    /// step it is for closed without it): then [`ComputeError::Abandoned`], and `out` holds no
+    /// gradient. The default never asks, and finishes: a source that cannot stop half-way
+    /// says so in [`GradientSource::can_abandon`].
+    fn gradient_into_unless(
+        &mut self,
+        params: &[f32],
+        batch: BatchId,
+        out: &mut [f32],
+        overtaken: &dyn Fn() -> bool,
+    ) -> Result<f32, ComputeError> {
+        let _ = overtaken;
+        self.gradient_into(params, batch, out)
+    }
+
+    /// Whether [`GradientSource::gradient_into_unless`] stops half-way when asked to.
+    fn can_abandon(&self) -> bool {
+        false
     }
 
     /// Loss (and accuracy, where it means something) on the test set.

@@ -111,6 +111,17 @@ mod tests {
     }
 
     #[test]
+    fn a_source_that_cannot_stop_half_way_says_so_and_finishes_even_when_overtaken() {
+        let (mut ls, params, b) = problem();
+        assert!(!ls.can_abandon());
+        let mut g = Vec::new();
+        let loss = ls.gradient(&params, b, &mut g).unwrap();
+        let mut out = [f32::NAN; 5];
+        assert_eq!(ls.gradient_into_unless(&params, b, &mut out, &|| true).unwrap(), loss);
+        assert_eq!(out[..], g[..]);
+    }
+
+    #[test]
     fn gradient_matches_finite_differences_of_the_batch_loss() {
         let (mut ls, params, b) = problem();
         let mut g = Vec::new();

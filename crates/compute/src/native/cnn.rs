@@ -14,6 +14,7 @@ use super::ops::{
     softmax_cross_entropy, swap_outer, Shape,
 };
 use super::winograd::{self, Finish, Winograd};
+use super::Labelled;
 use quorum_core::ParamLayout;
 use std::ops::Range;
 
@@ -170,17 +171,17 @@ impl Cnn {
         (shapes, s)
     }
 
-    /// Mean loss over the batch `x` (`[b, c, h, w]`, `b = labels.len()`), with the gradient
-    /// written into `grad` (layout order).
+    /// Mean loss over `batch` (`[b, c, h, w]`), with the gradient written into `grad` (layout
+    /// order); `None` if `overtaken()` says stop, asked before each convolution's backward pass.
     pub fn loss_and_gradient(
         &mut self,
         layout: &ParamLayout,
         params: &[f32],
-        x: &[f32],
-        image: (usize, usize, usize),
-        labels: &[u8],
+        batch: Labelled<'_>,
         grad: &mut [f32],
-    ) -> f32 {
+        overtaken: &dyn Fn() -> bool,
+    ) -> Option<f32> {
+        let Labelled { x, image, labels } = batch;
         let b = labels.len();
         let (shapes, s) = self.forward(layout, params, x, image, b);
         let t = layout.tensors();
@@ -195,6 +196,9 @@ impl Cnn {
         // Back to channel-major: the gradient of the last pooled activation.
         swap_outer(&mut self.d, &self.d2, b, s.c, s.h * s.w);
         for i in (0..4).rev() {
+            if overtaken() {
+                return None;
+            }
             let s = shapes[i];
             let cout = t[2 * i].shape[0];
             let out_shape = Shape { c: cout, ..s };
@@ -241,7 +245,7 @@ impl Cnn {
                 std::mem::swap(&mut self.d, &mut self.d2);
             }
         }
-        loss
+        Some(loss)
     }
 }
 
@@ -258,7 +262,8 @@ mod tests {
         let params = spec.init(&layout, 7);
         let x: Vec<f32> = (0..b * 64).map(|i| ((i * 37) % 11) as f32 / 11.0 - 0.4).collect();
         let mut grad = vec![f32::NAN; layout.len()];
-        let loss = cnn.loss_and_gradient(&layout, &params, &x, image, &[0, 3, 4], &mut grad);
+        let batch = Labelled { x: &x, image, labels: &[0, 3, 4] };
+        let loss = cnn.loss_and_gradient(&layout, &params, batch, &mut grad, &|| false).expect("never overtaken");
         (loss, grad)
     }
 

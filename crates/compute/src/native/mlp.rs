@@ -3,6 +3,7 @@
 
 use super::gemm::{matmul, Mat};
 use super::ops::{col_sums, fill_rows, relu, relu_backward, softmax_cross_entropy};
+use super::Labelled;
 use quorum_core::ParamLayout;
 
 /// Scratch buffers, kept between steps so a step allocates nothing once warm.
@@ -40,16 +41,18 @@ impl Mlp {
         }
     }
 
-    /// Mean loss over the batch `x` (`labels.len()` rows of `layout`'s input width), with the
-    /// gradient written into `grad` (layout order).
+    /// Mean loss over `batch` (rows of `layout`'s input width), with the gradient written into
+    /// `grad` (layout order); `None` if `overtaken()` says stop, asked after the forward pass
+    /// and after each layer's backward pass.
     pub fn loss_and_gradient(
         &mut self,
         layout: &ParamLayout,
         params: &[f32],
-        x: &[f32],
-        labels: &[u8],
+        batch: Labelled<'_>,
         grad: &mut [f32],
-    ) -> f32 {
+        overtaken: &dyn Fn() -> bool,
+    ) -> Option<f32> {
+        let Labelled { x, labels, .. } = batch;
         let b = labels.len();
         self.forward(layout, params, x, b);
         let t = layout.tensors();
@@ -59,6 +62,9 @@ impl Mlp {
         std::mem::swap(&mut self.delta, &mut self.outs[layers - 1]);
         let loss = softmax_cross_entropy(&mut self.delta, labels, classes);
         for i in (0..layers).rev() {
+            if overtaken() {
+                return None;
+            }
             let (din, dout) = dims(i);
             let input: &[f32] = if i == 0 { x } else { &self.outs[i - 1] };
             let delta = Mat::new(&self.delta, b, dout);
@@ -71,6 +77,6 @@ impl Mlp {
                 std::mem::swap(&mut self.delta, &mut self.next);
             }
         }
-        loss
+        Some(loss)
     }
 }

@@ -96,19 +96,28 @@ impl Native {
         }
     }
 
-    /// Mean loss over the batch `x` (`[labels.len(), c, h, w]`), gradient into `grad`.
+    /// Mean loss over `batch`, gradient into `grad`; `None` (and no gradient in `grad`) when
+    /// `overtaken()`, asked between the passes of the layers, says the result is no longer
+    /// wanted.
     pub fn loss_and_gradient(
         &mut self,
         layout: &ParamLayout,
         params: &[f32],
-        x: &[f32],
-        image: (usize, usize, usize),
-        labels: &[u8],
+        batch: Labelled<'_>,
         grad: &mut [f32],
-    ) -> f32 {
+        overtaken: &dyn Fn() -> bool,
+    ) -> Option<f32> {
         match self {
-            Native::Mlp(m) => m.loss_and_gradient(layout, params, x, labels, grad),
-            Native::Cnn(c) => c.loss_and_gradient(layout, params, x, image, labels, grad),
+            Native::Mlp(m) => m.loss_and_gradient(layout, params, batch, grad, overtaken),
+            Native::Cnn(c) => c.loss_and_gradient(layout, params, batch, grad, overtaken),
         }
     }
+}
+
+/// A mini-batch: `labels.len()` examples of shape `image` (`[c, h, w]`) one after another in `x`.
+#[derive(Clone, Copy)]
+pub(crate) struct Labelled<'a> {
+    pub x: &'a [f32],
+    pub image: (usize, usize, usize),
+    pub labels: &'a [u8],
 }
