@@ -247,6 +247,7 @@ pub(crate) fn worker_options(cfg: &RunConfig, index: u32, server: &str) -> Resul
     wo.tls = cfg.tls();
     wo.window = cfg.window()?;
     wo.shared_memory = cfg.shared_memory;
+    wo.abandon = cfg.abandon;
     Ok(wo)
 }
 
@@ -327,7 +328,11 @@ pub(crate) fn print_worker(i: u32, r: &WorkerReport) {
         "  w{i}: {} gradients sent, {used}, {} dropped{}, {:.1} s computing{}{}",
         r.sent,
         r.dropped,
-        if r.unsent_late > 0 { format!(" ({} known late, not sent)", r.unsent_late) } else { String::new() },
+        match (r.unsent_late, r.abandoned) {
+            (0, _) => String::new(),
+            (late, 0) => format!(" ({late} known late, not sent)"),
+            (late, stopped) => format!(" ({late} known late, not sent; {stopped} of them stopped half-way)"),
+        },
         r.compute_seconds,
         if r.shm_pushes > 0 { format!(", {} through shared memory", r.shm_pushes) } else { String::new() },
         if r.reconnects > 0 { format!(", {} reconnects", r.reconnects) } else { String::new() }

@@ -135,6 +135,11 @@ impl Worker {
         self.newest
     }
 
+    /// Whether it stops a computation that newer parameters overtake ([`OnNewerParams::Abandon`]).
+    pub fn abandons(&self) -> bool {
+        self.on_newer == OnNewerParams::Abandon
+    }
+
     /// Whether it reports overtaken gradients as late notices.
     pub fn late_notices(&self) -> bool {
         self.late_notices

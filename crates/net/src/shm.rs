@@ -31,6 +31,9 @@ const HEADER: usize = 64;
 /// Parameter slots: a worker's copy of step `s` is spoiled only if the server publishes
 /// `s + PARAM_SLOTS` while it copies.
 pub const PARAM_SLOTS: usize = 4;
+/// The header's word holding the newest published step + 1 (0: none yet); the words before
+/// it say what the file is.
+const NEWEST: usize = 6;
 /// File names start with this, then the owning server's process id.
 const PREFIX: &str = "quorum-";
 
@@ -220,6 +223,20 @@ impl SharedRegion {
             std::ptr::copy_nonoverlapping(params.as_ptr(), self.map.as_mut_ptr().add(at + HEADER) as *mut f32, self.len)
         };
         self.end(at, odd, step);
+        self.word(0, NEWEST).fetch_max(step + 1, Ordering::Release);
+    }
+
+    /// The newest step whose parameters the server has published (`None` before the first):
+    /// one atomic read, cheap enough to ask between the layers of a gradient computation
+    /// whether the step it is for has closed.
+    pub fn newest(&self) -> Option<u64> {
+        self.word(0, NEWEST).load(Ordering::Acquire).checked_sub(1)
+    }
+
+    /// The server, stopping: every step is closed, so [`SharedRegion::newest`] reads later than
+    /// any step a worker computes on.
+    pub fn close_all(&self) {
+        self.word(0, NEWEST).store(u64::MAX, Ordering::Release);
     }
 
     /// A worker: copies the parameters of `step` into `out`.
@@ -363,6 +380,20 @@ mod tests {
         let seq = write_gradient(&worker, 1, 7, &[0.5; 5]);
         server.read_gradient(1, 7, seq, &mut got).unwrap();
         assert_eq!(got, [0.5; 5]);
+    }
+
+    #[test]
+    fn a_worker_sees_the_newest_published_step_at_once() {
+        let server = SharedRegion::create(2, 1).unwrap();
+        let worker = SharedRegion::open(server.path().to_str().unwrap(), server.nonce(), 2, 0).unwrap();
+        assert_eq!(worker.newest(), None, "nothing published yet");
+        server.publish(0, &[1.0; 2]);
+        assert_eq!(worker.newest(), Some(0));
+        server.publish(3, &[1.0; 2]);
+        assert_eq!(worker.newest(), Some(3));
+        assert_eq!(server.newest(), Some(3));
+        server.close_all();
+        assert!(worker.newest().is_some_and(|n| n > 1 << 60), "stopping closes every step");
     }
 
     #[test]

@@ -49,6 +49,12 @@ pub struct WorkerOptions {
     /// Use the server's shared memory for parameters and gradients when the server offers it
     /// and this worker can open it (it runs on the server's host): [`crate::shm`].
     pub shared_memory: bool,
+    /// Stop a gradient half-way once its step has closed without it, where the worker can
+    /// tell at once (the server's shared memory says its newest step) and the model can stop
+    /// (the built-in native models, between layers): the CPU goes to the next step instead of
+    /// a gradient the server would drop. Off: every computation runs to the end, as in the
+    /// paper. Only where a step can close without this worker (backups, deadline).
+    pub abandon: bool,
 }
 
 impl WorkerOptions {
@@ -67,6 +73,7 @@ impl WorkerOptions {
             tls: crate::tls::TlsFiles::default(),
             window: crate::framing::Window::default(),
             shared_memory: true,
+            abandon: true,
         }
     }
 }
@@ -86,6 +93,8 @@ pub struct WorkerReport {
     pub dropped: u64,
     /// Late gradients reported without their values: the worker knew the step had closed.
     pub unsent_late: u64,
+    /// Computations stopped half-way because their step closed without them ([`WorkerOptions::abandon`]).
+    pub abandoned: u64,
     /// Gradients whose values went through the server's shared memory, not over gRPC (a
     /// worker on the server's host).
     pub shm_pushes: u64,
@@ -322,6 +331,23 @@ struct Session<'a> {
     shm: Option<std::sync::Arc<crate::shm::SharedRegion>>,
 }
 
+/// What the worker does with a computation its step's closing overtakes: stop it half-way
+/// where it hears of the closing at once (shared memory) and the model can stop, if allowed
+/// and if a step can close without it; else finish it and send it (as a late notice where
+/// the server takes them).
+fn on_newer(
+    opts: &WorkerOptions,
+    join: &JoinReply,
+    shm: &Option<std::sync::Arc<crate::shm::SharedRegion>>,
+    source: &Option<Box<dyn GradientSource + Send>>,
+) -> OnNewerParams {
+    let stoppable = source.as_ref().is_some_and(|s| s.can_abandon());
+    match opts.abandon && join.late_notices && shm.is_some() && stoppable {
+        true => OnNewerParams::Abandon,
+        false => OnNewerParams::FinishAndSend,
+    }
+}
+
 /// What this worker joins with: its index, session and model layout.
 fn join_request(opts: &WorkerOptions, session: u64, source: &Option<Box<dyn GradientSource + Send>>) -> JoinRequest {
     let layout = source.as_ref().expect("source present between computations").layout();
@@ -380,9 +406,7 @@ async fn session(
             ms => opts.heartbeat_every.min(Duration::from_millis(ms)),
         },
         num_params,
-        // A computation cannot be stopped half-way: an overtaken gradient is finished and
-        // sent (as a late notice where the server takes them).
-        rule: Worker::new(WorkerId(w), OnNewerParams::FinishAndSend, join.late_notices),
+        rule: Worker::new(WorkerId(w), on_newer(opts, &join, &shm, local.source), join.late_notices),
         pending: None,
         params_buffer: Vec::new(),
         grads: Default::default(),
@@ -444,7 +468,11 @@ impl Session<'_> {
                 self.params_buffer = pulled.params;
                 continue;
             }
-            let done = self.compute(pulled, &mut local).await?;
+            let Some(done) = self.compute(pulled, &mut local).await? else {
+                // Stopped half-way, its step closed: on to the newer parameters (the rule
+                // cancels the old computation once they are here).
+                continue;
+            };
             // Has the step closed while this gradient was computed? Worth asking only where a
             // step can close without this worker: a heartbeat's reply says the server's step
             // (a few bytes against a gradient's megabytes).
@@ -561,8 +589,9 @@ impl Session<'_> {
     }
 
     /// Sleeps the injected delay, then computes the gradient on a blocking thread, with
-    /// heartbeats meanwhile so a slow gradient is not taken for death.
-    async fn compute(&mut self, pulled: Pulled, local: &mut Local<'_>) -> Result<Computed, Exit> {
+    /// heartbeats meanwhile so a slow gradient is not taken for death. `None`: the worker's
+    /// rule abandons overtaken work, and the step closed before the gradient was done.
+    async fn compute(&mut self, pulled: Pulled, local: &mut Local<'_>) -> Result<Option<Computed>, Exit> {
         let w = self.opts.index;
         // The injected delay stands for a slower machine: it counts in the compute time the
         // push reports (workers.csv, the slowest worker), as the simulator counts it.
@@ -573,6 +602,20 @@ impl Session<'_> {
             tokio::time::sleep(Duration::from_secs_f64(secs)).await;
         }
         let Pulled { step, params, seconds: pull_seconds } = pulled;
+        // Where the worker abandons overtaken work: the shared memory says when the step closed.
+        // (And "stop", heard below, ends any computation that can stop.)
+        let watch = self.shm.clone().filter(|_| self.rule.abandons());
+        let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop_seen = std::sync::Arc::clone(&stopped);
+        let closed = move || {
+            stop_seen.load(std::sync::atomic::Ordering::Relaxed)
+                || watch.as_ref().and_then(|r| r.newest()).is_some_and(|newest| newest > step)
+        };
+        if closed() {
+            // (It closed while the injected delay slept: nothing computed.)
+            self.params_buffer = params;
+            return self.abandon(step, local.report).await.map(|()| None);
+        }
         let mut src = local.source.take().expect("source is returned after every computation");
         let t0 = Instant::now();
         // Into this worker's slot of the server's shared memory where there is one (no copy
@@ -585,7 +628,7 @@ impl Session<'_> {
             let batch = BatchId { worker: WorkerId(w), step };
             let loss = match &mut grad {
                 Gradient::Buffer(g) => src.gradient(&params, batch, g),
-                Gradient::Shared(slot) => src.gradient_into(&params, batch, slot.values()),
+                Gradient::Shared(slot) => src.gradient_into_unless(&params, batch, slot.values(), &closed),
             };
             (src, loss.map(|loss| (loss, grad)), params)
         });
@@ -607,8 +650,15 @@ impl Session<'_> {
                     }
                 },
                 _ = tokio::time::sleep(self.heartbeat_every) => {
-                    // Failures here are noticed by the push that follows.
-                    let _ = within(self.opts.rpc_timeout, "heartbeat", self.client.heartbeat(beat)).await;
+                    // Failures here are noticed by the push that follows. "Stop" ends the worker
+                    // now: nothing it computes will be used, and the server, having told it, may
+                    // be gone by the time the gradient is done. (The computation stops too where
+                    // it can; else its thread finishes it unheeded.)
+                    let beat = within(self.opts.rpc_timeout, "heartbeat", self.client.heartbeat(beat)).await;
+                    if beat.is_ok_and(|r| r.get_ref().stop) {
+                        stopped.store(true, std::sync::atomic::Ordering::Relaxed);
+                        return Err(Exit::End(SessionEnd::Stopped));
+                    }
                 }
             }
         };
@@ -616,8 +666,51 @@ impl Session<'_> {
         let seconds = started.elapsed().as_secs_f64();
         *local.source = Some(src);
         self.params_buffer = params;
-        let (loss, grad) = result.map_err(|source| WorkerError::Compute { worker: w, source })?;
-        Ok(Computed { step, grad, loss, seconds, pull_seconds })
+        let (loss, grad) = match result {
+            Err(quorum_compute::ComputeError::Abandoned) => {
+                return self.abandon(step, local.report).await.map(|()| None)
+            }
+            r => r.map_err(|source| WorkerError::Compute { worker: w, source })?,
+        };
+        Ok(Some(Computed { step, grad, loss, seconds, pull_seconds }))
+    }
+
+    /// Gives up the computation on `step`, whose step closed without it: the rule hears of
+    /// the newer step, and the server gets a late notice flagged `abandoned` (no values, no
+    /// timings), so its records count the worker's work on the step.
+    async fn abandon(&mut self, step: u64, report: &mut WorkerReport) -> Result<(), Exit> {
+        report.abandoned += 1;
+        if let Some(newest) = self.shm.as_ref().and_then(|r| r.newest()) {
+            self.rule.on_news(newest);
+        }
+        let head = GradientChunk {
+            worker: self.opts.index,
+            step,
+            loss: f32::NAN,
+            session: self.id,
+            abandoned: true,
+            ..Default::default()
+        };
+        report.sent += 1;
+        let frames = crate::framing::push_frames(&head, vec![Bytes::new()]);
+        let reply = match within(self.opts.rpc_timeout, "push", crate::framing::push(&mut self.channel, frames)).await {
+            Ok(r) => r,
+            Err(s) => return Err(self.push_failed(s).await),
+        };
+        match reply.outcome() {
+            PushOutcome::Stopped => return Err(Exit::End(SessionEnd::Stopped)),
+            PushOutcome::Late => {
+                report.dropped += 1;
+                report.unsent_late += 1;
+            }
+            // (A server that reopened the step, e.g. restarted from an older checkpoint, and
+            // took the notice for nothing: the step still closes with others' gradients.)
+            _ => {}
+        }
+        if reply.stop {
+            return Err(Exit::End(SessionEnd::Stopped));
+        }
+        Ok(())
     }
 
     /// The first chunk of a push of `done` (its fields; `total`: the whole gradient).
@@ -635,6 +728,7 @@ impl Session<'_> {
             session: self.id,
             shm: false,
             shm_seq: 0,
+            abandoned: false,
         }
     }
 

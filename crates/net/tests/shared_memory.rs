@@ -1,6 +1,9 @@
 //! Workers on the server's host move parameters and gradients through its shared memory
 //! (`quorum_net::shm`); every request still goes over gRPC, on loopback here.
 
+mod common;
+
+use common::{Hooked, Stoppable};
 use quorum_compute::{GradientSource, LeastSquares};
 use quorum_core::{Policy, ServerConfig};
 use quorum_net::worker::WorkerReport;
@@ -116,4 +119,96 @@ async fn a_pull_answered_in_shared_memory_names_the_file_the_join_named() {
     assert!(first.shm && data.is_empty(), "{first:?}");
     assert_eq!((first.step, first.total, first.shm_nonce), (0, 64, join.shm_nonce));
     server.abort();
+}
+
+/// A sync run of 3 workers, N = 2 of 3, `steps` steps, with `workers.csv` in `out`: worker 0's
+/// computations take `patience` unless stopped ([`Stoppable`]), workers 1 and 2 take 10 ms
+/// each; worker 0 may abandon overtaken work when `abandon`. The three workers' results.
+async fn one_stuck_worker(
+    abandon: bool,
+    patience: Duration,
+    steps: u64,
+    out: &std::path::Path,
+) -> Vec<Result<WorkerReport, quorum_net::worker::WorkerError>> {
+    let src = LeastSquares::new(64, 16, 0.1, 1);
+    let mut cfg = ServerConfig::new(3, Policy::Sync { aggregate: 2, backups: 1 }, 0.2);
+    cfg.max_steps = Some(steps);
+    cfg.liveness.stall_timeout = Some(Duration::from_secs(10));
+    let mut opts = ServerOptions::new(cfg, src.layout().clone(), src.init_params(0));
+    opts.out = Some(out.to_path_buf());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let ten_ms = Hooked::new(&src, |_| {
+        std::thread::sleep(Duration::from_millis(10));
+        Ok(())
+    });
+    let workers: Vec<_> = (0..3)
+        .map(|i| {
+            let mut wo = WorkerOptions::new(i, format!("http://{addr}"));
+            wo.abandon = abandon;
+            wo.heartbeat_every = Duration::from_millis(100);
+            wo.connect_timeout = Duration::from_secs(5);
+            let s = Stoppable { inner: ten_ms.clone(), stuck: i == 0, patience };
+            tokio::spawn(run_worker(wo, Box::new(s) as Box<dyn GradientSource + Send>))
+        })
+        .collect();
+    let summary = tokio::time::timeout(Duration::from_secs(60), server).await.expect("finishes").unwrap().unwrap();
+    assert_eq!(summary.steps, steps);
+    let mut results = Vec::new();
+    for w in workers {
+        results.push(w.await.unwrap());
+    }
+    results
+}
+
+/// `workers.csv`'s cell of worker `w` in column `col`.
+fn workers_csv(dir: &std::path::Path, w: usize, col: &str) -> String {
+    let text = std::fs::read_to_string(dir.join("workers.csv")).unwrap();
+    let mut lines = text.lines().map(|l| l.split(',').map(str::to_string).collect::<Vec<_>>());
+    let header = lines.next().unwrap();
+    let at = header.iter().position(|h| h == col).unwrap_or_else(|| panic!("no column {col}"));
+    lines.nth(w).unwrap()[at].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stops_a_gradient_half_way_when_its_step_closes_and_goes_on_to_the_newer_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = one_stuck_worker(true, Duration::from_secs(3), 20, dir.path()).await;
+    let r: Vec<WorkerReport> = r.into_iter().map(Result::unwrap).collect();
+    let stuck = &r[0];
+    // Every computation of the stuck worker stopped once its step closed (each would have
+    // taken 3 s), and after each it went on to newer parameters; each was told to the server,
+    // which dropped it as late, but the last, which the run's end stopped ("stop" answers it).
+    assert!(stuck.abandoned >= 2, "{stuck:?}");
+    assert_eq!((stuck.sent, stuck.accepted), (stuck.abandoned, 0), "{stuck:?}");
+    assert!(stuck.dropped + 1 >= stuck.abandoned, "{stuck:?}");
+    assert!(r[1..].iter().all(|w| w.abandoned == 0 && w.accepted > 0), "the others finish theirs: {r:?}");
+    // The server's record counts them, with no timings (they did not finish).
+    assert_eq!(workers_csv(dir.path(), 0, "abandoned"), stuck.dropped.to_string());
+    assert_eq!(workers_csv(dir.path(), 0, "dropped"), stuck.dropped.to_string());
+    assert_eq!(workers_csv(dir.path(), 0, "mean_compute_seconds"), "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_told_not_to_abandon_finishes_its_overtaken_gradient_and_sends_it_late() {
+    // 60 steps of at least 10 ms outlast the stuck worker's 300 ms gradient.
+    let dir = tempfile::tempdir().unwrap();
+    let r = one_stuck_worker(false, Duration::from_millis(300), 60, dir.path()).await;
+    let stuck = r[0].as_ref().unwrap();
+    assert_eq!(stuck.abandoned, 0, "{stuck:?}");
+    assert!(stuck.dropped >= 1 && stuck.accepted == 0, "{stuck:?}");
+    assert_eq!(workers_csv(dir.path(), 0, "abandoned"), "0");
+    assert_ne!(workers_csv(dir.path(), 0, "mean_compute_seconds"), "", "finished gradients are timed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_hears_stop_while_it_computes_ends_cleanly_instead_of_losing_the_server() {
+    // Its gradient (30 s, not stoppable: abandon off) outlasts the run. The server says "stop"
+    // in a heartbeat's reply and may exit once every worker has heard it; a worker that went on
+    // computing found the server gone and failed ("unreachable") a connect time-out later.
+    let dir = tempfile::tempdir().unwrap();
+    let r = one_stuck_worker(false, Duration::from_secs(30), 20, dir.path()).await;
+    let stuck = r[0].as_ref().expect("a clean end");
+    assert_eq!((stuck.abandoned, stuck.sent), (0, 0), "{stuck:?}");
 }

@@ -138,6 +138,15 @@ impl RunRecord {
         }
     }
 
+    /// `worker` stopped a computation half-way, its step closed, and told the server with a
+    /// late notice (a push without values, and without timings: it did not finish).
+    pub fn pushed_abandoned(&mut self, worker: WorkerId) {
+        if let Some(w) = self.worker(worker) {
+            w.sent += 1;
+            w.abandoned += 1;
+        }
+    }
+
     /// `worker` threw a computation away without sending it.
     pub fn abandoned(&mut self, worker: WorkerId) {
         if let Some(w) = self.worker(worker) {

@@ -17,8 +17,9 @@ pub struct WorkerStats {
     pub dropped: u64,
     /// Messages the server refused (a protocol error: wrong session, bad length, ...).
     pub rejected: u64,
-    /// Computations thrown away before they were sent (simulated `abandon` and
-    /// `finish_and_discard` workers; a networked worker sends everything it computes).
+    /// Computations given up: a simulated `abandon` or `finish_and_discard` worker's, never
+    /// sent; a networked worker's, stopped half-way when its step closed without it and told
+    /// the server with a late notice (so also among `sent` and `dropped`, without timings).
     pub abandoned: u64,
     /// Sum of seconds from the step's opening to each accepted gradient.
     pub wait_sum: f64,

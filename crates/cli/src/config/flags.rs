@@ -191,6 +191,11 @@ pub struct RunFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     shared_memory: Option<bool>,
+    /// Workers on the server's host stop a gradient half-way once its step closed without
+    /// it (built-in models); `false`: every gradient runs to the end [default: true].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    abandon: Option<bool>,
     /// Checkpoint every this many steps, 0 = only at the end [default: 0].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -136,6 +136,10 @@ pub struct RunConfig {
     /// Workers on the server's host move parameters and gradients through shared memory
     /// (false: every value over gRPC).
     pub shared_memory: bool,
+    /// A worker stops a gradient half-way once its step closed without it, where it hears
+    /// of the closing at once (shared memory) and the model can stop (the built-in models);
+    /// false: every gradient runs to the end, as in the paper.
+    pub abandon: bool,
     /// Checkpoint every this many steps (0: only at the end and on Ctrl-C / SIGTERM).
     pub checkpoint_every: u64,
     /// Also checkpoint every this many seconds (0: off; default 600, as TensorFlow's).
@@ -211,6 +215,7 @@ impl Default for RunConfig {
             wire: Encoding::F32,
             http2_window: quorum_net::framing::STREAM_WINDOW.to_string(),
             shared_memory: true,
+            abandon: true,
             checkpoint_every: 0,
             checkpoint_seconds: 600.0,
             keep_checkpoints: 3,

@@ -368,6 +368,10 @@ impl Driver {
         }
         let params = self.rule.ema().unwrap_or(self.rule.params());
         self.published.send_replace(Published::stopped(self.rule.step(), params, self.opts.encoding));
+        if let Some(region) = &self.shm {
+            // Every step is closed now: computations that can stop half-way stop.
+            region.close_all();
+        }
     }
 
     /// After the loop: the final checkpoint and evaluation, the run directory, the summary.

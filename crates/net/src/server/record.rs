@@ -176,7 +176,10 @@ impl Recorder {
     }
 
     pub(super) fn timing(&mut self, worker: WorkerId, t: Timing) {
-        self.run.pushed(worker, t.compute, t.transfer);
+        match t.abandoned {
+            true => self.run.pushed_abandoned(worker),
+            false => self.run.pushed(worker, t.compute, t.transfer),
+        }
     }
 
     pub(super) fn evaluation(&mut self, step: u64, e: Evaluation) -> std::io::Result<()> {

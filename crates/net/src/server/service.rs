@@ -94,6 +94,8 @@ pub(super) type PushAnswer = oneshot::Sender<(Result<Vec<Event>, ProtocolError>,
 pub(super) struct Timing {
     pub(super) compute: f64,
     pub(super) transfer: f64,
+    /// A notice of a computation stopped half-way: nothing to time.
+    pub(super) abandoned: bool,
 }
 
 pub(super) enum Command {
@@ -285,8 +287,11 @@ impl Service {
                 asm.finish().map_err(|e| Status::invalid_argument(e.to_string()))?
             }
         };
-        let timing =
-            Timing { compute: head.compute_seconds, transfer: head.pull_seconds + first_at.elapsed().as_secs_f64() };
+        let timing = Timing {
+            compute: head.compute_seconds,
+            transfer: head.pull_seconds + first_at.elapsed().as_secs_f64(),
+            abandoned: head.abandoned,
+        };
         let loss = (!head.loss.is_nan()).then_some(head.loss);
         let (reply, rx) = oneshot::channel();
         let push = Command::Push {

@@ -55,3 +55,49 @@ impl GradientSource for Hooked {
         self.inner.evaluate(params)
     }
 }
+
+/// The synthetic model, which stops half-way when told its step closed; while `stuck`, its
+/// computation takes `patience` unless stopped first (a slow machine's gradient, overtaken).
+#[derive(Clone)]
+pub struct Stoppable {
+    pub inner: Hooked,
+    pub stuck: bool,
+    pub patience: std::time::Duration,
+}
+
+impl GradientSource for Stoppable {
+    fn layout(&self) -> &quorum_core::ParamLayout {
+        self.inner.layout()
+    }
+    fn init_params(&self, seed: u64) -> Vec<f32> {
+        self.inner.init_params(seed)
+    }
+    fn batch_size(&self) -> usize {
+        self.inner.batch_size()
+    }
+    fn gradient(&mut self, params: &[f32], batch: BatchId, out: &mut Vec<f32>) -> Result<f32, ComputeError> {
+        self.inner.gradient(params, batch, out)
+    }
+    fn gradient_into_unless(
+        &mut self,
+        params: &[f32],
+        batch: BatchId,
+        out: &mut [f32],
+        overtaken: &dyn Fn() -> bool,
+    ) -> Result<f32, ComputeError> {
+        let until = std::time::Instant::now() + self.patience;
+        while self.stuck && std::time::Instant::now() < until {
+            if overtaken() {
+                return Err(ComputeError::Abandoned);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.inner.gradient_into(params, batch, out)
+    }
+    fn can_abandon(&self) -> bool {
+        true
+    }
+    fn evaluate(&mut self, params: &[f32]) -> Result<Evaluation, ComputeError> {
+        self.inner.evaluate(params)
+    }
+}
