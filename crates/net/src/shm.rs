@@ -244,6 +244,20 @@ impl SharedRegion {
         self.read(step as usize % self.param_slots, step, None, out)
     }
 
+    /// A worker: the parameters of `step` where they lie, not copied ([`ParamsView`]), if the
+    /// slot holds them whole now.
+    pub fn view_params(self: &Arc<Self>, step: u64) -> Result<ParamsView, SlotError> {
+        let at = self.slot_at(step as usize % self.param_slots);
+        let seq = self.word(at, 0).load(Ordering::Acquire);
+        if seq & 1 == 1 {
+            return Err(SlotError::Rewritten);
+        }
+        if seq == 0 || self.word(at, 1).load(Ordering::Relaxed) != step {
+            return Err(SlotError::Other);
+        }
+        Ok(ParamsView { region: Arc::clone(self), at, seq })
+    }
+
     /// The server: copies worker `worker`'s gradient of `step`, written as `seq`, into `out`.
     pub fn read_gradient(&self, worker: u32, step: u64, seq: u64, out: &mut Vec<f32>) -> Result<(), SlotError> {
         if worker as usize >= self.gradient_slots {
@@ -307,6 +321,47 @@ impl GradientWrite {
     /// Ends the write: the values are `step`'s. The push names the returned sequence number.
     pub fn finish(self, step: u64) -> u64 {
         self.region.end(self.at, self.odd, step)
+    }
+}
+
+/// A step's parameters read where the server wrote them ([`SharedRegion::view_params`]),
+/// saving a worker the copy of a model's worth of values per step and the cache a private copy
+/// takes. The server rewrites the slot only when it publishes the step `PARAM_SLOTS` later, so
+/// a gradient computed on the view is kept only if [`ParamsView::intact`] says, after, that
+/// this did not happen meanwhile (the sequence lock of [`SharedRegion::read_params`], held over
+/// the whole computation instead of one copy).
+pub struct ParamsView {
+    region: Arc<SharedRegion>,
+    at: usize,
+    seq: u64,
+}
+
+impl ParamsView {
+    /// The values (the model's length). Read-only; what was read is to be trusted only if
+    /// [`ParamsView::intact`] says so afterwards.
+    pub fn values(&self) -> &[f32] {
+        // SAFETY: the slot's data lies in the map (sized for it), 4-byte aligned (page-aligned
+        // map, slots and headers multiples of 64 bytes), and any bits are a valid `f32`. This
+        // process never writes parameter slots. The server, in another process, may rewrite the
+        // slot (publishing a step PARAM_SLOTS later) while it is read, as in the copy of
+        // `read`: values read then are plain floats, used only in arithmetic, and whatever is
+        // computed from them is thrown away when `intact` sees the sequence number moved.
+        unsafe {
+            std::slice::from_raw_parts(self.region.map.as_ptr().add(self.at + HEADER) as *const f32, self.region.len)
+        }
+    }
+
+    /// Whether the slot still holds the values it held when viewed (so everything read
+    /// through [`ParamsView::values`] was those values).
+    pub fn intact(&self) -> bool {
+        fence(Ordering::Acquire);
+        self.region.word(self.at, 0).load(Ordering::Relaxed) == self.seq
+    }
+}
+
+impl std::fmt::Debug for ParamsView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParamsView").field("len", &self.region.len).field("seq", &self.seq).finish()
     }
 }
 
@@ -394,6 +449,22 @@ mod tests {
         assert_eq!(server.newest(), Some(3));
         server.close_all();
         assert!(worker.newest().is_some_and(|n| n > 1 << 60), "stopping closes every step");
+    }
+
+    #[test]
+    fn parameters_viewed_in_place_are_intact_until_a_later_step_rewrites_their_slot() {
+        let server = SharedRegion::create(3, 1).unwrap();
+        let worker = Arc::new(SharedRegion::open(server.path().to_str().unwrap(), server.nonce(), 3, 0).unwrap());
+        assert_eq!(worker.view_params(1).unwrap_err(), SlotError::Other, "not published yet");
+        server.publish(1, &[1.0, 2.0, 3.0]);
+        let view = worker.view_params(1).unwrap();
+        assert_eq!(view.values(), [1.0, 2.0, 3.0]);
+        // Steps in other slots leave it intact; the step that takes its slot does not.
+        server.publish(2, &[9.0; 3]);
+        assert!(view.intact());
+        server.publish(1 + PARAM_SLOTS as u64, &[7.0; 3]);
+        assert!(!view.intact());
+        assert_eq!(worker.view_params(1).unwrap_err(), SlotError::Other);
     }
 
     #[test]

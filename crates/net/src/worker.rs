@@ -95,6 +95,9 @@ pub struct WorkerReport {
     pub unsent_late: u64,
     /// Computations stopped half-way because their step closed without them ([`WorkerOptions::abandon`]).
     pub abandoned: u64,
+    /// Computations on parameters read where the server wrote them in shared memory, not
+    /// copied (a worker that abandons overtaken work).
+    pub params_in_place: u64,
     /// Gradients whose values went through the server's shared memory, not over gRPC (a
     /// worker on the server's host).
     pub shm_pushes: u64,
@@ -262,9 +265,44 @@ struct Local<'a> {
 /// Parameters pulled for a step.
 struct Pulled {
     step: u64,
-    params: Vec<f32>,
+    params: Params,
     /// Seconds from the first chunk to the last (waiting for the step to open is not transfer).
     seconds: f64,
+}
+
+/// A step's parameters as pulled.
+enum Params {
+    /// In this worker's buffer.
+    Owned(Vec<f32>),
+    /// Where the server wrote them in its shared memory, not copied: only for a worker that
+    /// abandons overtaken work, since the slot is rewritten only once the step is 4 steps
+    /// overtaken ([`crate::shm::ParamsView`]).
+    Shared(crate::shm::ParamsView),
+}
+
+impl Params {
+    fn values(&self) -> &[f32] {
+        match self {
+            Params::Owned(v) => v,
+            Params::Shared(view) => view.values(),
+        }
+    }
+
+    /// Whether the values are still the step's (a view's slot not rewritten since).
+    fn intact(&self) -> bool {
+        match self {
+            Params::Owned(_) => true,
+            Params::Shared(view) => view.intact(),
+        }
+    }
+
+    /// The values in a buffer (copied out of a view, which sharded runs never use).
+    fn into_owned(self) -> Vec<f32> {
+        match self {
+            Params::Owned(v) => v,
+            Params::Shared(view) => view.values().to_vec(),
+        }
+    }
 }
 
 /// A gradient computed on a step's parameters.
@@ -452,6 +490,13 @@ impl Session<'_> {
         PullTask::start(&self.channel, self.opts.index, min_step, self.shm.is_some())
     }
 
+    /// Keeps a buffer of parameters for the next pull.
+    fn keep(&mut self, params: Params) {
+        if let Params::Owned(buffer) = params {
+            self.params_buffer = buffer;
+        }
+    }
+
     fn heartbeat_request(&self) -> HeartbeatRequest {
         HeartbeatRequest { worker: self.opts.index, session: self.id }
     }
@@ -465,7 +510,7 @@ impl Session<'_> {
             if !self.rule.on_params(pulled.step).contains(&WorkerAction::Compute { step: pulled.step }) {
                 // Not newer than what it computed on (a server restored from an older
                 // checkpoint): wait for newer ones.
-                self.params_buffer = pulled.params;
+                self.keep(pulled.params);
                 continue;
             }
             let Some(done) = self.compute(pulled, &mut local).await? else {
@@ -529,13 +574,14 @@ impl Session<'_> {
     }
 
     /// Reads one pull's answer into `buffer` (`len` values), heartbeating while the step
-    /// has not opened; the step, the values and when the first chunk came.
+    /// has not opened; the step, the values and when the first chunk came. Through shared
+    /// memory, a worker that abandons overtaken work reads the values where they lie.
     async fn read_pull(
         &mut self,
         mut pull: PullTask,
         len: usize,
         mut buffer: Vec<f32>,
-    ) -> Result<(u64, Vec<f32>, Option<Instant>), Exit> {
+    ) -> Result<(u64, Params, Option<Instant>), Exit> {
         let w = self.opts.index;
         let beat = self.heartbeat_request();
         let (mut replies, first) = loop {
@@ -558,12 +604,19 @@ impl Session<'_> {
             let Some((step, nonce)) = shared else { break (replies, first) };
             let at = Instant::now();
             // (Another nonce: a restarted server's file, which this session has not opened.)
-            match self.shm.as_ref().filter(|r| r.nonce() == nonce).map(|r| r.read_params(step, &mut buffer)) {
-                Some(Ok(())) => return Ok((step, buffer, Some(at))),
-                // Rewritten while copied (the server went several steps on meanwhile): ask
-                // again, over gRPC.
-                _ => pull = PullTask::start(&self.channel, w, step, false),
+            if let Some(region) = self.shm.as_ref().filter(|r| r.nonce() == nonce) {
+                if self.rule.abandons() {
+                    if let Ok(view) = region.view_params(step) {
+                        self.params_buffer = buffer;
+                        return Ok((step, Params::Shared(view), Some(at)));
+                    }
+                } else if region.read_params(step, &mut buffer).is_ok() {
+                    return Ok((step, Params::Owned(buffer), Some(at)));
+                }
             }
+            // Rewritten while read (the server went several steps on meanwhile): ask again,
+            // over gRPC.
+            pull = PullTask::start(&self.channel, w, step, false);
         };
         let mut asm = Assembler::with_buffer(buffer);
         let mut step = None;
@@ -585,7 +638,7 @@ impl Session<'_> {
             return Err(Exit::End(SessionEnd::Lost { why: "empty parameter stream".into(), joined: true }));
         };
         let params = asm.finish().map_err(malformed)?;
-        Ok((step, params, first_chunk))
+        Ok((step, Params::Owned(params), first_chunk))
     }
 
     /// Sleeps the injected delay, then computes the gradient on a blocking thread, with
@@ -602,6 +655,7 @@ impl Session<'_> {
             tokio::time::sleep(Duration::from_secs_f64(secs)).await;
         }
         let Pulled { step, params, seconds: pull_seconds } = pulled;
+        local.report.params_in_place += u64::from(matches!(params, Params::Shared(_)));
         // Where the worker abandons overtaken work: the shared memory says when the step closed.
         // (And "stop", heard below, ends any computation that can stop.)
         let watch = self.shm.clone().filter(|_| self.rule.abandons());
@@ -613,7 +667,7 @@ impl Session<'_> {
         };
         if closed() {
             // (It closed while the injected delay slept: nothing computed.)
-            self.params_buffer = params;
+            self.keep(params);
             return self.abandon(step, local.report).await.map(|()| None);
         }
         let mut src = local.source.take().expect("source is returned after every computation");
@@ -627,8 +681,8 @@ impl Session<'_> {
         let mut task = tokio::task::spawn_blocking(move || {
             let batch = BatchId { worker: WorkerId(w), step };
             let loss = match &mut grad {
-                Gradient::Buffer(g) => src.gradient(&params, batch, g),
-                Gradient::Shared(slot) => src.gradient_into_unless(&params, batch, slot.values(), &closed),
+                Gradient::Buffer(g) => src.gradient(params.values(), batch, g),
+                Gradient::Shared(slot) => src.gradient_into_unless(params.values(), batch, slot.values(), &closed),
             };
             (src, loss.map(|loss| (loss, grad)), params)
         });
@@ -665,11 +719,15 @@ impl Session<'_> {
         local.report.compute_seconds += t0.elapsed().as_secs_f64();
         let seconds = started.elapsed().as_secs_f64();
         *local.source = Some(src);
-        self.params_buffer = params;
+        // Parameters read in place whose slot a later step took meanwhile: what was computed
+        // is not the step's gradient (and the step closed long ago).
+        let overwritten = !params.intact();
+        self.keep(params);
         let (loss, grad) = match result {
             Err(quorum_compute::ComputeError::Abandoned) => {
                 return self.abandon(step, local.report).await.map(|()| None)
             }
+            _ if overwritten => return self.abandon(step, local.report).await.map(|()| None),
             r => r.map_err(|source| WorkerError::Compute { worker: w, source })?,
         };
         Ok(Some(Computed { step, grad, loss, seconds, pull_seconds }))

@@ -212,3 +212,44 @@ async fn a_worker_that_hears_stop_while_it_computes_ends_cleanly_instead_of_losi
     let stuck = r[0].as_ref().expect("a clean end");
     assert_eq!((stuck.abandoned, stuck.sent), (0, 0), "{stuck:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_that_read_the_parameters_in_place_reach_bit_for_bit_what_they_reach_over_grpc() {
+    // A worker that abandons overtaken work computes on the parameters where the server wrote
+    // them. Deadline with min = both workers: every step averages both gradients, whichever
+    // way the values travel, so the runs must agree to the last bit.
+    let run = |shm: bool| async move {
+        let src = LeastSquares::new(64, 16, 0.1, 1);
+        let policy = Policy::Deadline { min: 2, timeout: Duration::from_secs(10) };
+        let mut cfg = ServerConfig::new(2, policy, 0.2);
+        cfg.max_steps = Some(60);
+        let mut opts = ServerOptions::new(cfg, src.layout().clone(), src.init_params(0));
+        opts.evaluator = Some(Box::new(src.clone()));
+        opts.shared_memory = shm;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+        let workers: Vec<_> = (0..2)
+            .map(|i| {
+                let s = Stoppable { inner: Hooked::new(&src, |_| Ok(())), stuck: false, patience: Duration::ZERO };
+                tokio::spawn(run_worker(
+                    WorkerOptions::new(i, format!("http://{addr}")),
+                    Box::new(s) as Box<dyn GradientSource + Send>,
+                ))
+            })
+            .collect();
+        let summary = tokio::time::timeout(Duration::from_secs(60), server).await.expect("finishes").unwrap().unwrap();
+        assert_eq!(summary.steps, 60);
+        let mut reports = Vec::new();
+        for w in workers {
+            reports.push(w.await.unwrap().unwrap());
+        }
+        (summary.final_test_loss.unwrap(), reports)
+    };
+    let (grpc, r) = run(false).await;
+    assert!(r.iter().all(|w| w.params_in_place == 0), "{r:?}");
+    let (in_place, r) = run(true).await;
+    assert!(r.iter().all(|w| w.params_in_place == 60 && w.shm_pushes == 60), "{r:?}");
+    assert_eq!(in_place.to_bits(), grpc.to_bits(), "in place {in_place} against gRPC {grpc}");
+    assert!(grpc < 0.05, "it trains: test loss {grpc}");
+}

@@ -3,7 +3,7 @@
 //! each.
 
 use super::link::{connect_to, lost_or_refused, within, Channel_, PullTask};
-use super::{Computed, Exit, Pulled, Session, SessionEnd, WorkerError, WorkerOptions, WorkerReport};
+use super::{Computed, Exit, Params, Pulled, Session, SessionEnd, WorkerError, WorkerOptions, WorkerReport};
 use crate::proto::*;
 use bytes::Bytes;
 use std::time::Instant;
@@ -76,7 +76,7 @@ impl Session<'_> {
                 let len = if i == 0 { self.range.len() } else { self.others[i - 1].range.len() };
                 let buffer = std::mem::take(&mut self.parts[i]);
                 let (step, part, at) = self.read_pull(task, len, buffer).await?;
-                self.parts[i] = part;
+                self.parts[i] = part.into_owned();
                 steps[i] = step;
                 first_chunk = first_chunk.or(at);
             }
@@ -98,7 +98,7 @@ impl Session<'_> {
             params[range].copy_from_slice(part);
         }
         let seconds = first_chunk.map_or(t_pull.elapsed(), |t| t.elapsed()).as_secs_f64();
-        Ok(Pulled { step: steps[0], params, seconds })
+        Ok(Pulled { step: steps[0], params: Params::Owned(params), seconds })
     }
 
     /// A sharded run: every shard its slice, all at once. The gradient counts only if every
