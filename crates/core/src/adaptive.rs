@@ -8,8 +8,9 @@
 //!   recent response times (push time minus the time it could start: the later of its
 //!   previous push and the opening of the step it pushed for). A small deterministic replay
 //!   of those times through the step rule gives T(N) with the cost of stragglers included: a
-//!   worker whose gradient comes too late finishes anyway (a networked worker cannot stop
-//!   half-way) and starts its next step late. Recent rounds weigh more.
+//!   worker whose gradient comes too late finishes anyway (under this policy no worker stops
+//!   half-way: [`crate::Policy::abandon`]) and starts its next step late. Recent rounds weigh
+//!   more.
 //! - **progress(N) ∝ N · (2·max + B − N)**: the expected loss decrease of one step that
 //!   averages N gradients with the learning rate scaled linearly in N, when the configured
 //!   rate (the rate at N = max) is the best rate for N = max. B is the gradient noise scale

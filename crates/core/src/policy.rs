@@ -84,6 +84,13 @@ impl Policy {
         !matches!(self, Policy::Async { .. } | Policy::Sync { backups: 0, .. })
     }
 
+    /// Whether a worker may stop a computation half-way once its step closed without it: where
+    /// steps close without some worker (late notices), except under the adaptive policy, whose
+    /// rule times every worker's whole gradients (a stopped one would read as a fast one).
+    pub fn abandon(&self) -> bool {
+        self.late_notices() && !matches!(self, Policy::Adaptive { .. })
+    }
+
     /// Checks the policy against the number of workers in the cluster.
     pub fn validate(&self, workers: u32) -> Result<(), ConfigError> {
         if workers == 0 {
@@ -165,6 +172,16 @@ mod tests {
         assert!(p.validate(4).is_ok());
         let err = p.validate(5).unwrap_err().to_string();
         assert!(err.contains("aggregate (3) + backups (1) must equal the number of workers (5)"), "{err}");
+    }
+
+    #[test]
+    fn workers_may_abandon_overtaken_work_where_steps_close_without_them_but_not_under_adaptive() {
+        assert!(Policy::Sync { aggregate: 3, backups: 1 }.abandon());
+        assert!(Policy::Deadline { min: 2, timeout: Duration::from_secs(1) }.abandon());
+        assert!(!Policy::Sync { aggregate: 4, backups: 0 }.abandon(), "no step closes without a worker");
+        assert!(!Policy::Async { max_staleness: None }.abandon(), "every gradient is applied");
+        let adaptive = Policy::Adaptive { min: 1, max: 4 };
+        assert!(adaptive.late_notices() && !adaptive.abandon(), "its rule times whole gradients");
     }
 
     #[test]

@@ -86,6 +86,7 @@ pub async fn run_server(
         chunk_timeout: opts.config.liveness.worker_timeout.unwrap_or(Duration::from_secs(30)),
         // Only when a step can close without some worker's gradient (not sync without backups).
         late_notices: opts.config.policy.late_notices(),
+        abandon: opts.config.policy.abandon(),
         heartbeat: opts.config.liveness.worker_timeout.map(|t| t / 4),
         certificates_name_workers: opts.tls.ca.is_some(),
         shm: shm.clone(),

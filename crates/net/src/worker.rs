@@ -53,7 +53,7 @@ pub struct WorkerOptions {
     /// tell at once (the server's shared memory says its newest step) and the model can stop
     /// (the built-in native models, between layers): the CPU goes to the next step instead of
     /// a gradient the server would drop. Off: every computation runs to the end, as in the
-    /// paper. Only where a step can close without this worker (backups, deadline).
+    /// paper. Only where the server allows it ([`quorum_core::Policy::abandon`]).
     pub abandon: bool,
 }
 
@@ -380,7 +380,7 @@ fn on_newer(
     source: &Option<Box<dyn GradientSource + Send>>,
 ) -> OnNewerParams {
     let stoppable = source.as_ref().is_some_and(|s| s.can_abandon());
-    match opts.abandon && join.late_notices && shm.is_some() && stoppable {
+    match opts.abandon && join.abandon && shm.is_some() && stoppable {
         true => OnNewerParams::Abandon,
         false => OnNewerParams::FinishAndSend,
     }

@@ -121,17 +121,18 @@ async fn a_pull_answered_in_shared_memory_names_the_file_the_join_named() {
     server.abort();
 }
 
-/// A sync run of 3 workers, N = 2 of 3, `steps` steps, with `workers.csv` in `out`: worker 0's
+/// A run of 3 workers under `policy` (sync: N = 2 of 3), `steps` steps, with `workers.csv` in `out`: worker 0's
 /// computations take `patience` unless stopped ([`Stoppable`]), workers 1 and 2 take 10 ms
 /// each; worker 0 may abandon overtaken work when `abandon`. The three workers' results.
 async fn one_stuck_worker(
+    policy: Policy,
     abandon: bool,
     patience: Duration,
     steps: u64,
     out: &std::path::Path,
 ) -> Vec<Result<WorkerReport, quorum_net::worker::WorkerError>> {
     let src = LeastSquares::new(64, 16, 0.1, 1);
-    let mut cfg = ServerConfig::new(3, Policy::Sync { aggregate: 2, backups: 1 }, 0.2);
+    let mut cfg = ServerConfig::new(3, policy, 0.2);
     cfg.max_steps = Some(steps);
     cfg.liveness.stall_timeout = Some(Duration::from_secs(10));
     let mut opts = ServerOptions::new(cfg, src.layout().clone(), src.init_params(0));
@@ -162,6 +163,8 @@ async fn one_stuck_worker(
     results
 }
 
+const N2_OF_3: Policy = Policy::Sync { aggregate: 2, backups: 1 };
+
 /// `workers.csv`'s cell of worker `w` in column `col`.
 fn workers_csv(dir: &std::path::Path, w: usize, col: &str) -> String {
     let text = std::fs::read_to_string(dir.join("workers.csv")).unwrap();
@@ -174,7 +177,7 @@ fn workers_csv(dir: &std::path::Path, w: usize, col: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_stops_a_gradient_half_way_when_its_step_closes_and_goes_on_to_the_newer_one() {
     let dir = tempfile::tempdir().unwrap();
-    let r = one_stuck_worker(true, Duration::from_secs(3), 20, dir.path()).await;
+    let r = one_stuck_worker(N2_OF_3, true, Duration::from_secs(3), 20, dir.path()).await;
     let r: Vec<WorkerReport> = r.into_iter().map(Result::unwrap).collect();
     let stuck = &r[0];
     // Every computation of the stuck worker stopped once its step closed (each would have
@@ -194,7 +197,7 @@ async fn a_worker_stops_a_gradient_half_way_when_its_step_closes_and_goes_on_to_
 async fn a_worker_told_not_to_abandon_finishes_its_overtaken_gradient_and_sends_it_late() {
     // 60 steps of at least 10 ms outlast the stuck worker's 300 ms gradient.
     let dir = tempfile::tempdir().unwrap();
-    let r = one_stuck_worker(false, Duration::from_millis(300), 60, dir.path()).await;
+    let r = one_stuck_worker(N2_OF_3, false, Duration::from_millis(300), 60, dir.path()).await;
     let stuck = r[0].as_ref().unwrap();
     assert_eq!(stuck.abandoned, 0, "{stuck:?}");
     assert!(stuck.dropped >= 1 && stuck.accepted == 0, "{stuck:?}");
@@ -203,12 +206,23 @@ async fn a_worker_told_not_to_abandon_finishes_its_overtaken_gradient_and_sends_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_the_adaptive_policy_no_worker_abandons_since_its_rule_times_whole_gradients() {
+    let dir = tempfile::tempdir().unwrap();
+    let r =
+        one_stuck_worker(Policy::Adaptive { min: 2, max: 3 }, true, Duration::from_millis(300), 60, dir.path()).await;
+    let stuck = r[0].as_ref().unwrap();
+    assert_eq!(stuck.abandoned, 0, "{stuck:?}");
+    assert!(stuck.sent >= 1, "{stuck:?}");
+    assert_ne!(workers_csv(dir.path(), 0, "mean_compute_seconds"), "", "its gradients are timed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_hears_stop_while_it_computes_ends_cleanly_instead_of_losing_the_server() {
     // Its gradient (30 s, not stoppable: abandon off) outlasts the run. The server says "stop"
     // in a heartbeat's reply and may exit once every worker has heard it; a worker that went on
     // computing found the server gone and failed ("unreachable") a connect time-out later.
     let dir = tempfile::tempdir().unwrap();
-    let r = one_stuck_worker(false, Duration::from_secs(30), 20, dir.path()).await;
+    let r = one_stuck_worker(N2_OF_3, false, Duration::from_secs(30), 20, dir.path()).await;
     let stuck = r[0].as_ref().expect("a clean end");
     assert_eq!((stuck.abandoned, stuck.sent), (0, 0), "{stuck:?}");
 }

@@ -218,6 +218,8 @@ pub(super) struct Service {
     pub(super) chunk_timeout: Duration,
     /// Whether workers should check for, and report empty, gradients whose step has closed.
     pub(super) late_notices: bool,
+    /// Workers may abandon overtaken computations ([`quorum_core::Policy::abandon`]).
+    pub(super) abandon: bool,
     /// Mutual TLS: a worker's certificate must name the index it joins as.
     pub(super) certificates_name_workers: bool,
     /// The heartbeat interval workers are told (a quarter of the worker time-out).
@@ -529,6 +531,7 @@ impl ParameterServer for Service {
             end: self.shard.2.end as u64,
             shm_path: self.shm.as_ref().map_or(String::new(), |r| r.path().display().to_string()),
             shm_nonce: self.shm.as_ref().map_or(0, |r| r.nonce()),
+            abandon: self.abandon,
         }))
     }
 
