@@ -5,8 +5,10 @@
 //! Over loopback a step's bytes are copied many times: the server's parameters into each
 //! worker's socket and out again, each gradient into the socket, out, and into a buffer,
 //! with HTTP/2 framing on the way. With the file, the server writes each step's parameters
-//! once and every worker on the host copies them out; a worker computes its gradient straight
-//! into its slot ([`GradientWrite`]) and the server copies it in. What travels over gRPC is a pull's answer or a push with no
+//! once and every worker on the host copies them out, or, if it stops overtaken work, computes
+//! on them where they lie ([`ParamsView`]); a worker computes its gradient straight into its
+//! slot ([`GradientWrite`]) and the server copies it in. The file's header also says the newest
+//! step published ([`SharedRegion::newest`]), which such a worker asks between layers. What travels over gRPC is a pull's answer or a push with no
 //! values, flagged `shm`: the values are in the file.
 //!
 //! The file (under `/dev/shm`, mode 0600, removed when the server ends) holds `param_slots`

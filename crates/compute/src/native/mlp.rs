@@ -42,8 +42,8 @@ impl Mlp {
     }
 
     /// Mean loss over `batch` (rows of `layout`'s input width), with the gradient written into
-    /// `grad` (layout order); `None` if `overtaken()` says stop, asked after the forward pass
-    /// and after each layer's backward pass.
+    /// `grad` (layout order); `None` if `overtaken()` says stop, asked before each layer's
+    /// backward pass (the first right after the forward pass).
     pub fn loss_and_gradient(
         &mut self,
         layout: &ParamLayout,
