@@ -5,7 +5,7 @@ use crate::encoding::{Assembler, Encoding};
 use crate::proto::*;
 use bytes::Bytes;
 use quorum_compute::DelaySampler;
-use quorum_compute::{BatchId, GradientSource};
+use quorum_compute::GradientSource;
 use quorum_core::{OnNewerParams, Worker, WorkerAction, WorkerId};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -249,8 +249,10 @@ macro_rules! rpc {
     };
 }
 
-// After the macro, which it uses.
+// After the macro, which they use.
+mod compute;
 mod shards;
+use compute::{Computed, Gradient, Params};
 use shards::{join_others, ShardLink};
 
 /// The worker's own state across sessions: its gradient code, the straggling it injects,
@@ -268,75 +270,6 @@ struct Pulled {
     params: Params,
     /// Seconds from the first chunk to the last (waiting for the step to open is not transfer).
     seconds: f64,
-}
-
-/// A step's parameters as pulled.
-enum Params {
-    /// In this worker's buffer.
-    Owned(Vec<f32>),
-    /// Where the server wrote them in its shared memory, not copied: only for a worker that
-    /// abandons overtaken work, since the slot is rewritten only once the step is 4 steps
-    /// overtaken ([`crate::shm::ParamsView`]).
-    Shared(crate::shm::ParamsView),
-}
-
-impl Params {
-    fn values(&self) -> &[f32] {
-        match self {
-            Params::Owned(v) => v,
-            Params::Shared(view) => view.values(),
-        }
-    }
-
-    /// Whether the values are still the step's (a view's slot not rewritten since).
-    fn intact(&self) -> bool {
-        match self {
-            Params::Owned(_) => true,
-            Params::Shared(view) => view.intact(),
-        }
-    }
-
-    /// The values in a buffer (copied out of a view, which sharded runs never use).
-    fn into_owned(self) -> Vec<f32> {
-        match self {
-            Params::Owned(v) => v,
-            Params::Shared(view) => view.values().to_vec(),
-        }
-    }
-}
-
-/// A gradient computed on a step's parameters.
-struct Computed {
-    step: u64,
-    grad: Gradient,
-    loss: f32,
-    seconds: f64,
-    pull_seconds: f64,
-}
-
-/// Where a gradient was computed into.
-enum Gradient {
-    /// A buffer, sent over gRPC.
-    Buffer(Vec<f32>),
-    /// This worker's slot of the server's shared memory, written in place: the push names it.
-    Shared(crate::shm::GradientWrite),
-}
-
-impl Gradient {
-    fn len(&self) -> usize {
-        match self {
-            Gradient::Buffer(g) => g.len(),
-            Gradient::Shared(w) => w.len(),
-        }
-    }
-
-    /// The values in a buffer (copied out of a shared slot, which sharded runs never use).
-    fn into_buffer(self) -> Vec<f32> {
-        match self {
-            Gradient::Buffer(g) => g,
-            Gradient::Shared(mut w) => w.values().to_vec(),
-        }
-    }
 }
 
 /// One joined session with the server: the links, what the join said, and the worker rule
@@ -641,136 +574,6 @@ impl Session<'_> {
         Ok((step, Params::Owned(params), first_chunk))
     }
 
-    /// Sleeps the injected delay, then computes the gradient on a blocking thread, with
-    /// heartbeats meanwhile so a slow gradient is not taken for death. `None`: the worker's
-    /// rule abandons overtaken work, and the step closed before the gradient was done.
-    async fn compute(&mut self, pulled: Pulled, local: &mut Local<'_>) -> Result<Option<Computed>, Exit> {
-        let w = self.opts.index;
-        // The injected delay stands for a slower machine: it counts in the compute time the
-        // push reports (workers.csv, the slowest worker), as the simulator counts it.
-        let started = Instant::now();
-        if let Some(d) = &self.opts.delay {
-            let secs = d.sample(w, *local.draws, local.rng);
-            *local.draws += 1;
-            tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-        }
-        let Pulled { step, params, seconds: pull_seconds } = pulled;
-        local.report.params_in_place += u64::from(matches!(params, Params::Shared(_)));
-        // Where the worker abandons overtaken work: the shared memory says when the step closed.
-        // (And "stop", heard below, ends any computation that can stop.)
-        let watch = self.shm.clone().filter(|_| self.rule.abandons());
-        let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stop_seen = std::sync::Arc::clone(&stopped);
-        let closed = move || {
-            stop_seen.load(std::sync::atomic::Ordering::Relaxed)
-                || watch.as_ref().and_then(|r| r.newest()).is_some_and(|newest| newest > step)
-        };
-        if closed() {
-            // (It closed while the injected delay slept: nothing computed.)
-            self.keep(params);
-            return self.abandon(step, local.report).await.map(|()| None);
-        }
-        let mut src = local.source.take().expect("source is returned after every computation");
-        let t0 = Instant::now();
-        // Into this worker's slot of the server's shared memory where there is one (no copy
-        // there afterwards), else into a buffer for gRPC.
-        let mut grad = match &self.shm {
-            Some(region) => Gradient::Shared(region.gradient_write(w)),
-            None => Gradient::Buffer(self.grads.take()),
-        };
-        let mut task = tokio::task::spawn_blocking(move || {
-            let batch = BatchId { worker: WorkerId(w), step };
-            let loss = match &mut grad {
-                Gradient::Buffer(g) => src.gradient(params.values(), batch, g),
-                Gradient::Shared(slot) => src.gradient_into_unless(params.values(), batch, slot.values(), &closed),
-            };
-            (src, loss.map(|loss| (loss, grad)), params)
-        });
-        let beat = self.heartbeat_request();
-        let (src, result, params) = loop {
-            tokio::select! {
-                done = &mut task => match done {
-                    Ok(done) => break done,
-                    Err(e) => {
-                        let message = match e.try_into_panic() {
-                            Ok(p) => p
-                                .downcast_ref::<&str>()
-                                .map(|m| m.to_string())
-                                .or_else(|| p.downcast_ref::<String>().cloned())
-                                .unwrap_or_else(|| "no message".into()),
-                            Err(e) => e.to_string(),
-                        };
-                        return Err(Exit::Fail(WorkerError::Panicked { worker: w, message }));
-                    }
-                },
-                _ = tokio::time::sleep(self.heartbeat_every) => {
-                    // Failures here are noticed by the push that follows. "Stop" ends the worker
-                    // now: nothing it computes will be used, and the server, having told it, may
-                    // be gone by the time the gradient is done. (The computation stops too where
-                    // it can; else its thread finishes it unheeded.)
-                    let beat = within(self.opts.rpc_timeout, "heartbeat", self.client.heartbeat(beat)).await;
-                    if beat.is_ok_and(|r| r.get_ref().stop) {
-                        stopped.store(true, std::sync::atomic::Ordering::Relaxed);
-                        return Err(Exit::End(SessionEnd::Stopped));
-                    }
-                }
-            }
-        };
-        local.report.compute_seconds += t0.elapsed().as_secs_f64();
-        let seconds = started.elapsed().as_secs_f64();
-        *local.source = Some(src);
-        // Parameters read in place whose slot a later step took meanwhile: what was computed
-        // is not the step's gradient (and the step closed long ago).
-        let overwritten = !params.intact();
-        self.keep(params);
-        let (loss, grad) = match result {
-            Err(quorum_compute::ComputeError::Abandoned) => {
-                return self.abandon(step, local.report).await.map(|()| None)
-            }
-            _ if overwritten => return self.abandon(step, local.report).await.map(|()| None),
-            r => r.map_err(|source| WorkerError::Compute { worker: w, source })?,
-        };
-        Ok(Some(Computed { step, grad, loss, seconds, pull_seconds }))
-    }
-
-    /// Gives up the computation on `step`, whose step closed without it: the rule hears of
-    /// the newer step, and the server gets a late notice flagged `abandoned` (no values, no
-    /// timings), so its records count the worker's work on the step.
-    async fn abandon(&mut self, step: u64, report: &mut WorkerReport) -> Result<(), Exit> {
-        report.abandoned += 1;
-        if let Some(newest) = self.shm.as_ref().and_then(|r| r.newest()) {
-            self.rule.on_news(newest);
-        }
-        let head = GradientChunk {
-            worker: self.opts.index,
-            step,
-            loss: f32::NAN,
-            session: self.id,
-            abandoned: true,
-            ..Default::default()
-        };
-        report.sent += 1;
-        let frames = crate::framing::push_frames(&head, vec![Bytes::new()]);
-        let reply = match within(self.opts.rpc_timeout, "push", crate::framing::push(&mut self.channel, frames)).await {
-            Ok(r) => r,
-            Err(s) => return Err(self.push_failed(s).await),
-        };
-        match reply.outcome() {
-            PushOutcome::Stopped => return Err(Exit::End(SessionEnd::Stopped)),
-            PushOutcome::Late => {
-                report.dropped += 1;
-                report.unsent_late += 1;
-            }
-            // (A server that reopened the step, e.g. restarted from an older checkpoint, and
-            // took the notice for nothing: the step still closes with others' gradients.)
-            _ => {}
-        }
-        if reply.stop {
-            return Err(Exit::End(SessionEnd::Stopped));
-        }
-        Ok(())
-    }
-
     /// The first chunk of a push of `done` (its fields; `total`: the whole gradient).
     fn head(&self, done: &Computed) -> GradientChunk {
         GradientChunk {
@@ -839,19 +642,23 @@ impl Session<'_> {
                 within(self.opts.rpc_timeout, "push", crate::framing::push(&mut self.channel, frames)).await
             }
         };
-        let reply = match pushed {
-            Ok(r) => r,
-            Err(s) => return Err(self.push_failed(s).await),
-        };
-        match reply.outcome() {
-            // A re-push after a lost reply: the server holds it once.
-            PushOutcome::Accepted | PushOutcome::AlreadyAccepted => report.accepted += 1,
-            PushOutcome::Stopped => return Err(Exit::End(SessionEnd::Stopped)),
-            PushOutcome::Late | PushOutcome::TooStale | PushOutcome::Unspecified => report.dropped += 1,
+        match pushed {
+            Ok(reply) => tally(&reply, report),
+            Err(s) => Err(self.push_failed(s).await),
         }
-        if reply.stop {
-            return Err(Exit::End(SessionEnd::Stopped));
-        }
-        Ok(())
     }
+}
+
+/// Counts what the server did with a push (or a notice); "stop" ends the session.
+fn tally(reply: &PushReply, report: &mut WorkerReport) -> Result<(), Exit> {
+    match reply.outcome() {
+        // A re-push after a lost reply: the server holds it once.
+        PushOutcome::Accepted | PushOutcome::AlreadyAccepted => report.accepted += 1,
+        PushOutcome::Stopped => return Err(Exit::End(SessionEnd::Stopped)),
+        PushOutcome::Late | PushOutcome::TooStale | PushOutcome::Unspecified => report.dropped += 1,
+    }
+    if reply.stop {
+        return Err(Exit::End(SessionEnd::Stopped));
+    }
+    Ok(())
 }

@@ -3,40 +3,69 @@
 
 mod common;
 
-use common::{Hooked, Stoppable};
+use common::Hooked;
 use quorum_compute::{GradientSource, LeastSquares};
 use quorum_core::{Policy, ServerConfig};
 use quorum_net::worker::WorkerReport;
 use quorum_net::{run_server, run_worker, ServerOptions, WorkerOptions};
 use std::time::Duration;
 
-/// A sync run of 2 workers, N = 2, over `steps` steps: the server offers shared memory when
-/// `offer`, and worker `i` uses it when `use_it[i]`. Its final test loss and worker reports.
-async fn run(offer: bool, use_it: [bool; 2], steps: u64) -> (f32, Vec<WorkerReport>) {
-    let src = LeastSquares::new(64, 16, 0.1, 1);
-    let mut cfg = ServerConfig::new(2, Policy::Sync { aggregate: 2, backups: 0 }, 0.2);
+/// The synthetic model every run here trains.
+fn model() -> LeastSquares {
+    LeastSquares::new(64, 16, 0.1, 1)
+}
+
+/// Every worker's result.
+type Results = Vec<Result<WorkerReport, quorum_net::worker::WorkerError>>;
+
+/// A run of [`model`] on loopback: `n` workers under `policy`, `steps` steps, shared memory
+/// offered when `offer`, the record in `out`;
+/// `worker(i, address)` gives worker `i`'s options and gradient code. The final test loss and
+/// the workers' results.
+async fn cluster(
+    n: u32,
+    policy: Policy,
+    steps: u64,
+    offer: bool,
+    out: Option<&std::path::Path>,
+    worker: impl Fn(u32, String) -> (WorkerOptions, Box<dyn GradientSource + Send>),
+) -> (f32, Results) {
+    let src = model();
+    let mut cfg = ServerConfig::new(n, policy, 0.2);
     cfg.max_steps = Some(steps);
     cfg.liveness.stall_timeout = Some(Duration::from_secs(10));
     let mut opts = ServerOptions::new(cfg, src.layout().clone(), src.init_params(0));
-    opts.evaluator = Some(Box::new(src.clone()));
+    opts.evaluator = Some(Box::new(src));
     opts.shared_memory = offer;
+    opts.out = out.map(|p| p.to_path_buf());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
-    let workers: Vec<_> = (0..2)
+    let workers: Vec<_> = (0..n)
         .map(|i| {
-            let mut wo = WorkerOptions::new(i, format!("http://{addr}"));
-            wo.shared_memory = use_it[i as usize];
-            tokio::spawn(run_worker(wo, Box::new(src.clone()) as Box<dyn GradientSource + Send>))
+            let (wo, source) = worker(i, format!("http://{addr}"));
+            tokio::spawn(run_worker(wo, source))
         })
         .collect();
     let summary = tokio::time::timeout(Duration::from_secs(60), server).await.expect("finishes").unwrap().unwrap();
     assert_eq!(summary.steps, steps);
-    let mut reports = Vec::new();
+    let mut results = Vec::new();
     for w in workers {
-        reports.push(w.await.unwrap().unwrap());
+        results.push(w.await.unwrap());
     }
-    (summary.final_test_loss.unwrap(), reports)
+    (summary.final_test_loss.unwrap(), results)
+}
+
+/// A sync run of 2 workers, N = 2, over `steps` steps: the server offers shared memory when
+/// `offer`, and worker `i` uses it when `use_it[i]`. Its final test loss and worker reports.
+async fn run(offer: bool, use_it: [bool; 2], steps: u64) -> (f32, Vec<WorkerReport>) {
+    let (loss, results) = cluster(2, Policy::Sync { aggregate: 2, backups: 0 }, steps, offer, None, |i, addr| {
+        let mut wo = WorkerOptions::new(i, addr);
+        wo.shared_memory = use_it[i as usize];
+        (wo, Box::new(model()))
+    })
+    .await;
+    (loss, results.into_iter().map(Result::unwrap).collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,45 +150,30 @@ async fn a_pull_answered_in_shared_memory_names_the_file_the_join_named() {
     server.abort();
 }
 
-/// A run of 3 workers under `policy` (sync: N = 2 of 3), `steps` steps, with `workers.csv` in `out`: worker 0's
-/// computations take `patience` unless stopped ([`Stoppable`]), workers 1 and 2 take 10 ms
-/// each; worker 0 may abandon overtaken work when `abandon`. The three workers' results.
+/// A run of 3 workers under `policy` (sync: N = 2 of 3), `steps` steps, with `workers.csv` in
+/// `out`: worker 0's computations take `stuck` unless stopped ([`Hooked::stoppable`]), workers
+/// 1 and 2 take 10 ms each; worker 0 may abandon overtaken work when `abandon`. The three
+/// workers' results.
 async fn one_stuck_worker(
     policy: Policy,
     abandon: bool,
-    patience: Duration,
+    stuck: Duration,
     steps: u64,
     out: &std::path::Path,
-) -> Vec<Result<WorkerReport, quorum_net::worker::WorkerError>> {
-    let src = LeastSquares::new(64, 16, 0.1, 1);
-    let mut cfg = ServerConfig::new(3, policy, 0.2);
-    cfg.max_steps = Some(steps);
-    cfg.liveness.stall_timeout = Some(Duration::from_secs(10));
-    let mut opts = ServerOptions::new(cfg, src.layout().clone(), src.init_params(0));
-    opts.out = Some(out.to_path_buf());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
-    let ten_ms = Hooked::new(&src, |_| {
+) -> Results {
+    let ten_ms = Hooked::new(&model(), |_| {
         std::thread::sleep(Duration::from_millis(10));
         Ok(())
     });
-    let workers: Vec<_> = (0..3)
-        .map(|i| {
-            let mut wo = WorkerOptions::new(i, format!("http://{addr}"));
-            wo.abandon = abandon;
-            wo.heartbeat_every = Duration::from_millis(100);
-            wo.connect_timeout = Duration::from_secs(5);
-            let s = Stoppable { inner: ten_ms.clone(), stuck: i == 0, patience };
-            tokio::spawn(run_worker(wo, Box::new(s) as Box<dyn GradientSource + Send>))
-        })
-        .collect();
-    let summary = tokio::time::timeout(Duration::from_secs(60), server).await.expect("finishes").unwrap().unwrap();
-    assert_eq!(summary.steps, steps);
-    let mut results = Vec::new();
-    for w in workers {
-        results.push(w.await.unwrap());
-    }
+    let (_, results) = cluster(3, policy, steps, true, Some(out), |i, addr| {
+        let mut wo = WorkerOptions::new(i, addr);
+        wo.abandon = abandon;
+        wo.heartbeat_every = Duration::from_millis(100);
+        wo.connect_timeout = Duration::from_secs(5);
+        let stuck = if i == 0 { stuck } else { Duration::ZERO };
+        (wo, Box::new(ten_ms.clone().stoppable(stuck)))
+    })
+    .await;
     results
 }
 
@@ -233,32 +247,12 @@ async fn workers_that_read_the_parameters_in_place_reach_bit_for_bit_what_they_r
     // them. Deadline with min = both workers: every step averages both gradients, whichever
     // way the values travel, so the runs must agree to the last bit.
     let run = |shm: bool| async move {
-        let src = LeastSquares::new(64, 16, 0.1, 1);
         let policy = Policy::Deadline { min: 2, timeout: Duration::from_secs(10) };
-        let mut cfg = ServerConfig::new(2, policy, 0.2);
-        cfg.max_steps = Some(60);
-        let mut opts = ServerOptions::new(cfg, src.layout().clone(), src.init_params(0));
-        opts.evaluator = Some(Box::new(src.clone()));
-        opts.shared_memory = shm;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
-        let workers: Vec<_> = (0..2)
-            .map(|i| {
-                let s = Stoppable { inner: Hooked::new(&src, |_| Ok(())), stuck: false, patience: Duration::ZERO };
-                tokio::spawn(run_worker(
-                    WorkerOptions::new(i, format!("http://{addr}")),
-                    Box::new(s) as Box<dyn GradientSource + Send>,
-                ))
-            })
-            .collect();
-        let summary = tokio::time::timeout(Duration::from_secs(60), server).await.expect("finishes").unwrap().unwrap();
-        assert_eq!(summary.steps, 60);
-        let mut reports = Vec::new();
-        for w in workers {
-            reports.push(w.await.unwrap().unwrap());
-        }
-        (summary.final_test_loss.unwrap(), reports)
+        let (loss, results) = cluster(2, policy, 60, shm, None, |i, addr| {
+            (WorkerOptions::new(i, addr), Box::new(Hooked::new(&model(), |_| Ok(())).stoppable(Duration::ZERO)))
+        })
+        .await;
+        (loss, results.into_iter().map(Result::unwrap).collect::<Vec<_>>())
     };
     let (grpc, r) = run(false).await;
     assert!(r.iter().all(|w| w.params_in_place == 0), "{r:?}");

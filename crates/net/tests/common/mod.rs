@@ -16,6 +16,10 @@ pub struct Hooked {
     inner: LeastSquares,
     before: Before,
     after: Option<After>,
+    /// Stops half-way when told its step closed ([`Hooked::stoppable`]).
+    stoppable: bool,
+    /// Each computation first takes this long, unless stopped (a slow machine's gradient).
+    stuck: std::time::Duration,
 }
 
 impl Hooked {
@@ -24,12 +28,30 @@ impl Hooked {
         inner: &LeastSquares,
         before: impl Fn(BatchId) -> Result<(), ComputeError> + Send + Sync + 'static,
     ) -> Self {
-        Hooked { inner: inner.clone(), before: Arc::new(before), after: None }
+        Hooked {
+            inner: inner.clone(),
+            before: Arc::new(before),
+            after: None,
+            stoppable: false,
+            stuck: Default::default(),
+        }
     }
 
     /// `after` rewrites each gradient's values.
     pub fn altering(inner: &LeastSquares, after: impl Fn(BatchId, &mut [f32]) + Send + Sync + 'static) -> Self {
-        Hooked { inner: inner.clone(), before: Arc::new(|_| Ok(())), after: Some(Arc::new(after)) }
+        Hooked {
+            inner: inner.clone(),
+            before: Arc::new(|_| Ok(())),
+            after: Some(Arc::new(after)),
+            stoppable: false,
+            stuck: Default::default(),
+        }
+    }
+
+    /// Stops half-way when told its step closed; each computation first takes `stuck` unless
+    /// stopped (zero: not stuck).
+    pub fn stoppable(self, stuck: std::time::Duration) -> Self {
+        Hooked { stoppable: true, stuck, ..self }
     }
 }
 
@@ -51,33 +73,6 @@ impl GradientSource for Hooked {
         }
         Ok(loss)
     }
-    fn evaluate(&mut self, params: &[f32]) -> Result<Evaluation, ComputeError> {
-        self.inner.evaluate(params)
-    }
-}
-
-/// The synthetic model, which stops half-way when told its step closed; while `stuck`, its
-/// computation takes `patience` unless stopped first (a slow machine's gradient, overtaken).
-#[derive(Clone)]
-pub struct Stoppable {
-    pub inner: Hooked,
-    pub stuck: bool,
-    pub patience: std::time::Duration,
-}
-
-impl GradientSource for Stoppable {
-    fn layout(&self) -> &quorum_core::ParamLayout {
-        self.inner.layout()
-    }
-    fn init_params(&self, seed: u64) -> Vec<f32> {
-        self.inner.init_params(seed)
-    }
-    fn batch_size(&self) -> usize {
-        self.inner.batch_size()
-    }
-    fn gradient(&mut self, params: &[f32], batch: BatchId, out: &mut Vec<f32>) -> Result<f32, ComputeError> {
-        self.inner.gradient(params, batch, out)
-    }
     fn gradient_into_unless(
         &mut self,
         params: &[f32],
@@ -85,17 +80,17 @@ impl GradientSource for Stoppable {
         out: &mut [f32],
         overtaken: &dyn Fn() -> bool,
     ) -> Result<f32, ComputeError> {
-        let until = std::time::Instant::now() + self.patience;
-        while self.stuck && std::time::Instant::now() < until {
+        let until = std::time::Instant::now() + self.stuck;
+        while self.stoppable && std::time::Instant::now() < until {
             if overtaken() {
                 return Err(ComputeError::Abandoned);
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        self.inner.gradient_into(params, batch, out)
+        self.gradient_into(params, batch, out)
     }
     fn can_abandon(&self) -> bool {
-        true
+        self.stoppable
     }
     fn evaluate(&mut self, params: &[f32]) -> Result<Evaluation, ComputeError> {
         self.inner.evaluate(params)
