@@ -52,6 +52,9 @@ pub(super) struct Sharded {
     /// requests each shard has not answered yet (it is behind).
     asked: Vec<Vec<Option<Step>>>,
     parked: Vec<Vec<Option<Step>>>,
+    /// When each worker's latest slice reaches each shard: a link delivers in order (one
+    /// HTTP/2 connection), so a later push's slice never overtakes an earlier one's.
+    slice_at: Vec<Vec<Duration>>,
     /// The coordinator's commits, and each shard's applied commits.
     committed: Vec<Commit>,
     applied: Vec<Vec<Commit>>,
@@ -94,6 +97,7 @@ impl Rule {
             published: vec![None; s],
             parts: vec![vec![None; s]; w],
             asked: vec![vec![None; s]; w],
+            slice_at: vec![vec![Duration::ZERO; s]; w],
             parked: vec![vec![None; w]; s],
             committed: Vec::new(),
             applied: vec![Vec::new(); s],
@@ -404,10 +408,16 @@ impl Engine<'_> {
             };
             arrivals.push(arrive);
         }
+        let arrivals: Vec<Duration> = arrivals.into_iter().map(|a| at(now, a + self.jitter())).collect();
+        let Some(x) = self.rule.sharded() else { return };
+        let mut events = Vec::new();
         for (k, arrive) in arrivals.into_iter().enumerate() {
-            let arrive = arrive + self.jitter();
-            let ev = SimEvent::Slice { shard: k as u32, from, life, step, grad: grad.clone(), loss };
-            self.queue.push(at(now, arrive), ev);
+            let when = arrive.max(x.slice_at[from.index()][k]);
+            x.slice_at[from.index()][k] = when;
+            events.push((when, SimEvent::Slice { shard: k as u32, from, life, step, grad: grad.clone(), loss }));
+        }
+        for (when, ev) in events {
+            self.queue.push(when, ev);
         }
     }
 
