@@ -56,6 +56,10 @@ pub struct Server {
     aggregate: u32,
     /// Running sum of the current step's gradients: memory O(parameters), not O(N·parameters).
     sum: Vec<f32>,
+    /// Sync policies: the running sum with a pushed gradient added, written in the same pass
+    /// that checks the gradient finite (one read of it, not a check and then an add); becomes
+    /// the sum once the gradient is accepted, and is thrown away if it is refused.
+    staged: Vec<f32>,
     /// Workers in the open step, in arrival order, plus a per-worker flag for O(1) lookups.
     contributors: Vec<WorkerId>,
     contributed: Vec<bool>,
@@ -72,6 +76,12 @@ pub struct Server {
     adaptive: Option<AdaptiveRule>,
     sum_sq: f64,
     stopped: bool,
+}
+
+/// The refusal of a gradient holding a value that is not finite, naming the first.
+fn non_finite(from: WorkerId, g: &[f32]) -> ProtocolError {
+    let index = g.iter().position(|x| !x.is_finite()).unwrap_or(0);
+    ProtocolError::NonFinite { worker: from, index, value: g[index] }
 }
 
 fn secs(d: Duration) -> f64 {
@@ -107,6 +117,7 @@ impl Server {
             opt: Optimizer::new(cfg.optimizer.clone(), n),
             ema: cfg.ema_decay.map(|_| init.clone()),
             sum: vec![0.0; n],
+            staged: vec![0.0; n],
             slots: vec![Slot::default(); cfg.workers as usize],
             cfg,
             layout,
@@ -280,9 +291,13 @@ impl Server {
             out.events.push(Event::GradientRepeated { worker: from, step, time: secs(now) });
             return Ok(out);
         }
-        let late = !matches!(self.cfg.policy, Policy::Async { .. }) && step < self.step;
+        let sync = !matches!(self.cfg.policy, Policy::Async { .. });
+        let late = sync && step < self.step;
         if !late {
-            self.validate_push(from, step, gradient)?;
+            self.validate_push(from, step, gradient, !sync)?;
+        }
+        if sync && !late {
+            self.stage(from, gradient)?;
         }
         let mut out = self.touch(now, from);
         if self.stopped {
@@ -361,7 +376,9 @@ impl Server {
         }
     }
 
-    fn validate_push(&self, from: WorkerId, step: Step, g: &[f32]) -> Result<(), ProtocolError> {
+    /// Checks a push; its values are checked finite here only with `values` (sync policies
+    /// check them in [`Server::stage`]).
+    fn validate_push(&self, from: WorkerId, step: Step, g: &[f32], values: bool) -> Result<(), ProtocolError> {
         if step > self.step {
             return Err(ProtocolError::FutureStep { worker: from, step, current: self.step });
         }
@@ -376,9 +393,29 @@ impl Server {
             return Err(ProtocolError::WrongLength { worker: from, got: g.len(), expected: self.params.len() });
         }
         // A branch-free fold vectorises; the position is only searched for on failure.
-        if !g.iter().fold(true, |ok, x| ok & x.is_finite()) {
-            let index = g.iter().position(|x| !x.is_finite()).unwrap_or(0);
-            return Err(ProtocolError::NonFinite { worker: from, index, value: g[index] });
+        if values && !g.iter().fold(true, |ok, x| ok & x.is_finite()) {
+            return Err(non_finite(from, g));
+        }
+        Ok(())
+    }
+
+    /// Sync policies: the open step's sum plus `g` into `staged`, refusing `g` if any value
+    /// is not finite (the sum untouched).
+    fn stage(&mut self, from: WorkerId, g: &[f32]) -> Result<(), ProtocolError> {
+        // Branch-free folds vectorise; the position is only searched for on failure.
+        let finite = if self.contributors.is_empty() {
+            self.staged.iter_mut().zip(g).fold(true, |ok, (s, &x)| {
+                *s = x;
+                ok & x.is_finite()
+            })
+        } else {
+            self.staged.iter_mut().zip(self.sum.iter().zip(g)).fold(true, |ok, (s, (&a, &x))| {
+                *s = a + x;
+                ok & x.is_finite()
+            })
+        };
+        if !finite {
+            return Err(non_finite(from, g));
         }
         Ok(())
     }
@@ -469,13 +506,8 @@ impl Server {
             });
             return out;
         }
-        if self.contributors.is_empty() {
-            self.sum.copy_from_slice(g);
-        } else {
-            for (s, x) in self.sum.iter_mut().zip(g) {
-                *s += x;
-            }
-        }
+        // The sum with `g` added, made when the push was checked.
+        std::mem::swap(&mut self.sum, &mut self.staged);
         if self.adaptive.is_some() {
             self.sum_sq += (global_norm(g, 1.0) as f64).powi(2);
         }

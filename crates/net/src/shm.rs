@@ -7,16 +7,21 @@
 //! with HTTP/2 framing on the way. With the file, the server writes each step's parameters
 //! once and every worker on the host copies them out, or, if it stops overtaken work, computes
 //! on them where they lie ([`ParamsView`]); a worker computes its gradient straight into its
-//! slot ([`GradientWrite`]) and the server copies it in. The file's header also says the newest
+//! slot ([`GradientWrite`]) and the server adds it to the step's sum from there
+//! ([`GradientRead`]), with no copy on either side. The file's header also says the newest
 //! step published ([`SharedRegion::newest`]), which such a worker asks between layers. What travels over gRPC is a pull's answer or a push with no
 //! values, flagged `shm`: the values are in the file.
 //!
 //! The file (under `/dev/shm`, mode 0600, removed when the server ends) holds `param_slots`
 //! slots for parameters (step `s` in slot `s % param_slots`) and one slot per worker for its
 //! gradient. Every slot is a sequence lock: its writer makes the sequence odd, writes, and
-//! makes it even again; a reader copies the values out and keeps them only if the sequence
+//! makes it even again; a worker copies parameters out and keeps them only if the sequence
 //! was even and unchanged across its copy (else the slot was rewritten under it: the worker
-//! pulls over gRPC instead, the server refuses the push). A worker learns the file's path
+//! pulls over gRPC instead). A gradient slot is also a lock between its worker and the server:
+//! the worker starts a write only on an even sequence the server is not reading (else it
+//! computes into a buffer and sends the values over gRPC), and the server reads a gradient in
+//! place only on the sequence the push names, marking it read meanwhile (else it refuses the
+//! push), so no write lands in a gradient while the server adds it up. A worker learns the file's path
 //! and a random nonce in the join reply and uses the file only if it can open it and finds
 //! the nonce inside: a worker on another host finds no such file, and falls back to gRPC.
 
@@ -26,8 +31,9 @@ use std::sync::Arc;
 
 /// Identifies a quorum shared-memory file ("QUORUMSM").
 const MAGIC: u64 = u64::from_le_bytes(*b"QUORUMSM");
-/// The layout's version; a file of another version is not used.
-const VERSION: u64 = 1;
+/// The layout's version; a file of another version is not used. (2: gradient slots are read
+/// in place under [`READING`].)
+const VERSION: u64 = 2;
 /// Bytes of the file's header and of each slot's header (a cache line each).
 const HEADER: usize = 64;
 /// Parameter slots: a worker's copy of step `s` is spoiled only if the server publishes
@@ -36,6 +42,11 @@ pub const PARAM_SLOTS: usize = 4;
 /// The header's word holding the newest published step + 1 (0: none yet); the words before
 /// it say what the file is.
 const NEWEST: usize = 6;
+/// The bit of a gradient slot's sequence number the server sets while it reads the values in
+/// place ([`GradientRead`]); a worker starts no write meanwhile.
+const READING: u64 = 1 << 63;
+/// The step word of a gradient slot whose write was given up: no push names it.
+const NO_STEP: u64 = u64::MAX;
 /// File names start with this, then the owning server's process id.
 const PREFIX: &str = "quorum-";
 
@@ -132,6 +143,15 @@ impl SharedRegion {
         {
             return Err(format!("{path} has no gradient slot for worker {worker}"));
         }
+        // A write left half-done by this index's previous process (killed while it computed)
+        // would keep the slot from ever being written again: the server gives an index to a new
+        // process only once the last one went silent, so the slot is this process's now.
+        let seq = region.word(region.slot_at(region.gradient_slot(worker)), 0);
+        let s = seq.load(Ordering::Acquire);
+        if s & 1 == 1 {
+            let at = region.slot_at(region.gradient_slot(worker));
+            region.end(at, s, NO_STEP);
+        }
         Ok(region)
     }
 
@@ -168,7 +188,8 @@ impl SharedRegion {
         HEADER + slot * slot_bytes(self.len)
     }
 
-    /// Starts a write into the slot at byte `at`: its sequence number made odd (returned).
+    /// Starts a write into the parameter slot at byte `at` (the server is its only writer):
+    /// its sequence number made odd (returned).
     fn begin(&self, at: usize) -> u64 {
         let seq = self.word(at, 0);
         let odd = seq.load(Ordering::Relaxed) | 1;
@@ -185,15 +206,14 @@ impl SharedRegion {
         odd + 1
     }
 
-    /// Copies `slot`'s values into `out` if they are `step`'s (and, with `expect`, the
-    /// write with that sequence number) and were not rewritten meanwhile.
-    fn read(&self, slot: usize, step: u64, expect: Option<u64>, out: &mut Vec<f32>) -> Result<(), SlotError> {
+    /// Copies `slot`'s values into `out` if they are `step`'s and were not rewritten meanwhile.
+    fn read(&self, slot: usize, step: u64, out: &mut Vec<f32>) -> Result<(), SlotError> {
         let at = self.slot_at(slot);
         let before = self.word(at, 0).load(Ordering::Acquire);
         if before & 1 == 1 {
             return Err(SlotError::Rewritten);
         }
-        if before == 0 || self.word(at, 1).load(Ordering::Relaxed) != step || expect.is_some_and(|e| e != before) {
+        if before == 0 || self.word(at, 1).load(Ordering::Relaxed) != step {
             return Err(SlotError::Other);
         }
         out.clear();
@@ -243,7 +263,7 @@ impl SharedRegion {
 
     /// A worker: copies the parameters of `step` into `out`.
     pub fn read_params(&self, step: u64, out: &mut Vec<f32>) -> Result<(), SlotError> {
-        self.read(step as usize % self.param_slots, step, None, out)
+        self.read(step as usize % self.param_slots, step, out)
     }
 
     /// A worker: the parameters of `step` where they lie, not copied ([`ParamsView`]), if the
@@ -260,22 +280,43 @@ impl SharedRegion {
         Ok(ParamsView { region: Arc::clone(self), at, seq })
     }
 
-    /// The server: copies worker `worker`'s gradient of `step`, written as `seq`, into `out`.
-    pub fn read_gradient(&self, worker: u32, step: u64, seq: u64, out: &mut Vec<f32>) -> Result<(), SlotError> {
+    /// The server: worker `worker`'s gradient of `step`, written as `seq`, where it lies, held
+    /// from being rewritten until the returned [`GradientRead`] is dropped.
+    pub fn gradient(&self, worker: u32, step: u64, seq: u64) -> Result<GradientRead<'_>, SlotError> {
         if worker as usize >= self.gradient_slots {
             return Err(SlotError::Other);
         }
-        self.read(self.gradient_slot(worker), step, Some(seq), out)
+        let at = self.slot_at(self.gradient_slot(worker));
+        let word = self.word(at, 0);
+        let now = word.load(Ordering::Acquire);
+        if now & 1 == 1 {
+            return Err(SlotError::Rewritten);
+        }
+        if now != seq || self.word(at, 1).load(Ordering::Relaxed) != step {
+            return Err(SlotError::Other);
+        }
+        // The sequence number the push named, unchanged since it was checked (a write would
+        // have moved it), now marked read: a worker starts no write until the mark is gone.
+        word.compare_exchange(seq, seq | READING, Ordering::Acquire, Ordering::Relaxed)
+            .map_err(|_| SlotError::Rewritten)?;
+        Ok(GradientRead { region: self, at, seq })
     }
 
     /// Worker `worker`: lends its gradient slot to be computed into, so the gradient is
     /// written once, in place, not computed into a buffer and copied ([`GradientWrite`]).
     /// The slot reads as being written (a push naming it is refused) until
-    /// [`GradientWrite::finish`].
-    pub fn gradient_write(self: &Arc<Self>, worker: u32) -> GradientWrite {
+    /// [`GradientWrite::finish`]. `None` while the server reads the slot (a push of this index
+    /// still being added up, from an earlier process of it): the gradient goes into a buffer.
+    pub fn gradient_write(self: &Arc<Self>, worker: u32) -> Option<GradientWrite> {
         let at = self.slot_at(self.gradient_slot(worker));
-        let odd = self.begin(at);
-        GradientWrite { region: Arc::clone(self), at, odd }
+        let word = self.word(at, 0);
+        let now = word.load(Ordering::Relaxed);
+        if now & (1 | READING) != 0 {
+            return None;
+        }
+        word.compare_exchange(now, now | 1, Ordering::Acquire, Ordering::Relaxed).ok()?;
+        fence(Ordering::Release);
+        Some(GradientWrite { region: Arc::clone(self), at, odd: now | 1 })
     }
 
     fn gradient_slot(&self, worker: u32) -> usize {
@@ -310,8 +351,8 @@ impl GradientWrite {
         // map is page-aligned, slots and headers are multiples of 64 bytes). This process is
         // the slot's only writer, and a worker lends its slot to one computation at a time
         // (`&mut self` for as long as the slice lives). Any value is a valid `f32`. The server,
-        // in another process, copies the slot only when a push names a finished write, and
-        // discards its copy if the sequence number moved meanwhile.
+        // in another process, reads the slot only when a push names a finished write, and this
+        // write began only while it did not (`gradient_write`).
         unsafe {
             std::slice::from_raw_parts_mut(
                 self.region.map.as_mut_ptr().add(self.at + HEADER) as *mut f32,
@@ -321,8 +362,48 @@ impl GradientWrite {
     }
 
     /// Ends the write: the values are `step`'s. The push names the returned sequence number.
-    pub fn finish(self, step: u64) -> u64 {
-        self.region.end(self.at, self.odd, step)
+    pub fn finish(mut self, step: u64) -> u64 {
+        let seq = self.region.end(self.at, self.odd, step);
+        self.odd = 0;
+        seq
+    }
+}
+
+impl Drop for GradientWrite {
+    /// A write given up (the computation abandoned or failed): the slot is writable again and
+    /// holds no step's gradient.
+    fn drop(&mut self) {
+        if self.odd != 0 {
+            self.region.end(self.at, self.odd, NO_STEP);
+        }
+    }
+}
+
+/// A worker's gradient read where it lies ([`SharedRegion::gradient`]): while this lives, the
+/// slot is marked read and no write starts in it, so the values stay the pushed ones.
+pub struct GradientRead<'a> {
+    region: &'a SharedRegion,
+    at: usize,
+    seq: u64,
+}
+
+impl GradientRead<'_> {
+    /// The gradient's values (the model's length).
+    pub fn values(&self) -> &[f32] {
+        // SAFETY: the slot's data lies in the map (sized for it), 4-byte aligned (page-aligned
+        // map, slots and headers multiples of 64 bytes), and any bits are a valid `f32`. Its
+        // writer finished the write this push names (the sequence number, even, is the one the
+        // push named) and starts no other while the READING mark set in `gradient` stays, until
+        // this value is dropped, which the slice's borrow outlives not.
+        unsafe {
+            std::slice::from_raw_parts(self.region.map.as_ptr().add(self.at + HEADER) as *const f32, self.region.len)
+        }
+    }
+}
+
+impl Drop for GradientRead<'_> {
+    fn drop(&mut self) {
+        self.region.word(self.at, 0).store(self.seq, Ordering::Release);
     }
 }
 
@@ -421,7 +502,7 @@ mod tests {
 
     /// Worker `worker`'s gradient of `step` written into its slot; the write's sequence number.
     fn write_gradient(region: &Arc<SharedRegion>, worker: u32, step: u64, values: &[f32]) -> u64 {
-        let mut write = region.gradient_write(worker);
+        let mut write = region.gradient_write(worker).expect("the slot is free");
         write.values().copy_from_slice(values);
         write.finish(step)
     }
@@ -435,8 +516,7 @@ mod tests {
         worker.read_params(7, &mut got).unwrap();
         assert_eq!(got, [1.0, 2.0, 3.0, 4.0, 5.0]);
         let seq = write_gradient(&worker, 1, 7, &[0.5; 5]);
-        server.read_gradient(1, 7, seq, &mut got).unwrap();
-        assert_eq!(got, [0.5; 5]);
+        assert_eq!(server.gradient(1, 7, seq).unwrap().values(), [0.5; 5]);
     }
 
     #[test]
@@ -485,9 +565,8 @@ mod tests {
         let server = Arc::new(SharedRegion::create(2, 1).unwrap());
         let seq = write_gradient(&server, 0, 3, &[1.0, 1.0]);
         write_gradient(&server, 0, 3, &[9.0, 9.0]);
-        let mut got = Vec::new();
-        assert_eq!(server.read_gradient(0, 3, seq, &mut got), Err(SlotError::Other));
-        assert_eq!(server.read_gradient(5, 3, seq, &mut got), Err(SlotError::Other), "no such worker");
+        assert_eq!(server.gradient(0, 3, seq).err(), Some(SlotError::Other));
+        assert_eq!(server.gradient(5, 3, seq).err(), Some(SlotError::Other), "no such worker");
     }
 
     #[test]
@@ -505,16 +584,57 @@ mod tests {
         let server = SharedRegion::create(3, 2).unwrap();
         let worker = Arc::new(SharedRegion::open(server.path().to_str().unwrap(), server.nonce(), 3, 1).unwrap());
         let before = write_gradient(&worker, 1, 4, &[1.0; 3]);
-        let mut write = worker.gradient_write(1);
+        let mut write = worker.gradient_write(1).unwrap();
         write.values().copy_from_slice(&[0.5, 1.5, 2.5]);
-        let mut got = Vec::new();
         // Half-way: neither the earlier push nor anything else can be read from the slot.
-        assert_eq!(server.read_gradient(1, 4, before, &mut got), Err(SlotError::Rewritten));
+        assert_eq!(server.gradient(1, 4, before).err(), Some(SlotError::Rewritten));
         let seq = write.finish(5);
         assert_ne!(seq, before);
-        server.read_gradient(1, 5, seq, &mut got).unwrap();
-        assert_eq!(got, [0.5, 1.5, 2.5]);
-        assert_eq!(server.read_gradient(1, 4, before, &mut got), Err(SlotError::Other), "the earlier push is gone");
+        assert_eq!(server.gradient(1, 5, seq).unwrap().values(), [0.5, 1.5, 2.5]);
+        assert_eq!(server.gradient(1, 4, before).err(), Some(SlotError::Other), "the earlier push is gone");
+    }
+
+    #[test]
+    fn no_write_starts_in_a_gradient_slot_while_the_server_reads_it_in_place() {
+        let server = SharedRegion::create(3, 1).unwrap();
+        let worker = Arc::new(SharedRegion::open(server.path().to_str().unwrap(), server.nonce(), 3, 0).unwrap());
+        let seq = write_gradient(&worker, 0, 2, &[1.0; 3]);
+        let read = server.gradient(0, 2, seq).unwrap();
+        // Another process of this index (one that outlived its session) cannot write meanwhile,
+        // nor can the push be read twice at once.
+        assert!(worker.gradient_write(0).is_none());
+        assert!(server.gradient(0, 2, seq).is_err());
+        assert_eq!(read.values(), [1.0; 3]);
+        drop(read);
+        let mut write = worker.gradient_write(0).expect("writable once read");
+        write.values().copy_from_slice(&[2.0; 3]);
+        let next = write.finish(3);
+        assert_eq!(server.gradient(0, 3, next).unwrap().values(), [2.0; 3]);
+    }
+
+    #[test]
+    fn a_gradient_write_given_up_leaves_the_slot_writable_and_holding_no_gradient() {
+        let server = SharedRegion::create(2, 1).unwrap();
+        let worker = Arc::new(SharedRegion::open(server.path().to_str().unwrap(), server.nonce(), 2, 0).unwrap());
+        let seq = write_gradient(&worker, 0, 1, &[1.0; 2]);
+        let mut write = worker.gradient_write(0).unwrap();
+        write.values().copy_from_slice(&[5.0; 2]);
+        drop(write); // abandoned half-way
+        assert_eq!(server.gradient(0, 1, seq).err(), Some(SlotError::Other), "the half-written values are no push");
+        assert!(worker.gradient_write(0).is_some());
+    }
+
+    #[test]
+    fn a_slot_left_half_written_by_a_killed_worker_is_taken_over_by_the_next_process_of_its_index() {
+        let server = SharedRegion::create(2, 1).unwrap();
+        let path = server.path().to_str().unwrap().to_string();
+        let killed = Arc::new(SharedRegion::open(&path, server.nonce(), 2, 0).unwrap());
+        // The process dies mid-write: nothing ends the write.
+        std::mem::forget(killed.gradient_write(0).unwrap());
+        assert!(killed.gradient_write(0).is_none(), "the slot is held by the unfinished write");
+        let restarted = Arc::new(SharedRegion::open(&path, server.nonce(), 2, 0).unwrap());
+        let seq = write_gradient(&restarted, 0, 4, &[3.0; 2]);
+        assert_eq!(server.gradient(0, 4, seq).unwrap().values(), [3.0; 2]);
     }
 
     #[test]

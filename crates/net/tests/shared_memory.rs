@@ -121,10 +121,15 @@ async fn a_push_naming_a_write_the_servers_memory_does_not_hold_is_told_to_join_
     // it. "Aborted" makes the worker join again (and open the new file); a refusal would end it.
     use quorum_net::proto::parameter_server_client::ParameterServerClient;
     use quorum_net::proto::GradientChunk;
+    use quorum_net::proto::JoinRequest;
     let (server, channel) = one_worker_server().await;
-    let push = GradientChunk { worker: 0, step: 0, total: 64, shm: true, shm_seq: 2, ..Default::default() };
-    let refused = ParameterServerClient::new(channel).push(tokio_stream::iter(vec![push])).await.unwrap_err();
+    let mut client = ParameterServerClient::new(channel);
+    // Joined (so the refusal is the slot's, not a stranger's), and pushing a write never made.
+    client.join(JoinRequest { worker: 0, num_params: 64, session: 5, layout: vec![] }).await.unwrap();
+    let push = GradientChunk { worker: 0, step: 0, total: 64, shm: true, shm_seq: 2, session: 5, ..Default::default() };
+    let refused = client.push(tokio_stream::iter(vec![push])).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Aborted, "{refused:?}");
+    assert!(refused.message().contains("in shared memory"), "{}", refused.message());
     assert!(refused.message().contains("join again"), "{}", refused.message());
     server.abort();
 }

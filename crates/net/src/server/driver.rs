@@ -7,7 +7,7 @@ use super::checkpointer::Checkpointer;
 use super::evaluator::Evaluator;
 use super::record::Recorder;
 use super::rule::{CommitStream, Rule};
-use super::service::{Answer, Command, Published};
+use super::service::{slot_refused, Answer, Command, Published, Values};
 use super::{NetError, Progress, ServerOptions, TrainSummary};
 use quorum_core::server::StopReason;
 use quorum_core::{Action, Commit, Event, Outputs, ProtocolError, WorkerId};
@@ -225,8 +225,21 @@ impl Driver {
             }
             Command::Push { worker, session, step, gradient, loss, timing, reply } => {
                 let rule = &mut self.rule;
-                let result =
-                    rule.check_session(worker, session).and_then(|()| rule.push(now, worker, step, &gradient, loss));
+                let result = match (&gradient, rule.check_session(worker, session)) {
+                    (_, Err(e)) => Err(e),
+                    (Values::Buffer(g), Ok(())) => rule.push(now, worker, step, g, loss),
+                    // Added up where the worker wrote it, held from being rewritten meanwhile.
+                    (Values::Shared { seq }, Ok(())) => {
+                        let region = self.shm.as_deref().expect("pushes through shared memory come with one");
+                        match region.gradient(worker.0, step, *seq) {
+                            Ok(read) => rule.push(now, worker, step, read.values(), loss),
+                            Err(e) => {
+                                let _ = reply.send((Err(slot_refused(worker, step, e)), gradient));
+                                return Ok(None);
+                            }
+                        }
+                    }
+                };
                 if result.is_ok() {
                     self.rec.timing(worker, timing);
                 }

@@ -86,8 +86,28 @@ fn pull_body(step: u64, params: &[f32], enc: Encoding, stop: bool) -> Vec<bytes:
 
 pub(super) type Reply = oneshot::Sender<Result<Vec<Event>, ProtocolError>>;
 
-/// The answer to a push, with the receive buffer handed back for the next push.
-pub(super) type PushAnswer = oneshot::Sender<(Result<Vec<Event>, ProtocolError>, Vec<f32>)>;
+/// The answer to a push (`Err`: a push through shared memory whose slot no longer holds the
+/// gradient it names), with the receive buffer handed back for the next push.
+pub(super) type PushAnswer = oneshot::Sender<(Result<Result<Vec<Event>, ProtocolError>, Status>, Values)>;
+
+/// A pushed gradient's values as the loop gets them.
+pub(super) enum Values {
+    /// Reassembled from the push's chunks into a kept buffer, handed back with the answer.
+    Buffer(Vec<f32>),
+    /// In the pushing worker's slot of the shared memory, written as `seq`: the loop adds them
+    /// up from there ([`crate::shm::SharedRegion::gradient`]), no copy made.
+    Shared { seq: u64 },
+}
+
+/// A push through shared memory whose slot does not hold the gradient it names: the worker
+/// is told to join again ("aborted", as a worker unknown here is), since its push may have
+/// reached a restarted server, whose file (if any) it has not opened.
+pub(super) fn slot_refused(worker: WorkerId, step: u64, e: crate::shm::SlotError) -> Status {
+    Status::aborted(format!(
+        "worker {}'s gradient of step {step} in shared memory: {e} (the server may have restarted: join again)",
+        worker.0
+    ))
+}
 
 /// Seconds a worker reports with a gradient: computing it, and moving bytes for it.
 #[derive(Debug, Clone, Copy)]
@@ -110,7 +130,7 @@ pub(super) enum Command {
         worker: WorkerId,
         session: u64,
         step: u64,
-        gradient: Vec<f32>,
+        gradient: Values,
         loss: Option<f32>,
         timing: Timing,
         reply: PushAnswer,
@@ -144,7 +164,7 @@ pub(super) enum Command {
 /// Where the loop sends a command's result.
 pub(super) enum Answer {
     Message(Reply),
-    Push(PushAnswer, Vec<f32>),
+    Push(PushAnswer, Values),
 }
 
 impl Answer {
@@ -152,7 +172,7 @@ impl Answer {
         // A requester that went away needs no answer.
         match self {
             Answer::Message(tx) => drop(tx.send(r)),
-            Answer::Push(tx, buffer) => drop(tx.send((r, buffer))),
+            Answer::Push(tx, values) => drop(tx.send((Ok(r), values))),
         }
     }
 }
@@ -274,7 +294,7 @@ impl Service {
         let first_at = Instant::now();
         let (head, gradient) = match next {
             Some((chunk, _)) if chunk.shm => {
-                let gradient = self.read_shared(&chunk)?;
+                let gradient = self.shared(&chunk)?;
                 if next_chunk(&mut push, idle).await?.is_some() {
                     return Err(Status::invalid_argument("a push through shared memory is one chunk"));
                 }
@@ -286,7 +306,8 @@ impl Service {
                     asm.add(chunk, &data).map_err(|e| Status::invalid_argument(e.to_string()))?;
                     next = next_chunk(&mut push, idle).await?;
                 }
-                asm.finish().map_err(|e| Status::invalid_argument(e.to_string()))?
+                let (chunk, values) = asm.finish().map_err(|e| Status::invalid_argument(e.to_string()))?;
+                (chunk, Values::Buffer(values))
             }
         };
         let timing = Timing {
@@ -309,7 +330,7 @@ impl Service {
             Ok(()) => rx.await.ok(),
             Err(_) => None,
         };
-        let Some((result, buffer)) = answer else {
+        let Some((result, values)) = answer else {
             // The loop has ended. After a stop that is an answer ("stop"), not a broken link:
             // the worker may have heard "stop" through its next pull while this push was on the way.
             if self.published.borrow().stop {
@@ -317,15 +338,16 @@ impl Service {
             }
             return Err(shutting_down(()));
         };
-        self.buffers.give_back(buffer);
-        Ok((head, result))
+        if let Values::Buffer(buffer) = values {
+            self.buffers.give_back(buffer);
+        }
+        Ok((head, result?))
     }
 
-    /// A gradient pushed through shared memory: copied out of the worker's slot, if it is
-    /// whole and still the one the push names. If not, the worker is told to join again
-    /// ("aborted", as a worker unknown here is): its push may have reached a restarted server,
-    /// whose file (if any) it has not opened.
-    fn read_shared(&self, c: &GradientChunk) -> Result<Vec<f32>, Status> {
+    /// A gradient pushed through shared memory, checked: the loop reads it in the worker's
+    /// slot. A server without shared memory tells the worker to join again ([`slot_refused`]'s
+    /// reason).
+    fn shared(&self, c: &GradientChunk) -> Result<Values, Status> {
         let Some(region) = &self.shm else {
             return Err(Status::aborted(
                 "this server offers no shared memory (it may have restarted): join again, and push the gradient's values",
@@ -338,17 +360,7 @@ impl Service {
                 region.len()
             )));
         }
-        let mut gradient = self.buffers.take();
-        match region.read_gradient(c.worker, c.step, c.shm_seq, &mut gradient) {
-            Ok(()) => Ok(gradient),
-            Err(e) => {
-                self.buffers.give_back(gradient);
-                Err(Status::aborted(format!(
-                    "worker {}'s gradient of step {} in shared memory: {e} (the server may have restarted: join again)",
-                    c.worker, c.step
-                )))
-            }
-        }
+        Ok(Values::Shared { seq: c.shm_seq })
     }
 }
 

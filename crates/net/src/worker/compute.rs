@@ -111,9 +111,10 @@ impl Session<'_> {
         let mut src = local.source.take().expect("source is returned after every computation");
         let t0 = Instant::now();
         // Into this worker's slot of the server's shared memory where there is one (no copy
-        // there afterwards), else into a buffer for gRPC.
-        let mut grad = match &self.shm {
-            Some(region) => Gradient::Shared(region.gradient_write(w)),
+        // there afterwards), else (or while the server still reads the slot, for a process of
+        // this index before this one) into a buffer for gRPC.
+        let mut grad = match self.shm.as_ref().and_then(|region| region.gradient_write(w)) {
+            Some(slot) => Gradient::Shared(slot),
             None => Gradient::Buffer(self.grads.take()),
         };
         let mut task = tokio::task::spawn_blocking(move || {
