@@ -9,8 +9,9 @@
 //! on them where they lie ([`ParamsView`]); a worker computes its gradient straight into its
 //! slot ([`GradientWrite`]) and the server adds it to the step's sum from there
 //! ([`GradientRead`]), with no copy on either side. The file's header also says the newest
-//! step published ([`SharedRegion::newest`]), which such a worker asks between layers. What travels over gRPC is a pull's answer or a push with no
-//! values, flagged `shm`: the values are in the file.
+//! step published ([`SharedRegion::newest`]), which such a worker asks between layers. What
+//! travels over gRPC is a pull's answer or a push with no values, flagged `shm`: the values
+//! are in the file.
 //!
 //! The file (under `/dev/shm`, mode 0600, removed when the server ends) holds `param_slots`
 //! slots for parameters (step `s` in slot `s % param_slots`) and one slot per worker for its
@@ -21,9 +22,10 @@
 //! the worker starts a write only on an even sequence the server is not reading (else it
 //! computes into a buffer and sends the values over gRPC), and the server reads a gradient in
 //! place only on the sequence the push names, marking it read meanwhile (else it refuses the
-//! push), so no write lands in a gradient while the server adds it up. A worker learns the file's path
-//! and a random nonce in the join reply and uses the file only if it can open it and finds
-//! the nonce inside: a worker on another host finds no such file, and falls back to gRPC.
+//! push), so no write lands in a gradient while the server adds it up. A worker learns the
+//! file's path and a random nonce in the join reply and uses the file only if it can open it
+//! and finds the nonce inside: a worker on another host finds no such file, and falls back to
+//! gRPC.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, AtomicU64, Ordering};
@@ -146,11 +148,10 @@ impl SharedRegion {
         // A write left half-done by this index's previous process (killed while it computed)
         // would keep the slot from ever being written again: the server gives an index to a new
         // process only once the last one went silent, so the slot is this process's now.
-        let seq = region.word(region.slot_at(region.gradient_slot(worker)), 0);
-        let s = seq.load(Ordering::Acquire);
-        if s & 1 == 1 {
-            let at = region.slot_at(region.gradient_slot(worker));
-            region.end(at, s, NO_STEP);
+        let at = region.slot_at(region.gradient_slot(worker));
+        let seq = region.word(at, 0).load(Ordering::Acquire);
+        if seq & 1 == 1 {
+            region.end(at, seq, NO_STEP);
         }
         Ok(region)
     }
