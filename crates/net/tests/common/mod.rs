@@ -1,9 +1,12 @@
-//! Gradient sources the network tests share.
+//! Gradient sources and cluster set-ups the network tests share.
 // Each test crate uses part of this module.
 #![allow(dead_code)]
 
 use quorum_compute::{BatchId, ComputeError, Evaluation, GradientSource, LeastSquares};
+use quorum_core::{Policy, ServerConfig};
+use quorum_net::{run_worker, ServerOptions, WorkerOptions};
 use std::sync::Arc;
+use std::time::Duration;
 
 type Before = Arc<dyn Fn(BatchId) -> Result<(), ComputeError> + Send + Sync>;
 type After = Arc<dyn Fn(BatchId, &mut [f32]) + Send + Sync>;
@@ -95,4 +98,36 @@ impl GradientSource for Hooked {
     fn evaluate(&mut self, params: &[f32]) -> Result<Evaluation, ComputeError> {
         self.inner.evaluate(params)
     }
+}
+
+/// A server's options for `workers` workers of the synthetic model (64 values) under `policy`
+/// for `steps` steps, time-outs short enough for tests, the record in `out` if given; and the
+/// model, for the workers.
+pub fn options(
+    workers: u32,
+    policy: Policy,
+    steps: u64,
+    out: Option<std::path::PathBuf>,
+) -> (ServerOptions, LeastSquares) {
+    let src = LeastSquares::new(64, 16, 0.1, 1);
+    let mut cfg = ServerConfig::new(workers, policy, 0.2);
+    cfg.max_steps = Some(steps);
+    cfg.liveness.stall_timeout = Some(Duration::from_secs(10));
+    cfg.liveness.worker_timeout = Some(Duration::from_secs(2));
+    let mut opts = ServerOptions::new(cfg, src.layout().clone(), src.init_params(0));
+    opts.out = out;
+    opts.evaluator = Some(Box::new(src.clone()));
+    opts.batch = 16;
+    (opts, src)
+}
+
+/// Worker `i` of the synthetic model, started against the server at `addr`.
+pub fn worker(
+    i: u32,
+    addr: std::net::SocketAddr,
+    src: &LeastSquares,
+) -> tokio::task::JoinHandle<Result<quorum_net::worker::WorkerReport, quorum_net::worker::WorkerError>> {
+    let mut wo = WorkerOptions::new(i, format!("http://{addr}"));
+    wo.connect_timeout = Duration::from_secs(5);
+    tokio::spawn(run_worker(wo, Box::new(src.clone()) as Box<dyn GradientSource + Send>))
 }
