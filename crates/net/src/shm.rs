@@ -614,6 +614,49 @@ mod tests {
     }
 
     #[test]
+    fn a_gradient_read_in_place_never_changes_under_the_server_while_its_worker_keeps_writing() {
+        // The worker rewrites its slot over and over (each write one value throughout), trying
+        // again at once when the server holds it; the server reads the newest write in place
+        // and looks at the values twice, letting the worker run between: a write landing
+        // meanwhile would show.
+        use std::sync::atomic::AtomicBool;
+        let server = Arc::new(SharedRegion::create(4096, 1).unwrap());
+        let worker = Arc::new(SharedRegion::open(server.path().to_str().unwrap(), server.nonce(), 4096, 0).unwrap());
+        let newest = Arc::new(std::sync::Mutex::new(None::<(u64, u64)>));
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (worker, newest, stop) = (worker.clone(), newest.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut step = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    // Held by the server's read: this write goes elsewhere (gRPC, for a worker).
+                    let Some(mut write) = worker.gradient_write(0) else { continue };
+                    step += 1;
+                    write.values().fill(step as f32);
+                    *newest.lock().unwrap() = Some((step, write.finish(step)));
+                    std::thread::sleep(std::time::Duration::from_micros(20));
+                }
+            })
+        };
+        let (mut reads, start) = (0, std::time::Instant::now());
+        while reads < 200 && start.elapsed() < std::time::Duration::from_secs(20) {
+            let Some((step, seq)) = *newest.lock().unwrap() else { continue };
+            if let Ok(read) = server.gradient(0, step, seq) {
+                let first = read.values().to_vec();
+                for _ in 0..10 {
+                    std::thread::yield_now();
+                }
+                assert!(first.iter().all(|&v| v == step as f32), "a torn gradient was read");
+                assert_eq!(read.values(), first, "a write landed in a gradient being read");
+                reads += 1;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        assert_eq!(reads, 200, "the reader caught too few writes");
+    }
+
+    #[test]
     fn a_gradient_write_given_up_leaves_the_slot_writable_and_holding_no_gradient() {
         let server = SharedRegion::create(2, 1).unwrap();
         let worker = Arc::new(SharedRegion::open(server.path().to_str().unwrap(), server.nonce(), 2, 0).unwrap());
