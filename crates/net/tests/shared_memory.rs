@@ -250,11 +250,25 @@ async fn a_worker_that_hears_stop_while_it_computes_ends_cleanly_instead_of_losi
 async fn workers_that_read_the_parameters_in_place_reach_bit_for_bit_what_they_reach_over_grpc() {
     // A worker that abandons overtaken work computes on the parameters where the server wrote
     // them. Deadline with min = both workers: every step averages both gradients, whichever
-    // way the values travel, so the runs must agree to the last bit.
+    // way the values travel, so the runs must agree to the last bit. (A deadline step closes
+    // once every joined worker is in: each worker's first gradient waits for the other's, so
+    // that step 0 does not close on one worker while the other is still joining.)
     let run = |shm: bool| async move {
+        use std::sync::atomic::{AtomicU32, Ordering};
         let policy = Policy::Deadline { min: 2, timeout: Duration::from_secs(10) };
+        let first = std::sync::Arc::new(AtomicU32::new(0));
         let (loss, results) = cluster(2, policy, 60, shm, None, |i, addr| {
-            (WorkerOptions::new(i, addr), Box::new(Hooked::new(&model(), |_| Ok(())).stoppable(Duration::ZERO)))
+            let first = first.clone();
+            let both_joined = move |b: quorum_compute::BatchId| {
+                if b.step == 0 {
+                    first.fetch_add(1, Ordering::SeqCst);
+                    while first.load(Ordering::SeqCst) < 2 {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+                Ok(())
+            };
+            (WorkerOptions::new(i, addr), Box::new(Hooked::new(&model(), both_joined).stoppable(Duration::ZERO)))
         })
         .await;
         (loss, results.into_iter().map(Result::unwrap).collect::<Vec<_>>())
