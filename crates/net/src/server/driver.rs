@@ -241,7 +241,7 @@ impl Driver {
                     }
                 };
                 if result.is_ok() {
-                    self.rec.timing(worker, timing);
+                    self.rec.pushed(worker, timing);
                 }
                 (worker, result, Answer::Push(reply, gradient))
             }

@@ -175,7 +175,9 @@ impl Recorder {
         Ok(())
     }
 
-    pub(super) fn timing(&mut self, worker: WorkerId, t: Timing) {
+    /// A push the core took (accepted or dropped): its worker's compute and transfer seconds,
+    /// or, for a computation stopped half-way, only the count.
+    pub(super) fn pushed(&mut self, worker: WorkerId, t: Timing) {
         match t.abandoned {
             true => self.run.pushed_abandoned(worker),
             false => self.run.pushed(worker, t.compute, t.transfer),
