@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Append one run's results to a CSV (one row per run; header written when the file is new).
+"""Append one run's results to a CSV (one row per run; header written when the file is new,
+and an existing file's column order kept).
 
 usage: row.py RESULTS.csv RUN_DIR [--target ACC]... [KEY=VALUE ...]
 
@@ -69,8 +70,16 @@ def main(argv):
         row["examples_to_" + suffix] = ex
     row = {k: ("" if v is None else v) for k, v in row.items()}
     new = not os.path.exists(out) or os.path.getsize(out) == 0
+    fields = list(row)
+    if not new:
+        # Appending: the file's own column order, whatever order this row's keys came in.
+        with open(out, newline="") as f:
+            fields = next(csv.reader(f))
+        extra = [k for k in row if k not in fields]
+        if extra:
+            sys.exit(f"{out} has no column for {', '.join(extra)}: write these runs to a new file")
     with open(out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row), lineterminator="\n")
+        w = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
         if new:
             w.writeheader()
         w.writerow(row)
