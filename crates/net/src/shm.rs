@@ -394,8 +394,8 @@ impl GradientRead<'_> {
         // SAFETY: the slot's data lies in the map (sized for it), 4-byte aligned (page-aligned
         // map, slots and headers multiples of 64 bytes), and any bits are a valid `f32`. Its
         // writer finished the write this push names (the sequence number, even, is the one the
-        // push named) and starts no other while the READING mark set in `gradient` stays, until
-        // this value is dropped, which the slice's borrow outlives not.
+        // push named) and starts no other while the READING mark set in `gradient` stays: until
+        // this value is dropped, and the slice borrows it, so it cannot outlive the mark.
         unsafe {
             std::slice::from_raw_parts(self.region.map.as_ptr().add(self.at + HEADER) as *const f32, self.region.len)
         }
