@@ -501,6 +501,11 @@ fn remove_abandoned(dir: &Path) {
 mod tests {
     use super::*;
 
+    /// The server's file as worker `worker` of a model of `len` values opens it.
+    fn opened(server: &SharedRegion, len: usize, worker: u32) -> Arc<SharedRegion> {
+        Arc::new(SharedRegion::open(server.path().to_str().unwrap(), server.nonce(), len, worker).unwrap())
+    }
+
     /// Worker `worker`'s gradient of `step` written into its slot; the write's sequence number.
     fn write_gradient(region: &Arc<SharedRegion>, worker: u32, step: u64, values: &[f32]) -> u64 {
         let mut write = region.gradient_write(worker).expect("the slot is free");
@@ -511,7 +516,7 @@ mod tests {
     #[test]
     fn a_worker_reads_the_parameters_the_server_published_and_the_server_the_gradient_the_worker_wrote() {
         let server = SharedRegion::create(5, 2).unwrap();
-        let worker = Arc::new(SharedRegion::open(server.path().to_str().unwrap(), server.nonce(), 5, 1).unwrap());
+        let worker = opened(&server, 5, 1);
         server.publish(7, &[1.0, 2.0, 3.0, 4.0, 5.0]);
         let mut got = Vec::new();
         worker.read_params(7, &mut got).unwrap();
@@ -523,7 +528,7 @@ mod tests {
     #[test]
     fn a_worker_sees_the_newest_published_step_at_once() {
         let server = SharedRegion::create(2, 1).unwrap();
-        let worker = SharedRegion::open(server.path().to_str().unwrap(), server.nonce(), 2, 0).unwrap();
+        let worker = opened(&server, 2, 0);
         assert_eq!(worker.newest(), None, "nothing published yet");
         server.publish(0, &[1.0; 2]);
         assert_eq!(worker.newest(), Some(0));
@@ -537,7 +542,7 @@ mod tests {
     #[test]
     fn parameters_viewed_in_place_are_intact_until_a_later_step_rewrites_their_slot() {
         let server = SharedRegion::create(3, 1).unwrap();
-        let worker = Arc::new(SharedRegion::open(server.path().to_str().unwrap(), server.nonce(), 3, 0).unwrap());
+        let worker = opened(&server, 3, 0);
         assert_eq!(worker.view_params(1).unwrap_err(), SlotError::Other, "not published yet");
         server.publish(1, &[1.0, 2.0, 3.0]);
         let view = worker.view_params(1).unwrap();
@@ -583,7 +588,7 @@ mod tests {
     #[test]
     fn a_gradient_computed_in_place_is_read_once_finished_and_not_while_it_is_written() {
         let server = SharedRegion::create(3, 2).unwrap();
-        let worker = Arc::new(SharedRegion::open(server.path().to_str().unwrap(), server.nonce(), 3, 1).unwrap());
+        let worker = opened(&server, 3, 1);
         let before = write_gradient(&worker, 1, 4, &[1.0; 3]);
         let mut write = worker.gradient_write(1).unwrap();
         write.values().copy_from_slice(&[0.5, 1.5, 2.5]);
@@ -598,7 +603,7 @@ mod tests {
     #[test]
     fn no_write_starts_in_a_gradient_slot_while_the_server_reads_it_in_place() {
         let server = SharedRegion::create(3, 1).unwrap();
-        let worker = Arc::new(SharedRegion::open(server.path().to_str().unwrap(), server.nonce(), 3, 0).unwrap());
+        let worker = opened(&server, 3, 0);
         let seq = write_gradient(&worker, 0, 2, &[1.0; 3]);
         let read = server.gradient(0, 2, seq).unwrap();
         // Another process of this index (one that outlived its session) cannot write meanwhile,
@@ -621,7 +626,7 @@ mod tests {
         // meanwhile would show.
         use std::sync::atomic::AtomicBool;
         let server = Arc::new(SharedRegion::create(4096, 1).unwrap());
-        let worker = Arc::new(SharedRegion::open(server.path().to_str().unwrap(), server.nonce(), 4096, 0).unwrap());
+        let worker = opened(&server, 4096, 0);
         let newest = Arc::new(std::sync::Mutex::new(None::<(u64, u64)>));
         let stop = Arc::new(AtomicBool::new(false));
         let writer = {
@@ -659,7 +664,7 @@ mod tests {
     #[test]
     fn a_gradient_write_given_up_leaves_the_slot_writable_and_holding_no_gradient() {
         let server = SharedRegion::create(2, 1).unwrap();
-        let worker = Arc::new(SharedRegion::open(server.path().to_str().unwrap(), server.nonce(), 2, 0).unwrap());
+        let worker = opened(&server, 2, 0);
         let seq = write_gradient(&worker, 0, 1, &[1.0; 2]);
         let mut write = worker.gradient_write(0).unwrap();
         write.values().copy_from_slice(&[5.0; 2]);
