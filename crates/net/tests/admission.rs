@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{options, worker};
+use common::{options, serve, worker};
 use quorum_compute::{GradientSource, LeastSquares};
 use quorum_core::Policy;
 use quorum_net::proto::PushOutcome;
@@ -16,9 +16,7 @@ async fn one_live_process_per_worker_index_and_a_restarted_worker_gets_back_in()
     use quorum_net::proto::parameter_server_client::ParameterServerClient;
     use quorum_net::proto::{GradientChunk, HeartbeatRequest, JoinRequest};
     let (opts, _) = options(2, Policy::Sync { aggregate: 2, backups: 0 }, 1, None);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let (server, addr) = serve(opts).await;
     let mut client = ParameterServerClient::connect(format!("http://{addr}")).await.unwrap();
     let join = |worker: u32, session: u64| JoinRequest { worker, num_params: 64, session, layout: vec![] };
     let push = |worker: u32, session: u64| {
@@ -70,9 +68,7 @@ async fn one_live_process_per_worker_index_and_a_restarted_worker_gets_back_in()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_with_another_model_is_refused_with_a_clear_message() {
     let (opts, _) = options(1, Policy::Sync { aggregate: 1, backups: 0 }, 10, None);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let (server, addr) = serve(opts).await;
     let other = LeastSquares::new(8, 4, 0.1, 1);
     let err = worker(0, addr, &other).await.unwrap().unwrap_err().to_string();
     assert!(err.contains("tensor 0 differs by shape: `theta` [64] here, `theta` [8] there"), "{err}");
@@ -84,9 +80,7 @@ async fn a_worker_whose_tensors_differ_is_refused_naming_the_tensor_even_with_th
     let (mut opts, src) = options(1, Policy::Sync { aggregate: 1, backups: 0 }, 10, None);
     // The server's 64 values as an 8 x 8 matrix `w`; the worker's as a vector `theta`.
     opts.layout = quorum_core::ParamLayout::from_shapes([("w", vec![8, 8])]).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let (server, addr) = serve(opts).await;
     let err = worker(0, addr, &src).await.unwrap().unwrap_err().to_string();
     assert!(err.contains("another model than the server's"), "{err}");
     assert!(err.contains("tensor 0 differs by name: `w` [8, 8] here, `theta` [64] there"), "{err}");
@@ -123,9 +117,7 @@ async fn workers_without_the_right_join_token_are_refused_and_nothing_is_applied
     // The right token trains.
     let (mut opts, _) = options(1, Policy::Sync { aggregate: 1, backups: 0 }, 5, None);
     opts.token = Some(secret.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let (server, addr) = serve(opts).await;
     let mut wo = WorkerOptions::new(0, format!("http://{addr}"));
     wo.token = Some(secret);
     run_worker(wo, Box::new(src.clone())).await.unwrap();
@@ -225,9 +217,7 @@ async fn mutual_tls_admits_only_workers_with_a_certificate_from_the_servers_ca_n
     // A worker with its own certificate from the server's CA trains.
     let (mut opts, _) = options(1, Policy::Sync { aggregate: 1, backups: 0 }, 5, None);
     opts.tls = pki.files(Some("server"), Some("ca"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let (server, addr) = serve(opts).await;
     let mut wo = WorkerOptions::new(0, format!("http://{addr}"));
     wo.tls = pki.files(Some("worker0"), Some("ca"));
     run_worker(wo, Box::new(src.clone())).await.unwrap();
@@ -245,9 +235,7 @@ async fn any_grpc_client_can_push_and_the_push_route_checks_the_token_and_the_sh
     let secret = Token::new("correct-horse-battery-staple").unwrap();
     let (mut opts, src) = options(1, Policy::Sync { aggregate: 1, backups: 0 }, 1, None);
     opts.token = Some(secret.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let (server, addr) = serve(opts).await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
     let chunk = |offset: u64, values: &[f32]| GradientChunk {
         worker: 0,

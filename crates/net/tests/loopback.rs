@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{options, worker, Hooked};
+use common::{options, serve, worker, Hooked};
 use quorum_compute::{GradientSource, LeastSquares};
 use quorum_core::Policy;
 use quorum_net::{run_server, run_worker, WorkerOptions};
@@ -12,9 +12,7 @@ use std::time::Duration;
 async fn sync_cluster_with_a_backup_trains_to_the_optimum_over_grpc() {
     let dir = tempfile::tempdir().unwrap();
     let (opts, src) = options(3, Policy::Sync { aggregate: 2, backups: 1 }, 200, Some(dir.path().to_path_buf()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let (server, addr) = serve(opts).await;
     let workers: Vec<_> = (0..3).map(|i| worker(i, addr, &src)).collect();
     let summary = tokio::time::timeout(Duration::from_secs(60), server).await.expect("finishes").unwrap().unwrap();
     assert_eq!(summary.steps, 200);
@@ -64,9 +62,7 @@ async fn sync_cluster_with_a_backup_trains_to_the_optimum_over_grpc() {
 async fn a_worker_that_never_sent_has_empty_timing_cells_in_workers_csv() {
     let dir = tempfile::tempdir().unwrap();
     let (opts, src) = options(2, Policy::Sync { aggregate: 1, backups: 1 }, 20, Some(dir.path().to_path_buf()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let (server, addr) = serve(opts).await;
     worker(0, addr, &src).await.unwrap().unwrap();
     assert_eq!(server.await.unwrap().unwrap().steps, 20);
     let workers = std::fs::read_to_string(dir.path().join("workers.csv")).unwrap();
@@ -87,9 +83,7 @@ async fn a_straggler_that_knows_its_step_closed_reports_its_gradient_late_withou
     // parameters.
     let dir = tempfile::tempdir().unwrap();
     let (opts, src) = options(3, Policy::Sync { aggregate: 2, backups: 1 }, 40, Some(dir.path().to_path_buf()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let (server, addr) = serve(opts).await;
     let start = |i: u32, delay: &str| {
         let mut wo = WorkerOptions::new(i, format!("http://{addr}"));
         wo.delay = Some(delay.parse::<quorum_compute::DelayModel>().unwrap().sampler().unwrap());
@@ -122,9 +116,7 @@ async fn a_straggler_that_knows_its_step_closed_reports_its_gradient_late_withou
 async fn bf16_on_the_wire_still_trains_to_the_optimum() {
     let (mut opts, src) = options(2, Policy::Sync { aggregate: 2, backups: 0 }, 200, None);
     opts.encoding = quorum_net::Encoding::Bf16;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let (server, addr) = serve(opts).await;
     let workers: Vec<_> = (0..2).map(|i| worker(i, addr, &src)).collect();
     let summary = tokio::time::timeout(Duration::from_secs(60), server).await.expect("finishes").unwrap().unwrap();
     assert_eq!(summary.steps, 200);
@@ -204,9 +196,7 @@ fn events_of(dir: &std::path::Path) -> Vec<serde_json::Value> {
 async fn killing_a_backup_worker_mid_run_does_not_stop_training() {
     let dir = tempfile::tempdir().unwrap();
     let (opts, src) = options(3, Policy::Sync { aggregate: 2, backups: 1 }, 1000, Some(dir.path().to_path_buf()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let (server, addr) = serve(opts).await;
     // 1,000 steps of at least 5 ms outlast the 2 s worker time-out after the kill.
     // The victim is the fastest worker, so it contributes until it dies.
     let (done, computed) = std::sync::mpsc::channel();
@@ -312,9 +302,7 @@ async fn a_push_whose_reply_was_lost_is_sent_again_and_answered_already_accepted
     // of the same step finds it open.
     let dir = tempfile::tempdir().unwrap();
     let (opts, src) = options(2, Policy::Sync { aggregate: 2, backups: 0 }, 10, Some(dir.path().to_path_buf()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let (server, addr) = serve(opts).await;
     let relay = Relay::start(addr).await;
     let mut wo = WorkerOptions::new(0, format!("http://{}", relay.addr));
     wo.connect_timeout = Duration::from_secs(10);
@@ -360,9 +348,7 @@ async fn an_unreachable_server_is_named_after_the_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_cluster_applies_every_gradient() {
     let (opts, src) = options(3, Policy::Async { max_staleness: None }, 150, None);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let (server, addr) = serve(opts).await;
     let _workers: Vec<_> = (0..3).map(|i| worker(i, addr, &src)).collect();
     let summary = tokio::time::timeout(Duration::from_secs(60), server).await.expect("finishes").unwrap().unwrap();
     assert_eq!(summary.steps, 150);
@@ -375,9 +361,7 @@ async fn pushes_frozen_mid_stream_are_abandoned_and_do_not_block_the_other_worke
     use quorum_net::proto::{GradientChunk, JoinRequest};
     use tokio_stream::StreamExt;
     let (opts, src) = options(3, Policy::Sync { aggregate: 2, backups: 1 }, 100, None);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let (server, addr) = serve(opts).await;
     // Worker 2 starts more pushes than the server reassembles at once (at most 8), each
     // sending half of the gradient and then nothing, holding its stream open.
     let mut frozen = ParameterServerClient::connect(format!("http://{addr}")).await.unwrap();
@@ -428,9 +412,7 @@ async fn a_failing_worker_is_named_and_the_server_told(
     expected: &str,
 ) {
     let (opts, _) = options(3, Policy::Sync { aggregate: 2, backups: 1 }, 400, Some(dir.to_path_buf()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let (server, addr) = serve(opts).await;
     let spawn = |i: u32, source: Box<dyn GradientSource + Send>| {
         let mut wo = WorkerOptions::new(i, format!("http://{addr}"));
         wo.connect_timeout = Duration::from_secs(5);
@@ -485,9 +467,7 @@ async fn an_evaluator_process_fills_the_test_columns_of_a_server_without_a_model
     let (mut opts, src) = options(2, Policy::Sync { aggregate: 2, backups: 0 }, 60, Some(dir.path().to_path_buf()));
     opts.evaluator = None;
     opts.eval_every = None;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let (server, addr) = serve(opts).await;
     let mut judge = src.clone();
     let evaluate: quorum_net::evaluate::EvaluateFn = Box::new(move |_step, params| {
         // Slow enough that the run ends while an evaluation is under way.

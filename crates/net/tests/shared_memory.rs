@@ -3,11 +3,11 @@
 
 mod common;
 
-use common::Hooked;
+use common::{serve, Hooked};
 use quorum_compute::{GradientSource, LeastSquares};
 use quorum_core::{Policy, ServerConfig};
 use quorum_net::worker::WorkerReport;
-use quorum_net::{run_server, run_worker, ServerOptions, WorkerOptions};
+use quorum_net::{run_worker, ServerOptions, WorkerOptions};
 use std::time::Duration;
 
 /// The synthetic model every run here trains.
@@ -38,9 +38,7 @@ async fn cluster(
     opts.evaluator = Some(Box::new(src));
     opts.shared_memory = offer;
     opts.out = out.map(|p| p.to_path_buf());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let (server, addr) = serve(opts).await;
     let workers: Vec<_> = (0..n)
         .map(|i| {
             let (wo, source) = worker(i, format!("http://{addr}"));
@@ -108,9 +106,7 @@ async fn one_worker_server(
     let mut cfg = ServerConfig::new(1, Policy::Sync { aggregate: 1, backups: 0 }, 0.2);
     cfg.max_steps = Some(1);
     let opts = ServerOptions::new(cfg, src.layout().clone(), src.init_params(0));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(run_server(listener, opts, std::future::pending()));
+    let (server, addr) = serve(opts).await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
     (server, channel)
 }

@@ -121,6 +121,16 @@ pub fn options(
     (opts, src)
 }
 
+/// A server with `opts` on a free loopback port, running until its run ends: its task and
+/// its address.
+pub async fn serve(
+    opts: ServerOptions,
+) -> (tokio::task::JoinHandle<Result<quorum_net::TrainSummary, quorum_net::server::NetError>>, std::net::SocketAddr) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (tokio::spawn(quorum_net::run_server(listener, opts, std::future::pending())), addr)
+}
+
 /// Worker `i` of the synthetic model, started against the server at `addr`.
 pub fn worker(
     i: u32,
