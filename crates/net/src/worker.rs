@@ -452,16 +452,25 @@ impl Session<'_> {
                 continue;
             };
             // Has the step closed while this gradient was computed? Worth asking only where a
-            // step can close without this worker: a heartbeat's reply says the server's step
-            // (a few bytes against a gradient's megabytes).
+            // step can close without this worker: the server's shared memory says its newest
+            // step (one atomic read; "stop" reads as a step later than any), else a
+            // heartbeat's reply does (a few bytes against a gradient's megabytes).
             if self.rule.late_notices() {
-                if let Ok(r) =
-                    within(self.opts.rpc_timeout, "heartbeat", self.client.heartbeat(self.heartbeat_request())).await
-                {
-                    if r.get_ref().stop {
-                        return Err(Exit::End(SessionEnd::Stopped));
+                match self.shm.as_ref() {
+                    Some(region) => {
+                        if let Some(newest) = region.newest() {
+                            self.rule.on_news(newest);
+                        }
                     }
-                    self.rule.on_news(r.get_ref().step);
+                    None => {
+                        let beat = self.heartbeat_request();
+                        if let Ok(r) = within(self.opts.rpc_timeout, "heartbeat", self.client.heartbeat(beat)).await {
+                            if r.get_ref().stop {
+                                return Err(Exit::End(SessionEnd::Stopped));
+                            }
+                            self.rule.on_news(r.get_ref().step);
+                        }
+                    }
                 }
             }
             let step = done.step;

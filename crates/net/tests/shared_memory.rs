@@ -216,6 +216,9 @@ async fn a_worker_told_not_to_abandon_finishes_its_overtaken_gradient_and_sends_
     let stuck = r[0].as_ref().unwrap();
     assert_eq!(stuck.abandoned, 0, "{stuck:?}");
     assert!(stuck.dropped >= 1 && stuck.accepted == 0, "{stuck:?}");
+    // It knew each had been overtaken (the shared memory says the server's newest step): a
+    // notice without the values, never the gradient in full.
+    assert_eq!(stuck.unsent_late, stuck.dropped, "{stuck:?}");
     assert_eq!(workers_csv(dir.path(), 0, "abandoned"), "0");
     assert_ne!(workers_csv(dir.path(), 0, "mean_compute_seconds"), "", "finished gradients are timed");
 }
