@@ -100,12 +100,14 @@ async fn pushes_that_carry_no_values_keep_the_connection_through_a_long_run() {
 /// A server (shared memory on) for one worker and one step of the synthetic model (64
 /// values), and a plain channel to it, for tests that speak the protocol by hand.
 async fn one_worker_server(
+    out: Option<&std::path::Path>,
 ) -> (tokio::task::JoinHandle<Result<quorum_net::TrainSummary, quorum_net::server::NetError>>, tonic::transport::Channel)
 {
     let src = LeastSquares::new(64, 16, 0.1, 1);
     let mut cfg = ServerConfig::new(1, Policy::Sync { aggregate: 1, backups: 0 }, 0.2);
     cfg.max_steps = Some(1);
-    let opts = ServerOptions::new(cfg, src.layout().clone(), src.init_params(0));
+    let mut opts = ServerOptions::new(cfg, src.layout().clone(), src.init_params(0));
+    opts.out = out.map(|p| p.to_path_buf());
     let (server, addr) = serve(opts).await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
     (server, channel)
@@ -118,7 +120,8 @@ async fn a_push_naming_a_write_the_servers_memory_does_not_hold_is_told_to_join_
     use quorum_net::proto::parameter_server_client::ParameterServerClient;
     use quorum_net::proto::GradientChunk;
     use quorum_net::proto::JoinRequest;
-    let (server, channel) = one_worker_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (server, channel) = one_worker_server(Some(dir.path())).await;
     let mut client = ParameterServerClient::new(channel);
     // Joined (so the refusal is the slot's, not a stranger's), and pushing a write never made.
     client.join(JoinRequest { worker: 0, num_params: 64, session: 5, layout: vec![] }).await.unwrap();
@@ -127,7 +130,15 @@ async fn a_push_naming_a_write_the_servers_memory_does_not_hold_is_told_to_join_
     assert_eq!(refused.code(), tonic::Code::Aborted, "{refused:?}");
     assert!(refused.message().contains("in shared memory"), "{}", refused.message());
     assert!(refused.message().contains("join again"), "{}", refused.message());
-    server.abort();
+    // The run's record says so: the gradient's values, sent over gRPC, then end the run.
+    let values = quorum_net::encoding::encode(&[0.0; 64]).into();
+    let push = GradientChunk { worker: 0, step: 0, total: 64, data: values, session: 5, ..Default::default() };
+    client.push(tokio_stream::iter(vec![push])).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server).await.expect("the run ends").unwrap().unwrap();
+    let events = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+    let rejected: Vec<&str> = events.lines().filter(|l| l.contains("\"rejected\"")).collect();
+    assert_eq!(rejected.len(), 1, "{events}");
+    assert!(rejected[0].contains("in shared memory") && rejected[0].contains("join again"), "{}", rejected[0]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,7 +147,7 @@ async fn a_pull_answered_in_shared_memory_names_the_file_the_join_named() {
     // restarted) is not read.
     use quorum_net::proto::parameter_server_client::ParameterServerClient;
     use quorum_net::proto::{JoinRequest, ParamsChunk, PullRequest};
-    let (server, mut channel) = one_worker_server().await;
+    let (server, mut channel) = one_worker_server(None).await;
     let join = ParameterServerClient::new(channel.clone())
         .join(JoinRequest { worker: 0, num_params: 64, session: 1, layout: vec![] })
         .await

@@ -234,7 +234,10 @@ impl Driver {
                         match region.gradient(worker.0, step, *seq) {
                             Ok(read) => rule.push(now, worker, step, read.values(), loss),
                             Err(e) => {
-                                let _ = reply.send((Err(slot_refused(worker, step, e)), gradient));
+                                let refused = slot_refused(worker, step, e);
+                                let reason = refused.message().to_string();
+                                let _ = reply.send((Err(refused), gradient));
+                                self.rec.event(&Event::Rejected { worker, reason, time: now.as_secs_f64() })?;
                                 return Ok(None);
                             }
                         }
