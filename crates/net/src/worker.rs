@@ -49,11 +49,13 @@ pub struct WorkerOptions {
     /// Use the server's shared memory for parameters and gradients when the server offers it
     /// and this worker can open it (it runs on the server's host): [`crate::shm`].
     pub shared_memory: bool,
-    /// Stop a gradient half-way once its step has closed without it, where the worker can
-    /// tell at once (the server's shared memory says its newest step) and the model can stop
-    /// (the built-in native models, between layers): the CPU goes to the next step instead of
-    /// a gradient the server would drop. Off: every computation runs to the end, as in the
-    /// paper. Only where the server allows it ([`quorum_core::Policy::abandon`]).
+    /// Stop a gradient half-way once its step has closed without it, where the worker hears
+    /// of the closing as it happens (the server's shared memory says its newest step; without
+    /// it, the answer to a pull of the next step made as the computation starts: one server,
+    /// not shards) and the model can stop (the built-in native models, between layers): the
+    /// CPU goes to the next step instead of a gradient the server would drop. Off: every
+    /// computation runs to the end, as in the paper. Only where the server allows it
+    /// ([`quorum_core::Policy::abandon`]).
     pub abandon: bool,
 }
 
@@ -303,17 +305,19 @@ struct Session<'a> {
 }
 
 /// What the worker does with a computation its step's closing overtakes: stop it half-way
-/// where it hears of the closing at once (shared memory) and the model can stop, if allowed
-/// and if a step can close without it; else finish it and send it (as a late notice where
-/// the server takes them).
+/// where it hears of the closing as it happens (the shared memory's newest step on the
+/// server's host; elsewhere the answer to a pull of the next step, asked for as the
+/// computation starts: one server, not shards) and the model can stop, if allowed and if a
+/// step can close without it; else finish it and send it (as a late notice where the server
+/// takes them).
 fn on_newer(
     opts: &WorkerOptions,
     join: &JoinReply,
-    shm: &Option<std::sync::Arc<crate::shm::SharedRegion>>,
+    one_server: bool,
     source: &Option<Box<dyn GradientSource + Send>>,
 ) -> OnNewerParams {
     let stoppable = source.as_ref().is_some_and(|s| s.can_abandon());
-    match opts.abandon && join.abandon && shm.is_some() && stoppable {
+    match opts.abandon && join.abandon && one_server && stoppable {
         true => OnNewerParams::Abandon,
         false => OnNewerParams::FinishAndSend,
     }
@@ -377,7 +381,7 @@ async fn session(
             ms => opts.heartbeat_every.min(Duration::from_millis(ms)),
         },
         num_params,
-        rule: Worker::new(WorkerId(w), on_newer(opts, &join, &shm, local.source), join.late_notices),
+        rule: Worker::new(WorkerId(w), on_newer(opts, &join, others.is_empty(), local.source), join.late_notices),
         pending: None,
         params_buffer: Vec::new(),
         grads: Default::default(),
@@ -479,7 +483,10 @@ impl Session<'_> {
                 match action {
                     WorkerAction::AwaitParams { after } => {
                         min_step = after + 1;
-                        self.pending = Some(self.start_pull(min_step));
+                        // (Already asked for where the computation watched for its step's close.)
+                        if self.pending.as_ref().is_none_or(|p| p.min_step != min_step) {
+                            self.pending = Some(self.start_pull(min_step));
+                        }
                     }
                     WorkerAction::Push { .. } | WorkerAction::NotifyLate { .. } => {
                         let notice = matches!(action, WorkerAction::NotifyLate { .. });

@@ -163,21 +163,22 @@ async fn a_pull_answered_in_shared_memory_names_the_file_the_join_named() {
 }
 
 /// A run of 3 workers under `policy` (sync: N = 2 of 3), `steps` steps, with `workers.csv` in
-/// `out`: worker 0's computations take `stuck` unless stopped ([`Hooked::stoppable`]), workers
-/// 1 and 2 take 10 ms each; worker 0 may abandon overtaken work when `abandon`. The three
-/// workers' results.
+/// `out`, the server offering shared memory when `offer`: worker 0's computations take `stuck`
+/// unless stopped ([`Hooked::stoppable`]), workers 1 and 2 take 10 ms each; worker 0 may
+/// abandon overtaken work when `abandon`. The three workers' results.
 async fn one_stuck_worker(
     policy: Policy,
     abandon: bool,
     stuck: Duration,
     steps: u64,
     out: &std::path::Path,
+    offer: bool,
 ) -> Results {
     let ten_ms = Hooked::new(&model(), |_| {
         std::thread::sleep(Duration::from_millis(10));
         Ok(())
     });
-    let (_, results) = cluster(3, policy, steps, true, Some(out), |i, addr| {
+    let (_, results) = cluster(3, policy, steps, offer, Some(out), |i, addr| {
         let mut wo = WorkerOptions::new(i, addr);
         wo.abandon = abandon;
         wo.heartbeat_every = Duration::from_millis(100);
@@ -203,7 +204,7 @@ fn workers_csv(dir: &std::path::Path, w: usize, col: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_stops_a_gradient_half_way_when_its_step_closes_and_goes_on_to_the_newer_one() {
     let dir = tempfile::tempdir().unwrap();
-    let r = one_stuck_worker(N2_OF_3, true, Duration::from_secs(3), 20, dir.path()).await;
+    let r = one_stuck_worker(N2_OF_3, true, Duration::from_secs(3), 20, dir.path(), true).await;
     let r: Vec<WorkerReport> = r.into_iter().map(Result::unwrap).collect();
     let stuck = &r[0];
     // Every computation of the stuck worker stopped once its step closed (each would have
@@ -220,10 +221,25 @@ async fn a_worker_stops_a_gradient_half_way_when_its_step_closes_and_goes_on_to_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_on_another_host_stops_a_gradient_half_way_when_the_next_steps_pull_is_answered() {
+    // No shared memory: the worker hears that its step closed from the answer to the pull of
+    // the next step, asked for as it starts computing.
+    let dir = tempfile::tempdir().unwrap();
+    let r = one_stuck_worker(N2_OF_3, true, Duration::from_secs(3), 20, dir.path(), false).await;
+    let r: Vec<WorkerReport> = r.into_iter().map(Result::unwrap).collect();
+    let stuck = &r[0];
+    assert!(r.iter().all(|w| w.shm_pushes == 0), "no shared memory: {r:?}");
+    assert!(stuck.abandoned >= 2, "{stuck:?}");
+    assert_eq!((stuck.sent, stuck.accepted), (stuck.abandoned, 0), "{stuck:?}");
+    assert!(r[1..].iter().all(|w| w.abandoned == 0 && w.accepted > 0), "the others finish theirs: {r:?}");
+    assert_eq!(workers_csv(dir.path(), 0, "abandoned"), stuck.dropped.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_told_not_to_abandon_finishes_its_overtaken_gradient_and_sends_it_late() {
     // 60 steps of at least 10 ms outlast the stuck worker's 300 ms gradient.
     let dir = tempfile::tempdir().unwrap();
-    let r = one_stuck_worker(N2_OF_3, false, Duration::from_millis(300), 60, dir.path()).await;
+    let r = one_stuck_worker(N2_OF_3, false, Duration::from_millis(300), 60, dir.path(), true).await;
     let stuck = r[0].as_ref().unwrap();
     assert_eq!(stuck.abandoned, 0, "{stuck:?}");
     assert!(stuck.dropped >= 1 && stuck.accepted == 0, "{stuck:?}");
@@ -238,7 +254,8 @@ async fn a_worker_told_not_to_abandon_finishes_its_overtaken_gradient_and_sends_
 async fn under_the_adaptive_policy_no_worker_abandons_since_its_rule_times_whole_gradients() {
     let dir = tempfile::tempdir().unwrap();
     let r =
-        one_stuck_worker(Policy::Adaptive { min: 2, max: 3 }, true, Duration::from_millis(300), 60, dir.path()).await;
+        one_stuck_worker(Policy::Adaptive { min: 2, max: 3 }, true, Duration::from_millis(300), 60, dir.path(), true)
+            .await;
     let stuck = r[0].as_ref().unwrap();
     assert_eq!(stuck.abandoned, 0, "{stuck:?}");
     assert!(stuck.sent >= 1, "{stuck:?}");
@@ -251,7 +268,7 @@ async fn a_worker_that_hears_stop_while_it_computes_ends_cleanly_instead_of_losi
     // in a heartbeat's reply and may exit once every worker has heard it; a worker that went on
     // computing found the server gone and failed ("unreachable") a connect time-out later.
     let dir = tempfile::tempdir().unwrap();
-    let r = one_stuck_worker(N2_OF_3, false, Duration::from_secs(30), 20, dir.path()).await;
+    let r = one_stuck_worker(N2_OF_3, false, Duration::from_secs(30), 20, dir.path(), true).await;
     let stuck = r[0].as_ref().expect("a clean end");
     assert_eq!((stuck.abandoned, stuck.sent), (0, 0), "{stuck:?}");
 }

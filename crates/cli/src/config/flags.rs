@@ -191,8 +191,8 @@ pub struct RunFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     shared_memory: Option<bool>,
-    /// Workers on the server's host stop a gradient half-way once its step closed without
-    /// it (built-in models); `false`: every gradient runs to the end [default: true].
+    /// Workers stop a gradient half-way once its step closed without it (built-in models,
+    /// one server); `false`: every gradient runs to the end [default: true].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     abandon: Option<bool>,

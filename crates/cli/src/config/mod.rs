@@ -137,8 +137,9 @@ pub struct RunConfig {
     /// (false: every value over gRPC).
     pub shared_memory: bool,
     /// A worker stops a gradient half-way once its step closed without it, where it hears
-    /// of the closing at once (shared memory) and the model can stop (the built-in models);
-    /// false: every gradient runs to the end, as in the paper.
+    /// of the closing as it happens (shared memory, or the next step's pull; one server) and
+    /// the model can stop (the built-in models); false: every gradient runs to the end, as in
+    /// the paper.
     pub abandon: bool,
     /// Checkpoint every this many steps (0: only at the end and on Ctrl-C / SIGTERM).
     pub checkpoint_every: u64,

@@ -2,7 +2,7 @@
 //! server's shared memory), where its gradient goes, the gradient computed on a blocking thread
 //! with heartbeats meanwhile, and giving up work that its step's closing overtook.
 
-use super::{tally, within, Exit, Local, Pulled, Session, SessionEnd, WorkerError, WorkerReport};
+use super::{tally, within, Exit, Local, PullTask, Pulled, Session, SessionEnd, WorkerError, WorkerReport};
 use crate::proto::*;
 use bytes::Bytes;
 use quorum_compute::BatchId;
@@ -94,13 +94,24 @@ impl Session<'_> {
         }
         let Pulled { step, params, seconds: pull_seconds } = pulled;
         local.report.params_in_place += u64::from(matches!(params, Params::Shared(_)));
-        // Where the worker abandons overtaken work: the shared memory says when the step closed.
+        // Where the worker abandons overtaken work: the shared memory says when the step closed;
+        // without it, the answer to a pull of the next step, asked for now (and used next).
         // (And "stop", heard below, ends any computation that can stop.)
         let watch = self.shm.clone().filter(|_| self.rule.abandons());
+        let next_told = match self.rule.abandons() && watch.is_none() {
+            true => {
+                let told = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let pull = PullTask::start_told(&self.channel, w, step + 1, false, Some(told.clone()));
+                self.pending = Some(pull);
+                Some(told)
+            }
+            false => None,
+        };
         let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop_seen = std::sync::Arc::clone(&stopped);
         let closed = move || {
             stop_seen.load(std::sync::atomic::Ordering::Relaxed)
+                || next_told.as_ref().is_some_and(|t| t.load(std::sync::atomic::Ordering::Relaxed))
                 || watch.as_ref().and_then(|r| r.newest()).is_some_and(|newest| newest > step)
         };
         if closed() {
@@ -117,9 +128,14 @@ impl Session<'_> {
             Some(slot) => Gradient::Shared(slot),
             None => Gradient::Buffer(self.grads.take()),
         };
+        let (stoppable, len) = (self.rule.abandons(), self.num_params);
         let mut task = tokio::task::spawn_blocking(move || {
             let batch = BatchId { worker: WorkerId(w), step };
             let loss = match &mut grad {
+                Gradient::Buffer(g) if stoppable => {
+                    g.resize(len, 0.0);
+                    src.gradient_into_unless(params.values(), batch, g, &closed)
+                }
                 Gradient::Buffer(g) => src.gradient(params.values(), batch, g),
                 Gradient::Shared(slot) => src.gradient_into_unless(params.values(), batch, slot.values(), &closed),
             };

@@ -83,10 +83,25 @@ type PullStart = (Replies, Result<Option<ParamsPiece>, tonic::Status>);
 impl PullTask {
     /// With `shm`, the parameters are to be read from the server's shared memory.
     pub(super) fn start(channel: &Channel_, worker: u32, min_step: u64, shm: bool) -> Self {
+        Self::start_told(channel, worker, min_step, shm, None)
+    }
+
+    /// [`PullTask::start`], setting `answered` once the answer begins: the server has
+    /// published a step of at least `min_step` (or "stop").
+    pub(super) fn start_told(
+        channel: &Channel_,
+        worker: u32,
+        min_step: u64,
+        shm: bool,
+        answered: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    ) -> Self {
         let mut channel = channel.clone();
         let task = tokio::spawn(async move {
             let mut replies = crate::framing::pull(&mut channel, &PullRequest { worker, min_step, shm }).await?;
             let first = replies.next_chunk(crate::framing::PARAMS_DATA).await;
+            if let Some(flag) = answered {
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             Ok((replies, first))
         });
         PullTask { task, min_step }
