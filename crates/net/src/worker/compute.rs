@@ -84,6 +84,18 @@ impl Session<'_> {
     /// rule abandons overtaken work, and the step closed before the gradient was done.
     pub(super) async fn compute(&mut self, pulled: Pulled, local: &mut Local<'_>) -> Result<Option<Computed>, Exit> {
         let w = self.opts.index;
+        // Where the worker abandons overtaken work without the server's shared memory, the
+        // answer to a pull of the next step, asked for now (and used next), tells it that its
+        // step closed.
+        let next_told = match self.rule.abandons() && self.shm.is_none() {
+            true => {
+                let told = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let pull = PullTask::start_told(&self.channel, w, pulled.step + 1, false, Some(told.clone()));
+                self.pending = Some(pull);
+                Some(told)
+            }
+            false => None,
+        };
         // The injected delay stands for a slower machine: it counts in the compute time the
         // push reports (workers.csv, the slowest worker), as the simulator counts it.
         let started = Instant::now();
@@ -94,19 +106,10 @@ impl Session<'_> {
         }
         let Pulled { step, params, seconds: pull_seconds } = pulled;
         local.report.params_in_place += u64::from(matches!(params, Params::Shared(_)));
-        // Where the worker abandons overtaken work: the shared memory says when the step closed;
-        // without it, the answer to a pull of the next step, asked for now (and used next).
-        // (And "stop", heard below, ends any computation that can stop.)
+        // Where the worker abandons overtaken work: the shared memory says when the step closed,
+        // else the answer to the pull above. (And "stop", heard below, ends any computation
+        // that can stop.)
         let watch = self.shm.clone().filter(|_| self.rule.abandons());
-        let next_told = match self.rule.abandons() && watch.is_none() {
-            true => {
-                let told = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-                let pull = PullTask::start_told(&self.channel, w, step + 1, false, Some(told.clone()));
-                self.pending = Some(pull);
-                Some(told)
-            }
-            false => None,
-        };
         let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop_seen = std::sync::Arc::clone(&stopped);
         let closed = move || {
