@@ -201,22 +201,30 @@ fn workers_csv(dir: &std::path::Path, w: usize, col: &str) -> String {
     lines.nth(w).unwrap()[at].clone()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_stops_a_gradient_half_way_when_its_step_closes_and_goes_on_to_the_newer_one() {
+/// A run where worker 0 may abandon and each of its computations would take 3 s (shared
+/// memory offered when `offer`), checked: every computation of the stuck worker stopped once
+/// its step closed, and after each it went on to newer parameters; each was told to the
+/// server, which dropped it as late, but the last, which the run's end stopped ("stop" answers
+/// it); the others finish theirs; the server's record counts them. The reports and run
+/// directory.
+async fn stuck_worker_abandons(offer: bool) -> (Vec<WorkerReport>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let r = one_stuck_worker(N2_OF_3, true, Duration::from_secs(3), 20, dir.path(), true).await;
+    let r = one_stuck_worker(N2_OF_3, true, Duration::from_secs(3), 20, dir.path(), offer).await;
     let r: Vec<WorkerReport> = r.into_iter().map(Result::unwrap).collect();
     let stuck = &r[0];
-    // Every computation of the stuck worker stopped once its step closed (each would have
-    // taken 3 s), and after each it went on to newer parameters; each was told to the server,
-    // which dropped it as late, but the last, which the run's end stopped ("stop" answers it).
     assert!(stuck.abandoned >= 2, "{stuck:?}");
     assert_eq!((stuck.sent, stuck.accepted), (stuck.abandoned, 0), "{stuck:?}");
     assert!(stuck.dropped + 1 >= stuck.abandoned, "{stuck:?}");
     assert!(r[1..].iter().all(|w| w.abandoned == 0 && w.accepted > 0), "the others finish theirs: {r:?}");
-    // The server's record counts them, with no timings (they did not finish).
     assert_eq!(workers_csv(dir.path(), 0, "abandoned"), stuck.dropped.to_string());
-    assert_eq!(workers_csv(dir.path(), 0, "dropped"), stuck.dropped.to_string());
+    (r, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stops_a_gradient_half_way_when_its_step_closes_and_goes_on_to_the_newer_one() {
+    let (r, dir) = stuck_worker_abandons(true).await;
+    // The server's record counts them, with no timings (they did not finish).
+    assert_eq!(workers_csv(dir.path(), 0, "dropped"), r[0].dropped.to_string());
     assert_eq!(workers_csv(dir.path(), 0, "mean_compute_seconds"), "");
 }
 
@@ -224,15 +232,8 @@ async fn a_worker_stops_a_gradient_half_way_when_its_step_closes_and_goes_on_to_
 async fn a_worker_on_another_host_stops_a_gradient_half_way_when_the_next_steps_pull_is_answered() {
     // No shared memory: the worker hears that its step closed from the answer to the pull of
     // the next step, asked for as it starts computing.
-    let dir = tempfile::tempdir().unwrap();
-    let r = one_stuck_worker(N2_OF_3, true, Duration::from_secs(3), 20, dir.path(), false).await;
-    let r: Vec<WorkerReport> = r.into_iter().map(Result::unwrap).collect();
-    let stuck = &r[0];
+    let (r, _dir) = stuck_worker_abandons(false).await;
     assert!(r.iter().all(|w| w.shm_pushes == 0), "no shared memory: {r:?}");
-    assert!(stuck.abandoned >= 2, "{stuck:?}");
-    assert_eq!((stuck.sent, stuck.accepted), (stuck.abandoned, 0), "{stuck:?}");
-    assert!(r[1..].iter().all(|w| w.abandoned == 0 && w.accepted > 0), "the others finish theirs: {r:?}");
-    assert_eq!(workers_csv(dir.path(), 0, "abandoned"), stuck.dropped.to_string());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
