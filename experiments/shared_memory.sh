@@ -11,7 +11,9 @@ REPS=${1:-3}; OUT=${2:-runs/shared_memory}; shift $(( $# > 2 ? 2 : $# ))
 Q=$(realpath "${QUORUM:-target/release/quorum}")
 G=target/release/examples/gradient_time
 [ -x "$Q" ] || cargo build --release -p quorum-cli
-[ -x "$G" ] || cargo build --release -p quorum-compute --example gradient_time
+# Always (a no-op when up to date): experiments/gradient_limit.sh leaves this path holding its
+# last build, the `openblas` one where the system has OpenBLAS, which would make the floor slow.
+cargo build -q --release -p quorum-compute --example gradient_time
 NETNS=../shared/peers/tf/netns.sh
 [ -x "$NETNS" ] || NETNS=env  # no namespaces: plain loopback
 mkdir -p "$OUT"
