@@ -457,16 +457,21 @@ impl Session<'_> {
             };
             // Has the step closed while this gradient was computed? Worth asking only where a
             // step can close without this worker: the server's shared memory says its newest
-            // step (one atomic read; "stop" reads as a step later than any), else a
-            // heartbeat's reply does (a few bytes against a gradient's megabytes).
+            // step (one atomic read; "stop" reads as a step later than any); else the next
+            // step's pull, where the computation asked for it as it started, says whether it
+            // is answered (a step after this one published, or "stop"); else a heartbeat's
+            // reply does (a few bytes against a gradient's megabytes).
             if self.rule.late_notices() {
-                match self.shm.as_ref() {
-                    Some(region) => {
+                let told = self.pending.as_ref().filter(|p| p.min_step == done.step + 1).and_then(|p| p.answered());
+                match (self.shm.as_ref(), told) {
+                    (Some(region), _) => {
                         if let Some(newest) = region.newest() {
                             self.rule.on_news(newest);
                         }
                     }
-                    None => {
+                    (None, Some(true)) => self.rule.on_news(done.step + 1),
+                    (None, Some(false)) => {}
+                    (None, None) => {
                         let beat = self.heartbeat_request();
                         if let Ok(r) = within(self.opts.rpc_timeout, "heartbeat", self.client.heartbeat(beat)).await {
                             if r.get_ref().stop {

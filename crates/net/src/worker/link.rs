@@ -70,6 +70,8 @@ pub(crate) async fn connect_to(opts: &WorkerOptions, server: &str) -> Result<(Cl
 pub(super) struct PullTask {
     pub(super) task: tokio::task::JoinHandle<Result<PullStart, tonic::Status>>,
     pub(super) min_step: u64,
+    /// Set once the answer begins, where the pull was started told ([`PullTask::start_told`]).
+    answered: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// A pull's response, read without codec copies ([`crate::framing`]).
@@ -96,15 +98,22 @@ impl PullTask {
         answered: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     ) -> Self {
         let mut channel = channel.clone();
+        let flag = answered.clone();
         let task = tokio::spawn(async move {
             let mut replies = crate::framing::pull(&mut channel, &PullRequest { worker, min_step, shm }).await?;
             let first = replies.next_chunk(crate::framing::PARAMS_DATA).await;
-            if let Some(flag) = answered {
+            if let Some(flag) = flag {
                 flag.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             Ok((replies, first))
         });
-        PullTask { task, min_step }
+        PullTask { task, min_step, answered }
+    }
+
+    /// For a pull started told: whether its answer has begun (the server has published a step
+    /// of at least `min_step`, or "stop"). `None` for a pull started without the flag.
+    pub(super) fn answered(&self) -> Option<bool> {
+        self.answered.as_ref().map(|f| f.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Whether the pull ended with "stop" (waiting for it at most a second).
