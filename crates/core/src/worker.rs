@@ -8,10 +8,11 @@
 //!
 //! What happens to a computation that newer parameters have overtaken is
 //! [`OnNewerParams`]. The default, [`OnNewerParams::FinishAndSend`], is what a networked
-//! worker can do: a gradient computation on the CPU or GPU cannot be stopped half-way, so it
-//! finishes, and the overtaken gradient goes to the server as a *late notice* (the step and
-//! the worker, without the values the server would drop unread) when the server accepts
-//! notices, or in full when it does not.
+//! worker does when its computation cannot be stopped half-way (burn's engines, a PyTorch
+//! worker, a sharded run): it finishes, and the overtaken gradient goes to the server as a
+//! *late notice* (the step and the worker, without the values the server would drop unread)
+//! when the server accepts notices, or in full when it does not. The built-in native engine
+//! stops between layers, so a networked worker running it abandons.
 
 use crate::ids::{Step, WorkerId};
 use serde::{Deserialize, Serialize};
@@ -20,8 +21,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnNewerParams {
-    /// Stop computing at once and start on the newer parameters. Only the simulator can do
-    /// this (it shows what cancelling a computation half-way would be worth).
+    /// Stop computing at once and start on the newer parameters: the simulator at once, a
+    /// networked worker at the computation's next chance to stop (between layers). A
+    /// computation that finished before the worker heard of the newer step goes as a late
+    /// notice where the server takes them.
     Abandon,
     /// Finish, report it to the server (a late notice, or the gradient in full: the paper's
     /// behaviour, the server drops it as late), then start on the newest parameters. What a
@@ -186,7 +189,10 @@ impl Worker {
             _ if !overtaken => WorkerAction::Push { step },
             OnNewerParams::FinishAndSend if self.late_notices => WorkerAction::NotifyLate { step },
             OnNewerParams::FinishAndSend => WorkerAction::Push { step },
-            // Abandon gets here only when it heard of, but does not hold, newer parameters.
+            // Abandon gets here only when it heard of, but does not hold, newer parameters:
+            // the news came after the computation's last chance to stop. The work was done,
+            // so the server's records should count it, as they count a stopped one.
+            OnNewerParams::Abandon if self.late_notices => WorkerAction::NotifyLate { step },
             OnNewerParams::FinishAndDiscard | OnNewerParams::Abandon => WorkerAction::Discard { step },
         };
         match self.newest {
@@ -252,6 +258,20 @@ mod tests {
         w.on_news(5);
         assert_eq!(w.on_computed(3), vec![AwaitParams { after: 3 }, NotifyLate { step: 3 }]);
         assert_eq!(w.on_params(5), vec![Compute { step: 5 }]);
+    }
+
+    #[test]
+    fn an_abandoning_worker_reports_a_gradient_finished_after_news_of_its_steps_close_as_a_late_notice() {
+        // It heard of the close only after the computation's last chance to stop: the work
+        // was done, and the server's records count it (the gradient itself is not sent).
+        let mut w = Worker::new(WorkerId(2), OnNewerParams::Abandon, true);
+        w.on_params(3);
+        w.on_news(4);
+        assert_eq!(w.on_computed(3), vec![AwaitParams { after: 3 }, NotifyLate { step: 3 }]);
+        let mut quiet = Worker::new(WorkerId(2), OnNewerParams::Abandon, false);
+        quiet.on_params(3);
+        quiet.on_news(4);
+        assert_eq!(quiet.on_computed(3), vec![AwaitParams { after: 3 }, Discard { step: 3 }], "no notices taken");
     }
 
     #[test]
