@@ -12,7 +12,7 @@
 //! worker, a sharded run): it finishes, and the overtaken gradient goes to the server as a
 //! *late notice* (the step and the worker, without the values the server would drop unread)
 //! when the server accepts notices, or in full when it does not. The built-in native engine
-//! stops between layers, so a networked worker running it abandons.
+//! stops within layers, so a networked worker running it abandons.
 
 use crate::ids::{Step, WorkerId};
 use serde::{Deserialize, Serialize};
@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "snake_case")]
 pub enum OnNewerParams {
     /// Stop computing at once and start on the newer parameters: the simulator at once, a
-    /// networked worker at the computation's next chance to stop (between layers). A
+    /// networked worker at the computation's next chance to stop (within a layer). A
     /// computation that finished before the worker heard of the newer step goes as a late
     /// notice where the server takes them.
     Abandon,

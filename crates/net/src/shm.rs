@@ -9,7 +9,7 @@
 //! on them where they lie ([`ParamsView`]); a worker computes its gradient straight into its
 //! slot ([`GradientWrite`]) and the server adds it to the step's sum from there
 //! ([`GradientRead`]), with no copy on either side. The file's header also says the newest
-//! step published ([`SharedRegion::newest`]), which such a worker asks between layers. What
+//! step published ([`SharedRegion::newest`]), which such a worker asks as it computes. What
 //! travels over gRPC is a pull's answer or a push with no values, flagged `shm`: the values
 //! are in the file.
 //!

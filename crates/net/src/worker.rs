@@ -52,7 +52,7 @@ pub struct WorkerOptions {
     /// Stop a gradient half-way once its step has closed without it, where the worker hears
     /// of the closing as it happens (the server's shared memory says its newest step; without
     /// it, the answer to a pull of the next step made as the computation starts: one server,
-    /// not shards) and the model can stop (the built-in native models, between layers): the
+    /// not shards) and the model can stop (the built-in native models, within layers): the
     /// CPU goes to the next step instead of a gradient the server would drop. Off: every
     /// computation runs to the end, as in the paper. Only where the server allows it
     /// ([`quorum_core::Policy::abandon`]).

@@ -102,12 +102,13 @@ impl Cnn {
         image: (usize, usize, usize),
         b: usize,
     ) -> &[f32] {
-        self.forward(layout, params, x, image, b);
+        self.forward(layout, params, x, image, b, &|| false);
         &self.logits
     }
 
     /// The convolutions' saved state, the flattened features and the logits; returns each
-    /// convolution's input shape and the last pooled shape.
+    /// convolution's input shape and the last pooled shape, or `None` if `overtaken()`,
+    /// asked after each convolution, said stop.
     fn forward(
         &mut self,
         layout: &ParamLayout,
@@ -115,7 +116,8 @@ impl Cnn {
         x: &[f32],
         (c, h, w): (usize, usize, usize),
         b: usize,
-    ) -> ([Shape; 4], Shape) {
+        overtaken: &dyn Fn() -> bool,
+    ) -> Option<([Shape; 4], Shape)> {
         let t = layout.tensors();
         // Channel-major input, [c, b, h, w].
         swap_outer(&mut self.input, x, b, c, h * w);
@@ -160,6 +162,9 @@ impl Cnn {
                 max_pool(&mut conv.pooled, &mut conv.arg, &conv.out, s);
                 (s.h, s.w) = (s.h / 2, s.w / 2);
             }
+            if overtaken() {
+                return None;
+            }
         }
         // Features per example in (channel, y, x) order, as the layout's fc.weight reads them.
         let (features, classes) = (t[8].shape[0], t[8].shape[1]);
@@ -168,11 +173,12 @@ impl Cnn {
         fill_rows(&mut self.logits, &params[t[9].range()]);
         let fc = Mat::new(&params[t[8].range()], features, classes);
         matmul(&mut self.logits, Mat::new(&self.flat, b, features), fc, true);
-        (shapes, s)
+        Some((shapes, s))
     }
 
     /// Mean loss over `batch` (`[b, c, h, w]`), with the gradient written into `grad` (layout
-    /// order); `None` if `overtaken()` says stop, asked before each convolution's backward pass.
+    /// order); `None` if `overtaken()` says stop, asked after each convolution's forward pass
+    /// and before each one's backward pass.
     pub fn loss_and_gradient(
         &mut self,
         layout: &ParamLayout,
@@ -183,7 +189,7 @@ impl Cnn {
     ) -> Option<f32> {
         let Labelled { x, image, labels } = batch;
         let b = labels.len();
-        let (shapes, s) = self.forward(layout, params, x, image, b);
+        let (shapes, s) = self.forward(layout, params, x, image, b, overtaken)?;
         let t = layout.tensors();
         let (features, classes) = (t[8].shape[0], t[8].shape[1]);
         let fc = Mat::new(&params[t[8].range()], features, classes);

@@ -97,8 +97,8 @@ impl Native {
     }
 
     /// Mean loss over `batch`, gradient into `grad`; `None` (and no gradient in `grad`) when
-    /// `overtaken()`, asked between the passes of the layers, says the result is no longer
-    /// wanted.
+    /// `overtaken()`, asked within and between the layers' passes, says the result is no
+    /// longer wanted.
     pub fn loss_and_gradient(
         &mut self,
         layout: &ParamLayout,
