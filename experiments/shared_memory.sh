@@ -17,6 +17,7 @@ cargo build -q --release -p quorum-compute --example gradient_time
 NETNS=../shared/peers/tf/netns.sh
 [ -x "$NETNS" ] || NETNS=env  # no namespaces: plain loopback
 mkdir -p "$OUT"
+: > "$OUT/gradient.csv"  # this run's gradients only (it is appended to below)
 for r in $(seq 1 "$REPS"); do
   RAYON_NUM_THREADS=1 "$G" 50 mlp native | tail -1 >> "$OUT/gradient.csv"
   for shm in false true; do
