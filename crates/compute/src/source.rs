@@ -90,10 +90,10 @@ pub trait GradientSource {
     }
 
     /// [`GradientSource::gradient_into`], stopped between two stages of the computation
-    /// (blocks of a product, layers, passes) as soon as `overtaken()` says its result is no longer wanted (the
-    /// step it is for closed without it): then [`ComputeError::Abandoned`], and `out` holds no
-    /// gradient. The default never asks, and finishes: a source that cannot stop half-way
-    /// says so in [`GradientSource::can_abandon`].
+    /// (blocks of a product, layers, passes) as soon as `overtaken()` says its result is no
+    /// longer wanted (the step it is for closed without it): then [`ComputeError::Abandoned`],
+    /// and `out` holds no gradient. The default never asks, and finishes: a source that cannot
+    /// stop half-way says so in [`GradientSource::can_abandon`].
     fn gradient_into_unless(
         &mut self,
         params: &[f32],

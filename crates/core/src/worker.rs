@@ -12,7 +12,7 @@
 //! worker, a sharded run): it finishes, and the overtaken gradient goes to the server as a
 //! *late notice* (the step and the worker, without the values the server would drop unread)
 //! when the server accepts notices, or in full when it does not. The built-in native engine
-//! stops within layers, so a networked worker running it abandons.
+//! stops within layers, so a networked worker running it abandons where the server allows it.
 
 use crate::ids::{Step, WorkerId};
 use serde::{Deserialize, Serialize};
