@@ -264,14 +264,14 @@ mod tests {
     fn an_abandoning_worker_reports_a_gradient_finished_after_news_of_its_steps_close_as_a_late_notice() {
         // It heard of the close only after the computation's last chance to stop: the work
         // was done, and the server's records count it (the gradient itself is not sent).
-        let mut w = Worker::new(WorkerId(2), OnNewerParams::Abandon, true);
-        w.on_params(3);
-        w.on_news(4);
-        assert_eq!(w.on_computed(3), vec![AwaitParams { after: 3 }, NotifyLate { step: 3 }]);
-        let mut quiet = Worker::new(WorkerId(2), OnNewerParams::Abandon, false);
-        quiet.on_params(3);
-        quiet.on_news(4);
-        assert_eq!(quiet.on_computed(3), vec![AwaitParams { after: 3 }, Discard { step: 3 }], "no notices taken");
+        let finished_after_news = |late_notices| {
+            let mut w = Worker::new(WorkerId(2), OnNewerParams::Abandon, late_notices);
+            w.on_params(3);
+            w.on_news(4);
+            w.on_computed(3)
+        };
+        assert_eq!(finished_after_news(true), vec![AwaitParams { after: 3 }, NotifyLate { step: 3 }]);
+        assert_eq!(finished_after_news(false), vec![AwaitParams { after: 3 }, Discard { step: 3 }], "no notices taken");
     }
 
     #[test]
