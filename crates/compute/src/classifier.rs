@@ -491,9 +491,10 @@ mod tests {
     fn a_computation_stops_within_a_layer_once_overtaken_and_is_the_gradient_when_not() {
         let d = tiny(16, 1, 4, 6);
         // Asked after every product's block of columns (the MLP: 2 forward, 3 backward) or
-        // after each convolution forward and before each backward (the CNN).
+        // after every run of a convolution's passes (the CNN, one run a pass here: 4 forward,
+        // 4 for the kernels' gradients, 3 for the inputs' gradients).
         for (spec, questions) in
-            [(ModelSpec::Mlp { hidden: vec![5] }, 5), (ModelSpec::Cnn { channels: [2, 2, 3, 3] }, 8)]
+            [(ModelSpec::Mlp { hidden: vec![5] }, 5), (ModelSpec::Cnn { channels: [2, 2, 3, 3] }, 11)]
         {
             let mut clf = Classifier::new(spec.clone(), d.clone(), d.clone(), d.clone(), 4, 1, 0).unwrap();
             assert!(clf.can_abandon());

@@ -108,7 +108,7 @@ impl Cnn {
 
     /// The convolutions' saved state, the flattened features and the logits; returns each
     /// convolution's input shape and the last pooled shape, or `None` if `overtaken()`,
-    /// asked after each convolution, said stop.
+    /// asked after each run of each convolution (im2col or Winograd), said stop.
     fn forward(
         &mut self,
         layout: &ParamLayout,
@@ -141,7 +141,10 @@ impl Cnn {
             let by_wg = by_winograd(s, self.winograd);
             if by_wg {
                 self.wg.set_kernels(&params[t[2 * i].range()], cout, s.c);
-                self.wg.convolve(&mut conv.out, input, s, cout, Finish::BiasRelu(bias), self.winograd_run_bytes);
+                let finish = Finish::BiasRelu(bias);
+                if !self.wg.convolve(&mut conv.out, input, (s, cout), finish, self.winograd_run_bytes, overtaken) {
+                    return None;
+                }
             }
             // Otherwise by im2col, run by run.
             let weights = Mat::new(&params[t[2 * i].range()], cout, s.c * 9);
@@ -156,14 +159,14 @@ impl Cnn {
                 for row in out.chunks_mut(plane) {
                     relu(&mut row[..width]);
                 }
+                if overtaken() {
+                    return None;
+                }
             }
             s.c = cout;
             if i % 2 == 1 {
                 max_pool(&mut conv.pooled, &mut conv.arg, &conv.out, s);
                 (s.h, s.w) = (s.h / 2, s.w / 2);
-            }
-            if overtaken() {
-                return None;
             }
         }
         // Features per example in (channel, y, x) order, as the layout's fc.weight reads them.
@@ -177,8 +180,9 @@ impl Cnn {
     }
 
     /// Mean loss over `batch` (`[b, c, h, w]`), with the gradient written into `grad` (layout
-    /// order); `None` if `overtaken()` says stop, asked after each convolution's forward pass
-    /// and before each one's backward pass.
+    /// order); `None` if `overtaken()` says stop, asked after each run of every convolution's
+    /// passes (forward, the kernels' gradient, the input's gradient), so that an overtaken
+    /// gradient stops within a convolution, not at its end.
     pub fn loss_and_gradient(
         &mut self,
         layout: &ParamLayout,
@@ -202,9 +206,6 @@ impl Cnn {
         // Back to channel-major: the gradient of the last pooled activation.
         swap_outer(&mut self.d, &self.d2, b, s.c, s.h * s.w);
         for i in (0..4).rev() {
-            if overtaken() {
-                return None;
-            }
             let s = shapes[i];
             let cout = t[2 * i].shape[0];
             let out_shape = Shape { c: cout, ..s };
@@ -230,6 +231,9 @@ impl Cnn {
                 let dout = Mat::block(&self.d[run.start * s.w..], cout, width, plane);
                 let cols = Mat::new(&self.cols, s.c * 9, width);
                 matmul(&mut grad[t[2 * i].range()], dout, cols.t(), run.start > 0);
+                if overtaken() {
+                    return None;
+                }
             }
             if i > 0 {
                 // The input's gradient, into d2: the output's gradient convolved with the
@@ -239,7 +243,10 @@ impl Cnn {
                 let by_wg = by_winograd(out_shape, self.winograd);
                 if by_wg {
                     self.wg.set_kernels(&self.flipped, s.c, cout);
-                    self.wg.convolve(&mut self.d2, &self.d, out_shape, s.c, Finish::Plain, self.winograd_run_bytes);
+                    let run_bytes = self.winograd_run_bytes;
+                    if !self.wg.convolve(&mut self.d2, &self.d, (out_shape, s.c), Finish::Plain, run_bytes, overtaken) {
+                        return None;
+                    }
                 }
                 let flipped = Mat::new(&self.flipped, s.c, cout * 9);
                 for run in runs(b * s.h, cout * 9 * s.w, self.run_bytes).filter(|_| !by_wg) {
@@ -247,6 +254,9 @@ impl Cnn {
                     im2col(&mut self.cols, &self.d, out_shape, run.clone());
                     let dx = &mut self.d2[run.start * s.w..];
                     matmul_block(dx, plane, flipped, Mat::new(&self.cols, cout * 9, width), false);
+                    if overtaken() {
+                        return None;
+                    }
                 }
                 std::mem::swap(&mut self.d, &mut self.d2);
             }
@@ -285,6 +295,46 @@ mod tests {
             assert!((a - r).abs() <= 1e-5 * (1.0 + a.abs()), "gradient [{i}]: {a} in one run, {r} row by row");
         }
         assert!(whole.iter().any(|g| *g != 0.0));
+    }
+
+    #[test]
+    fn an_overtaken_gradient_stops_within_the_first_convolution_by_im2col_or_winograd() {
+        // One tile row (Winograd) or image row (im2col) a run: many runs in every convolution.
+        let spec = ModelSpec::Cnn { channels: [8, 8, 16, 16] };
+        let (b, image) = (3, (8, 8, 8));
+        let layout = spec.layout(image, 5);
+        let params = spec.init(&layout, 7);
+        let x: Vec<f32> = (0..b * 512).map(|i| ((i * 37) % 11) as f32 / 11.0 - 0.4).collect();
+        let batch = Labelled { x: &x, image, labels: &[0, 3, 4] };
+        let mut grad = vec![f32::NAN; layout.len()];
+        // Eight input channels: the first convolution is by Winograd where it is on.
+        assert!(by_winograd(Shape { c: 8, b, h: 8, w: 8 }, true));
+        for winograd in [true, false] {
+            let mut cnn = Cnn { winograd, run_bytes: 1, winograd_run_bytes: 1, ..Cnn::default() };
+            let asks = std::cell::Cell::new(0);
+            let count = || {
+                asks.set(asks.get() + 1);
+                false
+            };
+            let whole = cnn.loss_and_gradient(&layout, &params, batch, &mut grad, &count);
+            assert!(whole.is_some(), "never overtaken");
+            // A question after every run: by im2col a run is an image row (3 x 8 in each pass
+            // of the first two convolutions, 3 x 4 after pooling): 72 forward, 72 for the
+            // kernels' gradients, 48 for the inputs' (none for the first convolution's). By
+            // Winograd a run is a tile row (half as many) for the forward passes and the
+            // inputs' gradients, the kernels' gradients by im2col as before: 36 + 72 + 24.
+            let runs = if winograd { 36 + 72 + 24 } else { 72 + 72 + 48 };
+            assert_eq!(asks.replace(0), runs, "winograd {winograd}");
+            // So the second question comes within the first convolution's forward pass.
+            let at_second = || {
+                asks.set(asks.get() + 1);
+                asks.get() >= 2
+            };
+            assert!(cnn.loss_and_gradient(&layout, &params, batch, &mut grad, &at_second).is_none());
+            assert_eq!(asks.get(), 2, "winograd {winograd}: stopped at the second question, asking no more");
+            let again = cnn.loss_and_gradient(&layout, &params, batch, &mut grad, &|| false);
+            assert_eq!(again.map(f32::to_bits), whole.map(f32::to_bits), "winograd {winograd}: whole after a stop");
+        }
     }
 
     #[test]

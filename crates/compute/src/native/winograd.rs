@@ -78,8 +78,17 @@ impl Winograd {
 
     /// `out` (`cout × B·H·W`) = the convolution of `x` (shape `s`, `cin = s.c`) by the kernels
     /// of the last [`Winograd::set_kernels`], finished by `finish`, over runs of at most
-    /// `run_bytes` of transformed input and products.
-    pub fn convolve(&mut self, out: &mut [f32], x: &[f32], s: Shape, cout: usize, finish: Finish, run_bytes: usize) {
+    /// `run_bytes` of transformed input and products, asking `overtaken()` after each run:
+    /// `false` as soon as it says stop (`out` then partly written), else `true`.
+    pub fn convolve(
+        &mut self,
+        out: &mut [f32],
+        x: &[f32],
+        (s, cout): (Shape, usize),
+        finish: Finish,
+        run_bytes: usize,
+        overtaken: &dyn Fn() -> bool,
+    ) -> bool {
         assert!(fits(s), "Winograd F(2x2, 3x3) needs an even height and width, not {}x{}", s.h, s.w);
         let cin = s.c;
         assert_eq!(self.u.len(), XI * cout * cin, "kernels set for another shape");
@@ -99,7 +108,11 @@ impl Winograd {
                 matmul_block(&mut self.m[xi * tiles..], XI * tiles, u, v, false);
             }
             self.transform_output(out, s, cout, run, finish);
+            if overtaken() {
+                return false;
+            }
         }
+        true
     }
 
     /// `V[ci][ξ][t] = (Bᵀ d B)[ξ]` for the 4×4 neighbourhood `d` of every tile `t` of the
@@ -307,14 +320,14 @@ mod tests {
         // One tile row a run (runs cut through images), and the whole batch in one run.
         for run_bytes in [1, usize::MAX / 2] {
             let mut out = vec![f32::NAN; cout * s.plane()];
-            wg.convolve(&mut out, &x, s, cout, Finish::Plain, run_bytes);
+            assert!(wg.convolve(&mut out, &x, (s, cout), Finish::Plain, run_bytes, &|| false));
             for (i, (a, b)) in out.iter().zip(&expected).enumerate() {
                 assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "output [{i}]: {a} by Winograd, {b} by im2col");
             }
         }
         let bias: Vec<f32> = (0..cout).map(|c| c as f32 * 0.3 - 0.6).collect();
         let mut out = vec![f32::NAN; cout * s.plane()];
-        wg.convolve(&mut out, &x, s, cout, Finish::BiasRelu(&bias), 1 << 10);
+        assert!(wg.convolve(&mut out, &x, (s, cout), Finish::BiasRelu(&bias), 1 << 10, &|| false));
         for (i, (a, b)) in out.iter().zip(&expected).enumerate() {
             let want = (b + bias[i / s.plane()]).max(0.0);
             assert!((a - want).abs() <= 1e-5 * (1.0 + want.abs()), "output [{i}]: {a}, want {want}");
