@@ -325,15 +325,21 @@ mod tests {
             // inputs' gradients, the kernels' gradients by im2col as before: 36 + 72 + 24.
             let runs = if winograd { 36 + 72 + 24 } else { 72 + 72 + 48 };
             assert_eq!(asks.replace(0), runs, "winograd {winograd}");
-            // So the second question comes within the first convolution's forward pass.
-            let at_second = || {
-                asks.set(asks.get() + 1);
-                asks.get() >= 2
-            };
-            assert!(cnn.loss_and_gradient(&layout, &params, batch, &mut grad, &at_second).is_none());
-            assert_eq!(asks.get(), 2, "winograd {winograd}: stopped at the second question, asking no more");
-            let again = cnn.loss_and_gradient(&layout, &params, batch, &mut grad, &|| false);
-            assert_eq!(again.map(f32::to_bits), whole.map(f32::to_bits), "winograd {winograd}: whole after a stop");
+            // So the second question comes within the first convolution's forward pass. Stopped
+            // at any question, it asks no more, and the next gradient is whole.
+            let expected: Vec<u32> = grad.iter().map(|g| g.to_bits()).collect();
+            for stop_at in 1..=runs {
+                asks.set(0);
+                let at = || {
+                    asks.set(asks.get() + 1);
+                    asks.get() >= stop_at
+                };
+                assert!(cnn.loss_and_gradient(&layout, &params, batch, &mut grad, &at).is_none());
+                assert_eq!(asks.get(), stop_at, "winograd {winograd}: asked on after the stop");
+                let again = cnn.loss_and_gradient(&layout, &params, batch, &mut grad, &|| false);
+                assert_eq!(again.map(f32::to_bits), whole.map(f32::to_bits), "winograd {winograd}, stop {stop_at}");
+                assert!(grad.iter().map(|g| g.to_bits()).eq(expected.iter().copied()), "stop {stop_at}: the same bits");
+            }
         }
     }
 
