@@ -94,13 +94,16 @@ fn separate_processes_train_and_a_killed_worker_does_not_pause_training() {
     let (mut ps, addr) = start_ps(&common, &run);
     let mut workers: Vec<Proc> = (0..3).map(|i| start_worker(&common, &addr, i)).collect();
     wait_for_steps(&run, 20_000, Duration::from_secs(60));
-    // kill -9 one worker mid-run: b = 1 absorbs it.
-    workers[2].0.kill().unwrap();
+    // kill -9 a worker that counted in the newest applied step, mid-run: b = 1 absorbs it.
+    let victim = applied_steps(&run).last().expect("a step applied before the kill").1[0];
+    workers[victim as usize].0.kill().unwrap();
     let killed_at = Instant::now();
     assert!(wait(&mut ps, Duration::from_secs(120)).success());
     assert!(killed_at.elapsed() > Duration::from_millis(100), "the run was not over when the worker died");
-    for w in &mut workers[..2] {
-        assert!(wait(w, Duration::from_secs(20)).success());
+    for (i, w) in workers.iter_mut().enumerate() {
+        if i as u64 != victim {
+            assert!(wait(w, Duration::from_secs(20)).success());
+        }
     }
     let s = json(&run.join("summary.json"));
     assert_eq!(s["steps"], 1500);

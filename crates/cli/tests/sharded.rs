@@ -16,18 +16,6 @@ fn start_two_shards(common: &[&str], run0: &Path, run1: &Path) -> (Proc, Proc, S
     (ps0, ps1, format!("{addr0},{addr1}"))
 }
 
-/// Each applied step of a run directory: (step, contributors).
-fn applied_steps(run: &Path) -> Vec<(u64, Vec<u64>)> {
-    events(run)
-        .into_iter()
-        .filter(|e| e["event"] == "step_applied")
-        .map(|e| {
-            let c = e["contributors"].as_array().unwrap().iter().map(|w| w.as_u64().unwrap()).collect();
-            (e["step"].as_u64().unwrap(), c)
-        })
-        .collect()
-}
-
 #[test]
 fn shard_processes_apply_the_same_workers_at_every_step_even_when_a_contributing_worker_is_killed() {
     let dir = tempfile::tempdir().unwrap();
@@ -59,8 +47,11 @@ fn shard_processes_apply_the_same_workers_at_every_step_even_when_a_contributing
             .unwrap(),
     );
     wait_for_steps(&run0, 20_000, Duration::from_secs(60));
-    // kill -9 a worker mid-run, possibly between its pushes to the two shards.
-    workers[2].0.kill().unwrap();
+    // kill -9 a worker that counted in the newest applied step, mid-run, possibly between its
+    // pushes to the two shards. (Which workers come first is up to the scheduler: on a loaded
+    // machine one of the three can be the late one at every step so far.)
+    let victim = applied_steps(&run0).last().expect("a step applied before the kill").1[0];
+    workers[victim as usize].0.kill().unwrap();
     assert!(wait(&mut ps0, Duration::from_secs(120)).success());
     assert!(wait(&mut ps1, Duration::from_secs(20)).success());
     assert!(wait(&mut evaluator, Duration::from_secs(20)).success());
@@ -74,16 +65,20 @@ fn shard_processes_apply_the_same_workers_at_every_step_even_when_a_contributing
     assert_eq!(evaluated, ["500", "1000", "1500"], "test evaluations in shard 0's metrics.csv");
     let loss = json(&run0.join("summary.json"))["final_test_loss"].as_f64().expect("the final evaluation");
     assert!(loss < 0.05, "the parts put together make a trained model: test loss {loss}");
-    for w in &mut workers[..2] {
-        assert!(wait(w, Duration::from_secs(20)).success());
+    for (i, w) in workers.iter_mut().enumerate() {
+        if i as u64 != victim {
+            assert!(wait(w, Duration::from_secs(20)).success());
+        }
     }
     let committed = applied_steps(&run0);
     assert_eq!(committed.len(), 1500);
     assert_eq!(applied_steps(&run1), committed, "shard 1 applied other contributor sets than the coordinator");
     assert!(committed.iter().all(|(_, c)| c.len() == 2));
-    let last_with_w2 =
-        committed.iter().rposition(|(_, c)| c.contains(&2)).expect("w2 contributed before it was killed");
-    assert!(last_with_w2 < 1450, "w2 was killed too late to matter (last counted at step {last_with_w2})");
+    let last_with_victim = committed.iter().rposition(|(_, c)| c.contains(&victim)).unwrap();
+    assert!(
+        last_with_victim < 1450,
+        "w{victim} was killed too late to matter (last counted at step {last_with_victim})"
+    );
     assert!(json(&run0.join("summary.json"))["stop_reason"].is_null());
 }
 

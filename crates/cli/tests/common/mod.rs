@@ -26,10 +26,23 @@ pub fn step_times(run: &Path) -> Vec<f64> {
     m.lines().skip(1).map(|l| l.split(',').nth(1).unwrap().parse().unwrap()).collect()
 }
 
-/// The run's events, parsed.
+/// The run's events, parsed; a line still being written (no newline yet) is left out, so a
+/// running server's record can be read.
 pub fn events(run: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(run.join("events.jsonl")).unwrap();
-    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    text.split_inclusive('\n').filter(|l| l.ends_with('\n')).map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// Each applied step of a run directory: (step, contributors).
+pub fn applied_steps(run: &Path) -> Vec<(u64, Vec<u64>)> {
+    events(run)
+        .into_iter()
+        .filter(|e| e["event"] == "step_applied")
+        .map(|e| {
+            let c = e["contributors"].as_array().unwrap().iter().map(|w| w.as_u64().unwrap()).collect();
+            (e["step"].as_u64().unwrap(), c)
+        })
+        .collect()
 }
 
 /// A child process, killed and reaped when dropped (a failing test leaves none behind).
