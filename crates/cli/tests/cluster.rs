@@ -210,11 +210,7 @@ fn kill_9_of_the_server_then_resume_completes_the_run_with_the_same_accuracy() {
         .unwrap();
     let mut workers = vec![Proc(w0), start_worker(&common, &addr, 1)];
     let ckpt = run.join("checkpoints");
-    let start = Instant::now();
-    while checkpoint_steps(&ckpt).iter().all(|&s| s < 100) {
-        assert!(start.elapsed() < Duration::from_secs(60), "no checkpoint written");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(Duration::from_secs(60), "no checkpoint written", || checkpoint_steps(&ckpt).iter().any(|&s| s >= 100));
     ps.0.kill().unwrap(); // SIGKILL: no final checkpoint, no goodbye
     ps.0.wait().unwrap();
     let saved = checkpoint_steps(&ckpt);

@@ -118,11 +118,9 @@ fn a_shard_killed_with_kill_9_stops_the_run_and_every_shard_resumes_from_a_step_
     let mut workers: Vec<Proc> = (0..2).map(|i| start_worker(&common, &both, i)).collect();
     wait_for_steps(&run1, 40_000, Duration::from_secs(60));
     // Two checkpoints at least (one is removed below), however slowly a loaded machine runs.
-    let start = std::time::Instant::now();
-    while checkpoint_steps(&run1.join("checkpoints")).len() < 2 {
-        assert!(start.elapsed() < Duration::from_secs(60), "shard 1 wrote fewer than two checkpoints in 60 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(Duration::from_secs(60), "shard 1 wrote fewer than two checkpoints", || {
+        checkpoint_steps(&run1.join("checkpoints")).len() >= 2
+    });
     ps1.0.kill().unwrap();
     ps1.0.wait().unwrap();
     // The coordinator cannot close a step without shard 1: it stops and says why.

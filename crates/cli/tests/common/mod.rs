@@ -109,12 +109,19 @@ pub fn wait(p: &mut Proc, limit: Duration) -> std::process::ExitStatus {
     }
 }
 
-pub fn wait_for_steps(run: &Path, events_min: usize, limit: Duration) {
+/// Polls `done` every 20 ms until it holds; fails the test with `what` after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
-    while std::fs::read_to_string(run.join("events.jsonl")).map_or(0, |e| e.len()) < events_min {
-        assert!(start.elapsed() < limit, "training did not start");
+    while !done() {
+        assert!(start.elapsed() < limit, "{what} within {limit:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+pub fn wait_for_steps(run: &Path, events_min: usize, limit: Duration) {
+    wait_until(limit, "training did not start", || {
+        std::fs::read_to_string(run.join("events.jsonl")).map_or(0, |e| e.len()) >= events_min
+    });
 }
 
 pub fn checkpoint_steps(dir: &Path) -> Vec<u64> {
