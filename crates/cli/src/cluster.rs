@@ -334,7 +334,12 @@ pub(crate) fn print_worker(i: u32, r: &WorkerReport) {
             (late, stopped) => format!(" ({late} known late, not sent; {stopped} of them stopped half-way)"),
         },
         r.compute_seconds,
-        if r.shm_pushes > 0 { format!(", {} through shared memory", r.shm_pushes) } else { String::new() },
+        match (r.shm_pushes, r.awaited) {
+            (0, _) => String::new(),
+            (pushes, 0) => format!(", {pushes} through shared memory"),
+            (pushes, awaited) =>
+                format!(", {pushes} through shared memory ({awaited} steps awaited there, not pulled)"),
+        },
         if r.reconnects > 0 { format!(", {} reconnects", r.reconnects) } else { String::new() }
     );
 }

@@ -28,14 +28,14 @@
 //! gRPC.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Identifies a quorum shared-memory file ("QUORUMSM").
 const MAGIC: u64 = u64::from_le_bytes(*b"QUORUMSM");
 /// The layout's version; a file of another version is not used. (2: gradient slots are read
-/// in place under [`READING`].)
-const VERSION: u64 = 2;
+/// in place under [`READING`]; 3: the header's [`PUBLISHED`] word, which workers wait on.)
+const VERSION: u64 = 3;
 /// Bytes of the file's header and of each slot's header (a cache line each).
 const HEADER: usize = 64;
 /// Parameter slots: a worker's copy of step `s` is spoiled only if the server publishes
@@ -44,6 +44,12 @@ pub const PARAM_SLOTS: usize = 4;
 /// The header's word holding the newest published step + 1 (0: none yet); the words before
 /// it say what the file is.
 const NEWEST: usize = 6;
+/// The header's word counting the server's publications (and its "stop"), in its lower 32 bits:
+/// a worker waiting for a step sleeps on it ([`SharedRegion::wait_newest`]), the server wakes
+/// every such worker when it changes.
+const PUBLISHED: usize = 7;
+/// The longest a waiting worker sleeps before it asks again whether to go on waiting.
+const WAIT_SLICE: std::time::Duration = std::time::Duration::from_millis(20);
 /// The bit of a gradient slot's sequence number the server sets while it reads the values in
 /// place ([`GradientRead`]); a worker starts no write meanwhile.
 const READING: u64 = 1 << 63;
@@ -247,6 +253,46 @@ impl SharedRegion {
         };
         self.end(at, odd, step);
         self.word(0, NEWEST).fetch_max(step + 1, Ordering::Release);
+        self.wake_waiters();
+    }
+
+    /// The lower half of the [`PUBLISHED`] word, the one waiting workers sleep on.
+    fn published(&self) -> &AtomicU32 {
+        // SAFETY: in bounds and aligned as `word` says (4 bytes at the start of an 8-byte
+        // word); that word is only ever accessed through this view, atomically, by every
+        // process.
+        unsafe { &*(self.word(0, PUBLISHED) as *const AtomicU64 as *const AtomicU32) }
+    }
+
+    /// The server: a publication (or "stop") is made: counted, and every waiting worker woken.
+    fn wake_waiters(&self) {
+        self.published().fetch_add(1, Ordering::Release);
+        futex::wake_all(self.published());
+    }
+
+    /// A worker: the newest published step once it is at least `min_step` (at once if it is);
+    /// `None` as soon as `give_up()` says so, asked at least every 20 ms while it waits. The
+    /// thread sleeps meanwhile, and wakes when the server publishes: the worker's computing
+    /// thread itself waits here, so a step's parameters set it computing without a hop through
+    /// any other thread. After [`SharedRegion::close_all`] every step reads as published.
+    pub fn wait_newest(&self, min_step: u64, give_up: &dyn Fn() -> bool) -> Option<u64> {
+        loop {
+            // Read the count before the step: a publication after the step was read changes
+            // the count, and the wait below returns at once.
+            let seen = self.published().load(Ordering::Acquire);
+            if let Some(newest) = self.newest().filter(|&n| n >= min_step) {
+                return Some(newest);
+            }
+            if give_up() {
+                return None;
+            }
+            futex::wait(self.published(), seen, WAIT_SLICE);
+        }
+    }
+
+    /// Whether the server has stopped ([`SharedRegion::close_all`]).
+    pub fn is_closed(&self) -> bool {
+        self.word(0, NEWEST).load(Ordering::Acquire) == u64::MAX
     }
 
     /// The newest step whose parameters the server has published (`None` before the first):
@@ -260,6 +306,7 @@ impl SharedRegion {
     /// any step a worker computes on.
     pub fn close_all(&self) {
         self.word(0, NEWEST).store(u64::MAX, Ordering::Release);
+        self.wake_waiters();
     }
 
     /// A worker: copies the parameters of `step` into `out`.
@@ -461,6 +508,45 @@ impl Drop for SharedRegion {
             let _ = std::fs::remove_file(&self.path);
         }
     }
+}
+
+/// Sleeping on a word of the shared memory until another process changes it: Linux's futex
+/// (the word is in a shared file mapping, so the wait is not process-private), elsewhere short
+/// sleeps.
+mod futex {
+    use std::sync::atomic::AtomicU32;
+    use std::time::Duration;
+
+    /// Sleeps while `word` holds `expected`, at most `limit` (or until any wake, or a signal).
+    #[cfg(target_os = "linux")]
+    pub(super) fn wait(word: &AtomicU32, expected: u32, limit: Duration) {
+        let ts = libc::timespec { tv_sec: limit.as_secs() as libc::time_t, tv_nsec: limit.subsec_nanos() as _ };
+        // SAFETY: FUTEX_WAIT reads the aligned 4-byte word (alive for the call: borrowed) and
+        // compares it with `expected`; the time-out is a valid timespec on the stack. Any
+        // result (woken, time-out, interrupted, the value already changed) is fine: the caller
+        // looks again.
+        unsafe {
+            libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, &ts as *const libc::timespec);
+        }
+    }
+
+    /// Wakes every thread, of any process, sleeping on `word`.
+    #[cfg(target_os = "linux")]
+    pub(super) fn wake_all(word: &AtomicU32) {
+        // SAFETY: FUTEX_WAKE only uses the word's address (aligned, borrowed for the call).
+        unsafe {
+            libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub(super) fn wait(word: &AtomicU32, expected: u32, limit: Duration) {
+        let _ = (word, expected);
+        std::thread::sleep(limit.min(Duration::from_micros(100)));
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub(super) fn wake_all(_: &AtomicU32) {}
 }
 
 /// Sizes the file to `bytes`, with the memory behind it reserved where the system allows: a

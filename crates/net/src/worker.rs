@@ -103,6 +103,9 @@ pub struct WorkerReport {
     /// Gradients whose values went through the server's shared memory, not over gRPC (a
     /// worker on the server's host).
     pub shm_pushes: u64,
+    /// Steps this worker awaited in the server's shared memory instead of pulling them (a
+    /// worker on the server's host: every step after a session's first).
+    pub awaited: u64,
     /// Seconds spent computing gradients (excluding injected delay).
     pub compute_seconds: f64,
     /// Times it reconnected after losing the server.
@@ -254,7 +257,7 @@ macro_rules! rpc {
 // After the macro, which they use.
 mod compute;
 mod shards;
-use compute::{Computed, Gradient, Params};
+use compute::{Computed, Ended, Gradient, Next, Params};
 use shards::{join_others, ShardLink};
 
 /// The worker's own state across sessions: its gradient code, the straggling it injects,
@@ -441,20 +444,40 @@ impl Session<'_> {
     /// Pull, compute, report, for ever: the rule says what follows each input.
     async fn steps(&mut self, first: u64, mut local: Local<'_>) -> Result<std::convert::Infallible, Exit> {
         let mut min_step = first;
+        // The session's first parameters come from a pull; after that, a worker on the
+        // server's host awaits each step in the shared memory, unless it could not be had
+        // from there (then one pull, again).
+        let mut pull = true;
         loop {
-            let pulled = self.pull(min_step).await?;
-            min_step = pulled.step + 1;
-            if !self.rule.on_params(pulled.step).contains(&WorkerAction::Compute { step: pulled.step }) {
-                // Not newer than what it computed on (a server restored from an older
-                // checkpoint): wait for newer ones.
-                self.keep(pulled.params);
-                continue;
-            }
-            let Some(done) = self.compute(pulled, &mut local).await? else {
+            let next = match pull || self.shm.is_none() {
+                true => {
+                    let pulled = self.pull(min_step).await?;
+                    min_step = pulled.step + 1;
+                    if !self.rule.on_params(pulled.step).contains(&WorkerAction::Compute { step: pulled.step }) {
+                        // Not newer than what it computed on (a server restored from an older
+                        // checkpoint): wait for newer ones.
+                        self.keep(pulled.params);
+                        continue;
+                    }
+                    Next::Pulled(pulled)
+                }
+                false => Next::Awaited { min_step },
+            };
+            pull = false;
+            let done = match self.compute(next, &mut local).await? {
+                Ended::Computed(done) => done,
                 // Stopped half-way, its step closed: on to the newer parameters (the rule
                 // cancels the old computation once they are here).
-                continue;
+                Ended::Abandoned { step } => {
+                    min_step = step + 1;
+                    continue;
+                }
+                Ended::PullInstead => {
+                    pull = true;
+                    continue;
+                }
             };
+            min_step = done.step + 1;
             // Has the step closed while this gradient was computed? Worth asking only where a
             // step can close without this worker: the server's shared memory says its newest
             // step (one atomic read; "stop" reads as a step later than any); else the next
@@ -488,8 +511,9 @@ impl Session<'_> {
                 match action {
                     WorkerAction::AwaitParams { after } => {
                         min_step = after + 1;
-                        // (Already asked for where the computation watched for its step's close.)
-                        if self.pending.as_ref().is_none_or(|p| p.min_step != min_step) {
+                        // (Already asked for where the computation watched for its step's close;
+                        // awaited in the shared memory where there is one.)
+                        if self.shm.is_none() && self.pending.as_ref().is_none_or(|p| p.min_step != min_step) {
                             self.pending = Some(self.start_pull(min_step));
                         }
                     }
@@ -615,9 +639,12 @@ impl Session<'_> {
     }
 
     /// A push that got no answer: the server may have ended the run and gone while it was on
-    /// the way, having told this worker "stop" through the next step's pull; else a lost link
-    /// (or a refusal).
+    /// the way, having told this worker "stop" through its shared memory or the next step's
+    /// pull; else a lost link (or a refusal).
     async fn push_failed(&mut self, s: tonic::Status) -> Exit {
+        if self.shm.as_ref().is_some_and(|r| r.is_closed()) {
+            return Exit::End(SessionEnd::Stopped);
+        }
         if let Some(p) = self.pending.take() {
             if p.said_stop().await {
                 return Exit::End(SessionEnd::Stopped);

@@ -89,6 +89,13 @@ async fn a_worker_that_declines_shared_memory_trains_over_grpc_beside_one_that_u
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_on_the_servers_host_pulls_its_first_step_and_awaits_every_other_in_shared_memory() {
+    // Worker 1 declines the shared memory: it pulls every step over gRPC.
+    let (_, r) = run(true, [true, false], 60).await;
+    assert_eq!((r[0].awaited, r[1].awaited), (59, 0), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_that_carry_no_values_keep_the_connection_through_a_long_run() {
     // A push through shared memory is a small message; an empty HTTP/2 data frame after it
     // would count against the server's flood guard, which closes the connection after a few
@@ -307,4 +314,45 @@ async fn workers_that_read_the_parameters_in_place_reach_bit_for_bit_what_they_r
     assert!(r.iter().all(|w| w.params_in_place == 60 && w.shm_pushes == 60), "{r:?}");
     assert_eq!(in_place.to_bits(), grpc.to_bits(), "in place {in_place} against gRPC {grpc}");
     assert!(grpc < 0.05, "it trains: test loss {grpc}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_awaiting_its_next_step_in_shared_memory_notices_that_the_server_died() {
+    // Worker 1's gradients take 300 ms, so worker 0 (N = 2 of 2) spends its time awaiting the
+    // next step in the shared memory, where no call of its own fails when the server dies.
+    // Only its heartbeats can tell, and they must end the wait, as they end a pull's: the
+    // worker then finds no server to reconnect to and says so, instead of waiting for ever.
+    let src = model();
+    let mut cfg = ServerConfig::new(2, Policy::Sync { aggregate: 2, backups: 0 }, 0.2);
+    cfg.max_steps = Some(1000);
+    let mut opts = ServerOptions::new(cfg, src.layout().clone(), src.init_params(0));
+    let (stepped, three_steps) = std::sync::mpsc::channel();
+    opts.progress = Some(Box::new(move |p: &quorum_net::server::Progress| {
+        if p.step == 3 {
+            let _ = stepped.send(());
+        }
+    }));
+    let (server, addr) = serve(opts).await;
+    let options = |i| {
+        let mut wo = WorkerOptions::new(i, format!("http://{addr}"));
+        wo.heartbeat_every = Duration::from_millis(100);
+        wo.rpc_timeout = Duration::from_secs(1);
+        wo.connect_timeout = Duration::from_secs(1);
+        wo
+    };
+    let slow = Hooked::new(&model(), |_| {
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(())
+    });
+    let w0 = tokio::spawn(run_worker(options(0), Box::new(model())));
+    let w1 = tokio::spawn(run_worker(options(1), Box::new(slow)));
+    tokio::task::spawn_blocking(move || three_steps.recv().unwrap()).await.unwrap();
+    server.abort();
+    let ended = tokio::time::timeout(Duration::from_secs(20), w0).await;
+    let r0 = ended.expect("worker 0 still awaits a step of a server that died").unwrap();
+    let Err(e @ quorum_net::worker::WorkerError::Unreachable { .. }) = r0 else {
+        panic!("worker 0 should find the server gone: {r0:?}")
+    };
+    assert!(e.to_string().contains("cannot reach the parameter server"), "{e}");
+    w1.abort();
 }

@@ -41,6 +41,52 @@ fn a_worker_sees_the_newest_published_step_at_once() {
 }
 
 #[test]
+fn a_worker_awaiting_a_step_sleeps_until_the_server_publishes_it() {
+    let server = Arc::new(SharedRegion::create(2, 1).unwrap());
+    let worker = opened(&server, 2, 0);
+    server.publish(4, &[1.0; 2]);
+    assert_eq!(worker.wait_newest(3, &|| panic!("no wait: published")), Some(4));
+    // Publishing steps 5 and 6 from another thread (a process, in a real run) after a while:
+    // the wait sleeps through step 5 and returns step 6, the first of at least 6.
+    let publisher = {
+        let server = Arc::clone(&server);
+        std::thread::spawn(move || {
+            for step in [5, 6] {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                server.publish(step, &[step as f32; 2]);
+            }
+        })
+    };
+    let t = std::time::Instant::now();
+    assert_eq!(worker.wait_newest(6, &|| false), Some(6));
+    assert!(t.elapsed() >= std::time::Duration::from_millis(100), "returned before step 6: {:?}", t.elapsed());
+    publisher.join().unwrap();
+}
+
+#[test]
+fn a_wait_for_a_step_ends_when_its_worker_gives_up_or_the_server_stops() {
+    let server = Arc::new(SharedRegion::create(2, 1).unwrap());
+    let worker = opened(&server, 2, 0);
+    server.publish(0, &[1.0; 2]);
+    // Given up: asked again at least every 20 ms, so a lost server ends the wait.
+    let asked = std::sync::atomic::AtomicU32::new(0);
+    let give_up = || asked.fetch_add(1, Ordering::Relaxed) == 3;
+    assert_eq!(worker.wait_newest(1, &give_up), None);
+    // "Stop": every step reads as published, and the worker sees why.
+    let stopper = {
+        let server = Arc::clone(&server);
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            server.close_all();
+        })
+    };
+    assert!(!worker.is_closed());
+    assert!(worker.wait_newest(1, &|| false).is_some());
+    assert!(worker.is_closed());
+    stopper.join().unwrap();
+}
+
+#[test]
 fn parameters_viewed_in_place_are_intact_until_a_later_step_rewrites_their_slot() {
     let server = SharedRegion::create(3, 1).unwrap();
     let worker = opened(&server, 3, 0);
