@@ -1,6 +1,7 @@
 //! Shared memory between a server and the workers on its host: parameters and gradients
 //! move through one mapped file instead of the loopback socket, while every request, reply
-//! and check still goes over gRPC.
+//! and check still goes over gRPC (but the pulls after a session's first: a worker awaits the
+//! next step in the file, [`SharedRegion::wait_newest`]).
 //!
 //! Over loopback a step's bytes are copied many times: the server's parameters into each
 //! worker's socket and out again, each gradient into the socket, out, and into a buffer,
@@ -9,9 +10,11 @@
 //! on them where they lie ([`ParamsView`]); a worker computes its gradient straight into its
 //! slot ([`GradientWrite`]) and the server adds it to the step's sum from there
 //! ([`GradientRead`]), with no copy on either side. The file's header also says the newest
-//! step published ([`SharedRegion::newest`]), which such a worker asks as it computes. What
-//! travels over gRPC is a pull's answer or a push with no values, flagged `shm`: the values
-//! are in the file.
+//! step published ([`SharedRegion::newest`]), which such a worker asks as it computes, and a
+//! word the server bumps at every publication, on which the thread that computes a worker's
+//! next gradient sleeps until its step is out (a futex: no pull, no hop through the async
+//! runtime). What travels over gRPC is a push with no values, flagged `shm` (the values are
+//! in the file), and a session's first pull's answer.
 //!
 //! The file (under `/dev/shm`, mode 0600, removed when the server ends) holds `param_slots`
 //! slots for parameters (step `s` in slot `s % param_slots`) and one slot per worker for its

@@ -1,5 +1,6 @@
-//! A worker: join, then forever pull the newest parameters, compute a gradient, push it.
-//! If the server goes away (a restart), it reconnects with backoff and joins again.
+//! A worker: join, then forever pull the newest parameters (on the server's host: await them
+//! in its shared memory), compute a gradient, push it. If the server goes away (a restart), it
+//! reconnects with backoff and joins again.
 
 use crate::encoding::{Assembler, Encoding};
 use crate::proto::*;
