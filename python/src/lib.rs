@@ -521,6 +521,7 @@ fn report_dict(py: Python<'_>, r: &WorkerReport) -> PyResult<Py<PyDict>> {
     d.set_item("abandoned", r.abandoned)?;
     d.set_item("shm_pushes", r.shm_pushes)?;
     d.set_item("params_in_place", r.params_in_place)?;
+    d.set_item("awaited", r.awaited)?;
     d.set_item("compute_seconds", r.compute_seconds)?;
     d.set_item("reconnects", r.reconnects)?;
     Ok(d.unbind())
