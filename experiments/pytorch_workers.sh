@@ -48,6 +48,8 @@ PY
 (cd "$PEERS" && "$VENV/bin/python" local_baseline.py --inter 1 --steps 120 --reps 3 > "$OUT/alone-tf.json" 2>/dev/null)
 python3 - "$OUT" "$(nproc)" <<'PY'
 import csv, glob, json, statistics as st, sys
+sys.path.insert(0, "experiments")
+from steps_per_s import steps_per_s
 out, cores = sys.argv[1], int(sys.argv[2])
 alone = {
     "tf": json.load(open(f"{out}/alone-tf.json"))["intra1_step_median_ms"],
@@ -59,9 +61,7 @@ def quorum(kind):
     rates, grads = [], []
     for d in sorted(glob.glob(f"{out}/{kind}/r*")):
         try:
-            t = {int(r["step"]): float(r["seconds"]) for r in csv.DictReader(open(f"{d}/metrics.csv"))}
-            last = max(t)
-            rates.append((last - 20) / (t[last] - t[20]))
+            rates.append(steps_per_s(d))
             w = [float(r["mean_compute_seconds"]) for r in csv.DictReader(open(f"{d}/workers.csv"))]
             grads.append(sum(w) / len(w))
         except Exception as e:

@@ -27,12 +27,10 @@ for r in $(seq 1 "$REPS"); do
     --out "$OUT/quorum-$r" > "$OUT/quorum-$r.log" 2>&1
 done
 python3 - "$OUT" "$REPS" "$(nproc)" <<'PY'
-import csv, statistics as st, sys
+import statistics as st, sys
+sys.path.insert(0, "experiments")
+from steps_per_s import steps_per_s as rate
 out, reps, cores = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-def rate(d):  # steps/s after the first 20 steps, as side_by_side.sh counts
-    t = {int(r["step"]): float(r["seconds"]) for r in csv.DictReader(open(f"{d}/metrics.csv"))}
-    last = max(t)
-    return (last - 20) / (t[last] - t[20])
 grad = [float(l.split(",")[3]) / 1000 for l in open(f"{out}/gradient.csv")]
 floor = [cores / (4 * g) for g in grad]
 ceil = [float(l.split(",")[1]) for l in open(f"{out}/ceiling.csv")]
